@@ -1,0 +1,355 @@
+//! The message body that `PUB` carries in and `MSG` carries out, byte for byte the same.
+//!
+//! Layout (all integers big-endian):
+//!
+//! ```text
+//! flags:u8  topic:str16  [reply:str16 if flags&1]  [headers if flags&2]  payload:rest
+//! headers = count:u16 then count x (key:str16 value:str16)
+//! ```
+//!
+//! Because the body is identical in both frames, the broker forwards the `Bytes` it decoded from a
+//! publisher to every subscriber without copying it. This module checks structure and UTF-8; it
+//! does not judge topic syntax (see [`crate::topic`]) or payload limits (the server's job).
+
+use bytes::{BufMut, Bytes, BytesMut};
+use std::ops::Range;
+
+/// Body flag: a reply-to string follows the topic.
+pub const FLAG_REPLY: u8 = 0x01;
+/// Body flag: a header list follows the topic (and reply-to).
+pub const FLAG_HEADERS: u8 = 0x02;
+const KNOWN_FLAGS: u8 = FLAG_REPLY | FLAG_HEADERS;
+
+/// A decoded message body: topic, optional reply-to, headers and payload, sharing one buffer.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Body {
+    raw: Bytes,
+    topic: Range<usize>,
+    reply: Option<Range<usize>>,
+    headers: Range<usize>,
+    header_count: u16,
+    payload: usize,
+}
+
+/// Key/value headers in the order they were added. Keys may repeat.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Headers(Vec<(String, String)>);
+
+impl Headers {
+    /// No headers.
+    pub fn new() -> Headers {
+        Headers(Vec::new())
+    }
+
+    /// Appends a header.
+    pub fn insert(&mut self, key: impl Into<String>, value: impl Into<String>) -> &mut Headers {
+        self.0.push((key.into(), value.into()));
+        self
+    }
+
+    /// The first value for `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The headers in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// Number of headers.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Headers {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Headers {
+        Headers(
+            iter.into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        )
+    }
+}
+
+/// Reads a `str16` at `pos`, returning its range and the position after it.
+fn str16(
+    raw: &[u8],
+    pos: usize,
+    what: &'static str,
+) -> Result<(Range<usize>, usize), &'static str> {
+    let len_bytes = raw.get(pos..pos + 2).ok_or(what)?;
+    let len = u16::from_be_bytes([len_bytes[0], len_bytes[1]]) as usize;
+    let start = pos + 2;
+    let s = raw.get(start..start + len).ok_or(what)?;
+    std::str::from_utf8(s).map_err(|_| "string is not utf-8")?;
+    Ok((start..start + len, start + len))
+}
+
+fn as_str(raw: &[u8], r: Range<usize>) -> &str {
+    // Every range handed out was checked to be UTF-8 by `Body::parse`.
+    std::str::from_utf8(&raw[r]).unwrap_or_default()
+}
+
+impl Body {
+    /// Checks the structure of `raw` and indexes its fields.
+    ///
+    /// # Errors
+    /// A short description of the first structural fault: truncated strings, undefined flags,
+    /// strings that are not UTF-8.
+    pub fn parse(raw: Bytes) -> Result<Body, &'static str> {
+        let flags = *raw.first().ok_or("missing body flags")?;
+        if flags & !KNOWN_FLAGS != 0 {
+            return Err("undefined body flag");
+        }
+        let (topic, mut pos) = str16(&raw, 1, "truncated topic")?;
+        let reply = if flags & FLAG_REPLY != 0 {
+            let (r, next) = str16(&raw, pos, "truncated reply-to")?;
+            pos = next;
+            Some(r)
+        } else {
+            None
+        };
+        let mut header_count = 0u16;
+        let headers_start;
+        if flags & FLAG_HEADERS != 0 {
+            let n = raw.get(pos..pos + 2).ok_or("truncated header count")?;
+            header_count = u16::from_be_bytes([n[0], n[1]]);
+            pos += 2;
+            headers_start = pos;
+            for _ in 0..header_count {
+                let (_, next) = str16(&raw, pos, "truncated header key")?;
+                let (_, next) = str16(&raw, next, "truncated header value")?;
+                pos = next;
+            }
+        } else {
+            headers_start = pos;
+        }
+        Ok(Body {
+            topic,
+            reply,
+            headers: headers_start..pos,
+            header_count,
+            payload: pos,
+            raw,
+        })
+    }
+
+    /// Encodes a body into a fresh buffer.
+    pub fn encode(
+        topic: &str,
+        reply: Option<&str>,
+        headers: Option<&Headers>,
+        payload: &[u8],
+    ) -> Bytes {
+        let b = BodyBuilder {
+            topic,
+            reply,
+            headers,
+            payload,
+        };
+        let mut out = BytesMut::with_capacity(b.len());
+        b.put(&mut out);
+        out.freeze()
+    }
+
+    /// The whole encoded body, as carried on the wire.
+    pub fn raw(&self) -> &Bytes {
+        &self.raw
+    }
+
+    /// The topic's bytes, for lookups that need no string.
+    pub fn topic_bytes(&self) -> &[u8] {
+        &self.raw[self.topic.clone()]
+    }
+
+    /// The topic as text (UTF-8 was checked by [`Body::parse`]; syntax was not).
+    pub fn topic(&self) -> &str {
+        as_str(&self.raw, self.topic.clone())
+    }
+
+    /// The reply-to topic, if any.
+    pub fn reply(&self) -> Option<&str> {
+        self.reply.clone().map(|r| as_str(&self.raw, r))
+    }
+
+    /// Whether the body carries a header list (possibly empty).
+    pub fn has_headers(&self) -> bool {
+        self.raw[0] & FLAG_HEADERS != 0
+    }
+
+    /// The headers, in order, read from the buffer.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> {
+        let raw: &[u8] = &self.raw;
+        let mut pos = self.headers.start;
+        (0..self.header_count).map(move |_| {
+            let k = read_str16(raw, &mut pos);
+            let v = read_str16(raw, &mut pos);
+            (k, v)
+        })
+    }
+
+    /// The headers, copied into an owned list.
+    pub fn headers_owned(&self) -> Headers {
+        self.headers().collect()
+    }
+
+    /// The payload, sharing the body's buffer.
+    pub fn payload(&self) -> Bytes {
+        self.raw.slice(self.payload..)
+    }
+
+    /// Payload length in bytes.
+    pub fn payload_len(&self) -> usize {
+        self.raw.len() - self.payload
+    }
+
+    /// Encoded length of the whole body.
+    pub fn len(&self) -> usize {
+        self.raw.len()
+    }
+
+    /// Never true: a body holds at least its flags and topic length.
+    pub fn is_empty(&self) -> bool {
+        self.raw.is_empty()
+    }
+}
+
+fn read_str16<'a>(raw: &'a [u8], pos: &mut usize) -> &'a str {
+    // Only called on ranges `Body::parse` walked already.
+    let len = u16::from_be_bytes([raw[*pos], raw[*pos + 1]]) as usize;
+    let s = as_str(raw, *pos + 2..*pos + 2 + len);
+    *pos += 2 + len;
+    s
+}
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Body")
+            .field("topic", &self.topic())
+            .field("reply", &self.reply())
+            .field("headers", &self.headers().collect::<Vec<_>>())
+            .field("payload", &self.payload())
+            .finish()
+    }
+}
+
+/// The fields of a body to be written, borrowed from the caller.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyBuilder<'a> {
+    /// Topic (the caller has validated it).
+    pub topic: &'a str,
+    /// Optional reply-to.
+    pub reply: Option<&'a str>,
+    /// Optional headers; `Some` of an empty list still sets the headers flag.
+    pub headers: Option<&'a Headers>,
+    /// Payload bytes.
+    pub payload: &'a [u8],
+}
+
+impl BodyBuilder<'_> {
+    /// Encoded length in bytes.
+    pub fn len(&self) -> usize {
+        let mut n = 1 + 2 + self.topic.len();
+        if let Some(r) = self.reply {
+            n += 2 + r.len();
+        }
+        if let Some(h) = self.headers {
+            n += 2 + h.iter().map(|(k, v)| 4 + k.len() + v.len()).sum::<usize>();
+        }
+        n + self.payload.len()
+    }
+
+    /// Never true.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Whether every string fits a `str16` and the header count fits a `u16`.
+    pub fn fits(&self) -> bool {
+        let ok = |s: &str| s.len() <= u16::MAX as usize;
+        ok(self.topic)
+            && self.reply.is_none_or(ok)
+            && self.headers.is_none_or(|h| {
+                h.len() <= u16::MAX as usize && h.iter().all(|(k, v)| ok(k) && ok(v))
+            })
+    }
+
+    /// Appends the encoded body to `dst`. Check [`BodyBuilder::fits`] first: a string longer than
+    /// `u16::MAX` bytes would corrupt the frame.
+    pub fn put(&self, dst: &mut BytesMut) {
+        let mut flags = 0;
+        if self.reply.is_some() {
+            flags |= FLAG_REPLY;
+        }
+        if self.headers.is_some() {
+            flags |= FLAG_HEADERS;
+        }
+        dst.put_u8(flags);
+        put_str16(dst, self.topic);
+        if let Some(r) = self.reply {
+            put_str16(dst, r);
+        }
+        if let Some(h) = self.headers {
+            dst.put_u16(h.len() as u16);
+            for (k, v) in h.iter() {
+                put_str16(dst, k);
+                put_str16(dst, v);
+            }
+        }
+        dst.put_slice(self.payload);
+    }
+}
+
+/// Appends a `str16`: a big-endian `u16` length, then the bytes.
+pub(crate) fn put_str16(dst: &mut BytesMut, s: &str) {
+    dst.put_u16(s.len() as u16);
+    dst.put_slice(s.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_all_fields() {
+        let mut h = Headers::new();
+        h.insert("content-type", "application/json").insert("k", "");
+        let raw = Body::encode("order.created", Some("_INBOX.1"), Some(&h), b"{\"id\":1}");
+        let b = Body::parse(raw.clone()).unwrap();
+        assert_eq!(b.topic(), "order.created");
+        assert_eq!(b.reply(), Some("_INBOX.1"));
+        assert_eq!(b.headers_owned(), h);
+        assert_eq!(&b.payload()[..], b"{\"id\":1}");
+        assert_eq!(b.raw(), &raw);
+    }
+
+    #[test]
+    fn minimal() {
+        let raw = Body::encode("a", None, None, b"");
+        assert_eq!(&raw[..], &[0, 0, 1, b'a']);
+        let b = Body::parse(raw).unwrap();
+        assert_eq!(b.reply(), None);
+        assert!(!b.has_headers());
+        assert_eq!(b.payload_len(), 0);
+    }
+
+    #[test]
+    fn rejects_structure_faults() {
+        assert!(Body::parse(Bytes::from_static(&[])).is_err());
+        assert!(Body::parse(Bytes::from_static(&[0x04, 0, 1, b'a'])).is_err());
+        assert!(Body::parse(Bytes::from_static(&[0, 0, 5, b'a'])).is_err());
+        assert!(Body::parse(Bytes::from_static(&[0, 0, 1, 0xff])).is_err());
+        assert!(Body::parse(Bytes::from_static(&[1, 0, 1, b'a', 0])).is_err());
+        assert!(Body::parse(Bytes::from_static(&[2, 0, 1, b'a', 0, 1, 0, 0])).is_err());
+    }
+}

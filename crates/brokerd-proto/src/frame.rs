@@ -1,0 +1,717 @@
+//! Frames: the unit of the brokerd protocol, their byte layout, encoding and decoding.
+//!
+//! Every frame is `length:u32 type:u8 fields...`, big-endian, where `length` counts the type byte
+//! and the fields (not itself). [`decode`] takes complete frames off the front of a buffer and
+//! returns `Ok(None)` when it needs more bytes; it never panics on any input. Frame fields are
+//! checked for structure here; their meaning (topic syntax, limits, handshake order) is the
+//! server's to judge.
+
+use crate::body::{Body, BodyBuilder, put_str16};
+use crate::error::{DecodeError, ErrorCode};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Bytes before a `MSG` frame's body: length, type, subscription id, sequence.
+pub const MSG_HEADER_LEN: usize = 4 + 1 + 4 + 8;
+
+/// Bytes of the length prefix.
+pub const LENGTH_PREFIX: usize = 4;
+
+/// The type byte of each frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameType {
+    /// Client: opens the session.
+    Hello = 0x01,
+    /// Client: publishes a message.
+    Pub = 0x02,
+    /// Client: subscribes to a filter.
+    Sub = 0x03,
+    /// Client: ends a subscription, now or after N more messages.
+    Unsub = 0x04,
+    /// Either side: asks for a `PONG`.
+    Ping = 0x05,
+    /// Either side: answers a `PING`.
+    Pong = 0x06,
+    /// Server: accepts the handshake.
+    Welcome = 0x81,
+    /// Server: a request succeeded.
+    Ok = 0x82,
+    /// Server: a publish was routed, with its delivered count.
+    Ack = 0x83,
+    /// Server: a request failed, or the connection is closing.
+    Err = 0x84,
+    /// Server: a message for a subscription.
+    Msg = 0x85,
+    /// Server: messages were dropped for a subscription.
+    Lost = 0x86,
+}
+
+/// What the server does when a connection's outbound queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum OverflowPolicy {
+    /// Keep what is queued, drop the new message.
+    #[default]
+    DropNew,
+    /// Drop the oldest queued message to make room for the new one.
+    DropOld,
+    /// Close the connection with a slow-consumer error.
+    Disconnect,
+}
+
+impl OverflowPolicy {
+    /// Wire value: 1, 2, 3. Zero on the wire means "the server's default".
+    pub fn to_u8(self) -> u8 {
+        match self {
+            OverflowPolicy::DropNew => 1,
+            OverflowPolicy::DropOld => 2,
+            OverflowPolicy::Disconnect => 3,
+        }
+    }
+
+    /// From a wire value; `None` for values this version does not define (0 is handled by callers).
+    pub fn from_u8(v: u8) -> Option<OverflowPolicy> {
+        match v {
+            1 => Some(OverflowPolicy::DropNew),
+            2 => Some(OverflowPolicy::DropOld),
+            3 => Some(OverflowPolicy::Disconnect),
+            _ => None,
+        }
+    }
+
+    /// The name used in configuration: `drop-new`, `drop-old`, `disconnect`.
+    pub fn name(self) -> &'static str {
+        match self {
+            OverflowPolicy::DropNew => "drop-new",
+            OverflowPolicy::DropOld => "drop-old",
+            OverflowPolicy::Disconnect => "disconnect",
+        }
+    }
+
+    /// Parses a configuration name.
+    pub fn from_name(s: &str) -> Option<OverflowPolicy> {
+        [
+            OverflowPolicy::DropNew,
+            OverflowPolicy::DropOld,
+            OverflowPolicy::Disconnect,
+        ]
+        .into_iter()
+        .find(|p| p.name() == s)
+    }
+}
+
+/// `HELLO` flag: do not deliver this connection's own publications back to it.
+pub const HELLO_NO_ECHO: u8 = 0x01;
+/// `PUB` flag: answer with an `ACK` carrying the delivered count.
+pub const PUB_ACK: u8 = 0x01;
+
+/// `HELLO`: the client opens the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Request id echoed by `WELCOME` or `ERR`.
+    pub req_id: u32,
+    /// Protocol version the client speaks.
+    pub version: u16,
+    /// Do not deliver this connection's own publications to its subscriptions.
+    pub no_echo: bool,
+    /// Requested overflow policy; `None` takes the server's default.
+    pub overflow: Option<OverflowPolicy>,
+    /// Free-form client name, used in logs.
+    pub name: String,
+}
+
+/// `WELCOME`: the server accepts the handshake and states its limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    /// The `HELLO`'s request id.
+    pub req_id: u32,
+    /// Protocol version the server speaks on this connection.
+    pub version: u16,
+    /// The overflow policy in force for this connection.
+    pub overflow: OverflowPolicy,
+    /// Largest accepted frame, length prefix excluded.
+    pub max_frame: u32,
+    /// Largest accepted payload.
+    pub max_payload: u32,
+    /// Longest accepted topic or filter, in bytes.
+    pub max_topic_len: u16,
+    /// Most tokens in a topic or filter.
+    pub max_topic_tokens: u16,
+    /// Most live subscriptions on one connection.
+    pub max_subs: u32,
+    /// Outbound queue limit in messages.
+    pub max_pending_msgs: u32,
+    /// Outbound queue limit in bytes.
+    pub max_pending_bytes: u32,
+    /// The server's id, unique per process start.
+    pub server_id: String,
+}
+
+/// `PUB`: publish a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    /// Request id named by the `ACK` or `ERR` it causes.
+    pub req_id: u32,
+    /// Whether the client wants an `ACK`.
+    pub ack: bool,
+    /// Topic, reply-to, headers, payload.
+    pub body: Body,
+}
+
+/// `SUB`: subscribe to a filter under a client-chosen id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscribe {
+    /// Request id named by the `OK` or `ERR` it causes.
+    pub req_id: u32,
+    /// Client-chosen subscription id, unique among the connection's live subscriptions.
+    pub sid: u32,
+    /// The filter text (syntax is checked by the server).
+    pub filter: String,
+}
+
+/// `UNSUB`: end a subscription now (`max == 0`) or after `max` more messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsubscribe {
+    /// Request id named by the `OK` or `ERR` it causes.
+    pub req_id: u32,
+    /// The subscription.
+    pub sid: u32,
+    /// Zero: now. Otherwise: after this many more deliveries.
+    pub max: u32,
+}
+
+/// `ERR`: a request failed, or the connection is about to close.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorFrame {
+    /// The request that caused it; 0 when no request did.
+    pub req_id: u32,
+    /// Numeric code; unknown codes must be treated as generic errors.
+    pub code: u16,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+impl ErrorFrame {
+    /// The code, if this version defines it.
+    pub fn error_code(&self) -> Option<ErrorCode> {
+        ErrorCode::from_u16(self.code)
+    }
+}
+
+/// `MSG`: one message for one subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Msg {
+    /// The subscription it was matched for.
+    pub sid: u32,
+    /// Per-subscription sequence number, from 1; dropped messages use up numbers too.
+    pub seq: u64,
+    /// Topic, reply-to, headers, payload, as published.
+    pub body: Body,
+}
+
+/// `LOST`: messages matched for a subscription were dropped since the last `LOST` for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lost {
+    /// The subscription.
+    pub sid: u32,
+    /// How many were dropped.
+    pub missed: u64,
+}
+
+/// Any frame of the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// See [`Hello`].
+    Hello(Hello),
+    /// See [`Publish`].
+    Pub(Publish),
+    /// See [`Subscribe`].
+    Sub(Subscribe),
+    /// See [`Unsubscribe`].
+    Unsub(Unsubscribe),
+    /// A token to echo in the `PONG`.
+    Ping(u32),
+    /// The token of the `PING` answered.
+    Pong(u32),
+    /// See [`Welcome`].
+    Welcome(Welcome),
+    /// The request id that succeeded.
+    Ok(u32),
+    /// A routed publish: request id and how many subscriptions it was queued for.
+    Ack {
+        /// The `PUB`'s request id.
+        req_id: u32,
+        /// Subscriptions the message was queued for.
+        delivered: u32,
+    },
+    /// See [`ErrorFrame`].
+    Err(ErrorFrame),
+    /// See [`Msg`].
+    Msg(Msg),
+    /// See [`Lost`].
+    Lost(Lost),
+}
+
+impl Frame {
+    /// The frame's type byte.
+    pub fn frame_type(&self) -> FrameType {
+        match self {
+            Frame::Hello(_) => FrameType::Hello,
+            Frame::Pub(_) => FrameType::Pub,
+            Frame::Sub(_) => FrameType::Sub,
+            Frame::Unsub(_) => FrameType::Unsub,
+            Frame::Ping(_) => FrameType::Ping,
+            Frame::Pong(_) => FrameType::Pong,
+            Frame::Welcome(_) => FrameType::Welcome,
+            Frame::Ok(_) => FrameType::Ok,
+            Frame::Ack { .. } => FrameType::Ack,
+            Frame::Err(_) => FrameType::Err,
+            Frame::Msg(_) => FrameType::Msg,
+            Frame::Lost(_) => FrameType::Lost,
+        }
+    }
+
+    /// Appends the encoded frame, length prefix included, to `dst`.
+    ///
+    /// Strings longer than `u16::MAX` bytes cannot be encoded; callers validate them first
+    /// (topics and filters through [`crate::TopicLimits`]).
+    pub fn encode(&self, dst: &mut BytesMut) {
+        let start = dst.len();
+        dst.put_u32(0);
+        dst.put_u8(self.frame_type() as u8);
+        match self {
+            Frame::Hello(h) => {
+                dst.put_u32(h.req_id);
+                dst.put_u16(h.version);
+                dst.put_u8(if h.no_echo { HELLO_NO_ECHO } else { 0 });
+                dst.put_u8(h.overflow.map_or(0, OverflowPolicy::to_u8));
+                put_str16(dst, &h.name);
+            }
+            Frame::Pub(p) => {
+                dst.put_u32(p.req_id);
+                dst.put_u8(if p.ack { PUB_ACK } else { 0 });
+                dst.put_slice(p.body.raw());
+            }
+            Frame::Sub(s) => {
+                dst.put_u32(s.req_id);
+                dst.put_u32(s.sid);
+                dst.put_u8(0);
+                put_str16(dst, &s.filter);
+            }
+            Frame::Unsub(u) => {
+                dst.put_u32(u.req_id);
+                dst.put_u32(u.sid);
+                dst.put_u32(u.max);
+            }
+            Frame::Ping(t) | Frame::Pong(t) | Frame::Ok(t) => dst.put_u32(*t),
+            Frame::Welcome(w) => {
+                dst.put_u32(w.req_id);
+                dst.put_u16(w.version);
+                dst.put_u8(w.overflow.to_u8());
+                dst.put_u32(w.max_frame);
+                dst.put_u32(w.max_payload);
+                dst.put_u16(w.max_topic_len);
+                dst.put_u16(w.max_topic_tokens);
+                dst.put_u32(w.max_subs);
+                dst.put_u32(w.max_pending_msgs);
+                dst.put_u32(w.max_pending_bytes);
+                put_str16(dst, &w.server_id);
+            }
+            Frame::Ack { req_id, delivered } => {
+                dst.put_u32(*req_id);
+                dst.put_u32(*delivered);
+            }
+            Frame::Err(e) => {
+                dst.put_u32(e.req_id);
+                dst.put_u16(e.code);
+                put_str16(dst, truncate(&e.message, u16::MAX as usize));
+            }
+            Frame::Msg(m) => {
+                dst.put_u32(m.sid);
+                dst.put_u64(m.seq);
+                dst.put_slice(m.body.raw());
+            }
+            Frame::Lost(l) => {
+                dst.put_u32(l.sid);
+                dst.put_u64(l.missed);
+            }
+        }
+        let len = (dst.len() - start - LENGTH_PREFIX) as u32;
+        dst[start..start + LENGTH_PREFIX].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// Encodes into a fresh buffer.
+    pub fn to_bytes(&self) -> Bytes {
+        let mut b = BytesMut::new();
+        self.encode(&mut b);
+        b.freeze()
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Appends a `PUB` frame built from borrowed fields, without an intermediate [`Body`].
+pub fn encode_pub(dst: &mut BytesMut, req_id: u32, ack: bool, body: &BodyBuilder<'_>) {
+    let len = 1 + 4 + 1 + body.len();
+    dst.reserve(LENGTH_PREFIX + len);
+    dst.put_u32(len as u32);
+    dst.put_u8(FrameType::Pub as u8);
+    dst.put_u32(req_id);
+    dst.put_u8(if ack { PUB_ACK } else { 0 });
+    body.put(dst);
+}
+
+/// The bytes that precede a `MSG` body: length, type, subscription id, sequence.
+///
+/// The broker writes this per subscriber and then the publisher's body bytes unchanged.
+pub fn encode_msg_header(sid: u32, seq: u64, body_len: usize) -> [u8; MSG_HEADER_LEN] {
+    let mut h = [0u8; MSG_HEADER_LEN];
+    let len = (MSG_HEADER_LEN - LENGTH_PREFIX + body_len) as u32;
+    h[0..4].copy_from_slice(&len.to_be_bytes());
+    h[4] = FrameType::Msg as u8;
+    h[5..9].copy_from_slice(&sid.to_be_bytes());
+    h[9..17].copy_from_slice(&seq.to_be_bytes());
+    h
+}
+
+/// Takes one complete frame off the front of `buf`.
+///
+/// Returns `Ok(None)` and leaves `buf` untouched when it does not yet hold a whole frame. The
+/// frame's bytes are split off `buf` without copying, so a `PUB` body shares `buf`'s allocation.
+///
+/// # Errors
+/// A [`DecodeError`] when the stream cannot be trusted any more: a length over `max_frame`, a zero
+/// length, an unknown type, or fields that do not fit the frame. The caller should close.
+pub fn decode(buf: &mut BytesMut, max_frame: usize) -> Result<Option<Frame>, DecodeError> {
+    if buf.len() < LENGTH_PREFIX {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len == 0 {
+        return Err(DecodeError::EmptyFrame);
+    }
+    if len > max_frame {
+        return Err(DecodeError::FrameTooLarge {
+            len,
+            max: max_frame,
+        });
+    }
+    if buf.len() < LENGTH_PREFIX + len {
+        buf.reserve(LENGTH_PREFIX + len - buf.len());
+        return Ok(None);
+    }
+    buf.advance(LENGTH_PREFIX);
+    let frame = buf.split_to(len).freeze();
+    parse(frame).map(Some)
+}
+
+/// A cursor over one frame's fields that reports truncation as [`DecodeError::Malformed`].
+struct Fields {
+    buf: Bytes,
+    frame: &'static str,
+}
+
+impl Fields {
+    fn short(&self, what: &'static str) -> DecodeError {
+        DecodeError::Malformed {
+            frame: self.frame,
+            what,
+        }
+    }
+
+    fn u8(&mut self, what: &'static str) -> Result<u8, DecodeError> {
+        if self.buf.remaining() < 1 {
+            return Err(self.short(what));
+        }
+        Ok(self.buf.get_u8())
+    }
+
+    fn u16(&mut self, what: &'static str) -> Result<u16, DecodeError> {
+        if self.buf.remaining() < 2 {
+            return Err(self.short(what));
+        }
+        Ok(self.buf.get_u16())
+    }
+
+    fn u32(&mut self, what: &'static str) -> Result<u32, DecodeError> {
+        if self.buf.remaining() < 4 {
+            return Err(self.short(what));
+        }
+        Ok(self.buf.get_u32())
+    }
+
+    fn u64(&mut self, what: &'static str) -> Result<u64, DecodeError> {
+        if self.buf.remaining() < 8 {
+            return Err(self.short(what));
+        }
+        Ok(self.buf.get_u64())
+    }
+
+    fn string(&mut self, what: &'static str) -> Result<String, DecodeError> {
+        let len = self.u16(what)? as usize;
+        if self.buf.remaining() < len {
+            return Err(self.short(what));
+        }
+        let s = self.buf.split_to(len);
+        String::from_utf8(s.to_vec()).map_err(|_| self.short("string is not utf-8"))
+    }
+
+    fn body(self) -> Result<Body, DecodeError> {
+        let frame = self.frame;
+        Body::parse(self.buf).map_err(|what| DecodeError::Malformed { frame, what })
+    }
+
+    fn end(self) -> Result<(), DecodeError> {
+        if self.buf.has_remaining() {
+            return Err(self.short("trailing bytes"));
+        }
+        Ok(())
+    }
+}
+
+fn parse(mut raw: Bytes) -> Result<Frame, DecodeError> {
+    let ty = raw.get_u8();
+    let name = match ty {
+        0x01 => "HELLO",
+        0x02 => "PUB",
+        0x03 => "SUB",
+        0x04 => "UNSUB",
+        0x05 => "PING",
+        0x06 => "PONG",
+        0x81 => "WELCOME",
+        0x82 => "OK",
+        0x83 => "ACK",
+        0x84 => "ERR",
+        0x85 => "MSG",
+        0x86 => "LOST",
+        other => return Err(DecodeError::UnknownType(other)),
+    };
+    let mut f = Fields {
+        buf: raw,
+        frame: name,
+    };
+    let frame = match ty {
+        0x01 => {
+            let req_id = f.u32("truncated request id")?;
+            let version = f.u16("truncated version")?;
+            let flags = f.u8("truncated flags")?;
+            if flags & !HELLO_NO_ECHO != 0 {
+                return Err(f.short("undefined flag"));
+            }
+            let overflow = match f.u8("truncated overflow policy")? {
+                0 => None,
+                v => Some(OverflowPolicy::from_u8(v).ok_or(f.short("undefined overflow policy"))?),
+            };
+            let name = f.string("truncated name")?;
+            f.end()?;
+            Frame::Hello(Hello {
+                req_id,
+                version,
+                no_echo: flags & HELLO_NO_ECHO != 0,
+                overflow,
+                name,
+            })
+        }
+        0x02 => {
+            let req_id = f.u32("truncated request id")?;
+            let flags = f.u8("truncated flags")?;
+            if flags & !PUB_ACK != 0 {
+                return Err(f.short("undefined flag"));
+            }
+            Frame::Pub(Publish {
+                req_id,
+                ack: flags & PUB_ACK != 0,
+                body: f.body()?,
+            })
+        }
+        0x03 => {
+            let req_id = f.u32("truncated request id")?;
+            let sid = f.u32("truncated subscription id")?;
+            if f.u8("truncated flags")? != 0 {
+                return Err(f.short("undefined flag"));
+            }
+            let filter = f.string("truncated filter")?;
+            f.end()?;
+            Frame::Sub(Subscribe {
+                req_id,
+                sid,
+                filter,
+            })
+        }
+        0x04 => {
+            let req_id = f.u32("truncated request id")?;
+            let sid = f.u32("truncated subscription id")?;
+            let max = f.u32("truncated max")?;
+            f.end()?;
+            Frame::Unsub(Unsubscribe { req_id, sid, max })
+        }
+        0x05 | 0x06 | 0x82 => {
+            let t = f.u32("truncated token")?;
+            f.end()?;
+            match ty {
+                0x05 => Frame::Ping(t),
+                0x06 => Frame::Pong(t),
+                _ => Frame::Ok(t),
+            }
+        }
+        0x81 => {
+            let req_id = f.u32("truncated request id")?;
+            let version = f.u16("truncated version")?;
+            let overflow = OverflowPolicy::from_u8(f.u8("truncated overflow policy")?)
+                .ok_or(f.short("undefined overflow policy"))?;
+            let w = Welcome {
+                req_id,
+                version,
+                overflow,
+                max_frame: f.u32("truncated limits")?,
+                max_payload: f.u32("truncated limits")?,
+                max_topic_len: f.u16("truncated limits")?,
+                max_topic_tokens: f.u16("truncated limits")?,
+                max_subs: f.u32("truncated limits")?,
+                max_pending_msgs: f.u32("truncated limits")?,
+                max_pending_bytes: f.u32("truncated limits")?,
+                server_id: f.string("truncated server id")?,
+            };
+            f.end()?;
+            Frame::Welcome(w)
+        }
+        0x83 => {
+            let req_id = f.u32("truncated request id")?;
+            let delivered = f.u32("truncated delivered count")?;
+            f.end()?;
+            Frame::Ack { req_id, delivered }
+        }
+        0x84 => {
+            let req_id = f.u32("truncated request id")?;
+            let code = f.u16("truncated code")?;
+            let message = f.string("truncated message")?;
+            f.end()?;
+            Frame::Err(ErrorFrame {
+                req_id,
+                code,
+                message,
+            })
+        }
+        0x85 => {
+            let sid = f.u32("truncated subscription id")?;
+            let seq = f.u64("truncated sequence")?;
+            Frame::Msg(Msg {
+                sid,
+                seq,
+                body: f.body()?,
+            })
+        }
+        _ => {
+            let sid = f.u32("truncated subscription id")?;
+            let missed = f.u64("truncated missed count")?;
+            f.end()?;
+            Frame::Lost(Lost { sid, missed })
+        }
+    };
+    Ok(frame)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(f: Frame) {
+        let mut buf = BytesMut::new();
+        f.encode(&mut buf);
+        let total = buf.len();
+        for cut in 0..total {
+            let mut partial = BytesMut::from(&buf[..cut]);
+            assert_eq!(decode(&mut partial, 1 << 20), Ok(None), "cut at {cut}");
+        }
+        assert_eq!(decode(&mut buf, 1 << 20), Ok(Some(f)));
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn every_frame_round_trips_and_waits_for_all_bytes() {
+        let body = Body::encode("a.b", Some("r"), None, b"xyz");
+        round_trip(Frame::Hello(Hello {
+            req_id: 1,
+            version: 1,
+            no_echo: true,
+            overflow: Some(OverflowPolicy::DropOld),
+            name: "n".into(),
+        }));
+        round_trip(Frame::Pub(Publish {
+            req_id: 2,
+            ack: true,
+            body: Body::parse(body.clone()).unwrap(),
+        }));
+        round_trip(Frame::Sub(Subscribe {
+            req_id: 3,
+            sid: 9,
+            filter: "a.*".into(),
+        }));
+        round_trip(Frame::Unsub(Unsubscribe {
+            req_id: 4,
+            sid: 9,
+            max: 2,
+        }));
+        round_trip(Frame::Ping(5));
+        round_trip(Frame::Pong(5));
+        round_trip(Frame::Ok(6));
+        round_trip(Frame::Ack {
+            req_id: 7,
+            delivered: 3,
+        });
+        round_trip(Frame::Err(ErrorFrame {
+            req_id: 8,
+            code: 6,
+            message: "bad".into(),
+        }));
+        round_trip(Frame::Msg(Msg {
+            sid: 9,
+            seq: 10,
+            body: Body::parse(body).unwrap(),
+        }));
+        round_trip(Frame::Lost(Lost { sid: 9, missed: 11 }));
+    }
+
+    #[test]
+    fn msg_header_matches_full_encoding() {
+        let raw = Body::encode("t", None, None, b"p");
+        let f = Frame::Msg(Msg {
+            sid: 7,
+            seq: 42,
+            body: Body::parse(raw.clone()).unwrap(),
+        });
+        let full = f.to_bytes();
+        let h = encode_msg_header(7, 42, raw.len());
+        assert_eq!(&full[..MSG_HEADER_LEN], &h[..]);
+        assert_eq!(&full[MSG_HEADER_LEN..], &raw[..]);
+    }
+
+    #[test]
+    fn framing_errors() {
+        let mut b = BytesMut::from(&[0u8, 0, 0, 0][..]);
+        assert_eq!(decode(&mut b, 100), Err(DecodeError::EmptyFrame));
+        let mut b = BytesMut::from(&[0u8, 0, 1, 0][..]);
+        assert_eq!(
+            decode(&mut b, 100),
+            Err(DecodeError::FrameTooLarge { len: 256, max: 100 })
+        );
+        let mut b = BytesMut::from(&[0u8, 0, 0, 1, 0x7f][..]);
+        assert_eq!(decode(&mut b, 100), Err(DecodeError::UnknownType(0x7f)));
+        let mut b = BytesMut::from(&[0u8, 0, 0, 2, 0x05, 0][..]);
+        assert!(matches!(
+            decode(&mut b, 100),
+            Err(DecodeError::Malformed { .. })
+        ));
+    }
+}

@@ -1,0 +1,24 @@
+//! The brokerd wire format, with no I/O and no runtime.
+//!
+//! Layout:
+//! - [`frame`]: the frames, their byte layout, encode and decode.
+//! - [`body`]: the message body shared by `PUB` and `MSG` (topic, reply-to, headers, payload).
+//! - [`topic`]: validated [`Topic`] and [`Filter`] newtypes and their limits.
+//! - [`error`]: decode errors and the numeric error codes carried by `ERR` frames.
+//!
+//! `docs/protocol.md` is the normative description; `docs/protocol-vectors.txt` holds hex test
+//! vectors that this crate's tests read.
+
+pub mod body;
+pub mod error;
+pub mod frame;
+pub mod topic;
+
+pub use body::{Body, BodyBuilder, Headers};
+pub use error::{DecodeError, ErrorCode};
+pub use frame::{
+    ErrorFrame, Frame, FrameType, Hello, Lost, MSG_HEADER_LEN, Msg, OverflowPolicy,
+    PROTOCOL_VERSION, Publish, Subscribe, Unsubscribe, Welcome, decode, encode_msg_header,
+    encode_pub,
+};
+pub use topic::{Filter, Topic, TopicError, TopicLimits};
