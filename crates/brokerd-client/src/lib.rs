@@ -1,1 +1,27 @@
-//! placeholder
+//! A thin async client for brokerd.
+//!
+//! Layout:
+//! - [`client`]: [`Client`]: connect, publish, subscribe, flush, close.
+//! - [`subscription`]: [`Subscription`], a `Stream` of [`Message`]s for one filter.
+//! - [`error`]: [`Error`].
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), brokerd_client::Error> {
+//! use brokerd_client::{Client, ConnectOptions};
+//! let client = Client::connect("127.0.0.1:7654", ConnectOptions::new("welcome-email")).await?;
+//! let mut sub = client.subscribe("user.created").await?;
+//! let n = client.publish_acked("user.created", r#"{"id":1}"#).await?;
+//! assert_eq!(n, 1);
+//! let msg = sub.next().await.expect("connection open");
+//! println!("{} {:?}", msg.topic(), msg.payload());
+//! # Ok(()) }
+//! ```
+
+pub mod client;
+pub mod error;
+pub mod subscription;
+
+pub use brokerd_proto::{Headers, OverflowPolicy};
+pub use client::{Client, ConnectOptions, ServerInfo};
+pub use error::Error;
+pub use subscription::{Message, Subscription};

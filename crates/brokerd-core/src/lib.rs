@@ -1,1 +1,22 @@
-//! placeholder
+//! brokerd's routing state, synchronous and runtime-free.
+//!
+//! Layout:
+//! - [`sublist`]: the subscription trie and its bounded match cache.
+//! - [`subscription`]: one live subscription and its counters.
+//! - [`outbox`]: a connection's bounded outbound queue and overflow policy.
+//! - [`broker`]: the registry of clients, subscribe/unsubscribe/publish, limits and statistics.
+//! - [`close`]: the typed reason every connection ends with.
+
+pub mod broker;
+pub mod close;
+pub mod outbox;
+pub mod sublist;
+pub mod subscription;
+
+pub use broker::{
+    Broker, BrokerStats, Client, Limits, PublishError, SubscribeError, UnsubscribeError,
+};
+pub use close::CloseReason;
+pub use outbox::{Item, Outbox, OutboxLimits, OutboxStats, Push, Take};
+pub use sublist::{Sublist, SublistStats};
+pub use subscription::{SubRef, Subscription};

@@ -1,1 +1,16 @@
-//! placeholder
+//! brokerd, the publish/subscribe broker daemon, as a library (the `brokerd` binary and the
+//! end-to-end tests both start it through [`Server`]).
+//!
+//! Layout:
+//! - [`config`]: defaults, TOML file, validation.
+//! - [`server`]: listener, accept loop, graceful shutdown.
+//! - `connection`: one connection's handshake, reader loop and keep-alive.
+//! - `writer`: one connection's socket writer task.
+
+pub mod config;
+mod connection;
+pub mod server;
+mod writer;
+
+pub use config::{Config, ConfigError};
+pub use server::{Server, ShutdownHandle};

@@ -1,0 +1,543 @@
+//! The connection: handshake, the reader and writer tasks, and the public [`Client`] calls.
+//!
+//! Calls encode their frame into one shared write buffer; a writer task swaps the buffer out and
+//! writes it, so many publishes share one syscall. A reader task decodes what the server sends:
+//! replies go to the waiting call by request id, deliveries to their [`Subscription`] by
+//! subscription id. When the connection ends, waiting calls fail with [`Error::Closed`] and every
+//! subscription stream ends.
+
+use crate::error::Error;
+use crate::subscription::{Message, SubShared, Subscription};
+use brokerd_proto::body::BodyBuilder;
+use brokerd_proto::frame::encode_pub;
+use brokerd_proto::{
+    ErrorCode, Filter, Frame, Headers, Hello, Msg, OverflowPolicy, PROTOCOL_VERSION, Subscribe,
+    Topic, Unsubscribe, Welcome, decode,
+};
+use bytes::BytesMut;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpStream, ToSocketAddrs};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+/// Options for [`Client::connect`].
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Name shown in the server's logs.
+    pub name: String,
+    /// Overflow policy to ask for; `None` takes the server's default.
+    pub overflow: Option<OverflowPolicy>,
+    /// Do not receive this connection's own publications.
+    pub no_echo: bool,
+    /// Messages buffered per subscription before the client stops reading the socket.
+    pub subscription_capacity: usize,
+    /// Bytes buffered for writing before publishing waits for the socket.
+    pub write_buffer: usize,
+    /// How long connecting and the handshake may take.
+    pub connect_timeout: Duration,
+}
+
+impl ConnectOptions {
+    /// Defaults with this client name.
+    pub fn new(name: impl Into<String>) -> ConnectOptions {
+        ConnectOptions {
+            name: name.into(),
+            ..ConnectOptions::default()
+        }
+    }
+
+    /// Sets the overflow policy to ask for.
+    pub fn overflow(mut self, policy: OverflowPolicy) -> ConnectOptions {
+        self.overflow = Some(policy);
+        self
+    }
+
+    /// Sets whether to skip this connection's own publications.
+    pub fn no_echo(mut self, no_echo: bool) -> ConnectOptions {
+        self.no_echo = no_echo;
+        self
+    }
+
+    /// Sets the per-subscription buffer.
+    pub fn subscription_capacity(mut self, n: usize) -> ConnectOptions {
+        self.subscription_capacity = n.max(1);
+        self
+    }
+}
+
+impl Default for ConnectOptions {
+    fn default() -> ConnectOptions {
+        ConnectOptions {
+            name: "brokerd-client".into(),
+            overflow: None,
+            no_echo: false,
+            subscription_capacity: 8192,
+            write_buffer: 4 * 1024 * 1024,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the server announced in its `WELCOME`.
+pub type ServerInfo = Welcome;
+
+/// A reply to one request.
+enum Reply {
+    Ok,
+    Ack(u32),
+    Pong,
+    Err(u16, String),
+}
+
+struct WriteState {
+    buf: BytesMut,
+    closed: Option<String>,
+}
+
+struct SubEntry {
+    tx: mpsc::Sender<Message>,
+    shared: Arc<SubShared>,
+}
+
+/// State shared by the [`Client`] handles, its subscriptions and its two tasks.
+pub(crate) struct Inner {
+    write: Mutex<WriteState>,
+    /// Wakes the writer task when the buffer goes from empty to not empty, or on close.
+    data: Notify,
+    /// Wakes callers waiting for buffer space.
+    space: Notify,
+    next_id: AtomicU32,
+    pending: Mutex<HashMap<u32, oneshot::Sender<Reply>>>,
+    subs: Mutex<HashMap<u32, SubEntry>>,
+    info: Welcome,
+    options: ConnectOptions,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("name", &self.options.name)
+            .field("server_id", &self.info.server_id)
+            .finish()
+    }
+}
+
+/// A connection to brokerd. Cloning shares the connection.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl Client {
+    /// Connects, performs the handshake and starts the connection's tasks.
+    ///
+    /// # Errors
+    /// The address cannot be reached, the server refuses the handshake (for example at its
+    /// connection limit), or it does not answer within `options.connect_timeout`.
+    pub async fn connect(addr: impl ToSocketAddrs, options: ConnectOptions) -> Result<Client, Error> {
+        tokio::time::timeout(options.connect_timeout, Client::connect_inner(addr, options))
+            .await
+            .map_err(|_| Error::Timeout)?
+    }
+
+    async fn connect_inner(addr: impl ToSocketAddrs, options: ConnectOptions) -> Result<Client, Error> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (mut rd, mut wr) = stream.into_split();
+        let hello = Frame::Hello(Hello {
+            req_id: 0,
+            version: PROTOCOL_VERSION,
+            no_echo: options.no_echo,
+            overflow: options.overflow,
+            name: options.name.clone(),
+        });
+        wr.write_all(&hello.to_bytes()).await?;
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        let info = loop {
+            match decode(&mut buf, usize::MAX)? {
+                Some(Frame::Welcome(w)) => break w,
+                Some(Frame::Err(e)) => {
+                    return Err(Error::Server {
+                        code: e.code,
+                        message: e.message,
+                    });
+                }
+                Some(_) => return Err(Error::Unexpected("expected WELCOME")),
+                None => {}
+            }
+            if rd.read_buf(&mut buf).await? == 0 {
+                return Err(Error::Closed("server closed the connection during the handshake".into()));
+            }
+        };
+        let inner = Arc::new(Inner {
+            write: Mutex::new(WriteState {
+                buf: BytesMut::with_capacity(64 * 1024),
+                closed: None,
+            }),
+            data: Notify::new(),
+            space: Notify::new(),
+            next_id: AtomicU32::new(1),
+            pending: Mutex::new(HashMap::new()),
+            subs: Mutex::new(HashMap::new()),
+            info,
+            options,
+        });
+        tokio::spawn(write_task(inner.clone(), wr));
+        tokio::spawn(read_task(inner.clone(), rd, buf));
+        Ok(Client { inner })
+    }
+
+    /// What the server announced: its id, version, limits and the overflow policy in force.
+    pub fn server_info(&self) -> &ServerInfo {
+        &self.inner.info
+    }
+
+    /// Publishes `payload` to `topic`, without waiting for the server.
+    ///
+    /// Returns once the frame is buffered; it waits only when the write buffer is full.
+    ///
+    /// # Errors
+    /// An invalid topic, a payload over the server's limit, or a closed connection. A refusal
+    /// the server sends later (none is expected after these checks) is logged, not returned.
+    pub async fn publish(&self, topic: &str, payload: impl AsRef<[u8]>) -> Result<(), Error> {
+        self.publish_with(topic, None, None, payload.as_ref(), false)
+            .await
+            .map(|_| ())
+    }
+
+    /// Publishes with a reply-to topic and/or headers, without waiting for the server.
+    ///
+    /// # Errors
+    /// As [`Client::publish`], and an invalid reply-to.
+    pub async fn publish_full(
+        &self,
+        topic: &str,
+        reply: Option<&str>,
+        headers: Option<&Headers>,
+        payload: impl AsRef<[u8]>,
+    ) -> Result<(), Error> {
+        self.publish_with(topic, reply, headers, payload.as_ref(), false)
+            .await
+            .map(|_| ())
+    }
+
+    /// Publishes and waits for the server's acknowledgement, returning how many subscriptions the
+    /// message was queued for.
+    ///
+    /// # Errors
+    /// As [`Client::publish`], and any refusal from the server.
+    pub async fn publish_acked(&self, topic: &str, payload: impl AsRef<[u8]>) -> Result<u32, Error> {
+        self.publish_with(topic, None, None, payload.as_ref(), true).await
+    }
+
+    async fn publish_with(
+        &self,
+        topic: &str,
+        reply: Option<&str>,
+        headers: Option<&Headers>,
+        payload: &[u8],
+        ack: bool,
+    ) -> Result<u32, Error> {
+        Topic::new(topic).map_err(Error::InvalidTopic)?;
+        if let Some(r) = reply {
+            Topic::new(r).map_err(Error::InvalidTopic)?;
+        }
+        let max = self.inner.info.max_payload as usize;
+        if payload.len() > max {
+            return Err(Error::PayloadTooLarge {
+                len: payload.len(),
+                max,
+            });
+        }
+        let body = BodyBuilder {
+            topic,
+            reply,
+            headers,
+            payload,
+        };
+        if !body.fits() {
+            return Err(Error::Unexpected("a header is longer than 65535 bytes"));
+        }
+        let id = self.inner.next_id();
+        let rx = ack.then(|| self.inner.expect(id));
+        self.inner
+            .send(|buf| encode_pub(buf, id, ack, &body))
+            .await?;
+        match rx {
+            None => Ok(0),
+            Some(rx) => match self.inner.wait(rx).await? {
+                Reply::Ack(n) => Ok(n),
+                _ => Err(Error::Unexpected("expected ACK")),
+            },
+        }
+    }
+
+    /// Subscribes to `filter`. Once this returns, every message published afterwards that
+    /// matches is delivered to the returned stream.
+    ///
+    /// # Errors
+    /// An invalid filter, the server's subscription limit, or a closed connection.
+    pub async fn subscribe(&self, filter: &str) -> Result<Subscription, Error> {
+        Filter::new(filter).map_err(Error::InvalidFilter)?;
+        let sid = self.inner.next_id();
+        let (tx, rx) = mpsc::channel(self.inner.options.subscription_capacity);
+        let shared = Arc::new(SubShared::default());
+        self.inner.subs.lock().insert(
+            sid,
+            SubEntry {
+                tx,
+                shared: shared.clone(),
+            },
+        );
+        let req_id = self.inner.next_id();
+        let frame = Frame::Sub(Subscribe {
+            req_id,
+            sid,
+            filter: filter.to_string(),
+        });
+        let result = self.inner.request(req_id, frame).await;
+        if let Err(e) = result {
+            self.inner.forget(sid);
+            return Err(e);
+        }
+        Ok(Subscription {
+            sid,
+            filter: filter.to_string(),
+            rx,
+            shared,
+            client: self.inner.clone(),
+            active: true,
+        })
+    }
+
+    /// Waits until the server has processed everything this client sent before the call.
+    ///
+    /// # Errors
+    /// The connection closed.
+    pub async fn flush(&self) -> Result<(), Error> {
+        let id = self.inner.next_id();
+        self.inner.request(id, Frame::Ping(id)).await
+    }
+
+    /// Flushes, then closes the connection. Subscription streams end.
+    ///
+    /// # Errors
+    /// The connection was already closed.
+    pub async fn close(self) -> Result<(), Error> {
+        let r = self.flush().await;
+        self.inner.shutdown("closed by the client");
+        r
+    }
+}
+
+impl Inner {
+    fn next_id(&self) -> u32 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn expect(&self, id: u32) -> oneshot::Receiver<Reply> {
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().insert(id, tx);
+        rx
+    }
+
+    async fn wait(&self, rx: oneshot::Receiver<Reply>) -> Result<Reply, Error> {
+        match rx.await {
+            Ok(Reply::Err(code, message)) => Err(Error::Server { code, message }),
+            Ok(r) => Ok(r),
+            Err(_) => Err(Error::Closed(self.closed_reason())),
+        }
+    }
+
+    /// Sends a frame that expects `OK` (or `PONG`) under `id`, and waits for it.
+    async fn request(&self, id: u32, frame: Frame) -> Result<(), Error> {
+        let rx = self.expect(id);
+        if let Err(e) = self.send(|buf| frame.encode(buf)).await {
+            self.pending.lock().remove(&id);
+            return Err(e);
+        }
+        self.wait(rx).await.map(|_| ())
+    }
+
+    pub(crate) async fn unsubscribe(&self, sid: u32, max: u32) -> Result<(), Error> {
+        let id = self.next_id();
+        self.request(id, Frame::Unsub(Unsubscribe { req_id: id, sid, max }))
+            .await
+    }
+
+    /// Stops routing deliveries for `sid`; its stream ends once drained.
+    pub(crate) fn forget(&self, sid: u32) {
+        self.subs.lock().remove(&sid);
+    }
+
+    /// Queues an `UNSUB` without waiting (used from `Drop`).
+    pub(crate) fn send_unsub_nowait(&self, sid: u32) {
+        let id = self.next_id();
+        let frame = Frame::Unsub(Unsubscribe { req_id: id, sid, max: 0 });
+        self.append(|buf| frame.encode(buf));
+    }
+
+    fn closed_reason(&self) -> String {
+        self.write
+            .lock()
+            .closed
+            .clone()
+            .unwrap_or_else(|| "connection lost".into())
+    }
+
+    /// Appends to the write buffer without waiting for space; returns false once closed.
+    fn append(&self, encode: impl FnOnce(&mut BytesMut)) -> bool {
+        let mut w = self.write.lock();
+        if w.closed.is_some() {
+            return false;
+        }
+        let was_empty = w.buf.is_empty();
+        encode(&mut w.buf);
+        drop(w);
+        if was_empty {
+            self.data.notify_one();
+        }
+        true
+    }
+
+    /// Appends to the write buffer, first waiting while it is over its limit.
+    async fn send(&self, encode: impl FnOnce(&mut BytesMut)) -> Result<(), Error> {
+        loop {
+            let space = self.space.notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            {
+                let w = self.write.lock();
+                if let Some(reason) = &w.closed {
+                    return Err(Error::Closed(reason.clone()));
+                }
+                if w.buf.len() < self.options.write_buffer {
+                    break;
+                }
+            }
+            space.await;
+        }
+        if self.append(encode) {
+            Ok(())
+        } else {
+            Err(Error::Closed(self.closed_reason()))
+        }
+    }
+
+    /// Marks the connection closed, fails waiting calls and ends every subscription stream.
+    fn shutdown(&self, reason: &str) {
+        {
+            let mut w = self.write.lock();
+            if w.closed.is_none() {
+                w.closed = Some(reason.to_string());
+            }
+        }
+        self.pending.lock().clear();
+        self.subs.lock().clear();
+        self.data.notify_one();
+        self.space.notify_waiters();
+    }
+}
+
+async fn write_task(inner: Arc<Inner>, mut wr: OwnedWriteHalf) {
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    loop {
+        let closed = {
+            let mut w = inner.write.lock();
+            std::mem::swap(&mut w.buf, &mut out);
+            w.closed.is_some()
+        };
+        inner.space.notify_waiters();
+        if !out.is_empty() {
+            if let Err(e) = wr.write_all(&out).await {
+                inner.shutdown(&format!("write failed: {e}"));
+                return;
+            }
+            out.clear();
+            continue;
+        }
+        if closed {
+            let _ = wr.shutdown().await;
+            return;
+        }
+        inner.data.notified().await;
+    }
+}
+
+async fn read_task(inner: Arc<Inner>, mut rd: OwnedReadHalf, mut buf: BytesMut) {
+    let reason = loop {
+        match read_frames(&inner, &mut buf).await {
+            Ok(()) => {}
+            Err(reason) => break reason,
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(64 * 1024);
+        }
+        match rd.read_buf(&mut buf).await {
+            Ok(0) => break "server closed the connection".to_string(),
+            Ok(_) => {}
+            Err(e) => break format!("read failed: {e}"),
+        }
+    };
+    inner.shutdown(&reason);
+}
+
+/// Dispatches every complete frame in `buf`; `Err` carries why the connection must end.
+async fn read_frames(inner: &Inner, buf: &mut BytesMut) -> Result<(), String> {
+    loop {
+        let frame = match decode(buf, usize::MAX) {
+            Ok(Some(f)) => f,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(format!("undecodable frame from server: {e}")),
+        };
+        let reply = match frame {
+            Frame::Msg(Msg { sid, seq, body }) => {
+                let tx = inner.subs.lock().get(&sid).map(|s| s.tx.clone());
+                if let Some(tx) = tx {
+                    // Waiting here is deliberate: a reader that cannot keep up pushes back on the
+                    // socket, and the server's overflow policy decides what is dropped.
+                    if tx.send(Message { sid, seq, body }).await.is_err() {
+                        inner.forget(sid);
+                    }
+                }
+                continue;
+            }
+            Frame::Lost(l) => {
+                if let Some(s) = inner.subs.lock().get(&l.sid) {
+                    s.shared.missed.fetch_add(l.missed, Ordering::Relaxed);
+                }
+                tracing::warn!(sid = l.sid, missed = l.missed, "server dropped messages for a slow subscription");
+                continue;
+            }
+            Frame::Ping(t) => {
+                inner.append(|b| Frame::Pong(t).encode(b));
+                continue;
+            }
+            Frame::Ok(id) => (id, Reply::Ok),
+            Frame::Pong(id) => (id, Reply::Pong),
+            Frame::Ack { req_id, delivered } => (req_id, Reply::Ack(delivered)),
+            Frame::Err(e) => {
+                if e.req_id == 0 || !inner.pending.lock().contains_key(&e.req_id) {
+                    let fatal = ErrorCode::from_u16(e.code).is_none_or(|c| c.closes_connection());
+                    if fatal {
+                        return Err(format!("server error {}: {}", e.code, e.message));
+                    }
+                    tracing::warn!(code = e.code, message = %e.message, req_id = e.req_id, "server error");
+                    continue;
+                }
+                (e.req_id, Reply::Err(e.code, e.message))
+            }
+            Frame::Hello(_) | Frame::Pub(_) | Frame::Sub(_) | Frame::Unsub(_) | Frame::Welcome(_) => {
+                return Err("server sent a client frame".into());
+            }
+        };
+        if let Some(tx) = inner.pending.lock().remove(&reply.0) {
+            let _ = tx.send(reply.1);
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! A subscription's stream of messages, and the message type.
+
+use crate::client::Inner;
+use brokerd_proto::{Body, Headers};
+use bytes::Bytes;
+use futures_core::Stream;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use tokio::sync::mpsc;
+
+/// One delivered message.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Message {
+    pub(crate) sid: u32,
+    pub(crate) seq: u64,
+    pub(crate) body: Body,
+}
+
+impl Message {
+    /// The topic it was published to.
+    pub fn topic(&self) -> &str {
+        self.body.topic()
+    }
+
+    /// The payload.
+    pub fn payload(&self) -> Bytes {
+        self.body.payload()
+    }
+
+    /// The reply-to topic, if the publisher set one.
+    pub fn reply(&self) -> Option<&str> {
+        self.body.reply()
+    }
+
+    /// The headers, in the order published.
+    pub fn headers(&self) -> Headers {
+        self.body.headers_owned()
+    }
+
+    /// The subscription id it was delivered for.
+    pub fn sid(&self) -> u32 {
+        self.sid
+    }
+
+    /// Its sequence number within the subscription, from 1; a gap means messages were dropped.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Message")
+            .field("sid", &self.sid)
+            .field("seq", &self.seq)
+            .field("body", &self.body)
+            .finish()
+    }
+}
+
+/// Per-subscription state shared with the client's reader task.
+#[derive(Debug, Default)]
+pub(crate) struct SubShared {
+    /// Messages the server reported dropped (sum of `LOST` notices).
+    pub(crate) missed: AtomicU64,
+}
+
+/// A live subscription: a [`Stream`] of the messages matching its filter.
+///
+/// The stream ends when the connection closes or the subscription ends (unsubscribe, or the
+/// auto-unsubscribe limit). Dropping it unsubscribes without waiting for the server.
+///
+/// Messages wait in a bounded buffer until read; when it is full the client stops reading the
+/// socket, and the server's overflow policy applies (drops counted in [`Subscription::missed`]).
+#[derive(Debug)]
+pub struct Subscription {
+    pub(crate) sid: u32,
+    pub(crate) filter: String,
+    pub(crate) rx: mpsc::Receiver<Message>,
+    pub(crate) shared: Arc<SubShared>,
+    pub(crate) client: Arc<Inner>,
+    pub(crate) active: bool,
+}
+
+impl Subscription {
+    /// The next message, or `None` once the subscription or connection has ended.
+    pub async fn next(&mut self) -> Option<Message> {
+        self.rx.recv().await
+    }
+
+    /// A message already buffered, without waiting.
+    pub fn try_next(&mut self) -> Option<Message> {
+        self.rx.try_recv().ok()
+    }
+
+    /// The subscription id.
+    pub fn sid(&self) -> u32 {
+        self.sid
+    }
+
+    /// The filter it was made with.
+    pub fn filter(&self) -> &str {
+        &self.filter
+    }
+
+    /// How many messages the server reported it dropped for this subscription so far.
+    pub fn missed(&self) -> u64 {
+        self.shared.missed.load(Ordering::Relaxed)
+    }
+
+    /// Ends the subscription and waits for the server to confirm. Messages already delivered
+    /// stay readable through [`Subscription::next`] until the stream ends.
+    ///
+    /// # Errors
+    /// The connection closed, or the server did not know the subscription.
+    pub async fn unsubscribe(&mut self) -> Result<(), crate::Error> {
+        self.active = false;
+        let r = self.client.unsubscribe(self.sid, 0).await;
+        self.client.forget(self.sid);
+        r
+    }
+
+    /// Ends the subscription after `n` more matched messages (counting any the server drops).
+    ///
+    /// # Errors
+    /// The connection closed, or the server did not know the subscription.
+    pub async fn unsubscribe_after(&mut self, n: u32) -> Result<(), crate::Error> {
+        self.client.unsubscribe(self.sid, n.max(1)).await
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Message;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if self.active {
+            self.client.forget(self.sid);
+            self.client.send_unsub_nowait(self.sid);
+        }
+    }
+}

@@ -1,0 +1,450 @@
+//! The broker registry: connected clients, their subscriptions, and publishing through the sublist.
+//!
+//! Every operation here is synchronous and short. Connection reader tasks call
+//! [`Broker::subscribe`], [`Broker::unsubscribe`] and [`Broker::publish`]; the task that ends a
+//! connection calls [`Broker::disconnect`]. Nothing here awaits, and no lock here is held while
+//! another is taken (see the lock order in `docs/architecture.md`).
+
+use crate::close::CloseReason;
+use crate::outbox::{Outbox, OutboxLimits};
+use crate::sublist::{Sublist, SublistStats};
+use crate::subscription::{SubRef, Subscription};
+use brokerd_proto::topic::{is_reserved, validate_topic};
+use brokerd_proto::{Body, ErrorCode, Filter, OverflowPolicy, TopicError, TopicLimits};
+use bytes::Bytes;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use thiserror::Error;
+
+/// Bodies shorter than this are copied once out of the reader's buffer before queueing.
+pub const DETACH_BELOW: usize = 16 * 1024;
+
+/// The limits the broker enforces, from configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest frame, length prefix excluded.
+    pub max_frame: usize,
+    /// Largest payload.
+    pub max_payload: usize,
+    /// Topic and filter limits.
+    pub topic: TopicLimits,
+    /// Most live subscriptions per connection.
+    pub max_subs: usize,
+    /// Outbound queue limits per connection.
+    pub outbox: OutboxLimits,
+    /// Overflow policy for connections that do not choose one.
+    pub default_policy: OverflowPolicy,
+    /// Topics kept in the match cache.
+    pub match_cache: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_frame: 1024 * 1024 + 64 * 1024,
+            max_payload: 1024 * 1024,
+            topic: TopicLimits {
+                max_len: 256,
+                max_tokens: 16,
+            },
+            max_subs: 65_536,
+            outbox: OutboxLimits {
+                max_msgs: 65_536,
+                max_bytes: 64 * 1024 * 1024,
+            },
+            default_policy: OverflowPolicy::DropNew,
+            match_cache: 16_384,
+        }
+    }
+}
+
+/// Why a `SUB` was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SubscribeError {
+    /// The filter is not valid.
+    #[error("invalid filter: {0}")]
+    InvalidFilter(TopicError),
+    /// The id names a live subscription.
+    #[error("subscription id {0} is already in use")]
+    Duplicate(u32),
+    /// The connection holds the maximum number of subscriptions.
+    #[error("connection already holds the maximum of {0} subscriptions")]
+    TooMany(usize),
+}
+
+impl SubscribeError {
+    /// The `ERR` code for this refusal.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            SubscribeError::InvalidFilter(_) => ErrorCode::InvalidFilter,
+            SubscribeError::Duplicate(_) => ErrorCode::DuplicateSubscription,
+            SubscribeError::TooMany(_) => ErrorCode::TooManySubscriptions,
+        }
+    }
+}
+
+/// Why an `UNSUB` was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum UnsubscribeError {
+    /// No live subscription has this id.
+    #[error("no subscription with id {0}")]
+    Unknown(u32),
+}
+
+/// Why a `PUB` was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum PublishError {
+    /// The topic is not valid.
+    #[error("invalid topic: {0}")]
+    InvalidTopic(TopicError),
+    /// The reply-to is not a valid topic.
+    #[error("invalid reply-to: {0}")]
+    InvalidReply(TopicError),
+    /// The topic is in the broker's reserved `$` space.
+    #[error("topics starting with '$' are reserved for the broker")]
+    Reserved,
+    /// The payload is over the limit.
+    #[error("payload of {len} bytes exceeds the maximum of {max}")]
+    PayloadTooLarge {
+        /// Payload length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+impl PublishError {
+    /// The `ERR` code for this refusal.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            PublishError::InvalidTopic(_) | PublishError::InvalidReply(_) => {
+                ErrorCode::InvalidTopic
+            }
+            PublishError::Reserved => ErrorCode::ReservedTopic,
+            PublishError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
+        }
+    }
+}
+
+/// Counters of one connection, written by its own tasks only.
+#[derive(Debug, Default)]
+pub struct ClientCounters {
+    /// `PUB` frames accepted.
+    pub msgs_in: AtomicU64,
+    /// Payload bytes accepted.
+    pub bytes_in: AtomicU64,
+    /// Frames written to the socket.
+    pub frames_out: AtomicU64,
+    /// Bytes written to the socket.
+    pub bytes_out: AtomicU64,
+}
+
+/// One connected client, after its handshake.
+#[derive(Debug)]
+pub struct Client {
+    /// Broker-assigned id, unique for the process's life.
+    pub id: u64,
+    /// The name the client gave in `HELLO`.
+    pub name: String,
+    /// The peer address, for logs.
+    pub peer: String,
+    /// Do not deliver this client's publications to its own subscriptions.
+    pub no_echo: bool,
+    /// The connection's outbound queue, shared with its subscriptions.
+    pub outbox: Arc<Outbox>,
+    /// Traffic counters.
+    pub counters: ClientCounters,
+    subs: Mutex<HashMap<u32, Arc<Subscription>>>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox").field("policy", &self.policy()).finish()
+    }
+}
+
+impl Client {
+    /// Live subscriptions.
+    pub fn subscription_count(&self) -> usize {
+        self.subs.lock().len()
+    }
+}
+
+/// Totals across the broker's life, for monitoring.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BrokerStats {
+    /// Clients connected now.
+    pub connections: usize,
+    /// Clients ever connected.
+    pub total_connections: u64,
+    /// Live subscriptions.
+    pub subscriptions: usize,
+    /// Messages published.
+    pub msgs_in: u64,
+    /// Payload bytes published.
+    pub bytes_in: u64,
+    /// Deliveries queued for subscribers.
+    pub deliveries: u64,
+    /// Deliveries dropped by overflow policies.
+    pub dropped: u64,
+    /// Publishes that matched no subscription.
+    pub unrouted: u64,
+    /// Disconnects by reason name.
+    pub closes: Vec<(&'static str, u64)>,
+    /// Sublist statistics.
+    pub sublist: SublistStats,
+}
+
+#[derive(Default)]
+struct Retired {
+    msgs_in: u64,
+    bytes_in: u64,
+    deliveries: u64,
+    dropped: u64,
+    closes: HashMap<&'static str, u64>,
+}
+
+/// The routing state of one broker.
+pub struct Broker {
+    limits: Limits,
+    sublist: Sublist<SubRef>,
+    clients: Mutex<HashMap<u64, Arc<Client>>>,
+    next_id: AtomicU64,
+    unrouted: AtomicU64,
+    retired: Mutex<Retired>,
+}
+
+impl Broker {
+    /// An empty broker enforcing `limits`.
+    pub fn new(limits: Limits) -> Broker {
+        Broker {
+            sublist: Sublist::new(limits.match_cache),
+            limits,
+            clients: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            unrouted: AtomicU64::new(0),
+            retired: Mutex::new(Retired::default()),
+        }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Registers a client that completed its handshake.
+    pub fn connect(
+        &self,
+        name: String,
+        peer: String,
+        policy: Option<OverflowPolicy>,
+        no_echo: bool,
+    ) -> Arc<Client> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let outbox = Arc::new(Outbox::new(
+            policy.unwrap_or(self.limits.default_policy),
+            self.limits.outbox,
+        ));
+        let client = Arc::new(Client {
+            id,
+            name,
+            peer,
+            no_echo,
+            outbox,
+            counters: ClientCounters::default(),
+            subs: Mutex::new(HashMap::new()),
+        });
+        self.clients.lock().insert(id, client.clone());
+        client
+    }
+
+    /// Adds a subscription; once this returns `Ok`, publishes that follow it are matched against it.
+    ///
+    /// # Errors
+    /// An invalid filter, a live duplicate id, or the per-connection limit.
+    pub fn subscribe(&self, client: &Client, sid: u32, filter: &str) -> Result<(), SubscribeError> {
+        let filter =
+            Filter::with_limits(filter, &self.limits.topic).map_err(SubscribeError::InvalidFilter)?;
+        let sub = Arc::new(Subscription::new(sid, filter, client.id, client.outbox.clone()));
+        let replaced = {
+            let mut subs = client.subs.lock();
+            let replaced = match subs.get(&sid) {
+                // A subscription whose allowance just ran out may still await its cleanup.
+                Some(old) if old.is_dead() => subs.remove(&sid),
+                Some(_) => return Err(SubscribeError::Duplicate(sid)),
+                None => None,
+            };
+            if subs.len() >= self.limits.max_subs {
+                if let Some(old) = replaced {
+                    subs.insert(sid, old);
+                }
+                return Err(SubscribeError::TooMany(self.limits.max_subs));
+            }
+            subs.insert(sid, sub.clone());
+            replaced
+        };
+        if let Some(old) = replaced {
+            self.sublist.remove(&old.filter, &SubRef(old.clone()));
+        }
+        self.sublist.insert(&sub.filter.clone(), SubRef(sub));
+        Ok(())
+    }
+
+    /// Ends a subscription now (`max == 0`) or after `max` more matched messages.
+    ///
+    /// # Errors
+    /// No live subscription has this id.
+    pub fn unsubscribe(&self, client: &Client, sid: u32, max: u32) -> Result<(), UnsubscribeError> {
+        let sub = client
+            .subs
+            .lock()
+            .get(&sid)
+            .filter(|s| !s.is_dead())
+            .cloned()
+            .ok_or(UnsubscribeError::Unknown(sid))?;
+        if client.outbox.set_allowance(&sub, u64::from(max)) {
+            self.finish(client, &sub);
+        }
+        Ok(())
+    }
+
+    /// Removes a finished subscription from the connection and the sublist.
+    fn finish(&self, client: &Client, sub: &Arc<Subscription>) {
+        {
+            let mut subs = client.subs.lock();
+            if subs.get(&sub.sid).is_some_and(|s| Arc::ptr_eq(s, sub)) {
+                subs.remove(&sub.sid);
+            }
+        }
+        self.sublist.remove(&sub.filter, &SubRef(sub.clone()));
+    }
+
+    /// Routes one published body to every matching subscription and returns how many queued it.
+    ///
+    /// Never waits on a subscriber: a full outbox applies its own overflow policy.
+    ///
+    /// # Errors
+    /// An invalid or reserved topic, an invalid reply-to, or a payload over the limit; nothing was
+    /// routed.
+    pub fn publish(&self, from: &Client, body: &Body) -> Result<u32, PublishError> {
+        let payload = body.payload_len();
+        if payload > self.limits.max_payload {
+            return Err(PublishError::PayloadTooLarge {
+                len: payload,
+                max: self.limits.max_payload,
+            });
+        }
+        let topic = body.topic();
+        validate_topic(topic, &self.limits.topic).map_err(PublishError::InvalidTopic)?;
+        if is_reserved(topic) {
+            return Err(PublishError::Reserved);
+        }
+        if let Some(reply) = body.reply() {
+            validate_topic(reply, &self.limits.topic).map_err(PublishError::InvalidReply)?;
+        }
+        from.counters.msgs_in.fetch_add(1, Ordering::Relaxed);
+        from.counters
+            .bytes_in
+            .fetch_add(payload as u64, Ordering::Relaxed);
+        let matches = self.sublist.matches(topic);
+        if matches.is_empty() {
+            self.unrouted.fetch_add(1, Ordering::Relaxed);
+            return Ok(0);
+        }
+        // A small body would otherwise pin the whole read buffer it was decoded from for as long
+        // as any subscriber holds it; one copy per publish (never per subscriber) bounds memory by
+        // what the outboxes count. Large bodies are shared as decoded.
+        let raw = if body.len() < DETACH_BELOW {
+            Bytes::copy_from_slice(body.raw())
+        } else {
+            body.raw().clone()
+        };
+        let raw = &raw;
+        let mut delivered = 0u32;
+        for sub in matches.iter() {
+            if from.no_echo && sub.client_id == from.id {
+                continue;
+            }
+            let push = sub.outbox.push_msg(sub, raw);
+            if push.delivered() {
+                delivered += 1;
+            }
+            if push.finished() {
+                if let Some(owner) = self.client(sub.client_id) {
+                    self.finish(&owner, &sub.0);
+                } else {
+                    self.sublist.remove(&sub.filter, sub);
+                }
+            }
+        }
+        Ok(delivered)
+    }
+
+    /// The client with this id, if connected.
+    pub fn client(&self, id: u64) -> Option<Arc<Client>> {
+        self.clients.lock().get(&id).cloned()
+    }
+
+    /// Every connected client.
+    pub fn clients(&self) -> Vec<Arc<Client>> {
+        self.clients.lock().values().cloned().collect()
+    }
+
+    /// Removes a client and all its subscriptions, recording why it left.
+    pub fn disconnect(&self, client: &Client, reason: &CloseReason) {
+        client.outbox.close(reason.clone(), false);
+        let subs: Vec<Arc<Subscription>> = client.subs.lock().drain().map(|(_, s)| s).collect();
+        for sub in subs {
+            client.outbox.set_allowance(&sub, 0);
+            self.sublist.remove(&sub.filter.clone(), &SubRef(sub));
+        }
+        let removed = self.clients.lock().remove(&client.id);
+        if removed.is_some() {
+            let out = client.outbox.stats();
+            let mut r = self.retired.lock();
+            r.msgs_in += client.counters.msgs_in.load(Ordering::Relaxed);
+            r.bytes_in += client.counters.bytes_in.load(Ordering::Relaxed);
+            r.deliveries += out.queued;
+            r.dropped += out.dropped;
+            *r.closes.entry(reason.name()).or_insert(0) += 1;
+        }
+    }
+
+    /// Records a connection that closed before it completed its handshake.
+    pub fn record_close(&self, reason: &CloseReason) {
+        *self.retired.lock().closes.entry(reason.name()).or_insert(0) += 1;
+    }
+
+    /// Current totals.
+    pub fn stats(&self) -> BrokerStats {
+        let clients = self.clients();
+        let r = self.retired.lock();
+        let mut s = BrokerStats {
+            connections: clients.len(),
+            total_connections: self.next_id.load(Ordering::Relaxed) - 1,
+            msgs_in: r.msgs_in,
+            bytes_in: r.bytes_in,
+            deliveries: r.deliveries,
+            dropped: r.dropped,
+            unrouted: self.unrouted.load(Ordering::Relaxed),
+            closes: CloseReason::NAMES
+                .iter()
+                .map(|n| (*n, r.closes.get(n).copied().unwrap_or(0)))
+                .collect(),
+            sublist: self.sublist.stats(),
+            ..BrokerStats::default()
+        };
+        drop(r);
+        for c in clients {
+            let out = c.outbox.stats();
+            s.msgs_in += c.counters.msgs_in.load(Ordering::Relaxed);
+            s.bytes_in += c.counters.bytes_in.load(Ordering::Relaxed);
+            s.deliveries += out.queued;
+            s.dropped += out.dropped;
+        }
+        s.subscriptions = s.sublist.subscriptions;
+        s
+    }
+}

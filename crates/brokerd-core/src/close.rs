@@ -1,0 +1,114 @@
+//! Why a connection ended: one typed reason per disconnect, logged once and counted.
+
+use brokerd_proto::ErrorCode;
+use std::fmt;
+
+/// The reason a connection closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client closed its side cleanly.
+    ClientClosed,
+    /// The socket failed (reset, broken pipe, ...).
+    Io(String),
+    /// The client broke the protocol; the code was sent in an `ERR` before closing.
+    Protocol(ErrorCode),
+    /// The outbound queue overflowed under the `disconnect` policy.
+    SlowConsumer {
+        /// Messages pending when it overflowed.
+        pending_msgs: usize,
+        /// Bytes pending when it overflowed.
+        pending_bytes: usize,
+    },
+    /// The socket did not accept queued bytes within the write deadline.
+    WriteTimeout,
+    /// No `HELLO` arrived in time.
+    HandshakeTimeout,
+    /// The client stopped answering keep-alive pings.
+    KeepaliveTimeout,
+    /// The server was at its connection limit.
+    TooManyConnections,
+    /// The server is shutting down.
+    ServerShutdown,
+}
+
+impl CloseReason {
+    /// A short stable name, used as a log field and a metric label.
+    pub fn name(&self) -> &'static str {
+        match self {
+            CloseReason::ClientClosed => "client-closed",
+            CloseReason::Io(_) => "io-error",
+            CloseReason::Protocol(_) => "protocol-error",
+            CloseReason::SlowConsumer { .. } => "slow-consumer",
+            CloseReason::WriteTimeout => "write-timeout",
+            CloseReason::HandshakeTimeout => "handshake-timeout",
+            CloseReason::KeepaliveTimeout => "keepalive-timeout",
+            CloseReason::TooManyConnections => "too-many-connections",
+            CloseReason::ServerShutdown => "server-shutdown",
+        }
+    }
+
+    /// Every name [`CloseReason::name`] can return, for metrics that list zeros too.
+    pub const NAMES: [&'static str; 9] = [
+        "client-closed",
+        "io-error",
+        "protocol-error",
+        "slow-consumer",
+        "write-timeout",
+        "handshake-timeout",
+        "keepalive-timeout",
+        "too-many-connections",
+        "server-shutdown",
+    ];
+
+    /// The `ERR` the server sends before closing for this reason, if any.
+    pub fn error(&self) -> Option<(ErrorCode, String)> {
+        match self {
+            CloseReason::ClientClosed | CloseReason::Io(_) | CloseReason::Protocol(_) => None,
+            CloseReason::SlowConsumer {
+                pending_msgs,
+                pending_bytes,
+            } => Some((
+                ErrorCode::SlowConsumer,
+                format!(
+                    "slow consumer: outbound queue full with {pending_msgs} messages and {pending_bytes} bytes pending"
+                ),
+            )),
+            CloseReason::WriteTimeout => Some((
+                ErrorCode::SlowConsumer,
+                "slow consumer: socket did not drain within the write deadline".into(),
+            )),
+            CloseReason::HandshakeTimeout => Some((
+                ErrorCode::HandshakeTimeout,
+                "no hello within the handshake timeout".into(),
+            )),
+            CloseReason::KeepaliveTimeout => Some((
+                ErrorCode::KeepaliveTimeout,
+                "no pong within the keep-alive timeout".into(),
+            )),
+            CloseReason::TooManyConnections => Some((
+                ErrorCode::TooManyConnections,
+                "server is at its connection limit".into(),
+            )),
+            CloseReason::ServerShutdown => {
+                Some((ErrorCode::ShuttingDown, "server is shutting down".into()))
+            }
+        }
+    }
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloseReason::Io(e) => write!(f, "io-error: {e}"),
+            CloseReason::Protocol(code) => write!(f, "protocol-error: {code}"),
+            CloseReason::SlowConsumer {
+                pending_msgs,
+                pending_bytes,
+            } => write!(
+                f,
+                "slow-consumer: {pending_msgs} messages, {pending_bytes} bytes pending"
+            ),
+            other => f.write_str(other.name()),
+        }
+    }
+}

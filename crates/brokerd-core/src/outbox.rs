@@ -1,0 +1,1023 @@
+//! One connection's bounded outbound queue and its overflow policy.
+//!
+//! Publishers' reader tasks push deliveries; the connection's own reader pushes control frames
+//! (`OK`, `ACK`, `ERR`, `PONG`); the connection's one writer task takes everything in a single swap
+//! and writes it to the socket, then releases what it wrote. Deliveries are bounded by messages and
+//! bytes, with the connection's [`OverflowPolicy`] deciding what a full queue drops; every drop is
+//! counted per subscription and reported to the subscriber as a `LOST` frame ahead of the next batch.
+//! Control frames are never dropped: instead the connection's reader stops reading while too many
+//! of them are pending ([`Outbox::poll_room`]).
+//!
+//! Runtime-free: the writer and the reader wait through `std::task::Waker`s. The lock is a leaf and
+//! wakers are woken after it is released.
+
+use crate::close::CloseReason;
+use crate::subscription::Subscription;
+use brokerd_proto::{MSG_HEADER_LEN, OverflowPolicy};
+use bytes::Bytes;
+use parking_lot::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, Waker};
+
+/// Limits of one outbox, from configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxLimits {
+    /// Most deliveries pending (queued or being written).
+    pub max_msgs: usize,
+    /// Most delivery bytes pending, `MSG` headers included.
+    pub max_bytes: usize,
+}
+
+/// Something the writer task writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    /// A delivery: the writer prefixes the `MSG` header to the shared body.
+    Msg {
+        /// Subscription id.
+        sid: u32,
+        /// Per-subscription sequence number.
+        seq: u64,
+        /// The publisher's body bytes, shared by every subscriber.
+        body: Bytes,
+    },
+    /// A `LOST` notice for a subscription.
+    Lost {
+        /// Subscription id.
+        sid: u32,
+        /// Drops since the previous notice.
+        missed: u64,
+    },
+    /// A complete encoded control frame.
+    Frame(Bytes),
+}
+
+impl Item {
+    /// Bytes this item puts on the wire.
+    pub fn wire_len(&self) -> usize {
+        match self {
+            Item::Msg { body, .. } => MSG_HEADER_LEN + body.len(),
+            Item::Lost { .. } => 17,
+            Item::Frame(b) => b.len(),
+        }
+    }
+}
+
+/// What happened to one delivery offered to an outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Push {
+    /// Queued.
+    Queued,
+    /// Queued, and it was the last one an auto-unsubscribe allowed: remove the subscription.
+    QueuedLast,
+    /// Dropped because the queue was full (drop-new), or queued by dropping an older one
+    /// (drop-old reports `Queued`; the victim is counted against its own subscription).
+    Dropped,
+    /// Dropped, and it used up an auto-unsubscribe's allowance: remove the subscription.
+    DroppedLast,
+    /// The subscription is finished or the connection is closing: not counted at all.
+    Skipped,
+    /// The queue overflowed under the disconnect policy; the connection is now closing.
+    Overflow,
+}
+
+impl Push {
+    /// Whether the message counts as delivered (queued for the subscriber).
+    pub fn delivered(self) -> bool {
+        matches!(self, Push::Queued | Push::QueuedLast)
+    }
+
+    /// Whether the subscription reached its auto-unsubscribe limit with this message.
+    pub fn finished(self) -> bool {
+        matches!(self, Push::QueuedLast | Push::DroppedLast)
+    }
+}
+
+/// What [`Outbox::poll_take`] produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Take {
+    /// Items were moved into the caller's batch.
+    Items,
+    /// Nothing more will come: write any error for this reason and close.
+    Closed(CloseReason),
+}
+
+/// Counters of one outbox, for monitoring.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutboxStats {
+    /// Deliveries pending (queued or being written).
+    pub pending_msgs: usize,
+    /// Delivery bytes pending.
+    pub pending_bytes: usize,
+    /// Deliveries ever queued.
+    pub queued: u64,
+    /// Deliveries ever dropped by the overflow policy.
+    pub dropped: u64,
+}
+
+struct Closing {
+    reason: CloseReason,
+    /// Deliver what is already queued before reporting the close.
+    drain: bool,
+}
+
+struct State {
+    queue: VecDeque<Item>,
+    /// Deliveries counted against the limit: queued plus taken but not yet released.
+    msgs: usize,
+    bytes: usize,
+    /// Control frames queued or being written.
+    controls: usize,
+    /// Unreported drops per subscription id.
+    lost: HashMap<u32, u64>,
+    queued: u64,
+    dropped: u64,
+    writer: Option<Waker>,
+    reader: Option<Waker>,
+    closing: Option<Closing>,
+}
+
+/// A connection's bounded outbound queue.
+pub struct Outbox {
+    state: Mutex<State>,
+    policy: OverflowPolicy,
+    limits: OutboxLimits,
+}
+
+impl Outbox {
+    /// An empty outbox.
+    pub fn new(policy: OverflowPolicy, limits: OutboxLimits) -> Outbox {
+        Outbox {
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                msgs: 0,
+                bytes: 0,
+                controls: 0,
+                lost: HashMap::new(),
+                queued: 0,
+                dropped: 0,
+                writer: None,
+                reader: None,
+                closing: None,
+            }),
+            policy,
+            limits,
+        }
+    }
+
+    /// The overflow policy in force.
+    pub fn policy(&self) -> OverflowPolicy {
+        self.policy
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> OutboxLimits {
+        self.limits
+    }
+
+    /// Offers one delivery for `sub` (which must belong to this outbox's connection).
+    ///
+    /// Assigns the subscription's next sequence number whether or not the message is queued, so
+    /// the subscriber sees every drop as a gap. Never blocks beyond the short queue lock.
+    pub fn push_msg(&self, sub: &Subscription, body: &Bytes) -> Push {
+        let mut st = self.state.lock();
+        if st.closing.is_some() || sub.dead.load(Ordering::Relaxed) {
+            return Push::Skipped;
+        }
+        // The counters below are only written under this lock, so plain loads and stores suffice.
+        let seq = sub.seq.load(Ordering::Relaxed) + 1;
+        sub.seq.store(seq, Ordering::Relaxed);
+        let last = match sub.remaining.load(Ordering::Relaxed) {
+            u64::MAX => false,
+            n => {
+                sub.remaining.store(n - 1, Ordering::Relaxed);
+                if n == 1 {
+                    sub.dead.store(true, Ordering::Relaxed);
+                }
+                n == 1
+            }
+        };
+        let cost = MSG_HEADER_LEN + body.len();
+        let fits = |st: &State| {
+            st.msgs == 0
+                || (st.msgs < self.limits.max_msgs && st.bytes + cost <= self.limits.max_bytes)
+        };
+        if !fits(&st) {
+            match self.policy {
+                OverflowPolicy::DropNew => {
+                    *st.lost.entry(sub.sid).or_insert(0) += 1;
+                    st.dropped += 1;
+                    return if last { Push::DroppedLast } else { Push::Dropped };
+                }
+                OverflowPolicy::DropOld => {
+                    // Evicting is only worth it if evicting every queued delivery would make room;
+                    // otherwise it would lose older messages and still drop this one.
+                    let (mut held_msgs, mut held_bytes) = (st.msgs, st.bytes);
+                    for it in st.queue.iter().filter(|it| matches!(it, Item::Msg { .. })) {
+                        held_msgs -= 1;
+                        held_bytes -= it.wire_len();
+                    }
+                    let room_after_eviction = held_msgs == 0
+                        || (held_msgs < self.limits.max_msgs
+                            && held_bytes + cost <= self.limits.max_bytes);
+                    while room_after_eviction && !fits(&st) {
+                        let Some(i) = st.queue.iter().position(|it| matches!(it, Item::Msg { .. })) else {
+                            break;
+                        };
+                        if let Some(Item::Msg { sid, body, .. }) = st.queue.remove(i) {
+                            st.msgs -= 1;
+                            st.bytes -= MSG_HEADER_LEN + body.len();
+                            *st.lost.entry(sid).or_insert(0) += 1;
+                            st.dropped += 1;
+                        }
+                    }
+                    if !fits(&st) {
+                        // Everything older is already with the writer: the new one goes instead.
+                        *st.lost.entry(sub.sid).or_insert(0) += 1;
+                        st.dropped += 1;
+                            return if last { Push::DroppedLast } else { Push::Dropped };
+                    }
+                }
+                OverflowPolicy::Disconnect => {
+                    let reason = CloseReason::SlowConsumer {
+                        pending_msgs: st.msgs,
+                        pending_bytes: st.bytes,
+                    };
+                    st.closing = Some(Closing {
+                        reason,
+                        drain: false,
+                    });
+                    st.queue.clear();
+                    st.lost.clear();
+                    let w = st.writer.take();
+                    drop(st);
+                    wake(w);
+                    return Push::Overflow;
+                }
+            }
+        }
+        st.msgs += 1;
+        st.bytes += cost;
+        st.queued += 1;
+        st.queue.push_back(Item::Msg {
+            sid: sub.sid,
+            seq,
+            body: body.clone(),
+        });
+        let w = st.writer.take();
+        drop(st);
+        wake(w);
+        if last { Push::QueuedLast } else { Push::Queued }
+    }
+
+    /// Ends `sub` after `max` more matched messages (queued or dropped); `0` ends it now.
+    ///
+    /// Returns whether the subscription is now finished.
+    pub fn set_allowance(&self, sub: &Subscription, max: u64) -> bool {
+        let _st = self.state.lock();
+        if max == 0 {
+            sub.dead.store(true, Ordering::Relaxed);
+        } else if !sub.dead.load(Ordering::Relaxed) {
+            sub.remaining.store(max, Ordering::Relaxed);
+        }
+        sub.dead.load(Ordering::Relaxed)
+    }
+
+    /// Queues an encoded control frame. Returns `false` when the outbox is closing.
+    pub fn push_frame(&self, frame: Bytes) -> bool {
+        let mut st = self.state.lock();
+        if st.closing.is_some() {
+            return false;
+        }
+        st.controls += 1;
+        st.queue.push_back(Item::Frame(frame));
+        let w = st.writer.take();
+        drop(st);
+        wake(w);
+        true
+    }
+
+    /// Moves everything pending into `batch` (which the writer keeps empty between calls).
+    ///
+    /// `LOST` notices for drops since the last take come first. Returns `Pending` and remembers
+    /// the waker when there is nothing to write.
+    pub fn poll_take(&self, cx: &mut Context<'_>, batch: &mut VecDeque<Item>) -> Poll<Take> {
+        let mut st = self.state.lock();
+        if let Some(c) = &st.closing {
+            if !c.drain || (st.queue.is_empty() && st.lost.is_empty()) {
+                return Poll::Ready(Take::Closed(c.reason.clone()));
+            }
+        }
+        std::mem::swap(&mut st.queue, batch);
+        for (sid, missed) in st.lost.drain() {
+            batch.push_front(Item::Lost { sid, missed });
+        }
+        if batch.is_empty() {
+            if !st.writer.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                st.writer = Some(cx.waker().clone());
+            }
+            return Poll::Pending;
+        }
+        Poll::Ready(Take::Items)
+    }
+
+    /// Tells the outbox the writer has put these items on the wire, freeing their room.
+    pub fn release(&self, msgs: usize, bytes: usize, controls: usize) {
+        let mut st = self.state.lock();
+        st.msgs -= msgs;
+        st.bytes -= bytes;
+        st.controls -= controls;
+        let r = if st.controls < self.limits.max_msgs {
+            st.reader.take()
+        } else {
+            None
+        };
+        drop(st);
+        wake(r);
+    }
+
+    /// Ready while the connection's reader may read more requests: fewer control frames pending
+    /// than the message limit, or the outbox closing.
+    pub fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut st = self.state.lock();
+        if st.controls < self.limits.max_msgs || st.closing.is_some() {
+            return Poll::Ready(());
+        }
+        st.reader = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// Starts closing: no more pushes are accepted. With `drain`, the writer first writes what is
+    /// queued; without, it stops at once. A second call keeps the first reason.
+    pub fn close(&self, reason: CloseReason, drain: bool) {
+        let mut st = self.state.lock();
+        if st.closing.is_none() {
+            st.closing = Some(Closing { reason, drain });
+        }
+        let w = st.writer.take();
+        let r = st.reader.take();
+        drop(st);
+        wake(w);
+        wake(r);
+    }
+
+    /// The first reason given for closing, if closing.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.state.lock().closing.as_ref().map(|c| c.reason.clone())
+    }
+
+    /// Whether [`Outbox::close`] was called or the disconnect policy fired.
+    pub fn is_closing(&self) -> bool {
+        self.state.lock().closing.is_some()
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> OutboxStats {
+        let st = self.state.lock();
+        OutboxStats {
+            pending_msgs: st.msgs,
+            pending_bytes: st.bytes,
+            queued: st.queued,
+            dropped: st.dropped,
+        }
+    }
+}
+
+fn wake(w: Option<Waker>) {
+    if let Some(w) = w {
+        w.wake();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use brokerd_proto::Filter;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Wake;
+
+    const UNLIMITED: usize = usize::MAX / 2;
+
+    fn outbox(policy: OverflowPolicy, max_msgs: usize, max_bytes: usize) -> Arc<Outbox> {
+        Arc::new(Outbox::new(
+            policy,
+            OutboxLimits {
+                max_msgs,
+                max_bytes,
+            },
+        ))
+    }
+
+    fn sub(sid: u32, outbox: &Arc<Outbox>) -> Subscription {
+        Subscription::new(sid, Filter::new("t").unwrap(), 1, outbox.clone())
+    }
+
+    /// A body of `len` bytes whose first byte is `tag`, so items can be told apart.
+    fn body(tag: u8, len: usize) -> Bytes {
+        let mut v = vec![0u8; len];
+        if let Some(b) = v.first_mut() {
+            *b = tag;
+        }
+        Bytes::from(v)
+    }
+
+    fn cost(len: usize) -> usize {
+        MSG_HEADER_LEN + len
+    }
+
+    #[derive(Default)]
+    struct CountingWaker(AtomicUsize);
+
+    impl Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    impl CountingWaker {
+        fn count(&self) -> usize {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    /// One `poll_take` on a noop waker.
+    fn take(ob: &Outbox) -> Poll<(Take, Vec<Item>)> {
+        let mut batch = VecDeque::new();
+        let mut cx = Context::from_waker(Waker::noop());
+        ob.poll_take(&mut cx, &mut batch)
+            .map(|t| (t, batch.into_iter().collect()))
+    }
+
+    /// Takes one batch, expecting items.
+    fn take_items(ob: &Outbox) -> Vec<Item> {
+        match take(ob) {
+            Poll::Ready((Take::Items, items)) => {
+                assert!(!items.is_empty());
+                items
+            }
+            other => panic!("expected items, got {other:?}"),
+        }
+    }
+
+    /// Releases what `items` counted against the outbox, as the writer does after writing them.
+    fn release(ob: &Outbox, items: &[Item]) {
+        let (mut msgs, mut bytes, mut controls) = (0, 0, 0);
+        for it in items {
+            match it {
+                Item::Msg { .. } => {
+                    msgs += 1;
+                    bytes += it.wire_len();
+                }
+                Item::Frame(_) => controls += 1,
+                Item::Lost { .. } => {}
+            }
+        }
+        ob.release(msgs, bytes, controls);
+    }
+
+    fn msg(sid: u32, seq: u64, body: &Bytes) -> Item {
+        Item::Msg {
+            sid,
+            seq,
+            body: body.clone(),
+        }
+    }
+
+    #[test]
+    fn limit_by_messages() {
+        let ob = outbox(OverflowPolicy::DropNew, 3, UNLIMITED);
+        let s = sub(1, &ob);
+        for i in 0..3 {
+            assert_eq!(ob.push_msg(&s, &body(i, 4)), Push::Queued);
+        }
+        assert_eq!(ob.push_msg(&s, &body(3, 0)), Push::Dropped);
+        let st = ob.stats();
+        assert_eq!((st.pending_msgs, st.pending_bytes), (3, 3 * cost(4)));
+        assert_eq!((st.queued, st.dropped), (3, 1));
+    }
+
+    #[test]
+    fn limit_by_bytes_counts_headers_and_is_inclusive() {
+        // Room for exactly two 10-byte bodies plus one empty body, headers included.
+        let ob = outbox(OverflowPolicy::DropNew, 100, 2 * cost(10) + cost(0));
+        let s = sub(1, &ob);
+        assert_eq!(ob.push_msg(&s, &body(1, 10)), Push::Queued);
+        assert_eq!(ob.push_msg(&s, &body(2, 10)), Push::Queued);
+        assert_eq!(ob.push_msg(&s, &body(3, 1)), Push::Dropped);
+        assert_eq!(ob.push_msg(&s, &body(4, 0)), Push::Queued);
+        assert_eq!(ob.push_msg(&s, &body(5, 0)), Push::Dropped);
+        assert_eq!(ob.stats().pending_bytes, 2 * cost(10) + cost(0));
+        assert_eq!(ob.stats().pending_msgs, 3);
+    }
+
+    #[test]
+    fn drop_new_keeps_oldest_and_reports_the_gap() {
+        let ob = outbox(OverflowPolicy::DropNew, 2, UNLIMITED);
+        let s = sub(1, &ob);
+        let b: Vec<Bytes> = (0..5).map(|i| body(i, 3)).collect();
+        assert_eq!(ob.push_msg(&s, &b[0]), Push::Queued);
+        assert_eq!(ob.push_msg(&s, &b[1]), Push::Queued);
+        assert_eq!(ob.push_msg(&s, &b[2]), Push::Dropped);
+        assert_eq!(ob.push_msg(&s, &b[3]), Push::Dropped);
+        // Drops still consume sequence numbers, so the subscriber sees a gap.
+        assert_eq!(s.matched(), 4);
+        assert_eq!(ob.stats().dropped, 2);
+
+        let items = take_items(&ob);
+        assert_eq!(
+            items,
+            vec![
+                Item::Lost { sid: 1, missed: 2 },
+                msg(1, 1, &b[0]),
+                msg(1, 2, &b[1]),
+            ]
+        );
+        release(&ob, &items);
+
+        assert_eq!(ob.push_msg(&s, &b[4]), Push::Queued);
+        // The loss was reported once; the next batch carries only the message, after the gap.
+        assert_eq!(take_items(&ob), vec![msg(1, 5, &b[4])]);
+    }
+
+    #[test]
+    fn drop_new_reports_losses_per_subscription() {
+        let ob = outbox(OverflowPolicy::DropNew, 1, UNLIMITED);
+        let a = sub(1, &ob);
+        let b = sub(2, &ob);
+        let x = body(0, 1);
+        assert_eq!(ob.push_msg(&a, &x), Push::Queued);
+        for _ in 0..3 {
+            assert_eq!(ob.push_msg(&a, &x), Push::Dropped);
+        }
+        assert_eq!(ob.push_msg(&b, &x), Push::Dropped);
+        let items = take_items(&ob);
+        assert_eq!(items.len(), 3);
+        // LOST notices come before the deliveries; their order among themselves is unspecified.
+        let mut lost: Vec<&Item> = items[..2].iter().collect();
+        lost.sort_by_key(|it| match it {
+            Item::Lost { sid, .. } => *sid,
+            _ => u32::MAX,
+        });
+        assert_eq!(
+            lost,
+            vec![
+                &Item::Lost { sid: 1, missed: 3 },
+                &Item::Lost { sid: 2, missed: 1 }
+            ]
+        );
+        assert_eq!(items[2], msg(1, 1, &x));
+    }
+
+    #[test]
+    fn drop_old_evicts_the_oldest_delivery_but_not_control_frames() {
+        let ob = outbox(OverflowPolicy::DropOld, 2, UNLIMITED);
+        let a = sub(1, &ob);
+        let b = sub(2, &ob);
+        let ctl1 = Bytes::from_static(b"ok-1");
+        let ctl2 = Bytes::from_static(b"ok-2");
+        let m: Vec<Bytes> = (0..4).map(|i| body(i, 5)).collect();
+
+        assert!(ob.push_frame(ctl1.clone()));
+        assert_eq!(ob.push_msg(&a, &m[0]), Push::Queued);
+        assert_eq!(ob.push_msg(&b, &m[1]), Push::Queued);
+        assert!(ob.push_frame(ctl2.clone()));
+        // Full: the oldest delivery (a's) goes, the control frame ahead of it stays.
+        assert_eq!(ob.push_msg(&b, &m[2]), Push::Queued);
+        let st = ob.stats();
+        assert_eq!((st.pending_msgs, st.pending_bytes), (2, 2 * cost(5)));
+        assert_eq!((st.queued, st.dropped), (3, 1));
+
+        let items = take_items(&ob);
+        assert_eq!(
+            items,
+            vec![
+                // Counted against the victim's subscription, not the newcomer's.
+                Item::Lost { sid: 1, missed: 1 },
+                Item::Frame(ctl1),
+                msg(2, 1, &m[1]),
+                Item::Frame(ctl2),
+                msg(2, 2, &m[2]),
+            ]
+        );
+
+        // Everything older is with the writer and cannot be evicted: the new one is dropped.
+        assert_eq!(ob.push_msg(&a, &m[3]), Push::Dropped);
+        assert_eq!(a.matched(), 2);
+        assert_eq!(take_items(&ob), vec![Item::Lost { sid: 1, missed: 1 }]);
+        release(&ob, &items);
+        assert_eq!(ob.push_msg(&a, &m[3]), Push::Queued);
+        assert_eq!(take_items(&ob), vec![msg(1, 3, &m[3])]);
+    }
+
+    #[test]
+    fn drop_old_evicts_as_many_as_the_bytes_need() {
+        let ob = outbox(OverflowPolicy::DropOld, 100, 3 * cost(10));
+        let s = sub(1, &ob);
+        let small: Vec<Bytes> = (0..3).map(|i| body(i, 10)).collect();
+        for b in &small {
+            assert_eq!(ob.push_msg(&s, b), Push::Queued);
+        }
+        let big = body(9, 2 * cost(10) - MSG_HEADER_LEN);
+        assert_eq!(ob.push_msg(&s, &big), Push::Queued);
+        assert_eq!(ob.stats().dropped, 2);
+        assert_eq!(ob.stats().pending_bytes, 3 * cost(10));
+        assert_eq!(
+            take_items(&ob),
+            vec![
+                Item::Lost { sid: 1, missed: 2 },
+                msg(1, 3, &small[2]),
+                msg(1, 4, &big),
+            ]
+        );
+    }
+
+    #[test]
+    fn drop_old_does_not_evict_when_eviction_cannot_make_room() {
+        let ob = outbox(OverflowPolicy::DropOld, 100, 100);
+        let s = sub(1, &ob);
+        let held = body(1, 60 - MSG_HEADER_LEN);
+        let queued = body(2, 20 - MSG_HEADER_LEN);
+        assert_eq!(ob.push_msg(&s, &held), Push::Queued);
+        let with_writer = take_items(&ob);
+        assert_eq!(ob.push_msg(&s, &queued), Push::Queued);
+        // 60 bytes are with the writer; even with the queued 20 evicted, 50 more would not fit.
+        let new = body(3, 50 - MSG_HEADER_LEN);
+        assert_eq!(ob.push_msg(&s, &new), Push::Dropped);
+        assert_eq!(ob.stats().dropped, 1);
+        assert_eq!(
+            take_items(&ob),
+            vec![Item::Lost { sid: 1, missed: 1 }, msg(1, 2, &queued)]
+        );
+        release(&ob, &with_writer);
+    }
+
+    #[test]
+    fn disconnect_policy_overflows_and_closes_with_the_figures_at_overflow() {
+        let ob = outbox(OverflowPolicy::Disconnect, 2, UNLIMITED);
+        let s = sub(1, &ob);
+        assert_eq!(ob.push_msg(&s, &body(1, 5)), Push::Queued);
+        assert_eq!(ob.push_msg(&s, &body(2, 5)), Push::Queued);
+        assert!(ob.push_frame(Bytes::from_static(b"ok")));
+        assert_eq!(ob.push_msg(&s, &body(3, 5)), Push::Overflow);
+        assert!(ob.is_closing());
+
+        // The queue was cleared: the writer is told to close, with nothing left to write.
+        let reason = CloseReason::SlowConsumer {
+            pending_msgs: 2,
+            pending_bytes: 2 * cost(5),
+        };
+        assert_eq!(
+            take(&ob),
+            Poll::Ready((Take::Closed(reason.clone()), vec![]))
+        );
+        assert_eq!(ob.push_msg(&s, &body(4, 5)), Push::Skipped);
+        assert!(!ob.push_frame(Bytes::from_static(b"ok")));
+        // A later close keeps the first reason.
+        ob.close(CloseReason::ClientClosed, true);
+        assert_eq!(take(&ob), Poll::Ready((Take::Closed(reason), vec![])));
+    }
+
+    #[test]
+    fn disconnect_policy_counts_what_the_writer_holds() {
+        let ob = outbox(OverflowPolicy::Disconnect, 2, UNLIMITED);
+        let s = sub(1, &ob);
+        let w = Arc::new(CountingWaker::default());
+        let waker = Waker::from(w.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert_eq!(ob.push_msg(&s, &body(1, 7)), Push::Queued);
+        let _held = take_items(&ob);
+        assert_eq!(ob.push_msg(&s, &body(2, 3)), Push::Queued);
+        let mut batch = VecDeque::new();
+        assert_eq!(ob.poll_take(&mut cx, &mut batch), Poll::Ready(Take::Items));
+        batch.clear();
+        // The writer holds both and waits for more.
+        assert!(ob.poll_take(&mut cx, &mut batch).is_pending());
+        assert_eq!(ob.push_msg(&s, &body(3, 3)), Push::Overflow);
+        assert_eq!(w.count(), 1, "overflow must wake the writer");
+        let reason = CloseReason::SlowConsumer {
+            pending_msgs: 2,
+            pending_bytes: cost(7) + cost(3),
+        };
+        assert_eq!(take(&ob), Poll::Ready((Take::Closed(reason), vec![])));
+    }
+
+    #[test]
+    fn release_frees_room() {
+        let ob = outbox(OverflowPolicy::DropNew, 1, UNLIMITED);
+        let s = sub(1, &ob);
+        let x = body(1, 8);
+        assert_eq!(ob.push_msg(&s, &x), Push::Queued);
+        assert_eq!(ob.push_msg(&s, &x), Push::Dropped);
+        let items = take_items(&ob);
+        // Taken but not yet written still counts against the limit.
+        assert_eq!(ob.push_msg(&s, &x), Push::Dropped);
+        assert_eq!(ob.stats().pending_msgs, 1);
+        release(&ob, &items);
+        assert_eq!(
+            ob.stats(),
+            OutboxStats {
+                pending_msgs: 0,
+                pending_bytes: 0,
+                queued: 1,
+                dropped: 2,
+            }
+        );
+        assert_eq!(ob.push_msg(&s, &x), Push::Queued);
+        assert_eq!(
+            take_items(&ob),
+            vec![Item::Lost { sid: 1, missed: 1 }, msg(1, 4, &x)]
+        );
+    }
+
+    #[test]
+    fn one_oversize_message_is_accepted_into_an_empty_outbox() {
+        for policy in [
+            OverflowPolicy::DropNew,
+            OverflowPolicy::DropOld,
+            OverflowPolicy::Disconnect,
+        ] {
+            let ob = outbox(policy, 4, 10);
+            let s = sub(1, &ob);
+            let big = body(1, 100);
+            assert_eq!(ob.push_msg(&s, &big), Push::Queued, "{policy:?}");
+            assert_eq!(ob.stats().pending_bytes, cost(100));
+            let items = take_items(&ob);
+            assert_eq!(items, vec![msg(1, 1, &big)]);
+            release(&ob, &items);
+            assert_eq!(ob.push_msg(&s, &big), Push::Queued, "{policy:?}");
+        }
+
+        // Drop-old makes the outbox empty by evicting what is queued, then accepts it.
+        let ob = outbox(OverflowPolicy::DropOld, 4, 40);
+        let s = sub(1, &ob);
+        let small = body(1, 1);
+        let big = body(2, 100);
+        assert_eq!(ob.push_msg(&s, &small), Push::Queued);
+        assert_eq!(ob.push_msg(&s, &big), Push::Queued);
+        assert_eq!(
+            take_items(&ob),
+            vec![Item::Lost { sid: 1, missed: 1 }, msg(1, 2, &big)]
+        );
+
+        // Drop-new does not accept it behind anything pending.
+        let ob = outbox(OverflowPolicy::DropNew, 4, 40);
+        let s = sub(1, &ob);
+        assert_eq!(ob.push_msg(&s, &small), Push::Queued);
+        assert_eq!(ob.push_msg(&s, &big), Push::Dropped);
+    }
+
+    #[test]
+    fn control_frames_are_never_dropped_and_hold_back_the_reader() {
+        for policy in [
+            OverflowPolicy::DropNew,
+            OverflowPolicy::DropOld,
+            OverflowPolicy::Disconnect,
+        ] {
+            let ob = outbox(policy, 2, UNLIMITED);
+            let s = sub(1, &ob);
+            let w = Arc::new(CountingWaker::default());
+            let waker = Waker::from(w.clone());
+            let mut cx = Context::from_waker(&waker);
+
+            assert_eq!(ob.push_msg(&s, &body(1, 1)), Push::Queued);
+            assert_eq!(ob.push_msg(&s, &body(2, 1)), Push::Queued);
+            assert!(ob.poll_room(&mut cx).is_ready());
+            // The delivery limit is reached, yet control frames are still accepted.
+            for i in 0..5u8 {
+                assert!(ob.push_frame(Bytes::from(vec![i])), "{policy:?}");
+            }
+            assert!(!ob.is_closing());
+            assert!(ob.poll_room(&mut cx).is_pending());
+            assert_eq!(w.count(), 0);
+
+            let items = take_items(&ob);
+            let frames: Vec<&Item> = items
+                .iter()
+                .filter(|it| matches!(it, Item::Frame(_)))
+                .collect();
+            assert_eq!(frames.len(), 5);
+            // Still at the limit after writing three of five: the reader stays asleep.
+            ob.release(0, 0, 3);
+            assert_eq!(w.count(), 0);
+            assert!(ob.poll_room(&mut cx).is_pending());
+            ob.release(0, 0, 1);
+            assert_eq!(w.count(), 1, "{policy:?}");
+            assert!(ob.poll_room(&mut cx).is_ready());
+        }
+    }
+
+    #[test]
+    fn close_wakes_a_reader_waiting_for_room() {
+        let ob = outbox(OverflowPolicy::DropNew, 1, UNLIMITED);
+        let w = Arc::new(CountingWaker::default());
+        let waker = Waker::from(w.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(ob.push_frame(Bytes::from_static(b"x")));
+        assert!(ob.poll_room(&mut cx).is_pending());
+        ob.close(CloseReason::ServerShutdown, true);
+        assert_eq!(w.count(), 1);
+        assert!(ob.poll_room(&mut cx).is_ready());
+    }
+
+    #[test]
+    fn push_wakes_a_waiting_writer() {
+        let ob = outbox(OverflowPolicy::DropNew, 4, UNLIMITED);
+        let s = sub(1, &ob);
+        let w = Arc::new(CountingWaker::default());
+        let waker = Waker::from(w.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut batch = VecDeque::new();
+        assert!(ob.poll_take(&mut cx, &mut batch).is_pending());
+        assert!(ob.poll_take(&mut cx, &mut batch).is_pending());
+        assert_eq!(ob.push_msg(&s, &body(1, 1)), Push::Queued);
+        assert_eq!(w.count(), 1);
+        // The waker was consumed: a second push has no one to wake until the writer polls again.
+        assert!(ob.push_frame(Bytes::from_static(b"x")));
+        assert_eq!(w.count(), 1);
+        assert_eq!(ob.poll_take(&mut cx, &mut batch), Poll::Ready(Take::Items));
+        assert_eq!(batch.len(), 2);
+    }
+
+    #[test]
+    fn close_with_drain_hands_over_the_queue_then_reports_closed() {
+        let ob = outbox(OverflowPolicy::DropNew, 2, UNLIMITED);
+        let s = sub(1, &ob);
+        let w = Arc::new(CountingWaker::default());
+        let waker = Waker::from(w.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut batch = VecDeque::new();
+        assert!(ob.poll_take(&mut cx, &mut batch).is_pending());
+
+        let x = body(1, 2);
+        let ctl = Bytes::from_static(b"err");
+        assert_eq!(ob.push_msg(&s, &x), Push::Queued);
+        assert_eq!(ob.push_msg(&s, &x), Push::Queued);
+        assert_eq!(ob.push_msg(&s, &x), Push::Dropped);
+        assert!(ob.push_frame(ctl.clone()));
+        ob.close(CloseReason::ServerShutdown, true);
+        // The first push woke the writer; it has not polled since, so there is no one to wake.
+        assert_eq!(w.count(), 1);
+        assert!(ob.is_closing());
+
+        assert_eq!(ob.push_msg(&s, &x), Push::Skipped);
+        assert!(!ob.push_frame(ctl.clone()));
+        assert_eq!(
+            take_items(&ob),
+            vec![
+                Item::Lost { sid: 1, missed: 1 },
+                msg(1, 1, &x),
+                msg(1, 2, &x),
+                Item::Frame(ctl),
+            ]
+        );
+        let closed = Poll::Ready((Take::Closed(CloseReason::ServerShutdown), vec![]));
+        assert_eq!(take(&ob), closed);
+        assert_eq!(take(&ob), closed);
+    }
+
+    #[test]
+    fn close_wakes_an_idle_writer() {
+        let ob = outbox(OverflowPolicy::DropNew, 2, UNLIMITED);
+        let w = Arc::new(CountingWaker::default());
+        let waker = Waker::from(w.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut batch = VecDeque::new();
+        assert!(ob.poll_take(&mut cx, &mut batch).is_pending());
+        ob.close(CloseReason::ClientClosed, true);
+        assert_eq!(w.count(), 1);
+        assert_eq!(
+            ob.poll_take(&mut cx, &mut batch),
+            Poll::Ready(Take::Closed(CloseReason::ClientClosed))
+        );
+    }
+
+    #[test]
+    fn close_without_drain_is_immediate() {
+        let ob = outbox(OverflowPolicy::DropNew, 8, UNLIMITED);
+        let s = sub(1, &ob);
+        assert_eq!(ob.push_msg(&s, &body(1, 2)), Push::Queued);
+        assert!(ob.push_frame(Bytes::from_static(b"ok")));
+        ob.close(CloseReason::KeepaliveTimeout, false);
+        ob.close(CloseReason::ClientClosed, true);
+        assert_eq!(
+            take(&ob),
+            Poll::Ready((Take::Closed(CloseReason::KeepaliveTimeout), vec![]))
+        );
+    }
+
+    #[test]
+    fn pushes_after_close_are_skipped_and_not_counted() {
+        let ob = outbox(OverflowPolicy::DropNew, 8, UNLIMITED);
+        let s = sub(1, &ob);
+        assert_eq!(ob.push_msg(&s, &body(1, 2)), Push::Queued);
+        ob.close(CloseReason::ClientClosed, true);
+        for _ in 0..3 {
+            let p = ob.push_msg(&s, &body(2, 2));
+            assert_eq!(p, Push::Skipped);
+            assert!(!p.delivered() && !p.finished());
+        }
+        assert_eq!(s.matched(), 1);
+        let st = ob.stats();
+        assert_eq!((st.queued, st.dropped, st.pending_msgs), (1, 0, 1));
+    }
+
+    #[test]
+    fn allowance_gives_exactly_n_then_skips() {
+        let ob = outbox(OverflowPolicy::DropNew, 100, UNLIMITED);
+        let s = sub(1, &ob);
+        let x = body(1, 1);
+        assert_eq!(ob.push_msg(&s, &x), Push::Queued);
+        // The allowance counts from now, not from the subscription's start.
+        assert!(!ob.set_allowance(&s, 3));
+        assert_eq!(ob.push_msg(&s, &x), Push::Queued);
+        assert_eq!(ob.push_msg(&s, &x), Push::Queued);
+        let last = ob.push_msg(&s, &x);
+        assert_eq!(last, Push::QueuedLast);
+        assert!(last.delivered() && last.finished());
+        assert!(s.is_dead());
+        assert_eq!(ob.push_msg(&s, &x), Push::Skipped);
+        assert_eq!(s.matched(), 4);
+        // A finished subscription stays finished.
+        assert!(ob.set_allowance(&s, 10));
+        assert_eq!(ob.push_msg(&s, &x), Push::Skipped);
+        let items = take_items(&ob);
+        let seqs: Vec<u64> = items
+            .iter()
+            .map(|it| match it {
+                Item::Msg { seq, .. } => *seq,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn allowance_counts_drops_and_ends_with_dropped_last() {
+        let ob = outbox(OverflowPolicy::DropNew, 1, UNLIMITED);
+        let s = sub(1, &ob);
+        let x = body(1, 1);
+        assert!(!ob.set_allowance(&s, 2));
+        assert_eq!(ob.push_msg(&s, &x), Push::Queued);
+        let last = ob.push_msg(&s, &x);
+        assert_eq!(last, Push::DroppedLast);
+        assert!(!last.delivered() && last.finished());
+        assert!(s.is_dead());
+        assert_eq!(ob.push_msg(&s, &x), Push::Skipped);
+        assert_eq!(
+            take_items(&ob),
+            vec![Item::Lost { sid: 1, missed: 1 }, msg(1, 1, &x)]
+        );
+    }
+
+    #[test]
+    fn zero_allowance_ends_the_subscription_now() {
+        let ob = outbox(OverflowPolicy::DropNew, 4, UNLIMITED);
+        let s = sub(1, &ob);
+        assert!(ob.set_allowance(&s, 0));
+        assert!(s.is_dead());
+        assert_eq!(ob.push_msg(&s, &body(1, 1)), Push::Skipped);
+        assert_eq!(s.matched(), 0);
+    }
+
+    #[test]
+    fn concurrent_publishers_get_gapless_ordered_sequence_numbers() {
+        const THREADS: u8 = 4;
+        const PER_THREAD: u32 = 10_000;
+        let total = usize::from(THREADS) * PER_THREAD as usize;
+        let ob = outbox(OverflowPolicy::DropNew, total, total * cost(5));
+        let s = sub(7, &ob);
+        std::thread::scope(|scope| {
+            for t in 0..THREADS {
+                let (ob, s) = (&ob, &s);
+                scope.spawn(move || {
+                    for i in 0..PER_THREAD {
+                        // Tag each body with its thread and its index within the thread.
+                        let mut b = vec![t];
+                        b.extend_from_slice(&i.to_be_bytes());
+                        assert_eq!(ob.push_msg(s, &Bytes::from(b)), Push::Queued);
+                    }
+                });
+            }
+        });
+        let items = take_items(&ob);
+        assert_eq!(items.len(), total);
+        let mut next_per_thread = [0u32; THREADS as usize];
+        for (i, it) in items.iter().enumerate() {
+            let Item::Msg { sid, seq, body } = it else {
+                panic!("unexpected {it:?}");
+            };
+            assert_eq!(*sid, 7);
+            assert_eq!(*seq, i as u64 + 1, "queue order must be sequence order");
+            // Each publisher's own messages keep the order it pushed them in.
+            let t = usize::from(body[0]);
+            let n = u32::from_be_bytes([body[1], body[2], body[3], body[4]]);
+            assert_eq!(n, next_per_thread[t]);
+            next_per_thread[t] += 1;
+        }
+        assert_eq!(next_per_thread, [PER_THREAD; THREADS as usize]);
+        assert_eq!(s.matched(), total as u64);
+        assert_eq!(ob.stats().queued, total as u64);
+    }
+}

@@ -1,0 +1,350 @@
+//! The subscription trie and its match cache.
+//!
+//! Filters are stored token by token; each node has a slot for literal children, one for `*` and a
+//! list for subscriptions ending in `>`, so matching a topic is one walk that never scans filters
+//! linearly. Results are cached per topic in a bounded map. A subscribe or unsubscribe updates only
+//! the cached results whose topic its filter matches, copying those results (readers holding an
+//! older `Arc` keep a consistent snapshot); it never flushes the cache wholesale.
+//!
+//! Called by connection reader tasks (match on publish, insert on subscribe, remove on unsubscribe
+//! and disconnect). Runtime-free; the one lock here is a leaf (see `docs/architecture.md`).
+
+use parking_lot::RwLock;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use brokerd_proto::Filter;
+
+/// A shared, immutable match result.
+pub type Matches<T> = Arc<[T]>;
+
+/// Sublist statistics, for monitoring and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SublistStats {
+    /// Entries inserted and not yet removed.
+    pub subscriptions: usize,
+    /// Trie nodes, root excluded.
+    pub nodes: usize,
+    /// Topics currently cached.
+    pub cache_entries: usize,
+    /// Lookups answered from the cache.
+    pub cache_hits: u64,
+    /// Lookups that walked the trie.
+    pub cache_misses: u64,
+}
+
+struct Node<T> {
+    literal: HashMap<Box<str>, Node<T>>,
+    star: Option<Box<Node<T>>>,
+    /// Subscriptions whose filter ends here exactly.
+    here: Vec<T>,
+    /// Subscriptions whose filter ends with `>` after this node.
+    tail: Vec<T>,
+}
+
+impl<T> Default for Node<T> {
+    fn default() -> Self {
+        Node {
+            literal: HashMap::new(),
+            star: None,
+            here: Vec::new(),
+            tail: Vec::new(),
+        }
+    }
+}
+
+impl<T> Node<T> {
+    fn is_empty(&self) -> bool {
+        self.literal.is_empty() && self.star.is_none() && self.here.is_empty() && self.tail.is_empty()
+    }
+}
+
+struct Inner<T> {
+    root: Node<T>,
+    subscriptions: usize,
+    nodes: usize,
+    /// Bumped by every insert and remove, so a result computed under an older trie is not cached.
+    generation: u64,
+    cache: HashMap<Box<str>, Matches<T>>,
+}
+
+/// A subscription trie with a bounded match cache.
+///
+/// `T` is the subscription handle; two handles are the same subscription when they compare equal.
+pub struct Sublist<T> {
+    inner: RwLock<Inner<T>>,
+    cache_capacity: usize,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl<T: Clone + PartialEq> Sublist<T> {
+    /// An empty sublist caching up to `cache_capacity` topics (0 disables the cache).
+    pub fn new(cache_capacity: usize) -> Sublist<T> {
+        Sublist {
+            inner: RwLock::new(Inner {
+                root: Node::default(),
+                subscriptions: 0,
+                nodes: 0,
+                generation: 0,
+                cache: HashMap::new(),
+            }),
+            cache_capacity,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    /// Adds `item` under `filter`.
+    pub fn insert(&self, filter: &Filter, item: T) {
+        let mut g = self.inner.write();
+        let inner = &mut *g;
+        let mut node = &mut inner.root;
+        let mut tail = false;
+        for token in filter.tokens() {
+            if token == ">" {
+                tail = true;
+                break;
+            }
+            if token == "*" {
+                if node.star.is_none() {
+                    inner.nodes += 1;
+                }
+                node = node.star.get_or_insert_with(Box::default);
+            } else {
+                if !node.literal.contains_key(token) {
+                    inner.nodes += 1;
+                }
+                node = node.literal.entry(token.into()).or_default();
+            }
+        }
+        if tail {
+            node.tail.push(item.clone());
+        } else {
+            node.here.push(item.clone());
+        }
+        inner.subscriptions += 1;
+        inner.generation += 1;
+        for (topic, result) in inner.cache.iter_mut() {
+            if filter.matches(topic) {
+                let mut v = result.to_vec();
+                v.push(item.clone());
+                *result = v.into();
+            }
+        }
+    }
+
+    /// Removes one entry equal to `item` under `filter`, pruning nodes left empty.
+    ///
+    /// Returns whether an entry was found.
+    pub fn remove(&self, filter: &Filter, item: &T) -> bool {
+        let mut g = self.inner.write();
+        let inner = &mut *g;
+        let tokens: Vec<&str> = filter.tokens().collect();
+        let mut pruned = 0;
+        let found = remove_at(&mut inner.root, &tokens, item, &mut pruned);
+        inner.nodes -= pruned;
+        if !found {
+            return false;
+        }
+        inner.subscriptions -= 1;
+        inner.generation += 1;
+        for (topic, result) in inner.cache.iter_mut() {
+            if filter.matches(topic) {
+                let mut v = result.to_vec();
+                if let Some(i) = v.iter().position(|x| x == item) {
+                    v.remove(i);
+                }
+                *result = v.into();
+            }
+        }
+        true
+    }
+
+    /// Every entry whose filter matches `topic` (a valid topic), in no particular order.
+    pub fn matches(&self, topic: &str) -> Matches<T> {
+        let g = self.inner.read();
+        if let Some(r) = g.cache.get(topic) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return r.clone();
+        }
+        let mut out = Vec::new();
+        let tokens: Vec<&str> = topic.split('.').collect();
+        collect(&g.root, &tokens, &mut out);
+        let generation = g.generation;
+        drop(g);
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let result: Matches<T> = out.into();
+        if self.cache_capacity > 0 {
+            let mut w = self.inner.write();
+            // A subscribe or unsubscribe in between would not have patched this result.
+            if w.generation == generation {
+                if w.cache.len() >= self.cache_capacity {
+                    evict(&mut w.cache, self.cache_capacity);
+                }
+                w.cache.insert(topic.into(), result.clone());
+            }
+        }
+        result
+    }
+
+    /// Current statistics.
+    pub fn stats(&self) -> SublistStats {
+        let g = self.inner.read();
+        SublistStats {
+            subscriptions: g.subscriptions,
+            nodes: g.nodes,
+            cache_entries: g.cache.len(),
+            cache_hits: self.hits.load(Ordering::Relaxed),
+            cache_misses: self.misses.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Frees an eighth of the cache (at least one entry), in the map's own order.
+fn evict<T>(cache: &mut HashMap<Box<str>, Matches<T>>, capacity: usize) {
+    let n = (capacity / 8).max(1);
+    let victims: Vec<Box<str>> = cache.keys().take(n).cloned().collect();
+    for k in victims {
+        cache.remove(&k);
+    }
+}
+
+fn collect<T: Clone>(node: &Node<T>, tokens: &[&str], out: &mut Vec<T>) {
+    let Some((first, rest)) = tokens.split_first() else {
+        out.extend(node.here.iter().cloned());
+        return;
+    };
+    out.extend(node.tail.iter().cloned());
+    if let Some(child) = node.literal.get(*first) {
+        collect(child, rest, out);
+    }
+    if let Some(star) = &node.star {
+        collect(star, rest, out);
+    }
+}
+
+fn remove_at<T: PartialEq>(node: &mut Node<T>, tokens: &[&str], item: &T, pruned: &mut usize) -> bool {
+    let take = |v: &mut Vec<T>| match v.iter().position(|x| x == item) {
+        Some(i) => {
+            v.swap_remove(i);
+            true
+        }
+        None => false,
+    };
+    match tokens.split_first() {
+        None => take(&mut node.here),
+        Some((&">", _)) => take(&mut node.tail),
+        Some((&"*", rest)) => {
+            let Some(star) = node.star.as_mut() else {
+                return false;
+            };
+            let found = remove_at(star, rest, item, pruned);
+            if star.is_empty() {
+                node.star = None;
+                *pruned += 1;
+            }
+            found
+        }
+        Some((token, rest)) => {
+            let Some(child) = node.literal.get_mut(*token) else {
+                return false;
+            };
+            let found = remove_at(child, rest, item, pruned);
+            if child.is_empty() {
+                node.literal.remove(*token);
+                *pruned += 1;
+            }
+            found
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn f(s: &str) -> Filter {
+        Filter::new(s).unwrap()
+    }
+
+    fn sorted(r: Matches<u32>) -> Vec<u32> {
+        let mut v = r.to_vec();
+        v.sort();
+        v
+    }
+
+    fn both(test: impl Fn(Sublist<u32>)) {
+        test(Sublist::new(0));
+        test(Sublist::new(1024));
+    }
+
+    #[test]
+    fn literal_star_and_tail() {
+        both(|s| {
+            s.insert(&f("user.created"), 1);
+            s.insert(&f("user.*"), 2);
+            s.insert(&f("user.>"), 3);
+            s.insert(&f("*.error"), 4);
+            s.insert(&f(">"), 5);
+            assert_eq!(sorted(s.matches("user.created")), vec![1, 2, 3, 5]);
+            assert_eq!(sorted(s.matches("user.created.eu")), vec![3, 5]);
+            assert_eq!(sorted(s.matches("api.error")), vec![4, 5]);
+            assert_eq!(sorted(s.matches("user")), vec![5]);
+            assert_eq!(sorted(s.matches("system.startup")), vec![5]);
+        });
+    }
+
+    #[test]
+    fn remove_prunes_and_updates_cached_results() {
+        both(|s| {
+            s.insert(&f("a.b.c"), 1);
+            s.insert(&f("a.*.c"), 2);
+            assert_eq!(sorted(s.matches("a.b.c")), vec![1, 2]);
+            assert!(s.remove(&f("a.b.c"), &1));
+            assert!(!s.remove(&f("a.b.c"), &1));
+            assert_eq!(sorted(s.matches("a.b.c")), vec![2]);
+            assert!(s.remove(&f("a.*.c"), &2));
+            assert!(s.matches("a.b.c").is_empty());
+            assert_eq!(s.stats().nodes, 0);
+            assert_eq!(s.stats().subscriptions, 0);
+        });
+    }
+
+    #[test]
+    fn insert_updates_cached_results_without_flushing_others() {
+        let s = Sublist::new(16);
+        s.insert(&f("x.y"), 1);
+        assert_eq!(sorted(s.matches("x.y")), vec![1]);
+        assert_eq!(sorted(s.matches("q.r")), Vec::<u32>::new());
+        s.insert(&f("x.*"), 2);
+        let st = s.stats();
+        assert_eq!(st.cache_entries, 2);
+        assert_eq!(sorted(s.matches("x.y")), vec![1, 2]);
+        assert_eq!(sorted(s.matches("q.r")), Vec::<u32>::new());
+        assert_eq!(s.stats().cache_hits, 2);
+    }
+
+    #[test]
+    fn duplicate_items_are_counted_separately() {
+        both(|s| {
+            s.insert(&f("a"), 7);
+            s.insert(&f("a"), 7);
+            assert_eq!(sorted(s.matches("a")), vec![7, 7]);
+            s.remove(&f("a"), &7);
+            assert_eq!(sorted(s.matches("a")), vec![7]);
+        });
+    }
+
+    #[test]
+    fn cache_is_bounded() {
+        let s = Sublist::new(8);
+        s.insert(&f(">"), 1);
+        for i in 0..100 {
+            assert_eq!(s.matches(&format!("t.{i}")).len(), 1);
+        }
+        assert!(s.stats().cache_entries <= 8);
+    }
+}

@@ -1,0 +1,81 @@
+//! One live subscription: its id, filter, owning connection's outbox and delivery counters.
+//!
+//! Held by the sublist (for matching), by its connection's subscription map (for `UNSUB` and
+//! disconnect) and briefly by publishers' match results. The counters are written only under the
+//! owning [`Outbox`]'s lock, which is what makes sequence numbers and auto-unsubscribe exact under
+//! concurrent publishers.
+
+use crate::outbox::Outbox;
+use brokerd_proto::Filter;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// A live subscription.
+pub struct Subscription {
+    /// Client-chosen id, unique among the connection's live subscriptions.
+    pub sid: u32,
+    /// The filter it was made with.
+    pub filter: Filter,
+    /// The owning connection's id.
+    pub client_id: u64,
+    /// The owning connection's outbox; dropping the last subscription does not close it.
+    pub outbox: Arc<Outbox>,
+    /// Last sequence number assigned (written under the outbox lock).
+    pub(crate) seq: AtomicU64,
+    /// Deliveries left before auto-unsubscribe; `u64::MAX` for none (written under the outbox lock).
+    pub(crate) remaining: AtomicU64,
+    /// Set when unsubscribed or its allowance is used up; pushes then skip it.
+    pub(crate) dead: AtomicBool,
+}
+
+impl Subscription {
+    /// A new subscription with no allowance limit.
+    pub fn new(sid: u32, filter: Filter, client_id: u64, outbox: Arc<Outbox>) -> Subscription {
+        Subscription {
+            sid,
+            filter,
+            client_id,
+            outbox,
+            seq: AtomicU64::new(0),
+            remaining: AtomicU64::new(u64::MAX),
+            dead: AtomicBool::new(false),
+        }
+    }
+
+    /// Messages matched so far (queued or dropped), which is also the last sequence number.
+    pub fn matched(&self) -> u64 {
+        self.seq.load(Ordering::Relaxed)
+    }
+
+    /// Whether the subscription has ended.
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Relaxed)
+    }
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("sid", &self.sid)
+            .field("filter", &self.filter)
+            .field("client_id", &self.client_id)
+            .finish()
+    }
+}
+
+/// A subscription handle that compares by identity, as the sublist needs.
+#[derive(Clone, Debug)]
+pub struct SubRef(pub Arc<Subscription>);
+
+impl PartialEq for SubRef {
+    fn eq(&self, other: &SubRef) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl std::ops::Deref for SubRef {
+    type Target = Subscription;
+    fn deref(&self) -> &Subscription {
+        &self.0
+    }
+}

@@ -1,0 +1,359 @@
+//! brokerd's configuration: embedded defaults, a TOML file, environment variables and flags.
+//!
+//! Precedence, lowest first: the defaults in [`Config::default`] (which `config/brokerd.toml`
+//! spells out exactly), the file named by `--config`/`BROKERD_CONFIG`, then the `--listen` and
+//! `--log-level` flags or their environment variables. Unknown keys are errors. This module only
+//! parses and checks; `main.rs` decides what to do with an error (exit code 2).
+
+use brokerd_core::{Limits, OutboxLimits};
+use brokerd_proto::{OverflowPolicy, TopicLimits};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+use thiserror::Error;
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The path.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this configuration.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The path.
+        path: String,
+        /// The parser's message, which names the key and line.
+        message: String,
+    },
+    /// A value is out of range or inconsistent with another.
+    #[error("invalid config value for `{key}`: {message}")]
+    Invalid {
+        /// The offending key, dotted (`limits.max_payload`).
+        key: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a `RUST_LOG`-style directive).
+    pub log_level: String,
+    /// Size and count limits.
+    pub limits: LimitsConfig,
+    /// Per-connection outbound queues.
+    pub outbound: OutboundConfig,
+    /// Timers.
+    pub timeouts: TimeoutsConfig,
+    /// Routing.
+    pub routing: RoutingConfig,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Most simultaneous client connections.
+    pub max_connections: usize,
+    /// Largest frame in bytes, length prefix excluded.
+    pub max_frame: usize,
+    /// Largest message payload in bytes.
+    pub max_payload: usize,
+    /// Longest topic or filter in bytes.
+    pub max_topic_len: usize,
+    /// Most tokens in a topic or filter.
+    pub max_topic_tokens: usize,
+    /// Most live subscriptions per connection.
+    pub max_subs_per_connection: usize,
+}
+
+/// `[outbound]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboundConfig {
+    /// Most messages pending per connection.
+    pub max_pending_msgs: usize,
+    /// Most bytes pending per connection.
+    pub max_pending_bytes: usize,
+    /// Default overflow policy: `drop-new`, `drop-old` or `disconnect`.
+    #[serde(with = "policy")]
+    pub overflow: OverflowPolicy,
+    /// How long one batch write may take before the connection is closed as a slow consumer.
+    #[serde(with = "duration")]
+    pub write_deadline: Duration,
+}
+
+/// `[timeouts]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutsConfig {
+    /// How long a new connection has to send `HELLO`.
+    #[serde(with = "duration")]
+    pub handshake: Duration,
+    /// How long a connection may stay quiet before the server pings it.
+    #[serde(with = "duration")]
+    pub ping_interval: Duration,
+    /// Unanswered pings after which the connection is closed.
+    pub max_pings_outstanding: u32,
+    /// How long shutdown waits for queued messages to be written.
+    #[serde(with = "duration")]
+    pub shutdown_grace: Duration,
+}
+
+/// `[routing]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Topics kept in the match cache (0 disables it).
+    pub match_cache: usize,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7654)),
+            log_level: "info".into(),
+            limits: LimitsConfig::default(),
+            outbound: OutboundConfig::default(),
+            timeouts: TimeoutsConfig::default(),
+            routing: RoutingConfig::default(),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> LimitsConfig {
+        let l = Limits::default();
+        LimitsConfig {
+            max_connections: 10_000,
+            max_frame: l.max_frame,
+            max_payload: l.max_payload,
+            max_topic_len: l.topic.max_len,
+            max_topic_tokens: l.topic.max_tokens,
+            max_subs_per_connection: l.max_subs,
+        }
+    }
+}
+
+impl Default for OutboundConfig {
+    fn default() -> OutboundConfig {
+        let l = Limits::default();
+        OutboundConfig {
+            max_pending_msgs: l.outbox.max_msgs,
+            max_pending_bytes: l.outbox.max_bytes,
+            overflow: l.default_policy,
+            write_deadline: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> TimeoutsConfig {
+        TimeoutsConfig {
+            handshake: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(30),
+            max_pings_outstanding: 2,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for RoutingConfig {
+    fn default() -> RoutingConfig {
+        RoutingConfig {
+            match_cache: Limits::default().match_cache,
+        }
+    }
+}
+
+impl Config {
+    /// Parses TOML text; `origin` names the source in errors.
+    ///
+    /// # Errors
+    /// Syntax errors, unknown keys, wrong types, and values [`Config::validate`] rejects.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Reads and parses a file.
+    ///
+    /// # Errors
+    /// As [`Config::from_toml`], or the file cannot be read.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml(&text, &path.display().to_string())
+    }
+
+    /// The configuration as TOML, as `brokerd --print-config` shows it.
+    pub fn to_toml(&self) -> String {
+        // Serializing plain structs of numbers and strings cannot fail.
+        toml::to_string(self).unwrap_or_default()
+    }
+
+    /// Checks ranges and consistency.
+    ///
+    /// # Errors
+    /// The first offending key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.to_string(),
+            })
+        };
+        let l = &self.limits;
+        if l.max_connections == 0 {
+            return invalid("limits.max_connections", "must be at least 1");
+        }
+        if l.max_payload == 0 || l.max_payload > u32::MAX as usize - 65_536 {
+            return invalid("limits.max_payload", "must be between 1 and 4294901759");
+        }
+        if l.max_frame < l.max_payload + 1024 || l.max_frame > u32::MAX as usize {
+            return invalid(
+                "limits.max_frame",
+                "must be at least limits.max_payload + 1024 and fit in 32 bits",
+            );
+        }
+        if l.max_topic_len == 0 || l.max_topic_len > u16::MAX as usize {
+            return invalid("limits.max_topic_len", "must be between 1 and 65535");
+        }
+        if l.max_topic_tokens == 0 || l.max_topic_tokens > u16::MAX as usize {
+            return invalid("limits.max_topic_tokens", "must be between 1 and 65535");
+        }
+        if l.max_subs_per_connection == 0 || l.max_subs_per_connection > u32::MAX as usize {
+            return invalid("limits.max_subs_per_connection", "must be at least 1");
+        }
+        let o = &self.outbound;
+        if o.max_pending_msgs == 0 || o.max_pending_msgs > u32::MAX as usize {
+            return invalid("outbound.max_pending_msgs", "must be at least 1");
+        }
+        if o.max_pending_bytes < 1024 || o.max_pending_bytes > u32::MAX as usize {
+            return invalid(
+                "outbound.max_pending_bytes",
+                "must be between 1024 and 4294967295",
+            );
+        }
+        if o.write_deadline.is_zero() {
+            return invalid("outbound.write_deadline", "must be greater than zero");
+        }
+        let t = &self.timeouts;
+        if t.handshake.is_zero() {
+            return invalid("timeouts.handshake", "must be greater than zero");
+        }
+        if t.ping_interval.is_zero() {
+            return invalid("timeouts.ping_interval", "must be greater than zero");
+        }
+        if t.max_pings_outstanding == 0 {
+            return invalid("timeouts.max_pings_outstanding", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The routing limits for [`brokerd_core::Broker`].
+    pub fn broker_limits(&self) -> Limits {
+        Limits {
+            max_frame: self.limits.max_frame,
+            max_payload: self.limits.max_payload,
+            topic: TopicLimits {
+                max_len: self.limits.max_topic_len,
+                max_tokens: self.limits.max_topic_tokens,
+            },
+            max_subs: self.limits.max_subs_per_connection,
+            outbox: OutboxLimits {
+                max_msgs: self.outbound.max_pending_msgs,
+                max_bytes: self.outbound.max_pending_bytes,
+            },
+            default_policy: self.outbound.overflow,
+            match_cache: self.routing.match_cache,
+        }
+    }
+}
+
+mod duration {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!("invalid duration {text:?} ({e}); use e.g. \"500ms\" or \"10s\""))
+        })
+    }
+}
+
+mod policy {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(p: &OverflowPolicy, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(p.name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<OverflowPolicy, D::Error> {
+        let text = String::deserialize(d)?;
+        OverflowPolicy::from_name(&text).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "unknown overflow policy {text:?}; expected \"drop-new\", \"drop-old\" or \"disconnect\""
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_example_is_exactly_the_defaults() {
+        let text = include_str!("../../../config/brokerd.toml");
+        assert_eq!(Config::from_toml(text, "config/brokerd.toml").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn printed_config_parses_back() {
+        let c = Config::default();
+        assert_eq!(Config::from_toml(&c.to_toml(), "printed").unwrap(), c);
+    }
+
+    #[test]
+    fn partial_file_keeps_other_defaults() {
+        let c = Config::from_toml("[outbound]\noverflow = \"drop-old\"\n", "t").unwrap();
+        assert_eq!(c.outbound.overflow, OverflowPolicy::DropOld);
+        assert_eq!(c.limits, LimitsConfig::default());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = Config::from_toml("[limits]\nmax_payload = \"big\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("max_payload"), "{e}");
+        let e = Config::from_toml("[limits]\nmax_paylod = 1\n", "t").unwrap_err();
+        assert!(e.to_string().contains("max_paylod"), "{e}");
+        let e = Config::from_toml("[outbound]\noverflow = \"maybe\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("overflow"), "{e}");
+        let e = Config::from_toml("[timeouts]\nhandshake = \"soon\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("handshake"), "{e}");
+        let e = Config::from_toml("[limits]\nmax_payload = 2000000\n", "t").unwrap_err();
+        assert!(e.to_string().contains("limits.max_frame"), "{e}");
+    }
+}

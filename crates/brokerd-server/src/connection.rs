@@ -1,0 +1,339 @@
+//! One client connection: handshake, the reader loop, keep-alive, and the end of the connection.
+//!
+//! The connection task reads and decodes frames and acts on each at once: a `PUB` is routed into
+//! every matching subscriber's outbox before the next frame is looked at, without awaiting
+//! anything but this connection's own socket. Replies go through the connection's own outbox, so
+//! the writer task ([`crate::writer`]) is the only code that writes to the socket once the
+//! handshake is done. When reading ends, the task closes the outbox with its reason, waits for the
+//! writer, removes the client from the broker and logs the close reason once.
+
+use crate::server::Shared;
+use crate::writer;
+use brokerd_core::{Client, CloseReason};
+use brokerd_proto::{
+    DecodeError, ErrorCode, ErrorFrame, Frame, Hello, PROTOCOL_VERSION, Publish, Welcome, decode,
+};
+use bytes::BytesMut;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::task_tracker::TaskTrackerToken;
+use tracing::{debug, info, warn};
+
+/// Free space below which the read buffer grows by [`READ_CHUNK`].
+const READ_MIN_FREE: usize = 4 * 1024;
+/// Read buffer allocation size.
+const READ_CHUNK: usize = 64 * 1024;
+/// A frame at least this large gets a buffer of its own exact size, so that a shared body does
+/// not pin a larger allocation.
+const LARGE_FRAME: usize = 16 * 1024;
+
+/// How the reader loop ended.
+enum ReadEnd {
+    /// The connection should close for this reason, after writing what is queued.
+    Close(CloseReason),
+    /// The server is shutting down; it closes every outbox once all readers have stopped.
+    Shutdown,
+    /// The writer ended first (socket error, slow consumer, ...).
+    WriterGone,
+}
+
+/// Serves one accepted connection to its end.
+pub(crate) async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    reading: TaskTrackerToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let hello = tokio::select! {
+        r = tokio::time::timeout(shared.config.timeouts.handshake, read_hello(&mut rd, &mut buf, &shared)) => match r {
+            Ok(r) => r,
+            Err(_) => Err(CloseReason::HandshakeTimeout),
+        },
+        _ = shared.shutdown.cancelled() => Err(CloseReason::ServerShutdown),
+    };
+    let hello = match hello {
+        Ok(h) => h,
+        Err(reason) => {
+            reject(&mut wr, &reason, &shared).await;
+            debug!(%peer, reason = %reason, "connection closed before handshake");
+            shared.broker.record_close(&reason);
+            return;
+        }
+    };
+    let client = shared.broker.connect(
+        hello.name.clone(),
+        peer.to_string(),
+        hello.overflow,
+        hello.no_echo,
+    );
+    let limits = shared.broker.limits();
+    let welcome = Frame::Welcome(Welcome {
+        req_id: hello.req_id,
+        version: PROTOCOL_VERSION,
+        overflow: client.outbox.policy(),
+        max_frame: limits.max_frame as u32,
+        max_payload: limits.max_payload as u32,
+        max_topic_len: limits.topic.max_len as u16,
+        max_topic_tokens: limits.topic.max_tokens as u16,
+        max_subs: limits.max_subs as u32,
+        max_pending_msgs: limits.outbox.max_msgs as u32,
+        max_pending_bytes: limits.outbox.max_bytes as u32,
+        server_id: shared.server_id.clone(),
+    });
+    client.outbox.push_frame(welcome.to_bytes());
+    debug!(client = %client.name, %peer, id = client.id, "client connected");
+
+    let conn = CancellationToken::new();
+    let writer = tokio::spawn(writer::run(
+        wr,
+        client.clone(),
+        shared.config.outbound.write_deadline,
+        shared.hard_stop.clone(),
+        conn.clone(),
+    ));
+    let end = read_loop(&mut rd, &mut buf, &client, &shared, &conn).await;
+    drop(reading);
+    match end {
+        ReadEnd::Close(reason) => client.outbox.close(reason, true),
+        ReadEnd::Shutdown | ReadEnd::WriterGone => {}
+    }
+    let _ = writer.await;
+    let reason = client
+        .outbox
+        .close_reason()
+        .unwrap_or(CloseReason::ServerShutdown);
+    shared.broker.disconnect(&client, &reason);
+    log_close(&client, &reason);
+}
+
+fn log_close(client: &Client, reason: &CloseReason) {
+    match reason {
+        CloseReason::ClientClosed | CloseReason::ServerShutdown => {
+            info!(client = %client.name, peer = %client.peer, id = client.id, reason = %reason, "connection closed")
+        }
+        _ => {
+            warn!(client = %client.name, peer = %client.peer, id = client.id, reason = %reason, "connection closed")
+        }
+    }
+}
+
+/// Sends the `ERR` for a connection refused before its handshake completed, then closes.
+pub(crate) async fn reject(wr: &mut OwnedWriteHalf, reason: &CloseReason, shared: &Shared) {
+    let err = match reason {
+        CloseReason::Protocol(code) => Some((*code, protocol_message(*code))),
+        other => other.error(),
+    };
+    if let Some((code, message)) = err {
+        let frame = Frame::Err(ErrorFrame {
+            req_id: 0,
+            code: code as u16,
+            message,
+        })
+        .to_bytes();
+        let _ = tokio::time::timeout(
+            shared.config.outbound.write_deadline,
+            wr.write_all(&frame),
+        )
+        .await;
+    }
+    let _ = wr.shutdown().await;
+}
+
+fn protocol_message(code: ErrorCode) -> String {
+    match code {
+        ErrorCode::HandshakeRequired => "the first frame must be HELLO".into(),
+        ErrorCode::UnsupportedVersion => {
+            format!("unsupported protocol version; this server speaks version {PROTOCOL_VERSION}")
+        }
+        other => other.name().to_string(),
+    }
+}
+
+async fn read_hello(
+    rd: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    shared: &Shared,
+) -> Result<Hello, CloseReason> {
+    loop {
+        match decode(buf, shared.config.limits.max_frame) {
+            Ok(Some(Frame::Hello(h))) => {
+                if h.version != PROTOCOL_VERSION {
+                    return Err(CloseReason::Protocol(ErrorCode::UnsupportedVersion));
+                }
+                return Ok(h);
+            }
+            Ok(Some(_)) => return Err(CloseReason::Protocol(ErrorCode::HandshakeRequired)),
+            Ok(None) => {}
+            Err(e) => return Err(CloseReason::Protocol(e.code())),
+        }
+        match rd.read_buf(buf).await {
+            Ok(0) => return Err(CloseReason::ClientClosed),
+            Ok(_) => {}
+            Err(e) => return Err(CloseReason::Io(e.to_string())),
+        }
+    }
+}
+
+/// State the reader loop keeps between frames.
+struct Reader<'a> {
+    client: &'a Client,
+    shared: &'a Shared,
+}
+
+impl Reader<'_> {
+    fn reply(&self, frame: Frame) {
+        self.client.outbox.push_frame(frame.to_bytes());
+    }
+
+    fn error(&self, req_id: u32, code: ErrorCode, message: String) {
+        self.reply(Frame::Err(ErrorFrame {
+            req_id,
+            code: code as u16,
+            message,
+        }));
+    }
+
+    /// Acts on one frame; `Err` ends the connection after the `ERR` already queued.
+    fn handle(&self, frame: Frame, pings_outstanding: &mut u32) -> Result<(), CloseReason> {
+        let broker = &self.shared.broker;
+        match frame {
+            Frame::Pub(Publish { req_id, ack, body }) => match broker.publish(self.client, &body) {
+                Ok(delivered) if ack => self.reply(Frame::Ack { req_id, delivered }),
+                Ok(_) => {}
+                Err(e) => self.error(req_id, e.code(), e.to_string()),
+            },
+            Frame::Sub(s) => match broker.subscribe(self.client, s.sid, &s.filter) {
+                Ok(()) => self.reply(Frame::Ok(s.req_id)),
+                Err(e) => self.error(s.req_id, e.code(), e.to_string()),
+            },
+            Frame::Unsub(u) => match broker.unsubscribe(self.client, u.sid, u.max) {
+                Ok(()) => self.reply(Frame::Ok(u.req_id)),
+                Err(e) => self.error(u.req_id, ErrorCode::UnknownSubscription, e.to_string()),
+            },
+            Frame::Ping(token) => self.reply(Frame::Pong(token)),
+            Frame::Pong(_) => *pings_outstanding = 0,
+            Frame::Hello(h) => {
+                self.error(
+                    h.req_id,
+                    ErrorCode::DuplicateHandshake,
+                    "HELLO may only be sent once".into(),
+                );
+                return Err(CloseReason::Protocol(ErrorCode::DuplicateHandshake));
+            }
+            other => {
+                self.error(
+                    0,
+                    ErrorCode::UnknownFrameType,
+                    format!(
+                        "frame type 0x{:02x} is sent by servers, not clients",
+                        other.frame_type() as u8
+                    ),
+                );
+                return Err(CloseReason::Protocol(ErrorCode::UnknownFrameType));
+            }
+        }
+        Ok(())
+    }
+
+    fn decode_error(&self, e: &DecodeError) -> CloseReason {
+        self.error(0, e.code(), e.to_string());
+        CloseReason::Protocol(e.code())
+    }
+}
+
+async fn read_loop(
+    rd: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    client: &Client,
+    shared: &Shared,
+    conn: &CancellationToken,
+) -> ReadEnd {
+    let reader = Reader { client, shared };
+    let max_frame = shared.config.limits.max_frame;
+    let interval = shared.config.timeouts.ping_interval;
+    let max_pings = shared.config.timeouts.max_pings_outstanding;
+    let mut pings_outstanding = 0u32;
+    let mut last_read = Instant::now();
+    let keepalive = tokio::time::sleep_until(last_read + interval);
+    tokio::pin!(keepalive);
+    loop {
+        // Frames already buffered (the handshake's read may have carried more than HELLO).
+        loop {
+            match decode(buf, max_frame) {
+                Ok(Some(frame)) => {
+                    if let Err(reason) = reader.handle(frame, &mut pings_outstanding) {
+                        return ReadEnd::Close(reason);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return ReadEnd::Close(reader.decode_error(&e)),
+            }
+        }
+        make_room(buf);
+        if client.outbox.is_closing() {
+            return ReadEnd::WriterGone;
+        }
+        // Stop reading while this connection's own replies are not being taken off its socket.
+        let room = std::future::poll_fn(|cx| client.outbox.poll_room(cx));
+        tokio::select! {
+            biased;
+            _ = shared.shutdown.cancelled() => return ReadEnd::Shutdown,
+            _ = conn.cancelled() => return ReadEnd::WriterGone,
+            _ = room => {}
+        }
+        tokio::select! {
+            biased;
+            _ = shared.shutdown.cancelled() => return ReadEnd::Shutdown,
+            _ = conn.cancelled() => return ReadEnd::WriterGone,
+            r = rd.read_buf(buf) => match r {
+                Ok(0) => return ReadEnd::Close(CloseReason::ClientClosed),
+                Ok(_) => {
+                    last_read = Instant::now();
+                    pings_outstanding = 0;
+                }
+                Err(e) => return ReadEnd::Close(CloseReason::Io(e.to_string())),
+            },
+            _ = &mut keepalive => {
+                let due = last_read + interval;
+                if Instant::now() >= due {
+                    if pings_outstanding >= max_pings {
+                        return ReadEnd::Close(CloseReason::KeepaliveTimeout);
+                    }
+                    pings_outstanding += 1;
+                    reader.reply(Frame::Ping(pings_outstanding));
+                    last_read = Instant::now();
+                }
+                keepalive.as_mut().reset(last_read + interval);
+            }
+        }
+    }
+}
+
+/// Makes sure the read buffer has room for the next read, giving a large pending frame a buffer
+/// of exactly its own size.
+fn make_room(buf: &mut BytesMut) {
+    if buf.len() >= 4 {
+        let need = 4 + u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        if need >= LARGE_FRAME && buf.capacity() != need {
+            // `buf` holds only this frame's first bytes: every earlier frame was split off.
+            let mut own = BytesMut::with_capacity(need);
+            own.extend_from_slice(buf);
+            *buf = own;
+            return;
+        }
+        if need >= LARGE_FRAME {
+            return;
+        }
+    }
+    if buf.capacity() - buf.len() < READ_MIN_FREE {
+        buf.reserve(READ_CHUNK);
+    }
+}

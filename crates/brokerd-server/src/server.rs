@@ -1,0 +1,187 @@
+//! The listener, the accept loop and graceful shutdown.
+//!
+//! [`Server::bind`] binds the listening socket (port 0 works, for tests); [`Server::run`] accepts
+//! until [`ShutdownHandle::shutdown`] is called, which is what `main.rs` does on SIGINT/SIGTERM.
+//! Shutdown is ordered so that nothing already accepted from a publisher is lost: stop accepting;
+//! stop every reader (each finishes routing the frames it already read); close every outbox with
+//! "drain", so writers write what is queued followed by `ERR shutting-down`; wait for the writers
+//! up to the grace period; then abort what is left.
+
+use crate::config::Config;
+use crate::connection;
+use brokerd_core::{Broker, CloseReason};
+use socket2::{Domain, Protocol, Socket, Type};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+/// Backlog of the listening socket.
+const BACKLOG: i32 = 1024;
+
+/// State every connection task shares.
+pub(crate) struct Shared {
+    pub(crate) broker: Arc<Broker>,
+    pub(crate) config: Arc<Config>,
+    pub(crate) server_id: String,
+    /// Cancelled when shutdown starts: stop accepting and reading.
+    pub(crate) shutdown: CancellationToken,
+    /// Cancelled when the grace period is over: abort writes.
+    pub(crate) hard_stop: CancellationToken,
+    /// Connections open now, handshake or not.
+    pub(crate) open: AtomicUsize,
+}
+
+/// Triggers a graceful shutdown of a running [`Server`]. Cloning is cheap.
+#[derive(Clone, Debug)]
+pub struct ShutdownHandle(CancellationToken);
+
+impl ShutdownHandle {
+    /// Starts the graceful shutdown; [`Server::run`] returns once it is complete.
+    pub fn shutdown(&self) {
+        self.0.cancel();
+    }
+}
+
+/// A bound, not yet running broker.
+pub struct Server {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// Binds `config.listen` and prepares the broker.
+    ///
+    /// # Errors
+    /// The address cannot be bound.
+    pub async fn bind(config: Config) -> io::Result<Server> {
+        let addr = config.listen;
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(BACKLOG)?;
+        let listener = TcpListener::from_std(socket.into())?;
+        let broker = Arc::new(Broker::new(config.broker_limits()));
+        let server_id = server_id();
+        Ok(Server {
+            listener,
+            shared: Arc::new(Shared {
+                broker,
+                config: Arc::new(config),
+                server_id,
+                shutdown: CancellationToken::new(),
+                hard_stop: CancellationToken::new(),
+                open: AtomicUsize::new(0),
+            }),
+        })
+    }
+
+    /// The address actually bound (useful after binding port 0).
+    ///
+    /// # Errors
+    /// The socket cannot report its address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The broker's routing state, for statistics.
+    pub fn broker(&self) -> Arc<Broker> {
+        self.shared.broker.clone()
+    }
+
+    /// The id this server announces in `WELCOME`.
+    pub fn server_id(&self) -> &str {
+        &self.shared.server_id
+    }
+
+    /// A handle that starts the graceful shutdown.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(self.shared.shutdown.clone())
+    }
+
+    /// Accepts and serves connections until shut down, then shuts down gracefully.
+    ///
+    /// # Errors
+    /// None today; the signature leaves room for fatal listener errors.
+    pub async fn run(self) -> io::Result<()> {
+        let Server { listener, shared } = self;
+        let tasks = TaskTracker::new();
+        let readers = TaskTracker::new();
+        info!(addr = %listener.local_addr()?, server_id = %shared.server_id, "brokerd listening");
+        loop {
+            let accepted = tokio::select! {
+                _ = shared.shutdown.cancelled() => break,
+                r = listener.accept() => r,
+            };
+            match accepted {
+                Ok((stream, peer)) => accept(stream, peer, &shared, &tasks, &readers),
+                Err(e) => {
+                    // Out of file descriptors and similar: back off rather than spin.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        drop(listener);
+        let grace = shared.config.timeouts.shutdown_grace;
+        let deadline = tokio::time::Instant::now() + grace;
+        info!(grace = ?grace, "shutting down: no longer accepting");
+        readers.close();
+        let _ = tokio::time::timeout_at(deadline, readers.wait()).await;
+        for client in shared.broker.clients() {
+            client.outbox.close(CloseReason::ServerShutdown, true);
+        }
+        tasks.close();
+        if tokio::time::timeout_at(deadline, tasks.wait()).await.is_err() {
+            warn!("grace period over: closing connections with messages still queued");
+            shared.hard_stop.cancel();
+            for client in shared.broker.clients() {
+                client.outbox.close(CloseReason::ServerShutdown, false);
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
+        }
+        info!("shutdown complete");
+        Ok(())
+    }
+}
+
+fn accept(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    tasks: &TaskTracker,
+    readers: &TaskTracker,
+) {
+    let shared = shared.clone();
+    if shared.open.load(Ordering::Relaxed) >= shared.config.limits.max_connections {
+        tasks.spawn(async move {
+            let (_rd, mut wr) = stream.into_split();
+            let reason = CloseReason::TooManyConnections;
+            connection::reject(&mut wr, &reason, &shared).await;
+            shared.broker.record_close(&reason);
+            warn!(%peer, "connection refused: at the connection limit");
+        });
+        return;
+    }
+    shared.open.fetch_add(1, Ordering::Relaxed);
+    let reading = readers.token();
+    tasks.spawn(async move {
+        connection::serve(stream, peer, shared.clone(), reading).await;
+        shared.open.fetch_sub(1, Ordering::Relaxed);
+    });
+}
+
+/// A process-unique id: start time and pid, in hex.
+fn server_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    format!("{:x}-{:x}", nanos, std::process::id())
+}
