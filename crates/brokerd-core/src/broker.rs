@@ -161,7 +161,9 @@ pub struct Client {
 
 impl std::fmt::Debug for Outbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Outbox").field("policy", &self.policy()).finish()
+        f.debug_struct("Outbox")
+            .field("policy", &self.policy())
+            .finish()
     }
 }
 
@@ -265,9 +267,14 @@ impl Broker {
     /// # Errors
     /// An invalid filter, a live duplicate id, or the per-connection limit.
     pub fn subscribe(&self, client: &Client, sid: u32, filter: &str) -> Result<(), SubscribeError> {
-        let filter =
-            Filter::with_limits(filter, &self.limits.topic).map_err(SubscribeError::InvalidFilter)?;
-        let sub = Arc::new(Subscription::new(sid, filter, client.id, client.outbox.clone()));
+        let filter = Filter::with_limits(filter, &self.limits.topic)
+            .map_err(SubscribeError::InvalidFilter)?;
+        let sub = Arc::new(Subscription::new(
+            sid,
+            filter,
+            client.id,
+            client.outbox.clone(),
+        ));
         let replaced = {
             let mut subs = client.subs.lock();
             let replaced = match subs.get(&sid) {

@@ -207,7 +207,11 @@ impl Outbox {
                 OverflowPolicy::DropNew => {
                     *st.lost.entry(sub.sid).or_insert(0) += 1;
                     st.dropped += 1;
-                    return if last { Push::DroppedLast } else { Push::Dropped };
+                    return if last {
+                        Push::DroppedLast
+                    } else {
+                        Push::Dropped
+                    };
                 }
                 OverflowPolicy::DropOld => {
                     // Evicting is only worth it if evicting every queued delivery would make room;
@@ -221,7 +225,11 @@ impl Outbox {
                         || (held_msgs < self.limits.max_msgs
                             && held_bytes + cost <= self.limits.max_bytes);
                     while room_after_eviction && !fits(&st) {
-                        let Some(i) = st.queue.iter().position(|it| matches!(it, Item::Msg { .. })) else {
+                        let Some(i) = st
+                            .queue
+                            .iter()
+                            .position(|it| matches!(it, Item::Msg { .. }))
+                        else {
                             break;
                         };
                         if let Some(Item::Msg { sid, body, .. }) = st.queue.remove(i) {
@@ -235,7 +243,11 @@ impl Outbox {
                         // Everything older is already with the writer: the new one goes instead.
                         *st.lost.entry(sub.sid).or_insert(0) += 1;
                         st.dropped += 1;
-                            return if last { Push::DroppedLast } else { Push::Dropped };
+                        return if last {
+                            Push::DroppedLast
+                        } else {
+                            Push::Dropped
+                        };
                     }
                 }
                 OverflowPolicy::Disconnect => {

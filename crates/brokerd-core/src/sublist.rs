@@ -56,7 +56,10 @@ impl<T> Default for Node<T> {
 
 impl<T> Node<T> {
     fn is_empty(&self) -> bool {
-        self.literal.is_empty() && self.star.is_none() && self.here.is_empty() && self.tail.is_empty()
+        self.literal.is_empty()
+            && self.star.is_none()
+            && self.here.is_empty()
+            && self.tail.is_empty()
     }
 }
 
@@ -225,7 +228,12 @@ fn collect<T: Clone>(node: &Node<T>, tokens: &[&str], out: &mut Vec<T>) {
     }
 }
 
-fn remove_at<T: PartialEq>(node: &mut Node<T>, tokens: &[&str], item: &T, pruned: &mut usize) -> bool {
+fn remove_at<T: PartialEq>(
+    node: &mut Node<T>,
+    tokens: &[&str],
+    item: &T,
+    pruned: &mut usize,
+) -> bool {
     let take = |v: &mut Vec<T>| match v.iter().position(|x| x == item) {
         Some(i) => {
             v.swap_remove(i);
