@@ -408,7 +408,8 @@ pub fn decode(buf: &mut BytesMut, max_frame: usize) -> Result<Option<Frame>, Dec
         });
     }
     if buf.len() < LENGTH_PREFIX + len {
-        buf.reserve(LENGTH_PREFIX + len - buf.len());
+        // No reservation here: a peer could announce a large frame and send nothing more; the
+        // caller grows its buffer as bytes actually arrive.
         return Ok(None);
     }
     buf.advance(LENGTH_PREFIX);

@@ -298,7 +298,9 @@ mod duration {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(d)?;
         humantime::parse_duration(&text).map_err(|e| {
-            serde::de::Error::custom(format!("invalid duration {text:?} ({e}); use e.g. \"500ms\" or \"10s\""))
+            serde::de::Error::custom(format!(
+                "invalid duration {text:?} ({e}); use e.g. \"500ms\" or \"10s\""
+            ))
         })
     }
 }
@@ -327,7 +329,10 @@ mod tests {
     #[test]
     fn shipped_example_is_exactly_the_defaults() {
         let text = include_str!("../../../config/brokerd.toml");
-        assert_eq!(Config::from_toml(text, "config/brokerd.toml").unwrap(), Config::default());
+        assert_eq!(
+            Config::from_toml(text, "config/brokerd.toml").unwrap(),
+            Config::default()
+        );
     }
 
     #[test]

@@ -138,11 +138,8 @@ pub(crate) async fn reject(wr: &mut OwnedWriteHalf, reason: &CloseReason, shared
             message,
         })
         .to_bytes();
-        let _ = tokio::time::timeout(
-            shared.config.outbound.write_deadline,
-            wr.write_all(&frame),
-        )
-        .await;
+        let _ =
+            tokio::time::timeout(shared.config.outbound.write_deadline, wr.write_all(&frame)).await;
     }
     let _ = wr.shutdown().await;
 }
@@ -317,19 +314,19 @@ async fn read_loop(
     }
 }
 
-/// Makes sure the read buffer has room for the next read, giving a large pending frame a buffer
-/// of exactly its own size.
+/// Makes sure the read buffer has room for the next read. A large frame that has half arrived
+/// gets a buffer of exactly its own size, so that its shared body pins no larger allocation; the
+/// half rule keeps a peer that only announces a large frame from making the server allocate it.
 fn make_room(buf: &mut BytesMut) {
     if buf.len() >= 4 {
         let need = 4 + u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-        if need >= LARGE_FRAME && buf.capacity() != need {
-            // `buf` holds only this frame's first bytes: every earlier frame was split off.
-            let mut own = BytesMut::with_capacity(need);
-            own.extend_from_slice(buf);
-            *buf = own;
-            return;
-        }
-        if need >= LARGE_FRAME {
+        if need >= LARGE_FRAME && buf.len() * 2 >= need && buf.len() < need {
+            if buf.capacity() < need || buf.capacity() > need + READ_CHUNK {
+                // `buf` holds only this frame's first bytes: every earlier frame was split off.
+                let mut own = BytesMut::with_capacity(need);
+                own.extend_from_slice(buf);
+                *buf = own;
+            }
             return;
         }
     }

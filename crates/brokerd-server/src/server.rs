@@ -138,7 +138,10 @@ impl Server {
             client.outbox.close(CloseReason::ServerShutdown, true);
         }
         tasks.close();
-        if tokio::time::timeout_at(deadline, tasks.wait()).await.is_err() {
+        if tokio::time::timeout_at(deadline, tasks.wait())
+            .await
+            .is_err()
+        {
             warn!("grace period over: closing connections with messages still queued");
             shared.hard_stop.cancel();
             for client in shared.broker.clients() {

@@ -157,8 +157,14 @@ pub(crate) async fn run(
             Err(_) => break CloseReason::WriteTimeout,
         }
         outbox.release(e.msgs, e.bytes, e.controls);
-        client.counters.frames_out.fetch_add(e.frames, Ordering::Relaxed);
-        client.counters.bytes_out.fetch_add(bytes, Ordering::Relaxed);
+        client
+            .counters
+            .frames_out
+            .fetch_add(e.frames, Ordering::Relaxed);
+        client
+            .counters
+            .bytes_out
+            .fetch_add(bytes, Ordering::Relaxed);
     };
     // Publishers must stop queueing here; the first reason recorded is the one reported.
     outbox.close(reason, false);
