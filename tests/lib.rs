@@ -2,6 +2,9 @@
 //! shutdown path a signal takes, plus a raw protocol connection for tests that must send bytes
 //! the client library never would.
 
+// A test harness: failing loudly at the failing step is its job.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use brokerd_client::{Client, ConnectOptions};
 use brokerd_proto::{Frame, Hello, PROTOCOL_VERSION, decode};
 use brokerd_server::{Config, Server, ShutdownHandle};
@@ -34,8 +37,10 @@ impl TestBroker {
 
     /// Starts a broker with the defaults changed by `f`.
     pub async fn with_config(f: impl FnOnce(&mut Config)) -> TestBroker {
-        let mut config = Config::default();
-        config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        let mut config = Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..Config::default()
+        };
         f(&mut config);
         let server = Server::bind(config).await.expect("bind 127.0.0.1:0");
         let addr = server.local_addr().expect("local addr");

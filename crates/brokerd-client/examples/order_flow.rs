@@ -12,7 +12,10 @@ use serde_json::{Value, json};
 
 /// Each service and the topics it subscribes to.
 pub const SERVICES: [(&str, &[&str]); 4] = [
-    ("email", &["order.created", "payment.completed", "order.shipped"]),
+    (
+        "email",
+        &["order.created", "payment.completed", "order.shipped"],
+    ),
     ("inventory", &["order.created"]),
     ("analytics", &["order.created", "payment.completed"]),
     ("push", &["order.shipped"]),
@@ -34,14 +37,25 @@ fn act(service: &str, topic: &str, event: &Value) -> Vec<String> {
             .as_array()
             .into_iter()
             .flatten()
-            .map(|i| format!("reserve {} x {} for {order}", i["qty"], i["sku"].as_str().unwrap_or("?")))
+            .map(|i| {
+                format!(
+                    "reserve {} x {} for {order}",
+                    i["qty"],
+                    i["sku"].as_str().unwrap_or("?")
+                )
+            })
             .collect(),
         ("email", "order.created") => vec![format!("email: order {order} confirmed")],
         ("email", "payment.completed") => vec![format!("email: receipt for {order}")],
         ("email", _) => vec![format!("email: {order} is on its way")],
-        ("analytics", "order.created") => vec![format!("record order {order} total {}", event["total"])],
+        ("analytics", "order.created") => {
+            vec![format!("record order {order} total {}", event["total"])]
+        }
         ("analytics", _) => vec![format!("record revenue {} for {order}", event["amount"])],
-        _ => vec![format!("push: {order} shipped via {}", event["carrier"].as_str().unwrap_or("?"))],
+        _ => vec![format!(
+            "push: {order} shipped via {}",
+            event["carrier"].as_str().unwrap_or("?")
+        )],
     }
 }
 
@@ -49,7 +63,8 @@ fn act(service: &str, topic: &str, event: &Value) -> Vec<String> {
 pub async fn run(addr: &str) -> anyhow::Result<Report> {
     let mut services = Vec::new();
     for (service, topics) in SERVICES {
-        let client = Client::connect(addr, ConnectOptions::new(format!("{service}-service"))).await?;
+        let client =
+            Client::connect(addr, ConnectOptions::new(format!("{service}-service"))).await?;
         let mut tasks = Vec::new();
         for topic in topics {
             let mut sub = client.subscribe(topic).await?;
@@ -75,12 +90,20 @@ pub async fn run(addr: &str) -> anyhow::Result<Report> {
             json!({"order_id": "ord-1001", "customer": "alice", "total": 59.97,
                    "items": [{"sku": "mug", "qty": 2}, {"sku": "tee", "qty": 1}]}),
         ),
-        ("payment.completed", json!({"order_id": "ord-1001", "amount": 59.97, "method": "card"})),
-        ("order.shipped", json!({"order_id": "ord-1001", "carrier": "parcelco", "tracking": "PC123"})),
+        (
+            "payment.completed",
+            json!({"order_id": "ord-1001", "amount": 59.97, "method": "card"}),
+        ),
+        (
+            "order.shipped",
+            json!({"order_id": "ord-1001", "carrier": "parcelco", "tracking": "PC123"}),
+        ),
     ];
     let mut report = Report::default();
     for (topic, event) in events {
-        let n = shop.publish_acked(topic, serde_json::to_vec(&event)?).await?;
+        let n = shop
+            .publish_acked(topic, serde_json::to_vec(&event)?)
+            .await?;
         println!("[shop] {topic}: delivered to {n} subscribers");
         report.delivered.push((topic.to_string(), n));
     }

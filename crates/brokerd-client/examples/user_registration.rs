@@ -32,14 +32,18 @@ pub async fn run(addr: &str) -> anyhow::Result<Report> {
         ("analytics", "recording signup of"),
         ("notification", "notifying the team about"),
     ] {
-        let client = Client::connect(addr, ConnectOptions::new(format!("{service}-service"))).await?;
+        let client =
+            Client::connect(addr, ConnectOptions::new(format!("{service}-service"))).await?;
         let mut sub = client.subscribe("user.created").await?;
         let task = tokio::spawn(async move {
             let mut seen = Vec::new();
             while let Some(msg) = sub.next().await {
                 let user: serde_json::Value = serde_json::from_slice(&msg.payload())?;
                 let name = user["name"].as_str().unwrap_or("?").to_string();
-                println!("[{service}] {action} {name} <{}>", user["email"].as_str().unwrap_or("?"));
+                println!(
+                    "[{service}] {action} {name} <{}>",
+                    user["email"].as_str().unwrap_or("?")
+                );
                 seen.push(name);
             }
             anyhow::Ok(seen)

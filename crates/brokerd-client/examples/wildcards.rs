@@ -41,7 +41,11 @@ pub async fn run(addr: &str) -> anyhow::Result<Report> {
         let task = tokio::spawn(async move {
             let mut topics = Vec::new();
             while let Some(msg) = sub.next().await {
-                println!("[{name} {filter}] {}: {}", msg.topic(), String::from_utf8_lossy(&msg.payload()));
+                println!(
+                    "[{name} {filter}] {}: {}",
+                    msg.topic(),
+                    String::from_utf8_lossy(&msg.payload())
+                );
                 topics.push(msg.topic().to_string());
             }
             topics
@@ -52,7 +56,9 @@ pub async fn run(addr: &str) -> anyhow::Result<Report> {
     let publisher = Client::connect(addr, ConnectOptions::new("event-source")).await?;
     let mut report = Report::default();
     for topic in TOPICS {
-        let n = publisher.publish_acked(topic, format!("{topic} happened")).await?;
+        let n = publisher
+            .publish_acked(topic, format!("{topic} happened"))
+            .await?;
         println!("[event-source] {topic}: delivered to {n} subscribers");
         report.delivered.push((topic.to_string(), n));
     }

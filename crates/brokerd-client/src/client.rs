@@ -139,13 +139,22 @@ impl Client {
     /// # Errors
     /// The address cannot be reached, the server refuses the handshake (for example at its
     /// connection limit), or it does not answer within `options.connect_timeout`.
-    pub async fn connect(addr: impl ToSocketAddrs, options: ConnectOptions) -> Result<Client, Error> {
-        tokio::time::timeout(options.connect_timeout, Client::connect_inner(addr, options))
-            .await
-            .map_err(|_| Error::Timeout)?
+    pub async fn connect(
+        addr: impl ToSocketAddrs,
+        options: ConnectOptions,
+    ) -> Result<Client, Error> {
+        tokio::time::timeout(
+            options.connect_timeout,
+            Client::connect_inner(addr, options),
+        )
+        .await
+        .map_err(|_| Error::Timeout)?
     }
 
-    async fn connect_inner(addr: impl ToSocketAddrs, options: ConnectOptions) -> Result<Client, Error> {
+    async fn connect_inner(
+        addr: impl ToSocketAddrs,
+        options: ConnectOptions,
+    ) -> Result<Client, Error> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         let (mut rd, mut wr) = stream.into_split();
@@ -171,7 +180,9 @@ impl Client {
                 None => {}
             }
             if rd.read_buf(&mut buf).await? == 0 {
-                return Err(Error::Closed("server closed the connection during the handshake".into()));
+                return Err(Error::Closed(
+                    "server closed the connection during the handshake".into(),
+                ));
             }
         };
         let inner = Arc::new(Inner {
@@ -231,8 +242,13 @@ impl Client {
     ///
     /// # Errors
     /// As [`Client::publish`], and any refusal from the server.
-    pub async fn publish_acked(&self, topic: &str, payload: impl AsRef<[u8]>) -> Result<u32, Error> {
-        self.publish_with(topic, None, None, payload.as_ref(), true).await
+    pub async fn publish_acked(
+        &self,
+        topic: &str,
+        payload: impl AsRef<[u8]>,
+    ) -> Result<u32, Error> {
+        self.publish_with(topic, None, None, payload.as_ref(), true)
+            .await
     }
 
     async fn publish_with(
@@ -366,8 +382,15 @@ impl Inner {
 
     pub(crate) async fn unsubscribe(&self, sid: u32, max: u32) -> Result<(), Error> {
         let id = self.next_id();
-        self.request(id, Frame::Unsub(Unsubscribe { req_id: id, sid, max }))
-            .await
+        self.request(
+            id,
+            Frame::Unsub(Unsubscribe {
+                req_id: id,
+                sid,
+                max,
+            }),
+        )
+        .await
     }
 
     /// Stops routing deliveries for `sid`; its stream ends once drained.
@@ -378,7 +401,11 @@ impl Inner {
     /// Queues an `UNSUB` without waiting (used from `Drop`).
     pub(crate) fn send_unsub_nowait(&self, sid: u32) {
         let id = self.next_id();
-        let frame = Frame::Unsub(Unsubscribe { req_id: id, sid, max: 0 });
+        let frame = Frame::Unsub(Unsubscribe {
+            req_id: id,
+            sid,
+            max: 0,
+        });
         self.append(|buf| frame.encode(buf));
     }
 
@@ -511,7 +538,11 @@ async fn read_frames(inner: &Inner, buf: &mut BytesMut) -> Result<(), String> {
                 if let Some(s) = inner.subs.lock().get(&l.sid) {
                     s.shared.missed.fetch_add(l.missed, Ordering::Relaxed);
                 }
-                tracing::warn!(sid = l.sid, missed = l.missed, "server dropped messages for a slow subscription");
+                tracing::warn!(
+                    sid = l.sid,
+                    missed = l.missed,
+                    "server dropped messages for a slow subscription"
+                );
                 continue;
             }
             Frame::Ping(t) => {
@@ -532,7 +563,11 @@ async fn read_frames(inner: &Inner, buf: &mut BytesMut) -> Result<(), String> {
                 }
                 (e.req_id, Reply::Err(e.code, e.message))
             }
-            Frame::Hello(_) | Frame::Pub(_) | Frame::Sub(_) | Frame::Unsub(_) | Frame::Welcome(_) => {
+            Frame::Hello(_)
+            | Frame::Pub(_)
+            | Frame::Sub(_)
+            | Frame::Unsub(_)
+            | Frame::Welcome(_) => {
                 return Err("server sent a client frame".into());
             }
         };

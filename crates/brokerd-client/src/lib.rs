@@ -3,7 +3,7 @@
 //! Layout:
 //! - [`client`]: [`Client`]: connect, publish, subscribe, flush, close.
 //! - [`subscription`]: [`Subscription`], a `Stream` of [`Message`]s for one filter.
-//! - [`error`]: [`Error`].
+//! - [`error`]: the [`Error`] type.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), brokerd_client::Error> {

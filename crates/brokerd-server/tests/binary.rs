@@ -1,0 +1,112 @@
+//! The `brokerd` binary as an operator runs it: `--print-config`, a bad config file (exit code 2
+//! naming the key), and SIGTERM ending a running broker gracefully with exit code 0.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use brokerd_proto::{Frame, Hello, PROTOCOL_VERSION, decode};
+use bytes::BytesMut;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_brokerd");
+
+#[test]
+fn print_config_shows_the_defaults() {
+    let out = Command::new(BIN).arg("--print-config").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let printed = brokerd_server::Config::from_toml(&text, "stdout").unwrap();
+    assert_eq!(printed, brokerd_server::Config::default());
+}
+
+#[test]
+fn flags_override_the_file() {
+    let out = Command::new(BIN)
+        .args(["--print-config", "--listen", "0.0.0.0:9999"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("listen = \"0.0.0.0:9999\""), "{text}");
+}
+
+#[test]
+fn bad_config_exits_2_naming_the_key() {
+    let dir = std::env::temp_dir().join(format!("brokerd-bad-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, "[outbound]\nmax_pending_msgs = \"lots\"\n").unwrap();
+    let out = Command::new(BIN).arg("--config").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("max_pending_msgs"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn sigterm_shuts_down_gracefully_with_exit_0() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(BIN)
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--log-level", "warn"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut stream = loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("brokerd did not start listening: {e}"),
+        }
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let hello = Frame::Hello(Hello {
+        req_id: 1,
+        version: PROTOCOL_VERSION,
+        no_echo: false,
+        overflow: None,
+        name: "binary-test".into(),
+    });
+    stream.write_all(&hello.to_bytes()).unwrap();
+    let mut buf = BytesMut::new();
+    let mut chunk = [0u8; 4096];
+    let welcome = loop {
+        if let Some(f) = decode(&mut buf, usize::MAX).unwrap() {
+            break f;
+        }
+        let n = stream.read(&mut chunk).unwrap();
+        assert!(n > 0, "closed before WELCOME");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    assert!(matches!(welcome, Frame::Welcome(_)));
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "brokerd did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+    // The connected client was told why before the connection closed.
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    buf.extend_from_slice(&rest);
+    match decode(&mut buf, usize::MAX).unwrap() {
+        Some(Frame::Err(e)) => assert_eq!(e.code, brokerd_proto::ErrorCode::ShuttingDown as u16),
+        other => panic!("expected ERR shutting-down, got {other:?}"),
+    }
+}
