@@ -127,10 +127,24 @@ impl std::fmt::Debug for Inner {
     }
 }
 
-/// A connection to brokerd. Cloning shares the connection.
+/// A connection to brokerd. Cloning shares the connection; when the last clone is dropped the
+/// connection closes (without flushing: call [`Client::close`] to flush first), and subscription
+/// streams end.
 #[derive(Clone, Debug)]
 pub struct Client {
+    _closer: Arc<Handle>,
     inner: Arc<Inner>,
+}
+
+/// Closes the connection when the last [`Client`] clone goes away; the connection's tasks hold
+/// only [`Inner`], so they do not keep it open.
+#[derive(Debug)]
+struct Handle(Arc<Inner>);
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.0.shutdown("client dropped");
+    }
 }
 
 impl Client {
@@ -200,7 +214,10 @@ impl Client {
         });
         tokio::spawn(write_task(inner.clone(), wr));
         tokio::spawn(read_task(inner.clone(), rd, buf));
-        Ok(Client { inner })
+        Ok(Client {
+            _closer: Arc::new(Handle(inner.clone())),
+            inner,
+        })
     }
 
     /// What the server announced: its id, version, limits and the overflow policy in force.
@@ -281,9 +298,10 @@ impl Client {
         }
         let id = self.inner.next_id();
         let rx = ack.then(|| self.inner.expect(id));
-        self.inner
-            .send(|buf| encode_pub(buf, id, ack, &body))
-            .await?;
+        if let Err(e) = self.inner.send(|buf| encode_pub(buf, id, ack, &body)).await {
+            self.inner.pending.lock().remove(&id);
+            return Err(e);
+        }
         match rx {
             None => Ok(0),
             Some(rx) => match self.inner.wait(rx).await? {

@@ -69,8 +69,8 @@ pub(crate) struct SubShared {
 
 /// A live subscription: a [`Stream`] of the messages matching its filter.
 ///
-/// The stream ends when the connection closes or the subscription ends (unsubscribe, or the
-/// auto-unsubscribe limit). Dropping it unsubscribes without waiting for the server.
+/// The stream ends when the connection closes or after [`Subscription::unsubscribe`] (messages
+/// already buffered are still yielded). Dropping it unsubscribes without waiting for the server.
 ///
 /// Messages wait in a bounded buffer until read; when it is full the client stops reading the
 /// socket, and the server's overflow policy applies (drops counted in [`Subscription::missed`]).
@@ -117,12 +117,15 @@ impl Subscription {
     /// The connection closed, or the server did not know the subscription.
     pub async fn unsubscribe(&mut self) -> Result<(), crate::Error> {
         self.active = false;
-        let r = self.client.unsubscribe(self.sid, 0).await;
+        // Stop routing first: a reader blocked on this full stream must not hold up the OK.
         self.client.forget(self.sid);
-        r
+        self.rx.close();
+        self.client.unsubscribe(self.sid, 0).await
     }
 
-    /// Ends the subscription after `n` more matched messages (counting any the server drops).
+    /// Asks the server to end the subscription after `n` more matched messages (counting any it
+    /// drops). The stream itself ends only with [`Subscription::unsubscribe`], a drop, or the
+    /// connection's end: this protocol version does not tell the client when the server finished it.
     ///
     /// # Errors
     /// The connection closed, or the server did not know the subscription.

@@ -259,11 +259,25 @@ impl Outbox {
                         reason,
                         drain: false,
                     });
-                    st.queue.clear();
+                    // What is abandoned here counts as dropped, and leaves the limits.
+                    let abandoned = std::mem::take(&mut st.queue);
+                    for item in abandoned {
+                        match item {
+                            Item::Msg { body, .. } => {
+                                st.msgs -= 1;
+                                st.bytes -= MSG_HEADER_LEN + body.len();
+                                st.dropped += 1;
+                            }
+                            Item::Frame(_) => st.controls -= 1,
+                            Item::Lost { .. } => {}
+                        }
+                    }
                     st.lost.clear();
                     let w = st.writer.take();
+                    let r = st.reader.take();
                     drop(st);
                     wake(w);
+                    wake(r);
                     return Push::Overflow;
                 }
             }

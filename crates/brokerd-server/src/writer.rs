@@ -136,6 +136,7 @@ pub(crate) async fn run(
     let mut batch = VecDeque::new();
     let mut scratch = BytesMut::with_capacity(64 * 1024);
     let mut out = Chain::default();
+    let mut interrupted = false;
     let reason = loop {
         let take = std::future::poll_fn(|cx| outbox.poll_take(cx, &mut batch)).await;
         if let Take::Closed(reason) = take {
@@ -149,12 +150,22 @@ pub(crate) async fn run(
         let write = tokio::time::timeout(write_deadline, wr.write_all_buf(&mut out));
         let result = tokio::select! {
             r = write => r,
-            _ = hard_stop.cancelled() => break CloseReason::ServerShutdown,
+            _ = hard_stop.cancelled() => {
+                // A frame may be half written: nothing more can be framed on this socket.
+                interrupted = true;
+                break CloseReason::ServerShutdown;
+            }
         };
         match result {
             Ok(Ok(())) => {}
-            Ok(Err(err)) => break CloseReason::Io(err.to_string()),
-            Err(_) => break CloseReason::WriteTimeout,
+            Ok(Err(err)) => {
+                interrupted = true;
+                break CloseReason::Io(err.to_string());
+            }
+            Err(_) => {
+                interrupted = true;
+                break CloseReason::WriteTimeout;
+            }
         }
         outbox.release(e.msgs, e.bytes, e.controls);
         client
@@ -170,7 +181,7 @@ pub(crate) async fn run(
     outbox.close(reason, false);
     let reason = outbox.close_reason().unwrap_or(CloseReason::ServerShutdown);
     if let Some((code, message)) = reason.error() {
-        if !matches!(reason, CloseReason::WriteTimeout | CloseReason::Io(_)) {
+        if !interrupted {
             let frame = Frame::Err(ErrorFrame {
                 req_id: 0,
                 code: code as u16,

@@ -37,7 +37,11 @@ fn bad_config_exits_2_naming_the_key() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("bad.toml");
     std::fs::write(&path, "[outbound]\nmax_pending_msgs = \"lots\"\n").unwrap();
-    let out = Command::new(BIN).arg("--config").arg(&path).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("max_pending_msgs"), "{err}");
@@ -52,7 +56,12 @@ fn sigterm_shuts_down_gracefully_with_exit_0() {
         .unwrap()
         .port();
     let mut child = Command::new(BIN)
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--log-level", "warn"])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--log-level",
+            "warn",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -97,7 +106,10 @@ fn sigterm_shuts_down_gracefully_with_exit_0() {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(Instant::now() < deadline, "brokerd did not exit after SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "brokerd did not exit after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(status.code(), Some(0));
