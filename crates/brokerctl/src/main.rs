@@ -1,1 +1,561 @@
-fn main() {}
+//! `brokerctl`, the command-line tool for brokerd: publish messages and watch subscriptions.
+//!
+//! Each subcommand is one variant of [`Command`] and one `cmd_*` function; `bench` and `stats`
+//! are meant to slot in the same way. Everything here is a thin layer over `brokerd-client`:
+//! this file parses arguments, reads stdin, formats messages and maps failures to exit codes
+//! (0 success, 1 runtime error reported as `brokerctl: <error>`, 2 usage error from clap). It
+//! does not retry, reconnect or buffer beyond what the client already does.
+//!
+//! Output goes to stdout (messages only); progress, summaries and errors go to stderr, so
+//! `brokerctl sub ... | tool` sees nothing but messages.
+
+// The workspace warns on unwrap/expect; unit tests may use them.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+use anyhow::{Context, Result};
+use brokerd_client::{Client, ConnectOptions, Headers, Message, Subscription};
+use clap::{Args, Parser, Subcommand};
+use std::fmt::Write as _;
+use std::io::{self, BufWriter, Write};
+use std::process::ExitCode;
+use tokio::io::AsyncBufReadExt;
+
+/// Command-line arguments.
+#[derive(Debug, Parser)]
+#[command(name = "brokerctl", version, about = "Command-line tool for brokerd")]
+struct Cli {
+    /// Options every subcommand shares.
+    #[command(flatten)]
+    global: Global,
+    /// What to do.
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every subcommand shares.
+#[derive(Debug, Args)]
+struct Global {
+    /// Broker address, HOST:PORT.
+    #[arg(
+        long,
+        global = true,
+        env = "BROKERD_SERVER",
+        default_value = "127.0.0.1:7654"
+    )]
+    server: String,
+    /// Client name shown in the broker's logs.
+    #[arg(long, global = true, default_value = "brokerctl")]
+    name: String,
+}
+
+/// The subcommands, one function each.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Publish a message, or one message per line of stdin.
+    Pub(PubArgs),
+    /// Subscribe to a filter and print matching messages.
+    Sub(SubArgs),
+}
+
+/// Arguments of `brokerctl pub`.
+#[derive(Debug, Args)]
+struct PubArgs {
+    /// Topic to publish to.
+    topic: String,
+    /// Payload; when absent, each line of stdin (without its newline) is one message.
+    payload: Option<String>,
+    /// Publish each payload this many times.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    count: u64,
+    /// Wait for the broker's acknowledgement of each message and report its delivery count.
+    #[arg(long)]
+    ack: bool,
+    /// Add a header; repeatable. Keys may repeat.
+    #[arg(long = "header", value_name = "KEY=VALUE", value_parser = parse_header)]
+    header: Vec<(String, String)>,
+    /// Reply-to topic carried with each message.
+    #[arg(long, value_name = "TOPIC")]
+    reply: Option<String>,
+}
+
+/// Arguments of `brokerctl sub`.
+#[derive(Debug, Args)]
+struct SubArgs {
+    /// Filter to subscribe to (`*` matches one token, a trailing `>` one or more).
+    filter: String,
+    /// Exit after this many messages.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    count: Option<u64>,
+    /// Print one JSON object per line instead of `TOPIC [HEADERS] PAYLOAD`.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    // Parsing comes before the runtime so usage errors exit 2 (clap's code) without starting one.
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&anyhow::Error::new(e).context("cannot start the runtime")),
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+/// Reports `e` on stderr and returns exit code 1.
+fn fail(e: &anyhow::Error) -> ExitCode {
+    note(format_args!("brokerctl: {}", error_chain(e)));
+    ExitCode::FAILURE
+}
+
+/// `e` and its causes joined by `: `, skipping a cause whose text its parent already ends with
+/// (some error types print their source in their own message and also return it as `source()`).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    let mut last = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if !last.is_empty() && last.ends_with(&msg) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&msg);
+        last = msg;
+    }
+    text
+}
+
+/// Writes one line to stderr. A closed stderr is ignored: there is nowhere left to report it.
+fn note(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(io::stderr().lock(), "{line}");
+}
+
+/// Runs the chosen subcommand.
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Pub(args) => cmd_pub(&cli.global, args).await,
+        Command::Sub(args) => cmd_sub(&cli.global, args).await,
+    }
+}
+
+/// Connects to the broker named by the global options.
+async fn connect(global: &Global) -> Result<Client> {
+    Client::connect(
+        global.server.as_str(),
+        ConnectOptions::new(global.name.clone()),
+    )
+    .await
+    .with_context(|| format!("cannot connect to {}", global.server))
+}
+
+/// `brokerctl pub`: publishes, then closes the connection, which returns only once the broker has
+/// processed every message, so the process never exits with messages still in flight.
+async fn cmd_pub(global: &Global, args: PubArgs) -> Result<()> {
+    let client = connect(global).await?;
+    let headers: Option<Headers> =
+        (!args.header.is_empty()).then(|| args.header.iter().cloned().collect());
+    let publisher = Publisher {
+        client: &client,
+        args: &args,
+        headers: headers.as_ref(),
+    };
+    let mut published: u64 = 0;
+    match &args.payload {
+        Some(payload) => {
+            for _ in 0..args.count {
+                publisher.publish(payload.as_bytes()).await?;
+                published += 1;
+            }
+        }
+        None => {
+            let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                let n = stdin
+                    .read_until(b'\n', &mut line)
+                    .await
+                    .context("cannot read stdin")?;
+                if n == 0 {
+                    break;
+                }
+                for _ in 0..args.count {
+                    publisher.publish(strip_newline(&line)).await?;
+                    published += 1;
+                }
+            }
+        }
+    }
+    client
+        .close()
+        .await
+        .context("connection closed before the broker confirmed the messages")?;
+    note(format_args!(
+        "published {published} {} to {}",
+        plural(published, "message", "messages"),
+        args.topic
+    ));
+    Ok(())
+}
+
+/// What every publish of one `brokerctl pub` run shares.
+struct Publisher<'a> {
+    client: &'a Client,
+    args: &'a PubArgs,
+    headers: Option<&'a Headers>,
+}
+
+impl Publisher<'_> {
+    /// Publishes one message as the arguments ask: acknowledged or not, with headers and reply-to.
+    async fn publish(&self, payload: &[u8]) -> Result<()> {
+        let topic = self.args.topic.as_str();
+        if self.args.ack {
+            let n = self
+                .client
+                .publish_full_acked(topic, self.args.reply.as_deref(), self.headers, payload)
+                .await
+                .with_context(|| format!("cannot publish to {topic}"))?;
+            note(format_args!(
+                "delivered to {n} {}",
+                plural(n.into(), "subscriber", "subscribers")
+            ));
+        } else {
+            self.client
+                .publish_full(topic, self.args.reply.as_deref(), self.headers, payload)
+                .await
+                .with_context(|| format!("cannot publish to {topic}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Why `brokerctl sub` stopped reading.
+enum SubEnd {
+    /// `--count` messages were printed.
+    Done,
+    /// Ctrl-C.
+    Interrupted,
+    /// The subscription stream ended: the connection closed or the broker ended it.
+    StreamEnded,
+    /// Stdout was closed by its reader (`| head`).
+    BrokenPipe,
+}
+
+/// `brokerctl sub`: prints matching messages until `--count`, Ctrl-C, a closed stdout or the end
+/// of the connection, then reports messages the broker dropped for this subscription.
+async fn cmd_sub(global: &Global, args: SubArgs) -> Result<()> {
+    // Installed before connecting, so Ctrl-C at any point after start-up exits cleanly instead of
+    // killing the process: the listener is registered on its first poll, which `biased` makes
+    // happen before the connection attempt.
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let opened = tokio::select! {
+        biased;
+        r = &mut ctrl_c => {
+            r.context("cannot listen for ctrl-c")?;
+            return Ok(());
+        }
+        r = open_subscription(global, &args.filter) => r?,
+    };
+    let (client, mut sub) = opened;
+    let format = if args.json {
+        Format::Json
+    } else {
+        Format::Text
+    };
+    let mut out = BufWriter::new(io::stdout());
+    let mut printed: u64 = 0;
+    let end = loop {
+        if args.count.is_some_and(|n| printed >= n) {
+            break SubEnd::Done;
+        }
+        // Stdout is flushed only when no message is waiting, so a burst costs one write, yet
+        // every message is visible as soon as the burst is over.
+        let msg = match sub.try_next() {
+            Some(m) => m,
+            None => {
+                if let Err(e) = out.flush() {
+                    break pipe_or(e)?;
+                }
+                tokio::select! {
+                    biased;
+                    r = &mut ctrl_c => {
+                        r.context("cannot listen for ctrl-c")?;
+                        break SubEnd::Interrupted;
+                    }
+                    m = sub.next() => match m {
+                        Some(m) => m,
+                        None => break SubEnd::StreamEnded,
+                    },
+                }
+            }
+        };
+        if let Err(e) = write_message(&mut out, &msg, format) {
+            break pipe_or(e)?;
+        }
+        printed += 1;
+    };
+    let end = match end {
+        SubEnd::BrokenPipe => SubEnd::BrokenPipe,
+        other => match out.flush() {
+            Ok(()) => other,
+            Err(e) => pipe_or(e)?,
+        },
+    };
+    let missed = sub.missed();
+    if missed > 0 {
+        note(format_args!(
+            "missed {missed} {}",
+            plural(missed, "message", "messages")
+        ));
+    }
+    drop(sub);
+    let closed = client.close().await;
+    match end {
+        SubEnd::StreamEnded => {
+            closed.with_context(|| format!("subscription to {} ended", args.filter))?;
+            // The connection is still up, so the broker itself ended the subscription.
+            anyhow::bail!("the broker ended the subscription to {}", args.filter)
+        }
+        SubEnd::Done | SubEnd::Interrupted => closed.context("cannot close the connection"),
+        // Whoever closed the pipe has what they wanted; the connection state no longer matters.
+        SubEnd::BrokenPipe => Ok(()),
+    }
+}
+
+/// Connects and subscribes.
+async fn open_subscription(global: &Global, filter: &str) -> Result<(Client, Subscription)> {
+    let client = connect(global).await?;
+    let sub = client
+        .subscribe(filter)
+        .await
+        .with_context(|| format!("cannot subscribe to {filter}"))?;
+    Ok((client, sub))
+}
+
+/// Maps a stdout error to [`SubEnd::BrokenPipe`] when the reader went away, else to an error.
+fn pipe_or(e: io::Error) -> Result<SubEnd> {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        Ok(SubEnd::BrokenPipe)
+    } else {
+        Err(anyhow::Error::new(e).context("cannot write to stdout"))
+    }
+}
+
+/// How `brokerctl sub` prints a message.
+#[derive(Debug, Clone, Copy)]
+enum Format {
+    /// `TOPIC [k=v, ...] PAYLOAD`, the header list only when there are headers.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Writes `msg` as one line.
+fn write_message(out: &mut impl Write, msg: &Message, format: Format) -> io::Result<()> {
+    let line = match format {
+        Format::Text => text_line(msg.topic(), &msg.headers(), &msg.payload()),
+        Format::Json => json_line(
+            msg.topic(),
+            &msg.payload(),
+            msg.seq(),
+            &msg.headers(),
+            msg.reply(),
+        ),
+    };
+    out.write_all(line.as_bytes())
+}
+
+/// `TOPIC [k=v, ...] PAYLOAD\n`, the payload decoded as UTF-8 with invalid bytes replaced.
+fn text_line(topic: &str, headers: &Headers, payload: &[u8]) -> String {
+    let mut line = String::with_capacity(topic.len() + payload.len() + 2);
+    line.push_str(topic);
+    line.push(' ');
+    if !headers.is_empty() {
+        line.push('[');
+        for (i, (k, v)) in headers.iter().enumerate() {
+            if i > 0 {
+                line.push_str(", ");
+            }
+            let _ = write!(line, "{k}={v}");
+        }
+        line.push_str("] ");
+    }
+    line.push_str(&String::from_utf8_lossy(payload));
+    line.push('\n');
+    line
+}
+
+/// One JSON object and a newline:
+/// `{"topic","payload","payload_encoding","seq","headers","reply"}`.
+///
+/// The payload is a string when it is UTF-8 (`payload_encoding` `"utf-8"`), else lower-case hex
+/// (`"hex"`); the encoding field is what tells a payload `"cafe"` from the bytes `CA FE`.
+/// Headers are an object in published order; a repeated key appears repeatedly, which JSON
+/// allows but most parsers collapse to the last value. `reply` is `null` when absent.
+fn json_line(
+    topic: &str,
+    payload: &[u8],
+    seq: u64,
+    headers: &Headers,
+    reply: Option<&str>,
+) -> String {
+    let mut s = String::with_capacity(64 + topic.len() + 2 * payload.len());
+    s.push_str("{\"topic\":");
+    json_str(&mut s, topic);
+    s.push_str(",\"payload\":");
+    match std::str::from_utf8(payload) {
+        Ok(text) => {
+            json_str(&mut s, text);
+            s.push_str(",\"payload_encoding\":\"utf-8\"");
+        }
+        Err(_) => {
+            s.push('"');
+            for b in payload {
+                let _ = write!(s, "{b:02x}");
+            }
+            s.push_str("\",\"payload_encoding\":\"hex\"");
+        }
+    }
+    let _ = write!(s, ",\"seq\":{seq},\"headers\":{{");
+    for (i, (k, v)) in headers.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        json_str(&mut s, k);
+        s.push(':');
+        json_str(&mut s, v);
+    }
+    s.push_str("},\"reply\":");
+    match reply {
+        Some(r) => json_str(&mut s, r),
+        None => s.push_str("null"),
+    }
+    s.push_str("}\n");
+    s
+}
+
+/// Appends `text` as a quoted JSON string.
+fn json_str(out: &mut String, text: &str) {
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// `line` without its trailing `\n` or `\r\n`.
+fn strip_newline(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// Parses `KEY=VALUE`, splitting at the first `=`.
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+/// `one` when `n` is 1, else `many`.
+fn plural(n: u64, one: &'static str, many: &'static str) -> &'static str {
+    if n == 1 { one } else { many }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn text_line_without_headers() {
+        assert_eq!(text_line("a.b", &Headers::new(), b"hello"), "a.b hello\n");
+    }
+
+    #[test]
+    fn text_line_with_headers_and_invalid_utf8() {
+        let h: Headers = [("k", "v"), ("trace", "1")].into_iter().collect();
+        assert_eq!(
+            text_line("a", &h, b"x\xffy"),
+            "a [k=v, trace=1] x\u{fffd}y\n"
+        );
+    }
+
+    #[test]
+    fn json_line_utf8_payload() {
+        let h: Headers = [("k", "v\"q")].into_iter().collect();
+        assert_eq!(
+            json_line("a.b", b"hi\n", 7, &h, Some("r.1")),
+            "{\"topic\":\"a.b\",\"payload\":\"hi\\n\",\"payload_encoding\":\"utf-8\",\"seq\":7,\
+             \"headers\":{\"k\":\"v\\\"q\"},\"reply\":\"r.1\"}\n"
+        );
+    }
+
+    #[test]
+    fn json_line_binary_payload_is_hex() {
+        assert_eq!(
+            json_line("a", &[0xca, 0xfe, 0x00], 1, &Headers::new(), None),
+            "{\"topic\":\"a\",\"payload\":\"cafe00\",\"payload_encoding\":\"hex\",\"seq\":1,\
+             \"headers\":{},\"reply\":null}\n"
+        );
+    }
+
+    #[test]
+    fn json_escapes_control_characters() {
+        let mut s = String::new();
+        json_str(&mut s, "\u{1}\\\t");
+        assert_eq!(s, "\"\\u0001\\\\\\t\"");
+    }
+
+    #[test]
+    fn newline_stripping() {
+        assert_eq!(strip_newline(b"a\n"), b"a");
+        assert_eq!(strip_newline(b"a\r\n"), b"a");
+        assert_eq!(strip_newline(b"a"), b"a");
+        assert_eq!(strip_newline(b"\n"), b"");
+    }
+
+    #[test]
+    fn header_parsing() {
+        assert_eq!(parse_header("k=v=w"), Ok(("k".into(), "v=w".into())));
+        assert_eq!(parse_header("k="), Ok(("k".into(), String::new())));
+        assert!(parse_header("=v").is_err());
+        assert!(parse_header("kv").is_err());
+    }
+
+    #[test]
+    fn error_chain_skips_repeated_sources() {
+        let io = io::Error::new(io::ErrorKind::ConnectionRefused, "refused");
+        let e = anyhow::Error::new(brokerd_client::Error::Io(io)).context("cannot connect to x");
+        assert_eq!(error_chain(&e), "cannot connect to x: i/o error: refused");
+    }
+
+    #[test]
+    fn ack_combines_with_headers() {
+        let r = Cli::try_parse_from(["brokerctl", "pub", "t", "p", "--ack", "--header", "k=v"]);
+        assert!(r.is_ok());
+    }
+}

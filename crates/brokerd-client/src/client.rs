@@ -254,6 +254,22 @@ impl Client {
             .map(|_| ())
     }
 
+    /// Publishes with a reply-to topic and/or headers and waits for the acknowledgement,
+    /// returning how many subscriptions the message was queued for.
+    ///
+    /// # Errors
+    /// As [`Client::publish_full`], and any refusal from the server.
+    pub async fn publish_full_acked(
+        &self,
+        topic: &str,
+        reply: Option<&str>,
+        headers: Option<&Headers>,
+        payload: impl AsRef<[u8]>,
+    ) -> Result<u32, Error> {
+        self.publish_with(topic, reply, headers, payload.as_ref(), true)
+            .await
+    }
+
     /// Publishes and waits for the server's acknowledgement, returning how many subscriptions the
     /// message was queued for.
     ///

@@ -7,10 +7,10 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum Error {
     /// The socket failed.
-    #[error("i/o error: {0}")]
+    #[error("i/o error")]
     Io(#[from] std::io::Error),
     /// The server sent bytes that are not a valid frame.
-    #[error("protocol error: {0}")]
+    #[error("protocol error")]
     Protocol(#[from] DecodeError),
     /// The server sent a frame that makes no sense at this point.
     #[error("unexpected frame from server: {0}")]

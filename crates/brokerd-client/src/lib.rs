@@ -21,7 +21,7 @@ pub mod client;
 pub mod error;
 pub mod subscription;
 
-pub use brokerd_proto::{Headers, OverflowPolicy};
+pub use brokerd_proto::{Filter, Headers, OverflowPolicy, Topic};
 pub use client::{Client, ConnectOptions, ServerInfo};
 pub use error::Error;
 pub use subscription::{Message, Subscription};

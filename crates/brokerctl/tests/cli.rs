@@ -1,0 +1,452 @@
+//! Black-box tests of the `brokerctl` binary against a real broker started in-process on
+//! `127.0.0.1:0` and stopped through its shutdown handle, the path a signal takes.
+//!
+//! The binary runs as a child process (`std::process`; tokio's `process` feature is off), so the
+//! tests use a multi-threaded runtime and never block a runtime thread on a child: they poll
+//! `try_wait` between short sleeps while threads drain the child's pipes. Every wait is bounded
+//! by [`DEADLINE`].
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use brokerd_server::{Config, Server, ShutdownHandle};
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tokio::time::{Instant, sleep};
+
+/// How long any single wait may take before the test fails.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Pause between polls of a condition.
+const POLL: Duration = Duration::from_millis(10);
+
+/// A running broker.
+struct Broker {
+    addr: SocketAddr,
+    /// Live subscriptions, read from the broker's statistics. A closure because the broker's
+    /// type lives in `brokerd-core`, which this crate does not depend on.
+    subscriptions: Box<dyn Fn() -> usize + Send + Sync>,
+    handle: ShutdownHandle,
+    join: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Broker {
+    async fn start() -> Broker {
+        let cfg = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..Config::default()
+        };
+        let server = Server::bind(cfg).await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let broker = server.broker();
+        let handle = server.shutdown_handle();
+        let join = tokio::spawn(server.run());
+        Broker {
+            addr,
+            subscriptions: Box::new(move || broker.stats().subscriptions),
+            handle,
+            join,
+        }
+    }
+
+    /// Waits until the broker holds `n` subscriptions.
+    async fn wait_for_subscriptions(&self, n: usize) {
+        wait_until("the broker to show the subscription", || {
+            (self.subscriptions)() == n
+        })
+        .await;
+    }
+
+    /// `brokerctl --server ADDR args...`, not yet started.
+    fn ctl(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_brokerctl"));
+        cmd.arg("--server").arg(self.addr.to_string()).args(args);
+        cmd
+    }
+
+    async fn stop(self) {
+        self.handle.shutdown();
+        tokio::time::timeout(DEADLINE, self.join)
+            .await
+            .expect("broker shut down in time")
+            .expect("broker task did not panic")
+            .expect("broker run returned ok");
+    }
+}
+
+/// Polls `cond` until it holds; panics naming `what` after [`DEADLINE`].
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        sleep(POLL).await;
+    }
+}
+
+/// A started `brokerctl`; killed on drop if still running, so a failed test leaves no process.
+struct Running {
+    child: Child,
+    stdin: Option<JoinHandle<()>>,
+    stdout: Option<JoinHandle<Vec<u8>>>,
+    stderr: Option<JoinHandle<Vec<u8>>>,
+}
+
+/// What a finished `brokerctl` left behind.
+struct Finished {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Starts `cmd` with piped stdout and stderr, and stdin fed from `input` (empty when `None`).
+fn spawn(mut cmd: Command, input: Option<&[u8]>) -> Running {
+    cmd.stdin(if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("start brokerctl");
+    let stdin = input.map(|bytes| {
+        let bytes = bytes.to_vec();
+        let mut pipe = child.stdin.take().expect("piped stdin");
+        // Dropping the pipe at the end of the thread is the end of input.
+        std::thread::spawn(move || pipe.write_all(&bytes).expect("write stdin"))
+    });
+    let stdout = child.stdout.take().map(drain);
+    let stderr = child.stderr.take().map(drain);
+    Running {
+        child,
+        stdin,
+        stdout,
+        stderr,
+    }
+}
+
+fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        pipe.read_to_end(&mut buf).expect("read pipe");
+        buf
+    })
+}
+
+impl Running {
+    /// Waits for the process to exit, then collects its output.
+    async fn finish(mut self) -> Finished {
+        let deadline = Instant::now() + DEADLINE;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("poll brokerctl") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for brokerctl to exit"
+            );
+            sleep(POLL).await;
+        };
+        // The process is gone, so its pipes are closed and these threads end promptly.
+        if let Some(t) = self.stdin.take() {
+            t.join().expect("stdin writer");
+        }
+        let out = |t: Option<JoinHandle<Vec<u8>>>| {
+            String::from_utf8(
+                t.map(|t| t.join().expect("pipe reader"))
+                    .unwrap_or_default(),
+            )
+            .unwrap()
+        };
+        Finished {
+            status,
+            stdout: out(self.stdout.take()),
+            stderr: out(self.stderr.take()),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs `brokerctl` to completion.
+async fn run(cmd: Command, input: Option<&[u8]>) -> Finished {
+    spawn(cmd, input).finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sub_prints_what_pub_publishes() {
+    let broker = Broker::start().await;
+    let sub = spawn(broker.ctl(&["sub", "user.created", "--count", "2"]), None);
+    broker.wait_for_subscriptions(1).await;
+
+    let publ = run(
+        broker.ctl(&["pub", "user.created", "hello", "--count", "2"]),
+        None,
+    )
+    .await;
+    assert!(publ.status.success(), "pub failed: {}", publ.stderr);
+    assert!(
+        publ.stderr.contains("published 2 messages to user.created"),
+        "pub stderr: {}",
+        publ.stderr
+    );
+
+    let sub = sub.finish().await;
+    assert!(sub.status.success(), "sub failed: {}", sub.stderr);
+    assert_eq!(sub.stdout, "user.created hello\nuser.created hello\n");
+    assert_eq!(sub.stderr, "");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pub_reads_one_message_per_stdin_line() {
+    let broker = Broker::start().await;
+    let sub = spawn(broker.ctl(&["sub", "user.*", "--count", "4"]), None);
+    broker.wait_for_subscriptions(1).await;
+
+    // The last line has no newline and still counts; CRLF endings are stripped whole.
+    let input = b"alice\r\nbob\n\ncarol";
+    let publ = run(broker.ctl(&["pub", "user.created"]), Some(input)).await;
+    assert!(publ.status.success(), "pub failed: {}", publ.stderr);
+    assert!(
+        publ.stderr.contains("published 4 messages to user.created"),
+        "pub stderr: {}",
+        publ.stderr
+    );
+
+    let sub = sub.finish().await;
+    assert!(sub.status.success(), "sub failed: {}", sub.stderr);
+    assert_eq!(
+        sub.stdout,
+        "user.created alice\nuser.created bob\nuser.created \nuser.created carol\n"
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdin_lines_repeat_with_count() {
+    let broker = Broker::start().await;
+    let sub = spawn(broker.ctl(&["sub", "t", "--count", "4"]), None);
+    broker.wait_for_subscriptions(1).await;
+
+    let publ = run(broker.ctl(&["pub", "t", "--count", "2"]), Some(b"a\nb\n")).await;
+    assert!(publ.status.success(), "pub failed: {}", publ.stderr);
+
+    let sub = sub.finish().await;
+    assert_eq!(sub.stdout, "t a\nt a\nt b\nt b\n");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_reply_and_json() {
+    let broker = Broker::start().await;
+    let text = spawn(broker.ctl(&["sub", "order.>", "--count", "1"]), None);
+    let json = spawn(
+        broker.ctl(&["sub", "order.*", "--count", "1", "--json"]),
+        None,
+    );
+    broker.wait_for_subscriptions(2).await;
+
+    let publ = run(
+        broker.ctl(&[
+            "pub",
+            "order.placed",
+            "{\"id\":1}",
+            "--header",
+            "trace=abc",
+            "--header",
+            "kind=new",
+            "--reply",
+            "order.replies",
+        ]),
+        None,
+    )
+    .await;
+    assert!(publ.status.success(), "pub failed: {}", publ.stderr);
+
+    let text = text.finish().await;
+    assert_eq!(
+        text.stdout,
+        "order.placed [trace=abc, kind=new] {\"id\":1}\n"
+    );
+
+    let json = json.finish().await;
+    assert!(json.status.success(), "sub --json failed: {}", json.stderr);
+    assert_eq!(json.stdout.lines().count(), 1);
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).expect("valid json");
+    assert_eq!(v["topic"], "order.placed");
+    assert_eq!(v["payload"], "{\"id\":1}");
+    assert_eq!(v["payload_encoding"], "utf-8");
+    assert_eq!(v["seq"], 1);
+    assert_eq!(v["headers"]["trace"], "abc");
+    assert_eq!(v["headers"]["kind"], "new");
+    assert_eq!(v["reply"], "order.replies");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_reports_deliveries() {
+    let broker = Broker::start().await;
+    let sub = spawn(broker.ctl(&["sub", "t", "--count", "2"]), None);
+    broker.wait_for_subscriptions(1).await;
+
+    let publ = run(
+        broker.ctl(&["pub", "t", "x", "--count", "2", "--ack"]),
+        None,
+    )
+    .await;
+    assert!(publ.status.success(), "pub failed: {}", publ.stderr);
+    assert_eq!(
+        publ.stderr,
+        "delivered to 1 subscriber\ndelivered to 1 subscriber\npublished 2 messages to t\n"
+    );
+    sub.finish().await;
+
+    let nobody = run(broker.ctl(&["pub", "t", "x", "--ack"]), None).await;
+    assert_eq!(
+        nobody.stderr,
+        "delivered to 0 subscribers\npublished 1 message to t\n"
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sub_exits_quietly_when_stdout_closes() {
+    let broker = Broker::start().await;
+    let mut cmd = broker.ctl(&["sub", "t"]);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("start brokerctl");
+    // Closing the read end is what `| head` does once it has its lines.
+    drop(child.stdout.take());
+    let running = Running {
+        stderr: child.stderr.take().map(drain),
+        child,
+        stdin: None,
+        stdout: None,
+    };
+    broker.wait_for_subscriptions(1).await;
+
+    let publ = run(broker.ctl(&["pub", "t", "x"]), None).await;
+    assert!(publ.status.success(), "pub failed: {}", publ.stderr);
+
+    let sub = running.finish().await;
+    assert!(
+        sub.status.success(),
+        "sub exit: {:?}, stderr: {}",
+        sub.status,
+        sub.stderr
+    );
+    assert_eq!(sub.stderr, "");
+    broker.stop().await;
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sub_exits_cleanly_on_ctrl_c() {
+    let broker = Broker::start().await;
+    let sub = spawn(broker.ctl(&["sub", "t"]), None);
+    broker.wait_for_subscriptions(1).await;
+
+    let kill = Command::new("kill")
+        .args(["-INT", &sub.child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(kill.success());
+
+    let sub = sub.finish().await;
+    assert!(
+        sub.status.success(),
+        "sub exit: {:?}, stderr: {}",
+        sub.status,
+        sub.stderr
+    );
+    assert_eq!(sub.stdout, "");
+    broker.wait_for_subscriptions(0).await;
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sub_fails_when_the_broker_shuts_down() {
+    let broker = Broker::start().await;
+    let sub = spawn(broker.ctl(&["sub", "t"]), None);
+    broker.wait_for_subscriptions(1).await;
+    broker.stop().await;
+
+    let sub = sub.finish().await;
+    assert_eq!(sub.status.code(), Some(1), "stderr: {}", sub.stderr);
+    assert!(
+        sub.stderr.starts_with("brokerctl: "),
+        "stderr: {}",
+        sub.stderr
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_port_exits_1() {
+    // A port that was just free: bind it, note it, release it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = format!("127.0.0.1:{port}");
+    for args in [&["pub", "t", "x"][..], &["sub", "t"][..]] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_brokerctl"));
+        cmd.arg("--server").arg(&server).args(args);
+        let out = run(cmd, None).await;
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{args:?} stderr: {}",
+            out.stderr
+        );
+        assert!(
+            out.stderr
+                .starts_with(&format!("brokerctl: cannot connect to {server}")),
+            "{args:?} stderr: {}",
+            out.stderr
+        );
+        assert_eq!(out.stdout, "");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_comes_from_the_environment() {
+    let broker = Broker::start().await;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_brokerctl"));
+    cmd.env("BROKERD_SERVER", broker.addr.to_string())
+        .args(["pub", "t", "x"]);
+    let out = run(cmd, None).await;
+    assert!(out.status.success(), "stderr: {}", out.stderr);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_errors_exit_2() {
+    let cases: [&[&str]; 3] = [
+        &["pub"],
+        &["pub", "t", "x", "--count", "0"],
+        &["pub", "t", "x", "--header", "novalue"],
+    ];
+    for args in cases {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_brokerctl"));
+        cmd.args(args);
+        let out = run(cmd, None).await;
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?} stderr: {}",
+            out.stderr
+        );
+    }
+}
