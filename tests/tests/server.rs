@@ -13,6 +13,7 @@ fn sub(req_id: u32, sid: u32, filter: &str) -> Frame {
         req_id,
         sid,
         filter: filter.into(),
+        queue: None,
     })
 }
 

@@ -114,6 +114,12 @@ pub(crate) struct Inner {
     next_id: AtomicU32,
     pending: Mutex<HashMap<u32, oneshot::Sender<Reply>>>,
     subs: Mutex<HashMap<u32, SubEntry>>,
+    /// This connection's reply inbox prefix, subscribed on first use.
+    inbox: tokio::sync::OnceCell<String>,
+    /// The inbox subscription's id (0 until made).
+    inbox_sid: AtomicU32,
+    /// Requests waiting for their first reply, by the token ending their reply-to topic.
+    replies: Mutex<HashMap<u32, oneshot::Sender<Message>>>,
     info: Welcome,
     options: ConnectOptions,
 }
@@ -209,6 +215,9 @@ impl Client {
             next_id: AtomicU32::new(1),
             pending: Mutex::new(HashMap::new()),
             subs: Mutex::new(HashMap::new()),
+            inbox: tokio::sync::OnceCell::new(),
+            inbox_sid: AtomicU32::new(0),
+            replies: Mutex::new(HashMap::new()),
             info,
             options,
         });
@@ -233,7 +242,8 @@ impl Client {
     /// An invalid topic, a payload over the server's limit, or a closed connection. A refusal
     /// the server sends later (none is expected after these checks) is logged, not returned.
     pub async fn publish(&self, topic: &str, payload: impl AsRef<[u8]>) -> Result<(), Error> {
-        self.publish_with(topic, None, None, payload.as_ref(), false)
+        self.inner
+            .publish_with(topic, None, None, payload.as_ref(), false)
             .await
             .map(|_| ())
     }
@@ -249,7 +259,8 @@ impl Client {
         headers: Option<&Headers>,
         payload: impl AsRef<[u8]>,
     ) -> Result<(), Error> {
-        self.publish_with(topic, reply, headers, payload.as_ref(), false)
+        self.inner
+            .publish_with(topic, reply, headers, payload.as_ref(), false)
             .await
             .map(|_| ())
     }
@@ -266,7 +277,8 @@ impl Client {
         headers: Option<&Headers>,
         payload: impl AsRef<[u8]>,
     ) -> Result<u32, Error> {
-        self.publish_with(topic, reply, headers, payload.as_ref(), true)
+        self.inner
+            .publish_with(topic, reply, headers, payload.as_ref(), true)
             .await
     }
 
@@ -280,51 +292,9 @@ impl Client {
         topic: &str,
         payload: impl AsRef<[u8]>,
     ) -> Result<u32, Error> {
-        self.publish_with(topic, None, None, payload.as_ref(), true)
+        self.inner
+            .publish_with(topic, None, None, payload.as_ref(), true)
             .await
-    }
-
-    async fn publish_with(
-        &self,
-        topic: &str,
-        reply: Option<&str>,
-        headers: Option<&Headers>,
-        payload: &[u8],
-        ack: bool,
-    ) -> Result<u32, Error> {
-        Topic::new(topic).map_err(Error::InvalidTopic)?;
-        if let Some(r) = reply {
-            Topic::new(r).map_err(Error::InvalidTopic)?;
-        }
-        let max = self.inner.info.max_payload as usize;
-        if payload.len() > max {
-            return Err(Error::PayloadTooLarge {
-                len: payload.len(),
-                max,
-            });
-        }
-        let body = BodyBuilder {
-            topic,
-            reply,
-            headers,
-            payload,
-        };
-        if !body.fits() {
-            return Err(Error::Unexpected("a header is longer than 65535 bytes"));
-        }
-        let id = self.inner.next_id();
-        let rx = ack.then(|| self.inner.expect(id));
-        if let Err(e) = self.inner.send(|buf| encode_pub(buf, id, ack, &body)).await {
-            self.inner.pending.lock().remove(&id);
-            return Err(e);
-        }
-        match rx {
-            None => Ok(0),
-            Some(rx) => match self.inner.wait(rx).await? {
-                Reply::Ack(n) => Ok(n),
-                _ => Err(Error::Unexpected("expected ACK")),
-            },
-        }
     }
 
     /// Subscribes to `filter`. Once this returns, every message published afterwards that
@@ -333,6 +303,23 @@ impl Client {
     /// # Errors
     /// An invalid filter, the server's subscription limit, or a closed connection.
     pub async fn subscribe(&self, filter: &str) -> Result<Subscription, Error> {
+        self.subscribe_inner(filter, None).await
+    }
+
+    /// Subscribes to `filter` as a member of queue group `group`: of all the group's
+    /// subscriptions (on any connection) that match a message, exactly one receives it.
+    ///
+    /// # Errors
+    /// As [`Client::subscribe`], and an invalid group name.
+    pub async fn subscribe_queue(&self, filter: &str, group: &str) -> Result<Subscription, Error> {
+        self.subscribe_inner(filter, Some(group)).await
+    }
+
+    async fn subscribe_inner(
+        &self,
+        filter: &str,
+        queue: Option<&str>,
+    ) -> Result<Subscription, Error> {
         Filter::new(filter).map_err(Error::InvalidFilter)?;
         let sid = self.inner.next_id();
         let (tx, rx) = mpsc::channel(self.inner.options.subscription_capacity);
@@ -349,6 +336,7 @@ impl Client {
             req_id,
             sid,
             filter: filter.to_string(),
+            queue: queue.map(str::to_string),
         });
         let result = self.inner.request(req_id, frame).await;
         if let Err(e) = result {
@@ -359,10 +347,65 @@ impl Client {
             sid,
             filter: filter.to_string(),
             rx,
+            buffered: std::collections::VecDeque::new(),
             shared,
             client: self.inner.clone(),
             active: true,
         })
+    }
+
+    /// Sends a request and waits for the first reply, up to `timeout`.
+    ///
+    /// The request carries a reply-to topic under this connection's inbox (one wildcard
+    /// subscription per connection, made on the first request). When no subscription at all
+    /// matched the request, this fails at once with [`Error::NoResponders`] instead of waiting.
+    ///
+    /// # Errors
+    /// [`Error::NoResponders`], [`Error::Timeout`], an invalid topic, or a closed connection.
+    pub async fn request(
+        &self,
+        topic: &str,
+        payload: impl AsRef<[u8]>,
+        timeout: Duration,
+    ) -> Result<Message, Error> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let prefix = self.inner.inbox().await?;
+        let token = self.inner.next_id();
+        let reply_to = format!("{prefix}.{token}");
+        let (tx, rx) = oneshot::channel();
+        self.inner.replies.lock().insert(token, tx);
+        let forget = || {
+            self.inner.replies.lock().remove(&token);
+        };
+        let sent = tokio::time::timeout_at(
+            deadline,
+            self.inner
+                .publish_with(topic, Some(&reply_to), None, payload.as_ref(), true),
+        )
+        .await;
+        match sent {
+            Err(_) => {
+                forget();
+                return Err(Error::Timeout);
+            }
+            Ok(Err(e)) => {
+                forget();
+                return Err(e);
+            }
+            Ok(Ok(0)) => {
+                forget();
+                return Err(Error::NoResponders(topic.to_string()));
+            }
+            Ok(Ok(_)) => {}
+        }
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(msg)) => Ok(msg),
+            Ok(Err(_)) => Err(Error::Closed(self.inner.closed_reason())),
+            Err(_) => {
+                forget();
+                Err(Error::Timeout)
+            }
+        }
     }
 
     /// Waits until the server has processed everything this client sent before the call.
@@ -386,6 +429,74 @@ impl Client {
 }
 
 impl Inner {
+    pub(crate) async fn publish_with(
+        &self,
+        topic: &str,
+        reply: Option<&str>,
+        headers: Option<&Headers>,
+        payload: &[u8],
+        ack: bool,
+    ) -> Result<u32, Error> {
+        Topic::new(topic).map_err(Error::InvalidTopic)?;
+        if let Some(r) = reply {
+            Topic::new(r).map_err(Error::InvalidTopic)?;
+        }
+        let max = self.info.max_payload as usize;
+        if payload.len() > max {
+            return Err(Error::PayloadTooLarge {
+                len: payload.len(),
+                max,
+            });
+        }
+        let body = BodyBuilder {
+            topic,
+            reply,
+            headers,
+            payload,
+        };
+        if !body.fits() {
+            return Err(Error::Unexpected("a header is longer than 65535 bytes"));
+        }
+        let id = self.next_id();
+        let rx = ack.then(|| self.expect(id));
+        if let Err(e) = self.send(|buf| encode_pub(buf, id, ack, &body)).await {
+            self.pending.lock().remove(&id);
+            return Err(e);
+        }
+        match rx {
+            None => Ok(0),
+            Some(rx) => match self.wait(rx).await? {
+                Reply::Ack(n) => Ok(n),
+                _ => Err(Error::Unexpected("expected ACK")),
+            },
+        }
+    }
+
+    /// The inbox prefix, subscribing `PREFIX.*` on first use.
+    async fn inbox(&self) -> Result<&str, Error> {
+        let prefix = self
+            .inbox
+            .get_or_try_init(|| async {
+                let prefix = format!("_INBOX.{}", unique_token());
+                let sid = self.next_id();
+                let req_id = self.next_id();
+                self.inbox_sid.store(sid, Ordering::Relaxed);
+                let frame = Frame::Sub(Subscribe {
+                    req_id,
+                    sid,
+                    filter: format!("{prefix}.*"),
+                    queue: None,
+                });
+                if let Err(e) = self.request(req_id, frame).await {
+                    self.inbox_sid.store(0, Ordering::Relaxed);
+                    return Err(e);
+                }
+                Ok(prefix)
+            })
+            .await?;
+        Ok(prefix)
+    }
+
     fn next_id(&self) -> u32 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
@@ -499,6 +610,7 @@ impl Inner {
             }
         }
         self.pending.lock().clear();
+        self.replies.lock().clear();
         self.subs.lock().clear();
         self.data.notify_one();
         self.space.notify_waiters();
@@ -549,7 +661,7 @@ async fn read_task(inner: Arc<Inner>, mut rd: OwnedReadHalf, mut buf: BytesMut) 
 }
 
 /// Dispatches every complete frame in `buf`; `Err` carries why the connection must end.
-async fn read_frames(inner: &Inner, buf: &mut BytesMut) -> Result<(), String> {
+async fn read_frames(inner: &Arc<Inner>, buf: &mut BytesMut) -> Result<(), String> {
     loop {
         let frame = match decode(buf, usize::MAX) {
             Ok(Some(f)) => f,
@@ -558,11 +670,26 @@ async fn read_frames(inner: &Inner, buf: &mut BytesMut) -> Result<(), String> {
         };
         let reply = match frame {
             Frame::Msg(Msg { sid, seq, body }) => {
+                let msg = Message {
+                    sid,
+                    seq,
+                    body,
+                    client: inner.clone(),
+                };
+                if sid == inner.inbox_sid.load(Ordering::Relaxed) {
+                    let token = msg.topic().rsplit('.').next().and_then(|t| t.parse().ok());
+                    let waiter = token.and_then(|t: u32| inner.replies.lock().remove(&t));
+                    // Later replies to the same request, and replies after a timeout, are dropped.
+                    if let Some(w) = waiter {
+                        let _ = w.send(msg);
+                    }
+                    continue;
+                }
                 let tx = inner.subs.lock().get(&sid).map(|s| s.tx.clone());
                 if let Some(tx) = tx {
                     // Waiting here is deliberate: a reader that cannot keep up pushes back on the
                     // socket, and the server's overflow policy decides what is dropped.
-                    if tx.send(Message { sid, seq, body }).await.is_err() {
+                    if tx.send(msg).await.is_err() {
                         inner.forget(sid);
                     }
                 }
@@ -609,4 +736,17 @@ async fn read_frames(inner: &Inner, buf: &mut BytesMut) -> Result<(), String> {
             let _ = tx.send(reply.1);
         }
     }
+}
+
+/// A token unlikely to repeat across connections: the standard library's random hasher keys
+/// mixed with the time, in hex.
+fn unique_token() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    h.write_u128(nanos);
+    format!("{:016x}", h.finish())
 }

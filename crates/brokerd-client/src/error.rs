@@ -40,9 +40,15 @@ pub enum Error {
     /// The connection is closed; the text says why, as far as the client knows.
     #[error("connection closed: {0}")]
     Closed(String),
-    /// The server did not answer in time.
-    #[error("timed out waiting for the server")]
+    /// The server, or a responder, did not answer in time.
+    #[error("timed out")]
     Timeout,
+    /// A request matched no subscription, so nobody can answer it.
+    #[error("no responders for {0}")]
+    NoResponders(String),
+    /// [`crate::Message::respond`] on a message that carries no reply-to topic.
+    #[error("the message has no reply-to topic")]
+    NoReplyTo,
 }
 
 impl Error {

@@ -4,6 +4,7 @@ use crate::client::Inner;
 use brokerd_proto::{Body, Headers};
 use bytes::Bytes;
 use futures_core::Stream;
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,12 +12,22 @@ use std::task::{Context, Poll};
 use tokio::sync::mpsc;
 
 /// One delivered message.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Message {
     pub(crate) sid: u32,
     pub(crate) seq: u64,
     pub(crate) body: Body,
+    /// The connection it arrived on, for [`Message::respond`].
+    pub(crate) client: Arc<Inner>,
 }
+
+impl PartialEq for Message {
+    fn eq(&self, other: &Message) -> bool {
+        self.sid == other.sid && self.seq == other.seq && self.body == other.body
+    }
+}
+
+impl Eq for Message {}
 
 impl Message {
     /// The topic it was published to.
@@ -47,6 +58,18 @@ impl Message {
     /// Its sequence number within the subscription, from 1; a gap means messages were dropped.
     pub fn seq(&self) -> u64 {
         self.seq
+    }
+
+    /// Publishes `payload` to this message's reply-to topic, on the connection it arrived on.
+    ///
+    /// # Errors
+    /// [`crate::Error::NoReplyTo`] when the publisher set none, or a closed connection.
+    pub async fn respond(&self, payload: impl AsRef<[u8]>) -> Result<(), crate::Error> {
+        let reply = self.reply().ok_or(crate::Error::NoReplyTo)?;
+        self.client
+            .publish_with(reply, None, None, payload.as_ref(), false)
+            .await
+            .map(|_| ())
     }
 }
 
@@ -79,6 +102,8 @@ pub struct Subscription {
     pub(crate) sid: u32,
     pub(crate) filter: String,
     pub(crate) rx: mpsc::Receiver<Message>,
+    /// Messages taken off `rx` while an unsubscribe waited for its `OK`, yielded first.
+    pub(crate) buffered: VecDeque<Message>,
     pub(crate) shared: Arc<SubShared>,
     pub(crate) client: Arc<Inner>,
     pub(crate) active: bool,
@@ -87,12 +112,17 @@ pub struct Subscription {
 impl Subscription {
     /// The next message, or `None` once the subscription or connection has ended.
     pub async fn next(&mut self) -> Option<Message> {
+        if let Some(m) = self.buffered.pop_front() {
+            return Some(m);
+        }
         self.rx.recv().await
     }
 
     /// A message already buffered, without waiting.
     pub fn try_next(&mut self) -> Option<Message> {
-        self.rx.try_recv().ok()
+        self.buffered
+            .pop_front()
+            .or_else(|| self.rx.try_recv().ok())
     }
 
     /// The subscription id.
@@ -110,17 +140,30 @@ impl Subscription {
         self.shared.missed.load(Ordering::Relaxed)
     }
 
-    /// Ends the subscription and waits for the server to confirm. Messages already delivered
-    /// stay readable through [`Subscription::next`] until the stream ends.
+    /// Ends the subscription and waits for the server to confirm. Every message the server
+    /// queued for it before the confirmation stays readable through [`Subscription::next`], and
+    /// then the stream ends; none is lost, so a queue-group worker can leave without dropping work.
     ///
     /// # Errors
     /// The connection closed, or the server did not know the subscription.
     pub async fn unsubscribe(&mut self) -> Result<(), crate::Error> {
         self.active = false;
-        // Stop routing first: a reader blocked on this full stream must not hold up the OK.
+        let confirmed = self.client.unsubscribe(self.sid, 0);
+        tokio::pin!(confirmed);
+        // Keep taking deliveries while waiting: the connection's reader must never be stuck on
+        // this stream's full buffer, or the confirmation behind it could not arrive.
+        let result = loop {
+            tokio::select! {
+                r = &mut confirmed => break r,
+                Some(m) = self.rx.recv() => self.buffered.push_back(m),
+            }
+        };
         self.client.forget(self.sid);
         self.rx.close();
-        self.client.unsubscribe(self.sid, 0).await
+        while let Ok(m) = self.rx.try_recv() {
+            self.buffered.push_back(m);
+        }
+        result
     }
 
     /// Asks the server to end the subscription after `n` more matched messages (counting any it
@@ -138,6 +181,9 @@ impl Stream for Subscription {
     type Item = Message;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        if let Some(m) = self.buffered.pop_front() {
+            return Poll::Ready(Some(m));
+        }
         self.rx.poll_recv(cx)
     }
 }

@@ -6,7 +6,7 @@
 //! another is taken (see the lock order in `docs/architecture.md`).
 
 use crate::close::CloseReason;
-use crate::outbox::{Outbox, OutboxLimits};
+use crate::outbox::{Outbox, OutboxLimits, Push};
 use crate::sublist::{Sublist, SublistStats};
 use crate::subscription::{SubRef, Subscription};
 use brokerd_proto::topic::{is_reserved, validate_topic};
@@ -72,13 +72,18 @@ pub enum SubscribeError {
     /// The connection holds the maximum number of subscriptions.
     #[error("connection already holds the maximum of {0} subscriptions")]
     TooMany(usize),
+    /// The queue group name is empty, too long or contains whitespace.
+    #[error("invalid queue group name {0:?}")]
+    InvalidQueue(String),
 }
 
 impl SubscribeError {
     /// The `ERR` code for this refusal.
     pub fn code(&self) -> ErrorCode {
         match self {
-            SubscribeError::InvalidFilter(_) => ErrorCode::InvalidFilter,
+            SubscribeError::InvalidFilter(_) | SubscribeError::InvalidQueue(_) => {
+                ErrorCode::InvalidFilter
+            }
             SubscribeError::Duplicate(_) => ErrorCode::DuplicateSubscription,
             SubscribeError::TooMany(_) => ErrorCode::TooManySubscriptions,
         }
@@ -267,11 +272,39 @@ impl Broker {
     /// # Errors
     /// An invalid filter, a live duplicate id, or the per-connection limit.
     pub fn subscribe(&self, client: &Client, sid: u32, filter: &str) -> Result<(), SubscribeError> {
+        self.subscribe_queue(client, sid, filter, None)
+    }
+
+    /// Adds a subscription, as a member of queue group `queue` when given: among a group's
+    /// subscriptions matching a message, exactly one receives it.
+    ///
+    /// # Errors
+    /// As [`Broker::subscribe`], and an invalid queue group name.
+    pub fn subscribe_queue(
+        &self,
+        client: &Client,
+        sid: u32,
+        filter: &str,
+        queue: Option<&str>,
+    ) -> Result<(), SubscribeError> {
         let filter = Filter::with_limits(filter, &self.limits.topic)
             .map_err(SubscribeError::InvalidFilter)?;
+        let queue: Option<Arc<str>> = match queue {
+            None => None,
+            Some(q) => {
+                if q.is_empty()
+                    || q.len() > self.limits.topic.max_len
+                    || q.chars().any(char::is_whitespace)
+                {
+                    return Err(SubscribeError::InvalidQueue(q.to_string()));
+                }
+                Some(q.into())
+            }
+        };
         let sub = Arc::new(Subscription::new(
             sid,
             filter,
+            queue,
             client.id,
             client.outbox.clone(),
         ));
@@ -295,7 +328,8 @@ impl Broker {
         if let Some(old) = replaced {
             self.sublist.remove(&old.filter, &SubRef(old.clone()));
         }
-        self.sublist.insert(&sub.filter.clone(), SubRef(sub));
+        self.sublist
+            .insert_grouped(&sub.filter.clone(), sub.queue.clone(), SubRef(sub));
         Ok(())
     }
 
@@ -370,23 +404,65 @@ impl Broker {
         };
         let raw = &raw;
         let mut delivered = 0u32;
-        for sub in matches.iter() {
+        for sub in &matches.plain {
             if from.no_echo && sub.client_id == from.id {
                 continue;
             }
             let push = sub.outbox.push_msg(sub, raw);
-            if push.delivered() {
-                delivered += 1;
+            self.settle(sub, push, &mut delivered);
+        }
+        for group in &matches.groups {
+            self.deliver_to_group(from, &group.members, raw, &mut delivered);
+        }
+        Ok(delivered)
+    }
+
+    /// Gives a message to one member of a queue group: starting from a random member, the first
+    /// one whose outbox has room takes it. When every member is full, the starting member's
+    /// overflow policy decides, so the drop is counted and reported like any other.
+    fn deliver_to_group(
+        &self,
+        from: &Client,
+        members: &[SubRef],
+        raw: &Bytes,
+        delivered: &mut u32,
+    ) {
+        let eligible = |s: &SubRef| !(from.no_echo && s.client_id == from.id);
+        let n = members.len();
+        let start = random_below(n);
+        let mut first_eligible = None;
+        for i in 0..n {
+            let sub = &members[(start + i) % n];
+            if !eligible(sub) {
+                continue;
             }
-            if push.finished() {
-                if let Some(owner) = self.client(sub.client_id) {
-                    self.finish(&owner, &sub.0);
-                } else {
-                    self.sublist.remove(&sub.filter, sub);
+            first_eligible.get_or_insert(sub);
+            match sub.outbox.try_push_msg(sub, raw) {
+                None | Some(Push::Skipped) => {}
+                Some(push) => {
+                    self.settle(sub, push, delivered);
+                    return;
                 }
             }
         }
-        Ok(delivered)
+        if let Some(sub) = first_eligible {
+            let push = sub.outbox.push_msg(sub, raw);
+            self.settle(sub, push, delivered);
+        }
+    }
+
+    /// Counts a push and removes a subscription whose auto-unsubscribe allowance it used up.
+    fn settle(&self, sub: &SubRef, push: Push, delivered: &mut u32) {
+        if push.delivered() {
+            *delivered += 1;
+        }
+        if push.finished() {
+            if let Some(owner) = self.client(sub.client_id) {
+                self.finish(&owner, &sub.0);
+            } else {
+                self.sublist.remove(&sub.filter, sub);
+            }
+        }
     }
 
     /// The client with this id, if connected.
@@ -454,4 +530,29 @@ impl Broker {
         s.subscriptions = s.sublist.subscriptions;
         s
     }
+}
+
+/// A uniformly distributed index below `n` (which must be positive), from a per-thread
+/// xorshift generator seeded by the standard library's random hasher keys.
+fn random_below(n: usize) -> usize {
+    use std::cell::Cell;
+    use std::hash::{BuildHasher, Hasher};
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(
+            std::collections::hash_map::RandomState::new().build_hasher().finish() | 1,
+        );
+    }
+    if n <= 1 {
+        return 0;
+    }
+    let x = STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        x
+    });
+    // Multiply-shift maps the 64-bit value onto 0..n without the bias of a modulo.
+    ((u128::from(x) * n as u128) >> 64) as usize
 }

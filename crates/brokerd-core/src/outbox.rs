@@ -180,9 +180,27 @@ impl Outbox {
     /// Assigns the subscription's next sequence number whether or not the message is queued, so
     /// the subscriber sees every drop as a gap. Never blocks beyond the short queue lock.
     pub fn push_msg(&self, sub: &Subscription, body: &Bytes) -> Push {
+        self.push(sub, body, false).unwrap_or(Push::Skipped)
+    }
+
+    /// Offers one delivery for `sub` only if the outbox has room for it: `None` when it is full,
+    /// with nothing counted or dropped, so a queue group can offer the message to another member.
+    pub fn try_push_msg(&self, sub: &Subscription, body: &Bytes) -> Option<Push> {
+        self.push(sub, body, true)
+    }
+
+    fn push(&self, sub: &Subscription, body: &Bytes, only_if_room: bool) -> Option<Push> {
         let mut st = self.state.lock();
         if st.closing.is_some() || sub.dead.load(Ordering::Relaxed) {
-            return Push::Skipped;
+            return Some(Push::Skipped);
+        }
+        let cost = MSG_HEADER_LEN + body.len();
+        let fits = |st: &State| {
+            st.msgs == 0
+                || (st.msgs < self.limits.max_msgs && st.bytes + cost <= self.limits.max_bytes)
+        };
+        if only_if_room && !fits(&st) {
+            return None;
         }
         // The counters below are only written under this lock, so plain loads and stores suffice.
         let seq = sub.seq.load(Ordering::Relaxed) + 1;
@@ -197,21 +215,16 @@ impl Outbox {
                 n == 1
             }
         };
-        let cost = MSG_HEADER_LEN + body.len();
-        let fits = |st: &State| {
-            st.msgs == 0
-                || (st.msgs < self.limits.max_msgs && st.bytes + cost <= self.limits.max_bytes)
-        };
         if !fits(&st) {
             match self.policy {
                 OverflowPolicy::DropNew => {
                     *st.lost.entry(sub.sid).or_insert(0) += 1;
                     st.dropped += 1;
-                    return if last {
+                    return Some(if last {
                         Push::DroppedLast
                     } else {
                         Push::Dropped
-                    };
+                    });
                 }
                 OverflowPolicy::DropOld => {
                     // Evicting is only worth it if evicting every queued delivery would make room;
@@ -243,11 +256,11 @@ impl Outbox {
                         // Everything older is already with the writer: the new one goes instead.
                         *st.lost.entry(sub.sid).or_insert(0) += 1;
                         st.dropped += 1;
-                        return if last {
+                        return Some(if last {
                             Push::DroppedLast
                         } else {
                             Push::Dropped
-                        };
+                        });
                     }
                 }
                 OverflowPolicy::Disconnect => {
@@ -278,7 +291,7 @@ impl Outbox {
                     drop(st);
                     wake(w);
                     wake(r);
-                    return Push::Overflow;
+                    return Some(Push::Overflow);
                 }
             }
         }
@@ -293,7 +306,7 @@ impl Outbox {
         let w = st.writer.take();
         drop(st);
         wake(w);
-        if last { Push::QueuedLast } else { Push::Queued }
+        Some(if last { Push::QueuedLast } else { Push::Queued })
     }
 
     /// Ends `sub` after `max` more matched messages (queued or dropped); `0` ends it now.
@@ -437,7 +450,7 @@ mod tests {
     }
 
     fn sub(sid: u32, outbox: &Arc<Outbox>) -> Subscription {
-        Subscription::new(sid, Filter::new("t").unwrap(), 1, outbox.clone())
+        Subscription::new(sid, Filter::new("t").unwrap(), None, 1, outbox.clone())
     }
 
     /// A body of `len` bytes whose first byte is `tag`, so items can be told apart.

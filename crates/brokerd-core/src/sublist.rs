@@ -2,9 +2,11 @@
 //!
 //! Filters are stored token by token; each node has a slot for literal children, one for `*` and a
 //! list for subscriptions ending in `>`, so matching a topic is one walk that never scans filters
-//! linearly. Results are cached per topic in a bounded map. A subscribe or unsubscribe updates only
-//! the cached results whose topic its filter matches, copying those results (readers holding an
-//! older `Arc` keep a consistent snapshot); it never flushes the cache wholesale.
+//! linearly. Queue-group subscriptions live in the same nodes, tagged with their group, so plain
+//! and grouped subscriptions are found by the same walk; the result keeps them apart
+//! ([`MatchResult`]). Results are cached per topic in a bounded map. A subscribe or unsubscribe
+//! updates only the cached results whose topic its filter matches, copying those results (readers
+//! holding an older `Arc` keep a consistent snapshot); it never flushes the cache wholesale.
 //!
 //! Called by connection reader tasks (match on publish, insert on subscribe, remove on unsubscribe
 //! and disconnect). Runtime-free; the one lock here is a leaf (see `docs/architecture.md`).
@@ -17,7 +19,78 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use brokerd_proto::Filter;
 
 /// A shared, immutable match result.
-pub type Matches<T> = Arc<[T]>;
+pub type Matches<T> = Arc<MatchResult<T>>;
+
+/// The subscriptions matching one topic: each plain one receives the message; each queue group
+/// receives it once, through one of its members.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MatchResult<T> {
+    /// Plain subscriptions.
+    pub plain: Vec<T>,
+    /// Queue groups, each with the members whose filter matched.
+    pub groups: Vec<Group<T>>,
+}
+
+/// The matching members of one queue group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group<T> {
+    /// The group's name.
+    pub name: Arc<str>,
+    /// Its members whose filter matched; never empty.
+    pub members: Vec<T>,
+}
+
+impl<T> Default for MatchResult<T> {
+    fn default() -> Self {
+        MatchResult {
+            plain: Vec::new(),
+            groups: Vec::new(),
+        }
+    }
+}
+
+impl<T: Clone + PartialEq> MatchResult<T> {
+    /// Whether nothing matched.
+    pub fn is_empty(&self) -> bool {
+        self.plain.is_empty() && self.groups.is_empty()
+    }
+
+    /// Every matching subscription, plain and grouped.
+    pub fn all(&self) -> Vec<T> {
+        let mut v = self.plain.clone();
+        for g in &self.groups {
+            v.extend(g.members.iter().cloned());
+        }
+        v
+    }
+
+    fn add(&mut self, group: Option<&Arc<str>>, item: T) {
+        match group {
+            None => self.plain.push(item),
+            Some(name) => match self.groups.iter_mut().find(|g| &g.name == name) {
+                Some(g) => g.members.push(item),
+                None => self.groups.push(Group {
+                    name: name.clone(),
+                    members: vec![item],
+                }),
+            },
+        }
+    }
+
+    fn remove(&mut self, item: &T) {
+        if let Some(i) = self.plain.iter().position(|x| x == item) {
+            self.plain.remove(i);
+            return;
+        }
+        for g in &mut self.groups {
+            if let Some(i) = g.members.iter().position(|x| x == item) {
+                g.members.remove(i);
+                break;
+            }
+        }
+        self.groups.retain(|g| !g.members.is_empty());
+    }
+}
 
 /// Sublist statistics, for monitoring and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -34,13 +107,19 @@ pub struct SublistStats {
     pub cache_misses: u64,
 }
 
+/// One stored subscription and its queue group, if any.
+struct Entry<T> {
+    item: T,
+    group: Option<Arc<str>>,
+}
+
 struct Node<T> {
     literal: HashMap<Box<str>, Node<T>>,
     star: Option<Box<Node<T>>>,
     /// Subscriptions whose filter ends here exactly.
-    here: Vec<T>,
+    here: Vec<Entry<T>>,
     /// Subscriptions whose filter ends with `>` after this node.
-    tail: Vec<T>,
+    tail: Vec<Entry<T>>,
 }
 
 impl<T> Default for Node<T> {
@@ -99,8 +178,13 @@ impl<T: Clone + PartialEq> Sublist<T> {
         }
     }
 
-    /// Adds `item` under `filter`.
+    /// Adds a plain subscription `item` under `filter`.
     pub fn insert(&self, filter: &Filter, item: T) {
+        self.insert_grouped(filter, None, item);
+    }
+
+    /// Adds `item` under `filter`, as a member of queue group `group` when given.
+    pub fn insert_grouped(&self, filter: &Filter, group: Option<Arc<str>>, item: T) {
         let mut g = self.inner.write();
         let inner = &mut *g;
         let mut node = &mut inner.root;
@@ -122,18 +206,22 @@ impl<T: Clone + PartialEq> Sublist<T> {
                 node = node.literal.entry(token.into()).or_default();
             }
         }
+        let entry = Entry {
+            item: item.clone(),
+            group: group.clone(),
+        };
         if tail {
-            node.tail.push(item.clone());
+            node.tail.push(entry);
         } else {
-            node.here.push(item.clone());
+            node.here.push(entry);
         }
         inner.subscriptions += 1;
         inner.generation += 1;
         for (topic, result) in inner.cache.iter_mut() {
             if filter.matches(topic) {
-                let mut v = result.to_vec();
-                v.push(item.clone());
-                *result = v.into();
+                let mut r = MatchResult::clone(result);
+                r.add(group.as_ref(), item.clone());
+                *result = Arc::new(r);
             }
         }
     }
@@ -155,11 +243,9 @@ impl<T: Clone + PartialEq> Sublist<T> {
         inner.generation += 1;
         for (topic, result) in inner.cache.iter_mut() {
             if filter.matches(topic) {
-                let mut v = result.to_vec();
-                if let Some(i) = v.iter().position(|x| x == item) {
-                    v.remove(i);
-                }
-                *result = v.into();
+                let mut r = MatchResult::clone(result);
+                r.remove(item);
+                *result = Arc::new(r);
             }
         }
         true
@@ -172,13 +258,13 @@ impl<T: Clone + PartialEq> Sublist<T> {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return r.clone();
         }
-        let mut out = Vec::new();
+        let mut out = MatchResult::default();
         let tokens: Vec<&str> = topic.split('.').collect();
         collect(&g.root, &tokens, &mut out);
         let generation = g.generation;
         drop(g);
         self.misses.fetch_add(1, Ordering::Relaxed);
-        let result: Matches<T> = out.into();
+        let result = Arc::new(out);
         if self.cache_capacity > 0 {
             let mut w = self.inner.write();
             // A subscribe or unsubscribe in between would not have patched this result.
@@ -214,12 +300,17 @@ fn evict<T>(cache: &mut HashMap<Box<str>, Matches<T>>, capacity: usize) {
     }
 }
 
-fn collect<T: Clone>(node: &Node<T>, tokens: &[&str], out: &mut Vec<T>) {
+fn collect<T: Clone + PartialEq>(node: &Node<T>, tokens: &[&str], out: &mut MatchResult<T>) {
+    let add = |entries: &[Entry<T>], out: &mut MatchResult<T>| {
+        for e in entries {
+            out.add(e.group.as_ref(), e.item.clone());
+        }
+    };
     let Some((first, rest)) = tokens.split_first() else {
-        out.extend(node.here.iter().cloned());
+        add(&node.here, out);
         return;
     };
-    out.extend(node.tail.iter().cloned());
+    add(&node.tail, out);
     if let Some(child) = node.literal.get(*first) {
         collect(child, rest, out);
     }
@@ -234,7 +325,7 @@ fn remove_at<T: PartialEq>(
     item: &T,
     pruned: &mut usize,
 ) -> bool {
-    let take = |v: &mut Vec<T>| match v.iter().position(|x| x == item) {
+    let take = |v: &mut Vec<Entry<T>>| match v.iter().position(|x| &x.item == item) {
         Some(i) => {
             v.swap_remove(i);
             true
@@ -270,7 +361,6 @@ fn remove_at<T: PartialEq>(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -279,7 +369,7 @@ mod tests {
     }
 
     fn sorted(r: Matches<u32>) -> Vec<u32> {
-        let mut v = r.to_vec();
+        let mut v = r.all();
         v.sort();
         v
     }
@@ -351,8 +441,53 @@ mod tests {
         let s = Sublist::new(8);
         s.insert(&f(">"), 1);
         for i in 0..100 {
-            assert_eq!(s.matches(&format!("t.{i}")).len(), 1);
+            assert_eq!(s.matches(&format!("t.{i}")).all().len(), 1);
         }
         assert!(s.stats().cache_entries <= 8);
+    }
+}
+
+#[cfg(test)]
+mod group_tests {
+    use super::*;
+
+    fn f(s: &str) -> Filter {
+        Filter::new(s).unwrap()
+    }
+
+    #[test]
+    fn groups_are_kept_apart_and_merged_across_filters() {
+        for cap in [0, 16] {
+            let s = Sublist::new(cap);
+            let w: Arc<str> = "workers".into();
+            s.insert(&f("jobs.resize"), 1);
+            s.insert_grouped(&f("jobs.resize"), Some(w.clone()), 2);
+            s.insert_grouped(&f("jobs.*"), Some(w.clone()), 3);
+            s.insert_grouped(&f("jobs.>"), Some("auditors".into()), 4);
+            let r = s.matches("jobs.resize");
+            assert_eq!(r.plain, vec![1]);
+            let mut groups: Vec<(String, Vec<u32>)> = r
+                .groups
+                .iter()
+                .map(|g| {
+                    let mut m = g.members.clone();
+                    m.sort();
+                    (g.name.to_string(), m)
+                })
+                .collect();
+            groups.sort();
+            assert_eq!(
+                groups,
+                vec![("auditors".into(), vec![4]), ("workers".into(), vec![2, 3])]
+            );
+            // Removing a member patches the cached result; the emptied group disappears.
+            assert!(s.remove(&f("jobs.>"), &4));
+            assert_eq!(s.matches("jobs.resize").groups.len(), 1);
+            assert!(s.remove(&f("jobs.resize"), &2));
+            assert!(s.remove(&f("jobs.*"), &3));
+            let r = s.matches("jobs.resize");
+            assert!(r.groups.is_empty());
+            assert_eq!(r.plain, vec![1]);
+        }
     }
 }

@@ -16,6 +16,8 @@ pub struct Subscription {
     pub sid: u32,
     /// The filter it was made with.
     pub filter: Filter,
+    /// The queue group it belongs to, if any.
+    pub queue: Option<Arc<str>>,
     /// The owning connection's id.
     pub client_id: u64,
     /// The owning connection's outbox; dropping the last subscription does not close it.
@@ -30,10 +32,17 @@ pub struct Subscription {
 
 impl Subscription {
     /// A new subscription with no allowance limit.
-    pub fn new(sid: u32, filter: Filter, client_id: u64, outbox: Arc<Outbox>) -> Subscription {
+    pub fn new(
+        sid: u32,
+        filter: Filter,
+        queue: Option<Arc<str>>,
+        client_id: u64,
+        outbox: Arc<Outbox>,
+    ) -> Subscription {
         Subscription {
             sid,
             filter,
+            queue,
             client_id,
             outbox,
             seq: AtomicU64::new(0),

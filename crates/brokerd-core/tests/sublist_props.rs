@@ -185,7 +185,7 @@ fn run(ops: Vec<Op>) {
                 let want = expected_matches(&live, &topic);
                 for (list, cap) in lists.iter().zip(CAPACITIES) {
                     assert_eq!(
-                        sorted(&list.matches(&topic)),
+                        sorted(&list.matches(&topic).all()),
                         want,
                         "cache {cap}: topic {topic}, live {live:?}"
                     );

@@ -106,6 +106,8 @@ impl OverflowPolicy {
 pub const HELLO_NO_ECHO: u8 = 0x01;
 /// `PUB` flag: answer with an `ACK` carrying the delivered count.
 pub const PUB_ACK: u8 = 0x01;
+/// `SUB` flag: a queue group name follows the filter.
+pub const SUB_QUEUE: u8 = 0x01;
 
 /// `HELLO`: the client opens the session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,6 +171,8 @@ pub struct Subscribe {
     pub sid: u32,
     /// The filter text (syntax is checked by the server).
     pub filter: String,
+    /// Queue group: among the group's subscriptions that match a message, exactly one receives it.
+    pub queue: Option<String>,
 }
 
 /// `UNSUB`: end a subscription now (`max == 0`) or after `max` more messages.
@@ -297,8 +301,11 @@ impl Frame {
             Frame::Sub(s) => {
                 dst.put_u32(s.req_id);
                 dst.put_u32(s.sid);
-                dst.put_u8(0);
+                dst.put_u8(if s.queue.is_some() { SUB_QUEUE } else { 0 });
                 put_str16(dst, &s.filter);
+                if let Some(q) = &s.queue {
+                    put_str16(dst, q);
+                }
             }
             Frame::Unsub(u) => {
                 dst.put_u32(u.req_id);
@@ -539,15 +546,22 @@ fn parse(mut raw: Bytes) -> Result<Frame, DecodeError> {
         0x03 => {
             let req_id = f.u32("truncated request id")?;
             let sid = f.u32("truncated subscription id")?;
-            if f.u8("truncated flags")? != 0 {
+            let flags = f.u8("truncated flags")?;
+            if flags & !SUB_QUEUE != 0 {
                 return Err(f.short("undefined flag"));
             }
             let filter = f.string("truncated filter")?;
+            let queue = if flags & SUB_QUEUE != 0 {
+                Some(f.string("truncated queue group")?)
+            } else {
+                None
+            };
             f.end()?;
             Frame::Sub(Subscribe {
                 req_id,
                 sid,
                 filter,
+                queue,
             })
         }
         0x04 => {
@@ -658,6 +672,13 @@ mod tests {
             req_id: 3,
             sid: 9,
             filter: "a.*".into(),
+            queue: None,
+        }));
+        round_trip(Frame::Sub(Subscribe {
+            req_id: 3,
+            sid: 9,
+            filter: "jobs.>".into(),
+            queue: Some("workers".into()),
         }));
         round_trip(Frame::Unsub(Unsubscribe {
             req_id: 4,

@@ -111,13 +111,20 @@ fn frame() -> impl Strategy<Value = Frame> {
                 body: b.body(),
             })
         }),
-        (any::<u32>(), any::<u32>(), text()).prop_map(|(req_id, sid, filter)| {
-            Frame::Sub(Subscribe {
-                req_id,
-                sid,
-                filter,
-            })
-        }),
+        (
+            any::<u32>(),
+            any::<u32>(),
+            text(),
+            proptest::option::of(text())
+        )
+            .prop_map(|(req_id, sid, filter, queue)| {
+                Frame::Sub(Subscribe {
+                    req_id,
+                    sid,
+                    filter,
+                    queue,
+                })
+            }),
         (any::<u32>(), any::<u32>(), any::<u32>())
             .prop_map(|(req_id, sid, max)| Frame::Unsub(Unsubscribe { req_id, sid, max })),
         any::<u32>().prop_map(Frame::Ping),

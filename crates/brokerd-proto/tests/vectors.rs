@@ -141,6 +141,7 @@ fn expected() -> Vec<(&'static str, Frame)> {
                 req_id: 6,
                 sid: 1,
                 filter: "user.>".into(),
+                queue: None,
             }),
         ),
         (
@@ -149,6 +150,16 @@ fn expected() -> Vec<(&'static str, Frame)> {
                 req_id: 7,
                 sid: 2,
                 filter: "*.error".into(),
+                queue: None,
+            }),
+        ),
+        (
+            "sub_queue_group",
+            Frame::Sub(Subscribe {
+                req_id: 10,
+                sid: 3,
+                filter: "jobs.resize".into(),
+                queue: Some("workers".into()),
             }),
         ),
         (

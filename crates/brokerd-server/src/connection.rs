@@ -207,10 +207,12 @@ impl Reader<'_> {
                 Ok(_) => {}
                 Err(e) => self.error(req_id, e.code(), e.to_string()),
             },
-            Frame::Sub(s) => match broker.subscribe(self.client, s.sid, &s.filter) {
-                Ok(()) => self.reply(Frame::Ok(s.req_id)),
-                Err(e) => self.error(s.req_id, e.code(), e.to_string()),
-            },
+            Frame::Sub(s) => {
+                match broker.subscribe_queue(self.client, s.sid, &s.filter, s.queue.as_deref()) {
+                    Ok(()) => self.reply(Frame::Ok(s.req_id)),
+                    Err(e) => self.error(s.req_id, e.code(), e.to_string()),
+                }
+            }
             Frame::Unsub(u) => match broker.unsubscribe(self.client, u.sid, u.max) {
                 Ok(()) => self.reply(Frame::Ok(u.req_id)),
                 Err(e) => self.error(u.req_id, ErrorCode::UnknownSubscription, e.to_string()),
