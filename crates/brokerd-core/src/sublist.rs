@@ -55,6 +55,11 @@ impl<T: Clone + PartialEq> MatchResult<T> {
         self.plain.is_empty() && self.groups.is_empty()
     }
 
+    /// How many subscriptions matched, plain and grouped.
+    pub fn len(&self) -> usize {
+        self.plain.len() + self.groups.iter().map(|g| g.members.len()).sum::<usize>()
+    }
+
     /// Every matching subscription, plain and grouped.
     pub fn all(&self) -> Vec<T> {
         let mut v = self.plain.clone();

@@ -459,3 +459,42 @@ fn disconnect_removes_everything_and_counts_the_reason() {
     assert_eq!((st.msgs_in, st.deliveries), (2, 5));
     assert_eq!(st.closes.len(), CloseReason::NAMES.len());
 }
+
+#[test]
+fn queue_group_skips_full_members_and_counts_a_drop_only_when_all_are_full() {
+    let mut limits = Limits::default();
+    limits.outbox.max_msgs = 1;
+    let b = Broker::new(limits);
+    let w1 = connect(&b, "w1");
+    let w2 = connect(&b, "w2");
+    b.subscribe_queue(&w1, 1, "jobs", Some("workers")).unwrap();
+    b.subscribe_queue(&w2, 1, "jobs", Some("workers")).unwrap();
+    let p = connect(&b, "p");
+    // Each outbox holds one delivery: the second job must go to whichever member is not full.
+    assert_eq!(publish(&b, &p, "jobs"), 1);
+    assert_eq!(publish(&b, &p, "jobs"), 1);
+    assert_eq!(w1.outbox.stats().pending_msgs, 1);
+    assert_eq!(w2.outbox.stats().pending_msgs, 1);
+    // Both full: the message is dropped once, counted, and reported to one member.
+    assert_eq!(publish(&b, &p, "jobs"), 0);
+    assert_eq!(b.stats().dropped, 1);
+    let lost: u64 = [&w1, &w2]
+        .iter()
+        .flat_map(|c| drain_items(c))
+        .filter_map(|it| match it {
+            Item::Lost { missed, .. } => Some(missed),
+            _ => None,
+        })
+        .sum();
+    assert_eq!(lost, 1);
+}
+
+#[test]
+fn invalid_queue_group_names_are_refused() {
+    let b = broker();
+    let c = connect(&b, "c");
+    for bad in ["", "has space", &"q".repeat(300)] {
+        let e = b.subscribe_queue(&c, 1, "a", Some(bad)).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::InvalidFilter, "{bad:?}");
+    }
+}
