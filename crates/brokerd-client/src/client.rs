@@ -159,6 +159,17 @@ impl Client {
     /// # Errors
     /// The address cannot be reached, the server refuses the handshake (for example at its
     /// connection limit), or it does not answer within `options.connect_timeout`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), brokerd_client::Error> {
+    /// use brokerd_client::{Client, ConnectOptions, OverflowPolicy};
+    /// let opts = ConnectOptions::new("analytics").overflow(OverflowPolicy::DropOld);
+    /// let client = Client::connect("127.0.0.1:7654", opts).await?;
+    /// println!("connected to {}", client.server_info().server_id);
+    /// # Ok(()) }
+    /// ```
     pub async fn connect(
         addr: impl ToSocketAddrs,
         options: ConnectOptions,
@@ -287,6 +298,15 @@ impl Client {
     ///
     /// # Errors
     /// As [`Client::publish`], and any refusal from the server.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(client: brokerd_client::Client) -> Result<(), brokerd_client::Error> {
+    /// let n = client.publish_acked("order.created", r#"{"order_id":"ord-1"}"#).await?;
+    /// println!("order.created reached {n} subscribers");
+    /// # Ok(()) }
+    /// ```
     pub async fn publish_acked(
         &self,
         topic: &str,
@@ -302,6 +322,17 @@ impl Client {
     ///
     /// # Errors
     /// An invalid filter, the server's subscription limit, or a closed connection.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(client: brokerd_client::Client) -> Result<(), brokerd_client::Error> {
+    /// let mut errors = client.subscribe("*.error").await?;
+    /// while let Some(msg) = errors.next().await {
+    ///     println!("{}: {:?} (seq {})", msg.topic(), msg.payload(), msg.seq());
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn subscribe(&self, filter: &str) -> Result<Subscription, Error> {
         self.subscribe_inner(filter, None).await
     }
@@ -311,6 +342,18 @@ impl Client {
     ///
     /// # Errors
     /// As [`Client::subscribe`], and an invalid group name.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(client: brokerd_client::Client) -> Result<(), brokerd_client::Error> {
+    /// let mut jobs = client.subscribe_queue("jobs.resize", "resizers").await?;
+    /// while let Some(job) = jobs.next().await {
+    ///     // Only this worker of the `resizers` group got this job.
+    ///     # let _ = job;
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn subscribe_queue(&self, filter: &str, group: &str) -> Result<Subscription, Error> {
         self.subscribe_inner(filter, Some(group)).await
     }
@@ -362,6 +405,19 @@ impl Client {
     ///
     /// # Errors
     /// [`Error::NoResponders`], [`Error::Timeout`], an invalid topic, or a closed connection.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(client: brokerd_client::Client) -> Result<(), brokerd_client::Error> {
+    /// use std::time::Duration;
+    /// match client.request("price.quote", r#"{"sku":"mug"}"#, Duration::from_secs(2)).await {
+    ///     Ok(reply) => println!("quote: {:?}", reply.payload()),
+    ///     Err(brokerd_client::Error::NoResponders(_)) => println!("no pricing service is running"),
+    ///     Err(e) => return Err(e),
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn request(
         &self,
         topic: &str,
