@@ -1,7 +1,8 @@
-//! `brokerctl`, the command-line tool for brokerd: publish messages and watch subscriptions.
+//! `brokerctl`, the command-line tool for brokerd: publish messages, watch subscriptions, and
+//! measure a broker under load (`bench`, in [`bench`]).
 //!
-//! Each subcommand is one variant of [`Command`] and one `cmd_*` function; `bench` and `stats`
-//! are meant to slot in the same way. Everything here is a thin layer over `brokerd-client`:
+//! Each subcommand is one variant of [`Command`] and one `cmd_*` function; `stats` is meant to
+//! slot in the same way. Everything here is a thin layer over `brokerd-client`:
 //! this file parses arguments, reads stdin, formats messages and maps failures to exit codes
 //! (0 success, 1 runtime error reported as `brokerctl: <error>`, 2 usage error from clap). It
 //! does not retry, reconnect or buffer beyond what the client already does.
@@ -19,6 +20,8 @@ use std::fmt::Write as _;
 use std::io::{self, BufWriter, Write};
 use std::process::ExitCode;
 use tokio::io::AsyncBufReadExt;
+
+mod bench;
 
 /// Command-line arguments.
 #[derive(Debug, Parser)]
@@ -55,6 +58,8 @@ enum Command {
     Pub(PubArgs),
     /// Subscribe to a filter and print matching messages.
     Sub(SubArgs),
+    /// Measure a running broker: throughput, fan-out, many topics, latency.
+    Bench(bench::BenchArgs),
 }
 
 /// Arguments of `brokerctl pub`.
@@ -94,10 +99,18 @@ struct SubArgs {
 fn main() -> ExitCode {
     // Parsing comes before the runtime so usage errors exit 2 (clap's code) without starting one.
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let threads = match &cli.command {
+        Command::Bench(b) => b.threads(),
+        _ => 1,
+    };
+    let mut builder = if threads > 1 {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return fail(&anyhow::Error::new(e).context("cannot start the runtime")),
     };
@@ -142,6 +155,7 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Pub(args) => cmd_pub(&cli.global, args).await,
         Command::Sub(args) => cmd_sub(&cli.global, args).await,
+        Command::Bench(args) => bench::cmd_bench(&cli.global, args).await,
     }
 }
 

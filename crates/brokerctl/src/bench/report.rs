@@ -1,0 +1,395 @@
+//! What `brokerctl bench` reports: the result of one run, its JSON object and its table, the
+//! progress line, CPU accounting from `/proc`, and latency percentiles.
+//!
+//! Nothing here touches the network; `bench.rs` measures and fills in a [`Report`].
+
+use serde_json::json;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::time::{Duration, Instant};
+
+/// Clock ticks per second in `/proc/<pid>/stat` (`USER_HZ`, fixed at 100 in Linux's ABI).
+const USER_HZ: f64 = 100.0;
+
+/// The result of one run.
+#[derive(Debug)]
+pub(crate) struct Report {
+    pub(crate) scenario: &'static str,
+    pub(crate) size: usize,
+    /// `--duration`.
+    pub(crate) duration: Duration,
+    pub(crate) subs: u32,
+    pub(crate) topics: u32,
+    /// Messages per second asked for (latency scenario).
+    pub(crate) rate: Option<u64>,
+    pub(crate) sent: u64,
+    pub(crate) received: u64,
+    /// Sum of the `LOST` notices the subscribers got.
+    pub(crate) missed: u64,
+    /// Start of publishing to the confirmation (`pub`) or to the last delivery seen.
+    pub(crate) elapsed: Duration,
+    /// Start of publishing to the broker's `PONG` after the last message.
+    pub(crate) publish_elapsed: Duration,
+    pub(crate) threads: u16,
+    pub(crate) cpu: CpuShare,
+    pub(crate) latency: Option<Latency>,
+}
+
+impl Report {
+    /// Deliveries that never arrived: `sent * subs - received`.
+    pub(crate) fn lost(&self) -> u64 {
+        (self.sent * u64::from(self.subs)).saturating_sub(self.received)
+    }
+
+    /// The scenario's headline count: confirmed publishes for `pub`, deliveries otherwise.
+    fn counted(&self) -> u64 {
+        if self.subs == 0 {
+            self.sent
+        } else {
+            self.received
+        }
+    }
+
+    pub(crate) fn msgs_per_sec(&self) -> f64 {
+        per_sec(self.counted(), self.elapsed)
+    }
+
+    pub(crate) fn mb_per_sec(&self) -> f64 {
+        self.msgs_per_sec() * self.size as f64 / 1e6
+    }
+
+    /// The run as one JSON object.
+    pub(crate) fn json(&self) -> serde_json::Value {
+        let lat = self.latency.as_ref();
+        json!({
+            "scenario": self.scenario,
+            "size": self.size,
+            "duration_s": self.duration.as_secs_f64(),
+            "subs": self.subs,
+            "topics": self.topics,
+            "rate": self.rate,
+            "sent": self.sent,
+            "received": self.received,
+            "lost": self.lost(),
+            "missed": self.missed,
+            "elapsed_s": self.elapsed.as_secs_f64(),
+            "msgs_per_sec": self.msgs_per_sec().round(),
+            "mb_per_sec": round2(self.mb_per_sec()),
+            "publish_msgs_per_sec": per_sec(self.sent, self.publish_elapsed).round(),
+            "p50_us": lat.map(|l| l.p50_us),
+            "p99_us": lat.map(|l| l.p99_us),
+            "p999_us": lat.map(|l| l.p999_us),
+            "max_us": lat.map(|l| l.max_us),
+            "cores": cores(),
+            "tool_threads": self.threads,
+            "tool_cpu_pct": round2(self.cpu.tool_pct),
+            "broker_cpu_pct": self.cpu.broker_pct.map(round2),
+            "machine_cpu_pct": self.cpu.machine_pct.map(round2),
+        })
+    }
+
+    /// The run as a human-readable table, one line per figure.
+    pub(crate) fn table(&self) -> String {
+        let mut t = String::new();
+        let mut row = |k: &str, v: String| {
+            let _ = writeln!(t, "{k:<14} {v}");
+        };
+        let shape = match self.scenario {
+            "fanout" => format!(", {} subscribers", self.subs),
+            "topics" => format!(", {} topics", self.topics),
+            "latency" => format!(", {} msgs/s offered", self.rate.unwrap_or(0)),
+            _ => String::new(),
+        };
+        row(
+            "scenario",
+            format!("{} ({} B payload{shape})", self.scenario, self.size),
+        );
+        row(
+            "sent",
+            format!(
+                "{} in {:.2} s, confirmed by PONG ({}/s)",
+                group(self.sent),
+                self.publish_elapsed.as_secs_f64(),
+                si(per_sec(self.sent, self.publish_elapsed))
+            ),
+        );
+        if self.subs > 0 {
+            row("received", group(self.received));
+            row(
+                "lost",
+                format!(
+                    "{} (broker reported {} dropped)",
+                    group(self.lost()),
+                    group(self.missed)
+                ),
+            );
+        }
+        let unit = if self.subs == 0 {
+            "msgs/s"
+        } else {
+            "deliveries/s"
+        };
+        row(
+            "rate",
+            format!(
+                "{} {unit}, {:.1} MB/s payload, over {:.2} s",
+                si(self.msgs_per_sec()),
+                self.mb_per_sec(),
+                self.elapsed.as_secs_f64()
+            ),
+        );
+        if let Some(l) = &self.latency {
+            row(
+                "latency (us)",
+                format!(
+                    "p50 {:.1}  p99 {:.1}  p999 {:.1}  max {:.1}  ({} samples)",
+                    l.p50_us,
+                    l.p99_us,
+                    l.p999_us,
+                    l.max_us,
+                    group(l.samples)
+                ),
+            );
+        }
+        row(
+            "tool cpu",
+            format!(
+                "{:.0}% of one core ({} runtime thread{})",
+                self.cpu.tool_pct,
+                self.threads,
+                if self.threads == 1 { "" } else { "s" }
+            ),
+        );
+        if let Some(b) = self.cpu.broker_pct {
+            row("broker cpu", format!("{b:.0}% of one core"));
+        }
+        if let Some(m) = self.cpu.machine_pct {
+            row(
+                "machine cpu",
+                format!("{m:.0}% of one core, all processes ({} cores)", cores()),
+            );
+        }
+        t
+    }
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Latency {
+    pub(crate) p50_us: f64,
+    pub(crate) p99_us: f64,
+    pub(crate) p999_us: f64,
+    pub(crate) max_us: f64,
+    pub(crate) samples: u64,
+}
+
+impl Latency {
+    /// Percentiles (nearest rank) of `samples`, in nanoseconds; all zero when there are none.
+    pub(crate) fn from_samples(mut samples: Vec<u64>) -> Latency {
+        samples.sort_unstable();
+        let at = |q: f64| -> f64 {
+            if samples.is_empty() {
+                return 0.0;
+            }
+            let rank = (q * samples.len() as f64).ceil() as usize;
+            samples[rank.clamp(1, samples.len()) - 1] as f64 / 1000.0
+        };
+        Latency {
+            p50_us: round2(at(0.50)),
+            p99_us: round2(at(0.99)),
+            p999_us: round2(at(0.999)),
+            max_us: round2(at(1.0)),
+            samples: samples.len() as u64,
+        }
+    }
+}
+
+/// CPU used over a run, as a percentage of one core (above 100 with several threads busy).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CpuShare {
+    pub(crate) tool_pct: f64,
+    pub(crate) broker_pct: Option<f64>,
+    /// Every process on the machine, this one included (from `/proc/stat`): what is left after
+    /// the tool and the broker is other load competing for the same cores.
+    pub(crate) machine_pct: Option<f64>,
+}
+
+/// CPU time readings taken at the start of a run.
+#[derive(Debug)]
+pub(crate) struct CpuClock {
+    wall: Instant,
+    tool: Option<u64>,
+    broker_pid: Option<u32>,
+    broker: Option<u64>,
+    machine: Option<u64>,
+}
+
+impl CpuClock {
+    /// Reads this process's (and the broker's, given its pid) CPU time now.
+    pub(crate) fn start(broker_pid: Option<u32>) -> CpuClock {
+        CpuClock {
+            wall: Instant::now(),
+            tool: cpu_ticks("self"),
+            broker_pid,
+            broker: broker_pid.and_then(|p| cpu_ticks(&p.to_string())),
+            machine: machine_busy_ticks(),
+        }
+    }
+
+    /// The CPU used since [`CpuClock::start`], per wall-clock second. A process whose `/proc`
+    /// entry cannot be read reports 0 (tool) or nothing (broker).
+    pub(crate) fn stop(self) -> CpuShare {
+        let wall = self.wall.elapsed().as_secs_f64().max(1e-9);
+        let share = |before: Option<u64>, after: Option<u64>| -> Option<f64> {
+            let used = after?.checked_sub(before?)?;
+            Some(used as f64 / USER_HZ / wall * 100.0)
+        };
+        CpuShare {
+            tool_pct: share(self.tool, cpu_ticks("self")).unwrap_or(0.0),
+            broker_pct: self
+                .broker_pid
+                .and_then(|p| share(self.broker, cpu_ticks(&p.to_string()))),
+            machine_pct: share(self.machine, machine_busy_ticks()),
+        }
+    }
+}
+
+/// Busy time of all CPUs together from the first line of `/proc/stat`, in clock ticks: every
+/// field except `idle` and `iowait` (`guest` time is already inside `user`, so it is skipped).
+fn machine_busy_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    parse_machine_busy(stat.lines().next()?)
+}
+
+fn parse_machine_busy(line: &str) -> Option<u64> {
+    let mut fields = line.split_whitespace();
+    if fields.next()? != "cpu" {
+        return None;
+    }
+    let v: Vec<u64> = fields.map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice]
+    let get = |i: usize| v.get(i).copied().unwrap_or(0);
+    Some(get(0) + get(1) + get(2) + get(5) + get(6) + get(7))
+}
+
+/// User plus system time of `/proc/<pid>/stat`, in clock ticks.
+fn cpu_ticks(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_cpu_ticks(&stat)
+}
+
+/// Fields 14 (`utime`) and 15 (`stime`) of a `/proc/<pid>/stat` line. The command name (field
+/// 2) may contain spaces and parentheses, so fields are counted from its closing parenthesis.
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Rewrites the progress line on stderr.
+pub(crate) fn show_progress(
+    elapsed: Duration,
+    sent: u64,
+    sent_last_second: u64,
+    received: Option<(u64, u64)>,
+) {
+    let mut line = format!(
+        "\r{:>4.0}s  sent {} ({}/s)",
+        elapsed.as_secs_f64(),
+        group(sent),
+        si(sent_last_second as f64)
+    );
+    if let Some((total, last)) = received {
+        let _ = write!(line, "  received {} ({}/s)", group(total), si(last as f64));
+    }
+    line.push_str("   ");
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_all(line.as_bytes());
+    let _ = err.flush();
+}
+
+/// Ends the progress line so what follows starts on a fresh line.
+pub(crate) fn clear_progress() {
+    let _ = writeln!(std::io::stderr().lock());
+}
+
+/// Cores available to this process.
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+fn per_sec(n: u64, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64().max(1e-9)
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// `12345678` as `12,345,678`.
+fn group(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `4_150_000.0` as `4.15 M`.
+fn si(x: f64) -> String {
+    if x >= 1e6 {
+        format!("{:.2} M", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.1} k", x / 1e3)
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_after_a_command_with_spaces() {
+        let stat = "42 (a (b) c) S 1 42 42 0 -1 4194304 100 0 0 0 250 30 0 0 20 0 1 0";
+        assert_eq!(parse_cpu_ticks(stat), Some(280));
+    }
+
+    #[test]
+    fn machine_busy_skips_idle_and_iowait() {
+        let line = "cpu  100 2 30 5000 7 1 4 9 0 0";
+        assert_eq!(parse_machine_busy(line), Some(146));
+        assert_eq!(parse_machine_busy("cpu0 1 2 3"), None);
+    }
+
+    #[test]
+    fn own_cpu_is_readable() {
+        assert!(cpu_ticks("self").is_some());
+    }
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let l = Latency::from_samples((1..=1000).map(|i| i * 1000).collect());
+        assert_eq!(l.p50_us, 500.0);
+        assert_eq!(l.p99_us, 990.0);
+        assert_eq!(l.p999_us, 999.0);
+        assert_eq!(l.max_us, 1000.0);
+        assert_eq!(Latency::from_samples(Vec::new()).max_us, 0.0);
+    }
+
+    #[test]
+    fn number_formats() {
+        assert_eq!(group(0), "0");
+        assert_eq!(group(1234), "1,234");
+        assert_eq!(group(12_345_678), "12,345,678");
+        assert_eq!(si(4_150_000.0), "4.15 M");
+        assert_eq!(si(768_000.0), "768.0 k");
+    }
+}

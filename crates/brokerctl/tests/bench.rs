@@ -1,0 +1,204 @@
+//! Black-box tests of `brokerctl bench`: every scenario runs briefly against a real broker
+//! started in-process on `127.0.0.1:0`, and its `--json` output is checked for the documented
+//! fields and consistent counts. No figure is compared with a time or a rate: these are debug
+//! builds on a shared machine, and performance is measured by running the tool, not by tests.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use brokerd_server::{Config, Server, ShutdownHandle};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// How long any single run or shutdown may take before the test fails.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A running broker.
+struct Broker {
+    addr: SocketAddr,
+    /// Live subscriptions, from the broker's statistics (its type lives in `brokerd-core`).
+    subscriptions: Box<dyn Fn() -> usize + Send + Sync>,
+    handle: ShutdownHandle,
+    join: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Broker {
+    async fn start() -> Broker {
+        let cfg = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..Config::default()
+        };
+        let server = Server::bind(cfg).await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let broker = server.broker();
+        let handle = server.shutdown_handle();
+        let join = tokio::spawn(server.run());
+        Broker {
+            addr,
+            subscriptions: Box::new(move || broker.stats().subscriptions),
+            handle,
+            join,
+        }
+    }
+
+    /// Runs `brokerctl --server ADDR bench ARGS... --duration 300ms --json` to completion and
+    /// parses its stdout.
+    async fn bench(&self, args: &[&str]) -> Value {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_brokerctl"));
+        cmd.arg("--server")
+            .arg(self.addr.to_string())
+            .arg("bench")
+            .args(args)
+            .args(["--duration", "300ms", "--json"])
+            .stdin(Stdio::null());
+        // The child runs on a blocking thread so the broker's runtime keeps serving it.
+        let out = tokio::time::timeout(
+            DEADLINE,
+            tokio::task::spawn_blocking(move || cmd.output().unwrap()),
+        )
+        .await
+        .expect("bench finished in time")
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "bench {args:?} failed: {stderr}");
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("bench {args:?} printed no JSON ({e}); stderr: {stderr}"))
+    }
+
+    async fn stop(self) {
+        self.handle.shutdown();
+        tokio::time::timeout(DEADLINE, self.join)
+            .await
+            .expect("broker shut down in time")
+            .expect("broker task did not panic")
+            .expect("broker run returned ok");
+    }
+}
+
+fn u(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} is not an unsigned integer in {v}"))
+}
+
+fn f(v: &Value, key: &str) -> f64 {
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} is not a number in {v}"))
+}
+
+/// The fields every scenario reports, and the relations between them.
+fn check_common(v: &Value, scenario: &str, size: u64, subs: u64) {
+    assert_eq!(v["scenario"], scenario, "{v}");
+    assert_eq!(u(v, "size"), size, "{v}");
+    let (sent, received, lost) = (u(v, "sent"), u(v, "received"), u(v, "lost"));
+    assert!(sent > 0, "{v}");
+    assert_eq!(received + lost, sent * subs, "{v}");
+    assert!(f(v, "msgs_per_sec") > 0.0, "{v}");
+    assert!(f(v, "mb_per_sec") >= 0.0, "{v}");
+    assert!(f(v, "tool_cpu_pct") >= 0.0, "{v}");
+    if subs > 0 {
+        assert!(received > 0, "{v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pub_counts_confirmed_messages() {
+    let broker = Broker::start().await;
+    let v = broker.bench(&["pub"]).await;
+    check_common(&v, "pub", 16, 0);
+    assert_eq!(u(&v, "received"), 0);
+    assert!(v["p99_us"].is_null());
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_delivers_with_a_1k_payload() {
+    let broker = Broker::start().await;
+    let v = broker.bench(&["pubsub", "--size", "1024"]).await;
+    check_common(&v, "pubsub", 1024, 1);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_counts_every_delivery() {
+    let broker = Broker::start().await;
+    let v = broker.bench(&["fanout", "--subs", "3"]).await;
+    check_common(&v, "fanout", 16, 3);
+    assert_eq!(u(&v, "subs"), 3);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_round_robin_reaches_the_wildcard_subscriber() {
+    let broker = Broker::start().await;
+    let v = broker.bench(&["topics", "--topics", "100"]).await;
+    check_common(&v, "topics", 16, 1);
+    assert_eq!(u(&v, "topics"), 100);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_at_a_low_rate_loses_nothing() {
+    let broker = Broker::start().await;
+    let v = broker.bench(&["latency", "--rate", "200"]).await;
+    check_common(&v, "latency", 16, 1);
+    assert_eq!(u(&v, "lost"), 0, "{v}");
+    assert_eq!(u(&v, "missed"), 0, "{v}");
+    let (p50, p99, p999, max) = (
+        f(&v, "p50_us"),
+        f(&v, "p99_us"),
+        f(&v, "p999_us"),
+        f(&v, "max_us"),
+    );
+    assert!(p50 > 0.0 && p50 <= p99 && p99 <= p999 && p999 <= max, "{v}");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_needs_room_for_the_timestamp() {
+    let broker = Broker::start().await;
+    let out = Command::new(env!("CARGO_BIN_EXE_brokerctl"))
+        .args(["--server", &broker.addr.to_string()])
+        .args(["bench", "latency", "--size", "4", "--duration", "10ms"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--size 8"));
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hold_keeps_connections_and_subscriptions_until_it_ends() {
+    let broker = Broker::start().await;
+    let ready = std::env::temp_dir().join(format!("brokerctl-hold-{}", std::process::id()));
+    let _ = std::fs::remove_file(&ready);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_brokerctl"))
+        .args(["--server", &broker.addr.to_string()])
+        .args(["bench", "hold", "--conns", "5", "--subs-per-conn", "20"])
+        .args(["--hold", "2s", "--ready-file"])
+        .arg(&ready)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = tokio::time::Instant::now();
+    while !ready.exists() {
+        assert!(start.elapsed() < DEADLINE, "hold never became ready");
+        assert!(child.try_wait().unwrap().is_none(), "hold exited early");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Every SUB was confirmed before the ready file was written.
+    assert_eq!((broker.subscriptions)(), 100);
+    let status = tokio::time::timeout(
+        DEADLINE,
+        tokio::task::spawn_blocking(move || child.wait().unwrap()),
+    )
+    .await
+    .expect("hold finished in time")
+    .unwrap();
+    assert!(status.success());
+    let _ = std::fs::remove_file(&ready);
+    broker.stop().await;
+}
