@@ -1,12 +1,20 @@
 //! The end-to-end test harness: a real brokerd on `127.0.0.1:0`, stopped through the same
 //! shutdown path a signal takes, plus a raw protocol connection for tests that must send bytes
 //! the client library never would.
+//!
+//! Layout:
+//! - [`TestBroker`]: start, statistics, shutdown (timed or not).
+//! - [`RawConn`]: a socket driven frame by frame, including abrupt resets.
+//! - [`wire`]: client frames written byte by byte from `docs/protocol.md`, so that tests of the
+//!   wire protocol do not depend on how `brokerd-proto` lays out its structs.
+//! - [`wait_until`], [`Rng`], [`raise_fd_limit`]: deadlines, deterministic randomness, file
+//!   descriptors.
 
 // A test harness: failing loudly at the failing step is its job.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use brokerd_client::{Client, ConnectOptions};
-use brokerd_proto::{Frame, Hello, PROTOCOL_VERSION, decode};
+use brokerd_proto::{ErrorFrame, Frame, Hello, PROTOCOL_VERSION, decode};
 use brokerd_server::{Config, Server, ShutdownHandle};
 use bytes::BytesMut;
 use std::net::SocketAddr;
@@ -84,6 +92,21 @@ impl TestBroker {
         }
     }
 
+    /// How many connections have closed for the reason named `reason` (`write-timeout`, ...).
+    pub fn closes(&self, reason: &str) -> u64 {
+        let stats = self.broker.stats();
+        let found = stats.closes.iter().find(|(name, _)| *name == reason);
+        found.map(|(_, n)| *n).expect("a close reason name")
+    }
+
+    /// Waits until the broker counts exactly `n` connected clients.
+    pub async fn wait_for_connections(&self, n: usize) {
+        wait_until(&format!("{n} connections"), || {
+            self.broker.stats().connections == n
+        })
+        .await;
+    }
+
     /// Starts the graceful shutdown, as SIGTERM does, without waiting for it.
     pub fn begin_shutdown(&self) {
         self.handle.shutdown();
@@ -97,6 +120,20 @@ impl TestBroker {
             .expect("shutdown within the deadline")
             .expect("server task")
             .expect("server run");
+    }
+}
+
+impl TestBroker {
+    /// Waits for a shutdown already started by [`TestBroker::begin_shutdown`] to finish, failing
+    /// the test unless `run` returns `Ok` within `limit`; returns how long it took from the call.
+    pub async fn finish_shutdown(self, limit: Duration) -> Duration {
+        let start = tokio::time::Instant::now();
+        tokio::time::timeout(limit, self.join)
+            .await
+            .expect("server exits within the limit")
+            .expect("server task did not panic")
+            .expect("server run returned Ok");
+        start.elapsed()
     }
 }
 
@@ -130,6 +167,17 @@ impl RawConn {
         }
     }
 
+    /// Connects and completes a handshake asking for the overflow policy with wire value
+    /// `overflow` (0 = the server's default).
+    pub async fn handshake(addr: SocketAddr, name: &str, overflow: u8) -> RawConn {
+        let mut c = RawConn::connect(addr).await;
+        c.send_bytes(&wire::hello(1, name, overflow)).await;
+        match c.recv().await {
+            Some(Frame::Welcome(_)) => c,
+            other => panic!("expected WELCOME, got {other:?}"),
+        }
+    }
+
     /// Sends one frame.
     pub async fn send(&mut self, frame: &Frame) {
         self.send_bytes(&frame.to_bytes()).await;
@@ -138,6 +186,34 @@ impl RawConn {
     /// Sends arbitrary bytes.
     pub async fn send_bytes(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.expect("write");
+    }
+
+    /// Sends arbitrary bytes, reporting a failure instead of failing the test: for peers that
+    /// expect the server may already have closed the connection.
+    pub async fn try_send_bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await
+    }
+
+    /// The next frame, which must be an `ERR`; returns it.
+    pub async fn expect_err(&mut self) -> ErrorFrame {
+        match self.recv().await {
+            Some(Frame::Err(e)) => e,
+            other => panic!("expected ERR, got {other:?}"),
+        }
+    }
+
+    /// Expects the server to close the connection next (end of stream or reset), with nothing
+    /// more sent.
+    pub async fn expect_closed(&mut self) {
+        let next = self.recv().await;
+        assert_eq!(next, None, "expected the connection to close");
+    }
+
+    /// Ends the connection with a TCP reset instead of a clean close: `SO_LINGER` 0, then drop.
+    pub fn reset(self) {
+        // Setting SO_LINGER to zero cannot block: the close discards instead of lingering.
+        let _ = self.stream.set_zero_linger();
+        drop(self.stream);
     }
 
     /// The next frame, or `None` at end of stream; fails the test after [`DEADLINE`].
@@ -149,6 +225,7 @@ impl RawConn {
                     return Some(f);
                 }
                 match self.stream.read_buf(&mut self.buf).await {
+                    // A reset after the server's last frame is a close too.
                     Ok(0) | Err(_) => return None,
                     Ok(_) => {}
                 }
@@ -156,5 +233,166 @@ impl RawConn {
         })
         .await
         .expect("frame or close within the deadline")
+    }
+}
+
+/// Client frames encoded byte for byte as `docs/protocol.md` lays them out.
+pub mod wire {
+    fn frame(kind: u8, fields: &[u8]) -> Vec<u8> {
+        let len = u32::try_from(fields.len() + 1).expect("frame fits a u32 length");
+        let mut f = Vec::with_capacity(5 + fields.len());
+        f.extend_from_slice(&len.to_be_bytes());
+        f.push(kind);
+        f.extend_from_slice(fields);
+        f
+    }
+
+    fn str16(out: &mut Vec<u8>, s: &[u8]) {
+        let n = u16::try_from(s.len()).expect("str16 holds at most 65535 bytes");
+        out.extend_from_slice(&n.to_be_bytes());
+        out.extend_from_slice(s);
+    }
+
+    /// `HELLO` version 1 with overflow policy `overflow` (0 = the server's default).
+    pub fn hello(req_id: u32, name: &str, overflow: u8) -> Vec<u8> {
+        hello_version(req_id, 1, name, overflow)
+    }
+
+    /// `HELLO` with any version.
+    pub fn hello_version(req_id: u32, version: u16, name: &str, overflow: u8) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&req_id.to_be_bytes());
+        f.extend_from_slice(&version.to_be_bytes());
+        f.push(0);
+        f.push(overflow);
+        str16(&mut f, name.as_bytes());
+        frame(0x01, &f)
+    }
+
+    /// `SUB`; the filter is raw bytes so that tests can send invalid UTF-8.
+    pub fn sub(req_id: u32, sid: u32, filter: impl AsRef<[u8]>) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&req_id.to_be_bytes());
+        f.extend_from_slice(&sid.to_be_bytes());
+        f.push(0);
+        str16(&mut f, filter.as_ref());
+        frame(0x03, &f)
+    }
+
+    /// `UNSUB`.
+    pub fn unsub(req_id: u32, sid: u32, max: u32) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&req_id.to_be_bytes());
+        f.extend_from_slice(&sid.to_be_bytes());
+        f.extend_from_slice(&max.to_be_bytes());
+        frame(0x04, &f)
+    }
+
+    /// `PUB` without reply-to or headers; the topic is raw bytes so that tests can send invalid
+    /// UTF-8.
+    pub fn publish(req_id: u32, ack: bool, topic: impl AsRef<[u8]>, payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::with_capacity(16 + payload.len());
+        f.extend_from_slice(&req_id.to_be_bytes());
+        f.push(u8::from(ack));
+        f.push(0);
+        str16(&mut f, topic.as_ref());
+        f.extend_from_slice(payload);
+        frame(0x02, &f)
+    }
+
+    /// `PING`.
+    pub fn ping(token: u32) -> Vec<u8> {
+        frame(0x05, &token.to_be_bytes())
+    }
+
+    /// `PONG`.
+    pub fn pong(token: u32) -> Vec<u8> {
+        frame(0x06, &token.to_be_bytes())
+    }
+}
+
+/// A small deterministic generator (xorshift64*), so that a failing random input can be replayed
+/// from its seed.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator for `seed` (any value; 0 is remapped).
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    /// `n` random bytes.
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next_u64() as u8).collect()
+    }
+}
+
+/// Makes sure this process may open `want` file descriptors, raising its soft (and, when
+/// allowed, hard) `RLIMIT_NOFILE` with `prlimit(1)` on its own pid. Returns the soft limit in
+/// force, or why it could not be raised.
+pub fn raise_fd_limit(want: u64) -> Result<u64, String> {
+    let soft = nofile_soft_limit()?;
+    if soft >= want {
+        return Ok(soft);
+    }
+    let pid = std::process::id().to_string();
+    let out = std::process::Command::new("prlimit")
+        .args(["--pid", &pid, &format!("--nofile={want}:{want}")])
+        .output()
+        .map_err(|e| format!("cannot run prlimit: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "prlimit --nofile={want}:{want} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let soft = nofile_soft_limit()?;
+    if soft >= want {
+        Ok(soft)
+    } else {
+        Err(format!("soft RLIMIT_NOFILE is {soft} after prlimit"))
+    }
+}
+
+fn nofile_soft_limit() -> Result<u64, String> {
+    let limits = std::fs::read_to_string("/proc/self/limits")
+        .map_err(|e| format!("cannot read /proc/self/limits: {e}"))?;
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .ok_or("no 'Max open files' line in /proc/self/limits")?;
+    let soft = line
+        .split_whitespace()
+        .nth(3)
+        .ok_or("short 'Max open files' line")?;
+    if soft == "unlimited" {
+        return Ok(u64::MAX);
+    }
+    soft.parse()
+        .map_err(|e| format!("bad soft limit {soft:?}: {e}"))
+}
+
+/// A size from the environment variable `name`, for tests whose scale a script raises; `default`
+/// when unset.
+pub fn scale(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|e| panic!("{name}={v:?} is not a count: {e}")),
+        Err(_) => default,
     }
 }

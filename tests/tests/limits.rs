@@ -1,0 +1,241 @@
+//! Limits (issue 4): each is configurable, and exceeding it gets its own documented error code
+//! (`docs/protocol.md` section 5): max payload (5), max frame (4), topic length and token count
+//! (6 for a publish, 7 for a filter), subscriptions per connection (12), connections (14, an
+//! `ERR` rather than a reset), handshake timeout (15), keep-alive (17).
+//!
+//! Each test sets its limit well below the default so that it is cheap to reach, and checks that
+//! the connection stays open when the protocol says it does.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use brokerd_client::{Client, ConnectOptions};
+use brokerd_proto::{ErrorCode, Frame};
+use brokerd_tests::{RawConn, TestBroker, wait_until, wire};
+use std::time::Duration;
+
+fn code(c: ErrorCode) -> u16 {
+    c as u16
+}
+
+#[tokio::test]
+async fn payload_and_frame_limits() {
+    let b = TestBroker::with_config(|c| {
+        c.limits.max_payload = 1000;
+        c.limits.max_frame = 2000;
+    })
+    .await;
+    let mut c = RawConn::handshake(b.addr, "sizes", 0).await;
+    c.send_bytes(&wire::sub(1, 1, "size")).await;
+    assert_eq!(c.recv().await, Some(Frame::Ok(1)));
+
+    // The largest payload passes; one byte more is refused for that PUB only.
+    c.send_bytes(&wire::publish(2, true, "size", &[1; 1000]))
+        .await;
+    let Some(Frame::Msg(m)) = c.recv().await else {
+        panic!("expected MSG")
+    };
+    assert_eq!(m.body.payload().len(), 1000);
+    assert_eq!(
+        c.recv().await,
+        Some(Frame::Ack {
+            req_id: 2,
+            delivered: 1
+        })
+    );
+    c.send_bytes(&wire::publish(3, true, "size", &[1; 1001]))
+        .await;
+    let e = c.expect_err().await;
+    assert_eq!((e.req_id, e.code), (3, code(ErrorCode::PayloadTooLarge)));
+    c.send_bytes(&wire::ping(4)).await;
+    assert_eq!(
+        c.recv().await,
+        Some(Frame::Pong(4)),
+        "connection stays open"
+    );
+
+    // A frame of exactly max_frame is decoded (and then fails only on its payload) ...
+    let topic = "size";
+    let exact = 2000 - (6 + 1 + 2 + topic.len());
+    c.send_bytes(&wire::publish(5, true, topic, &vec![0; exact]))
+        .await;
+    let e = c.expect_err().await;
+    assert_eq!((e.req_id, e.code), (5, code(ErrorCode::PayloadTooLarge)));
+    // ... one byte more is fatal, and refused as soon as the length prefix arrives.
+    c.send_bytes(&2001u32.to_be_bytes()).await;
+    let e = c.expect_err().await;
+    assert_eq!((e.req_id, e.code), (0, code(ErrorCode::FrameTooLarge)));
+    c.expect_closed().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn topic_length_and_token_limits() {
+    let b = TestBroker::with_config(|c| {
+        c.limits.max_topic_len = 16;
+        c.limits.max_topic_tokens = 3;
+    })
+    .await;
+    let mut c = RawConn::handshake(b.addr, "topics", 0).await;
+    let long = "a".repeat(17);
+    let longest = "a".repeat(16);
+
+    c.send_bytes(&wire::sub(1, 1, &longest)).await;
+    assert_eq!(c.recv().await, Some(Frame::Ok(1)));
+    c.send_bytes(&wire::sub(2, 2, &long)).await;
+    let e = c.expect_err().await;
+    assert_eq!((e.req_id, e.code), (2, code(ErrorCode::InvalidFilter)));
+    c.send_bytes(&wire::sub(3, 3, "a.b.>")).await;
+    assert_eq!(c.recv().await, Some(Frame::Ok(3)));
+    c.send_bytes(&wire::sub(4, 4, "a.b.c.>")).await;
+    let e = c.expect_err().await;
+    assert_eq!((e.req_id, e.code), (4, code(ErrorCode::InvalidFilter)));
+
+    c.send_bytes(&wire::publish(5, true, &longest, b"x")).await;
+    assert!(matches!(c.recv().await, Some(Frame::Msg(_))));
+    assert!(matches!(c.recv().await, Some(Frame::Ack { req_id: 5, .. })));
+    c.send_bytes(&wire::publish(6, true, &long, b"x")).await;
+    let e = c.expect_err().await;
+    assert_eq!((e.req_id, e.code), (6, code(ErrorCode::InvalidTopic)));
+    c.send_bytes(&wire::publish(7, true, "a.b.c", b"x")).await;
+    assert!(matches!(c.recv().await, Some(Frame::Msg(_))));
+    assert!(matches!(c.recv().await, Some(Frame::Ack { req_id: 7, .. })));
+    c.send_bytes(&wire::publish(8, true, "a.b.c.d", b"x")).await;
+    let e = c.expect_err().await;
+    assert_eq!((e.req_id, e.code), (8, code(ErrorCode::InvalidTopic)));
+
+    c.send_bytes(&wire::ping(9)).await;
+    assert_eq!(
+        c.recv().await,
+        Some(Frame::Pong(9)),
+        "connection stays open"
+    );
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn subscriptions_per_connection_limit() {
+    let b = TestBroker::with_config(|c| c.limits.max_subs_per_connection = 3).await;
+    let mut c = RawConn::handshake(b.addr, "subs", 0).await;
+    for sid in 1..=3 {
+        c.send_bytes(&wire::sub(sid, sid, format!("s.{sid}"))).await;
+        assert_eq!(c.recv().await, Some(Frame::Ok(sid)));
+    }
+    c.send_bytes(&wire::sub(4, 4, "s.4")).await;
+    let e = c.expect_err().await;
+    assert_eq!(
+        (e.req_id, e.code),
+        (4, code(ErrorCode::TooManySubscriptions))
+    );
+    // Ending one makes room again; the limit counts live subscriptions.
+    c.send_bytes(&wire::unsub(5, 1, 0)).await;
+    assert_eq!(c.recv().await, Some(Frame::Ok(5)));
+    c.send_bytes(&wire::sub(6, 4, "s.4")).await;
+    assert_eq!(c.recv().await, Some(Frame::Ok(6)));
+    // The limit is per connection: another connection has its own.
+    let mut other = RawConn::handshake(b.addr, "other", 0).await;
+    other.send_bytes(&wire::sub(1, 1, "s.1")).await;
+    assert_eq!(other.recv().await, Some(Frame::Ok(1)));
+    assert_eq!(b.broker.stats().subscriptions, 4);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn connection_limit_answers_with_an_error_not_a_reset() {
+    let b = TestBroker::with_config(|c| c.limits.max_connections = 3).await;
+    let mut held = Vec::new();
+    for i in 0..3 {
+        held.push(RawConn::handshake(b.addr, &format!("held-{i}"), 0).await);
+    }
+    // A raw client that sends its HELLO at once, as a real client does.
+    for _ in 0..5 {
+        let mut c = RawConn::connect(b.addr).await;
+        c.send_bytes(&wire::hello(1, "over", 0)).await;
+        let e = c.expect_err().await;
+        assert_eq!((e.req_id, e.code), (0, code(ErrorCode::TooManyConnections)));
+        c.expect_closed().await;
+    }
+    // The client library reports it as a typed error.
+    let e = Client::connect(b.addr, ConnectOptions::new("library"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::TooManyConnections), "{e}");
+    assert_eq!(b.closes("too-many-connections"), 6);
+
+    // A slot freed is a slot available.
+    drop(held.pop());
+    wait_until("the freed slot", || b.broker.stats().connections == 2).await;
+    let mut again = RawConn::handshake(b.addr, "again", 0).await;
+    again.send_bytes(&wire::ping(1)).await;
+    assert_eq!(again.recv().await, Some(Frame::Pong(1)));
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn handshake_timeout_closes_with_its_error() {
+    let b = TestBroker::with_config(|c| c.timeouts.handshake = Duration::from_millis(200)).await;
+    // Silent after connecting.
+    let mut silent = RawConn::connect(b.addr).await;
+    // Half a HELLO: the timeout covers the whole handshake, not the first byte.
+    let mut partial = RawConn::connect(b.addr).await;
+    partial.send_bytes(&wire::hello(1, "slow", 0)[..6]).await;
+    for c in [&mut silent, &mut partial] {
+        let e = c.expect_err().await;
+        assert_eq!((e.req_id, e.code), (0, code(ErrorCode::HandshakeTimeout)));
+        c.expect_closed().await;
+    }
+    assert_eq!(b.closes("handshake-timeout"), 2);
+    // A prompt client is unaffected.
+    let c = b.client("prompt").await;
+    c.flush().await.unwrap();
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn keepalive_closes_connections_that_do_not_answer_pings() {
+    let b = TestBroker::with_config(|c| {
+        c.timeouts.ping_interval = Duration::from_millis(100);
+        c.timeouts.max_pings_outstanding = 2;
+    })
+    .await;
+    // A half-open peer: handshaken, then never sends another byte.
+    let mut mute = RawConn::handshake(b.addr, "mute", 0).await;
+    // A raw peer that answers every PING, for six of them.
+    let mut polite = RawConn::handshake(b.addr, "polite", 0).await;
+    let polite = tokio::spawn(async move {
+        for _ in 0..6 {
+            match polite.recv().await {
+                Some(Frame::Ping(t)) => polite.send_bytes(&wire::pong(t)).await,
+                other => panic!("expected PING, got {other:?}"),
+            }
+        }
+        polite
+    });
+    // The client library answers PINGs on its own.
+    let library = b.client("library").await;
+
+    let mut pings = Vec::new();
+    let e = loop {
+        match mute.recv().await {
+            Some(Frame::Ping(t)) => pings.push(t),
+            Some(Frame::Err(e)) => break e,
+            other => panic!("expected PING or ERR, got {other:?}"),
+        }
+    };
+    assert_eq!(
+        pings.len(),
+        2,
+        "max_pings_outstanding pings, then the close"
+    );
+    assert_eq!((e.req_id, e.code), (0, code(ErrorCode::KeepaliveTimeout)));
+    mute.expect_closed().await;
+
+    // Meanwhile the answering peers were pinged too, and stay.
+    let polite = polite.await.unwrap();
+    library.flush().await.unwrap();
+    let mut names: Vec<String> = b.broker.clients().iter().map(|c| c.name.clone()).collect();
+    names.sort();
+    assert_eq!(names, ["library", "polite"]);
+    assert_eq!(b.closes("keepalive-timeout"), 1);
+    drop(polite);
+    b.stop().await;
+}
