@@ -167,13 +167,34 @@ impl RawConn {
         }
     }
 
+    /// Connects from the loopback address `local` (any of 127.0.0.0/8), so that tests making
+    /// many short connections spread their `TIME_WAIT` sockets over several port spaces instead
+    /// of exhausting the one of 127.0.0.1.
+    pub async fn connect_from(addr: SocketAddr, local: std::net::IpAddr) -> RawConn {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+        socket
+            .bind(SocketAddr::new(local, 0))
+            .expect("bind a loopback source address");
+        let stream = socket.connect(addr).await.expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        RawConn {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
     /// Connects and completes a handshake asking for the overflow policy with wire value
     /// `overflow` (0 = the server's default).
     pub async fn handshake(addr: SocketAddr, name: &str, overflow: u8) -> RawConn {
-        let mut c = RawConn::connect(addr).await;
-        c.send_bytes(&wire::hello(1, name, overflow)).await;
-        match c.recv().await {
-            Some(Frame::Welcome(_)) => c,
+        RawConn::connect(addr).await.hello(name, overflow).await
+    }
+
+    /// Completes the handshake on a connection made without one.
+    pub async fn hello(mut self, name: &str, overflow: u8) -> RawConn {
+        self.send_bytes(&wire::hello(1, name, overflow)).await;
+        match self.recv().await {
+            Some(Frame::Welcome(_)) => self,
             other => panic!("expected WELCOME, got {other:?}"),
         }
     }
