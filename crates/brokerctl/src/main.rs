@@ -22,6 +22,7 @@ use std::process::ExitCode;
 use tokio::io::AsyncBufReadExt;
 
 mod bench;
+mod rpc;
 
 /// Command-line arguments.
 #[derive(Debug, Parser)]
@@ -60,6 +61,10 @@ enum Command {
     Sub(SubArgs),
     /// Measure a running broker: throughput, fan-out, many topics, latency.
     Bench(bench::BenchArgs),
+    /// Send a request and print the first reply.
+    Req(rpc::ReqArgs),
+    /// Answer requests with a fixed payload or a command's output.
+    Reply(rpc::ReplyArgs),
 }
 
 /// Arguments of `brokerctl pub`.
@@ -94,6 +99,9 @@ struct SubArgs {
     /// Print one JSON object per line instead of `TOPIC [HEADERS] PAYLOAD`.
     #[arg(long)]
     json: bool,
+    /// Join this queue group: each message goes to one member of the group.
+    #[arg(long, value_name = "GROUP")]
+    queue: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -156,6 +164,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Pub(args) => cmd_pub(&cli.global, args).await,
         Command::Sub(args) => cmd_sub(&cli.global, args).await,
         Command::Bench(args) => bench::cmd_bench(&cli.global, args).await,
+        Command::Req(args) => rpc::cmd_req(&cli.global, args).await,
+        Command::Reply(args) => rpc::cmd_reply(&cli.global, args).await,
     }
 }
 
@@ -276,7 +286,7 @@ async fn cmd_sub(global: &Global, args: SubArgs) -> Result<()> {
             r.context("cannot listen for ctrl-c")?;
             return Ok(());
         }
-        r = open_subscription(global, &args.filter) => r?,
+        r = open_subscription(global, &args.filter, args.queue.as_deref()) => r?,
     };
     let (client, mut sub) = opened;
     let format = if args.json {
@@ -345,12 +355,17 @@ async fn cmd_sub(global: &Global, args: SubArgs) -> Result<()> {
 }
 
 /// Connects and subscribes.
-async fn open_subscription(global: &Global, filter: &str) -> Result<(Client, Subscription)> {
+async fn open_subscription(
+    global: &Global,
+    filter: &str,
+    queue: Option<&str>,
+) -> Result<(Client, Subscription)> {
     let client = connect(global).await?;
-    let sub = client
-        .subscribe(filter)
-        .await
-        .with_context(|| format!("cannot subscribe to {filter}"))?;
+    let sub = match queue {
+        Some(group) => client.subscribe_queue(filter, group).await,
+        None => client.subscribe(filter).await,
+    }
+    .with_context(|| format!("cannot subscribe to {filter}"))?;
     Ok((client, sub))
 }
 

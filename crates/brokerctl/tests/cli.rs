@@ -450,3 +450,92 @@ async fn usage_errors_exit_2() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn req_gets_a_fixed_reply_and_a_command_reply() {
+    let broker = Broker::start().await;
+    let fixed = spawn(
+        broker.ctl(&["reply", "svc.ping", "pong", "--count", "1"]),
+        None,
+    );
+    let upper = spawn(
+        broker.ctl(&[
+            "reply",
+            "svc.upper",
+            "--command",
+            "tr a-z A-Z",
+            "--count",
+            "1",
+        ]),
+        None,
+    );
+    broker.wait_for_subscriptions(2).await;
+
+    let r = run(broker.ctl(&["req", "svc.ping", "anything"]), None).await;
+    assert!(r.status.success(), "req failed: {}", r.stderr);
+    assert_eq!(r.stdout, "pong\n");
+    let r = run(broker.ctl(&["req", "svc.upper", "shout"]), None).await;
+    assert!(r.status.success(), "req failed: {}", r.stderr);
+    assert_eq!(r.stdout, "SHOUT\n");
+
+    for responder in [fixed.finish().await, upper.finish().await] {
+        assert!(responder.status.success(), "{}", responder.stderr);
+        assert!(
+            responder.stderr.contains("answered 1 requests"),
+            "{}",
+            responder.stderr
+        );
+    }
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn req_to_nobody_says_no_responders() {
+    let broker = Broker::start().await;
+    let r = run(
+        broker.ctl(&["req", "nobody.home", "x", "--timeout", "1h"]),
+        None,
+    )
+    .await;
+    assert_eq!(r.status.code(), Some(1));
+    assert!(
+        r.stderr.contains("no responders for nobody.home"),
+        "{}",
+        r.stderr
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sub_queue_members_share_messages() {
+    let broker = Broker::start().await;
+    let a = spawn(
+        broker.ctl(&["sub", "jobs", "--queue", "w", "--count", "1"]),
+        None,
+    );
+    let b = spawn(
+        broker.ctl(&["sub", "jobs", "--queue", "w", "--count", "1"]),
+        None,
+    );
+    broker.wait_for_subscriptions(2).await;
+    // A group counts once: two members, one delivery.
+    let p = run(broker.ctl(&["pub", "jobs", "first", "--ack"]), None).await;
+    assert!(
+        p.stderr.contains("delivered to 1 subscriber\n"),
+        "{}",
+        p.stderr
+    );
+    // The member that took it exits; the next job can only go to the other one.
+    broker.wait_for_subscriptions(1).await;
+    let p = run(broker.ctl(&["pub", "jobs", "second", "--ack"]), None).await;
+    assert!(
+        p.stderr.contains("delivered to 1 subscriber\n"),
+        "{}",
+        p.stderr
+    );
+    let (a, b) = (a.finish().await, b.finish().await);
+    let mut lines = vec![a.stdout, b.stdout];
+    lines.sort();
+    assert_eq!(lines, vec!["jobs first\n", "jobs second\n"]);
+    broker.stop().await;
+}
