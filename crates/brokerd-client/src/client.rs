@@ -10,9 +10,10 @@ use crate::error::Error;
 use crate::subscription::{Message, SubShared, Subscription};
 use brokerd_proto::body::BodyBuilder;
 use brokerd_proto::frame::encode_pub;
+use brokerd_proto::topic::validate_topic;
 use brokerd_proto::{
     ErrorCode, Filter, Frame, Headers, Hello, Msg, OverflowPolicy, PROTOCOL_VERSION, Subscribe,
-    Topic, Unsubscribe, Welcome, decode,
+    TopicLimits, Unsubscribe, Welcome, decode,
 };
 use bytes::BytesMut;
 use parking_lot::Mutex;
@@ -493,9 +494,9 @@ impl Inner {
         payload: &[u8],
         ack: bool,
     ) -> Result<u32, Error> {
-        Topic::new(topic).map_err(Error::InvalidTopic)?;
+        validate_topic(topic, &TopicLimits::WIRE).map_err(Error::InvalidTopic)?;
         if let Some(r) = reply {
-            Topic::new(r).map_err(Error::InvalidTopic)?;
+            validate_topic(r, &TopicLimits::WIRE).map_err(Error::InvalidTopic)?;
         }
         let max = self.info.max_payload as usize;
         if payload.len() > max {
@@ -635,6 +636,22 @@ impl Inner {
 
     /// Appends to the write buffer, first waiting while it is over its limit.
     async fn send(&self, encode: impl FnOnce(&mut BytesMut)) -> Result<(), Error> {
+        // The common case, room in the buffer, appends without preparing to wait.
+        {
+            let mut w = self.write.lock();
+            if let Some(reason) = &w.closed {
+                return Err(Error::Closed(reason.clone()));
+            }
+            if w.buf.len() < self.options.write_buffer {
+                let was_empty = w.buf.is_empty();
+                encode(&mut w.buf);
+                drop(w);
+                if was_empty {
+                    self.data.notify_one();
+                }
+                return Ok(());
+            }
+        }
         loop {
             let space = self.space.notified();
             tokio::pin!(space);
@@ -699,8 +716,9 @@ async fn write_task(inner: Arc<Inner>, mut wr: OwnedWriteHalf) {
 }
 
 async fn read_task(inner: Arc<Inner>, mut rd: OwnedReadHalf, mut buf: BytesMut) {
+    let mut last = None;
     let reason = loop {
-        match read_frames(&inner, &mut buf).await {
+        match read_frames(&inner, &mut buf, &mut last).await {
             Ok(()) => {}
             Err(reason) => break reason,
         }
@@ -717,7 +735,13 @@ async fn read_task(inner: Arc<Inner>, mut rd: OwnedReadHalf, mut buf: BytesMut) 
 }
 
 /// Dispatches every complete frame in `buf`; `Err` carries why the connection must end.
-async fn read_frames(inner: &Arc<Inner>, buf: &mut BytesMut) -> Result<(), String> {
+/// `last` caches the sender of the subscription that received the previous message, so a run of
+/// deliveries for one subscription does not take the subscription map's lock for each.
+async fn read_frames(
+    inner: &Arc<Inner>,
+    buf: &mut BytesMut,
+    last: &mut Option<(u32, mpsc::Sender<Message>)>,
+) -> Result<(), String> {
     loop {
         let frame = match decode(buf, usize::MAX) {
             Ok(Some(f)) => f,
@@ -741,12 +765,25 @@ async fn read_frames(inner: &Arc<Inner>, buf: &mut BytesMut) -> Result<(), Strin
                     }
                     continue;
                 }
-                let tx = inner.subs.lock().get(&sid).map(|s| s.tx.clone());
-                if let Some(tx) = tx {
+                if last.as_ref().is_none_or(|(s, _)| *s != sid) {
+                    *last = inner.subs.lock().get(&sid).map(|s| (sid, s.tx.clone()));
+                }
+                let Some((_, tx)) = last.as_ref() else {
+                    continue;
+                };
+                match tx.try_send(msg) {
+                    Ok(()) => {}
                     // Waiting here is deliberate: a reader that cannot keep up pushes back on the
                     // socket, and the server's overflow policy decides what is dropped.
-                    if tx.send(msg).await.is_err() {
+                    Err(mpsc::error::TrySendError::Full(msg)) => {
+                        if tx.send(msg).await.is_err() {
+                            inner.forget(sid);
+                            *last = None;
+                        }
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
                         inner.forget(sid);
+                        *last = None;
                     }
                 }
                 continue;

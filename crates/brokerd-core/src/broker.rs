@@ -378,9 +378,14 @@ impl Broker {
             });
         }
         let topic = body.topic();
-        validate_topic(topic, &self.limits.topic).map_err(PublishError::InvalidTopic)?;
-        if is_reserved(topic) {
-            return Err(PublishError::Reserved);
+        // Only topics that passed the checks below are ever matched, hence ever cached: a cached
+        // topic needs no second check.
+        let cached = self.sublist.cached(topic);
+        if cached.is_none() {
+            validate_topic(topic, &self.limits.topic).map_err(PublishError::InvalidTopic)?;
+            if is_reserved(topic) {
+                return Err(PublishError::Reserved);
+            }
         }
         if let Some(reply) = body.reply() {
             validate_topic(reply, &self.limits.topic).map_err(PublishError::InvalidReply)?;
@@ -389,7 +394,10 @@ impl Broker {
         from.counters
             .bytes_in
             .fetch_add(payload as u64, Ordering::Relaxed);
-        let matches = self.sublist.matches(topic);
+        let matches = match cached {
+            Some(m) => m,
+            None => self.sublist.matches(topic),
+        };
         if matches.is_empty() {
             self.unrouted.fetch_add(1, Ordering::Relaxed);
             return Ok(0);

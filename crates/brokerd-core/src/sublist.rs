@@ -11,6 +11,7 @@
 //! Called by connection reader tasks (match on publish, insert on subscribe, remove on unsubscribe
 //! and disconnect). Runtime-free; the one lock here is a leaf (see `docs/architecture.md`).
 
+use foldhash::fast::RandomState;
 use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -118,8 +119,12 @@ struct Entry<T> {
     group: Option<Arc<str>>,
 }
 
+/// Topic-keyed maps hash with foldhash: several times faster than SipHash on short keys, and
+/// seeded per process, so a client cannot precompute colliding topics.
+type Map<V> = HashMap<Box<str>, V, RandomState>;
+
 struct Node<T> {
-    literal: HashMap<Box<str>, Node<T>>,
+    literal: Map<Node<T>>,
     star: Option<Box<Node<T>>>,
     /// Subscriptions whose filter ends here exactly.
     here: Vec<Entry<T>>,
@@ -130,7 +135,7 @@ struct Node<T> {
 impl<T> Default for Node<T> {
     fn default() -> Self {
         Node {
-            literal: HashMap::new(),
+            literal: Map::default(),
             star: None,
             here: Vec::new(),
             tail: Vec::new(),
@@ -153,7 +158,7 @@ struct Inner<T> {
     nodes: usize,
     /// Bumped by every insert and remove, so a result computed under an older trie is not cached.
     generation: u64,
-    cache: HashMap<Box<str>, Matches<T>>,
+    cache: Map<Matches<T>>,
 }
 
 /// A subscription trie with a bounded match cache.
@@ -175,7 +180,7 @@ impl<T: Clone + PartialEq> Sublist<T> {
                 subscriptions: 0,
                 nodes: 0,
                 generation: 0,
-                cache: HashMap::new(),
+                cache: Map::default(),
             }),
             cache_capacity,
             hits: AtomicU64::new(0),
@@ -222,13 +227,9 @@ impl<T: Clone + PartialEq> Sublist<T> {
         }
         inner.subscriptions += 1;
         inner.generation += 1;
-        for (topic, result) in inner.cache.iter_mut() {
-            if filter.matches(topic) {
-                let mut r = MatchResult::clone(result);
-                r.add(group.as_ref(), item.clone());
-                *result = Arc::new(r);
-            }
-        }
+        patch_cache(&mut inner.cache, filter, |r| {
+            r.add(group.as_ref(), item.clone())
+        });
     }
 
     /// Removes one entry equal to `item` under `filter`, pruning nodes left empty.
@@ -246,14 +247,19 @@ impl<T: Clone + PartialEq> Sublist<T> {
         }
         inner.subscriptions -= 1;
         inner.generation += 1;
-        for (topic, result) in inner.cache.iter_mut() {
-            if filter.matches(topic) {
-                let mut r = MatchResult::clone(result);
-                r.remove(item);
-                *result = Arc::new(r);
-            }
-        }
+        patch_cache(&mut inner.cache, filter, |r| r.remove(item));
         true
+    }
+
+    /// The cached result for `topic`, if it is cached. Only topics once passed to
+    /// [`Sublist::matches`] are ever cached, so a caller that validates topics before matching may
+    /// skip validating a topic found here.
+    pub fn cached(&self, topic: &str) -> Option<Matches<T>> {
+        let r = self.inner.read().cache.get(topic).cloned();
+        if r.is_some() {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
+        r
     }
 
     /// Every entry whose filter matches `topic` (a valid topic), in no particular order.
@@ -296,8 +302,34 @@ impl<T: Clone + PartialEq> Sublist<T> {
     }
 }
 
+/// Applies `change` to a copy of every cached result whose topic `filter` matches. A filter
+/// without wildcards matches exactly one topic, its own text, so it costs one lookup; a wildcard
+/// filter is tested against every cached topic.
+fn patch_cache<T: Clone + PartialEq>(
+    cache: &mut Map<Matches<T>>,
+    filter: &Filter,
+    mut change: impl FnMut(&mut MatchResult<T>),
+) {
+    let mut patch = |result: &mut Matches<T>| {
+        let mut r = MatchResult::clone(result);
+        change(&mut r);
+        *result = Arc::new(r);
+    };
+    if filter.is_literal() {
+        if let Some(result) = cache.get_mut(filter.as_str()) {
+            patch(result);
+        }
+        return;
+    }
+    for (topic, result) in cache.iter_mut() {
+        if filter.matches(topic) {
+            patch(result);
+        }
+    }
+}
+
 /// Frees an eighth of the cache (at least one entry), in the map's own order.
-fn evict<T>(cache: &mut HashMap<Box<str>, Matches<T>>, capacity: usize) {
+fn evict<T>(cache: &mut Map<Matches<T>>, capacity: usize) {
     let n = (capacity / 8).max(1);
     let victims: Vec<Box<str>> = cache.keys().take(n).cloned().collect();
     for k in victims {

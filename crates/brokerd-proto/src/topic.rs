@@ -64,6 +64,11 @@ pub enum TopicError {
 }
 
 fn check(s: &str, limits: &TopicLimits, wildcards: bool) -> Result<(), TopicError> {
+    if !wildcards && s.is_ascii() && !s.is_empty() && s.len() <= limits.max_len {
+        if let Some(r) = check_ascii_topic(s.as_bytes(), limits) {
+            return r;
+        }
+    }
     if s.is_empty() {
         return Err(TopicError::Empty);
     }
@@ -105,6 +110,30 @@ fn check(s: &str, limits: &TopicLimits, wildcards: bool) -> Result<(), TopicErro
         }
     }
     Ok(())
+}
+
+/// The common case of [`check`] in one pass over bytes: an ASCII topic. `None` means "ask the
+/// general check", which also produces the precise error.
+fn check_ascii_topic(b: &[u8], limits: &TopicLimits) -> Option<Result<(), TopicError>> {
+    let mut tokens = 1usize;
+    let mut token_len = 0usize;
+    for &c in b {
+        match c {
+            b'.' => {
+                if token_len == 0 {
+                    return None;
+                }
+                tokens += 1;
+                token_len = 0;
+            }
+            b'*' | b'>' | b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c => return None,
+            _ => token_len += 1,
+        }
+    }
+    if token_len == 0 || tokens > limits.max_tokens {
+        return None;
+    }
+    Some(Ok(()))
 }
 
 /// Checks that `s` is a valid topic under `limits`, without allocating.
@@ -209,6 +238,11 @@ impl Filter {
     /// The tokens, in order.
     pub fn tokens(&self) -> std::str::Split<'_, char> {
         self.0.split('.')
+    }
+
+    /// Whether the filter has no wildcard token, so that it matches exactly one topic: itself.
+    pub fn is_literal(&self) -> bool {
+        !self.tokens().any(|t| t == "*" || t == ">")
     }
 
     /// Whether this filter matches `topic`, by direct comparison of tokens.
