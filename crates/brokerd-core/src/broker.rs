@@ -7,7 +7,7 @@
 
 use crate::close::CloseReason;
 use crate::outbox::{Outbox, OutboxLimits, Push};
-use crate::sublist::{Sublist, SublistStats};
+use crate::sublist::{Matches, Sublist, SublistStats};
 use crate::subscription::{SubRef, Subscription};
 use brokerd_proto::topic::{is_reserved, validate_topic};
 use brokerd_proto::{Body, ErrorCode, Filter, OverflowPolicy, TopicError, TopicLimits};
@@ -17,6 +17,28 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use thiserror::Error;
+
+/// One connection's private memo of recent routes, so that publishing a topic again costs a hash
+/// lookup in memory only its own task touches. It is dropped wholesale whenever any subscription
+/// anywhere changes (the sublist's shared cache, which that does not flush, refills it).
+#[derive(Default)]
+pub struct RouteCache {
+    generation: u64,
+    map: HashMap<Box<str>, Matches<SubRef>, foldhash::fast::RandomState>,
+}
+
+impl RouteCache {
+    /// Topics remembered per connection before the memo starts over.
+    pub const CAPACITY: usize = 256;
+
+    /// An empty memo.
+    pub fn new() -> RouteCache {
+        RouteCache {
+            generation: u64::MAX,
+            map: HashMap::default(),
+        }
+    }
+}
 
 /// Bodies shorter than this are copied once out of the reader's buffer before queueing.
 pub const DETACH_BELOW: usize = 16 * 1024;
@@ -144,6 +166,8 @@ pub struct ClientCounters {
     pub frames_out: AtomicU64,
     /// Bytes written to the socket.
     pub bytes_out: AtomicU64,
+    /// `PUB` frames that matched no subscription.
+    pub unrouted: AtomicU64,
 }
 
 /// One connected client, after its handshake.
@@ -206,6 +230,7 @@ pub struct BrokerStats {
 
 #[derive(Default)]
 struct Retired {
+    unrouted: u64,
     msgs_in: u64,
     bytes_in: u64,
     deliveries: u64,
@@ -219,7 +244,6 @@ pub struct Broker {
     sublist: Sublist<SubRef>,
     clients: Mutex<HashMap<u64, Arc<Client>>>,
     next_id: AtomicU64,
-    unrouted: AtomicU64,
     retired: Mutex<Retired>,
 }
 
@@ -231,7 +255,6 @@ impl Broker {
             limits,
             clients: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
-            unrouted: AtomicU64::new(0),
             retired: Mutex::new(Retired::default()),
         }
     }
@@ -370,6 +393,20 @@ impl Broker {
     /// An invalid or reserved topic, an invalid reply-to, or a payload over the limit; nothing was
     /// routed.
     pub fn publish(&self, from: &Client, body: &Body) -> Result<u32, PublishError> {
+        self.publish_cached(from, body, &mut RouteCache::new())
+    }
+
+    /// [`Broker::publish`] with the publishing connection's own [`RouteCache`], which answers a
+    /// repeated topic without taking any shared lock.
+    ///
+    /// # Errors
+    /// As [`Broker::publish`].
+    pub fn publish_cached(
+        &self,
+        from: &Client,
+        body: &Body,
+        routes: &mut RouteCache,
+    ) -> Result<u32, PublishError> {
         let payload = body.payload_len();
         if payload > self.limits.max_payload {
             return Err(PublishError::PayloadTooLarge {
@@ -378,28 +415,47 @@ impl Broker {
             });
         }
         let topic = body.topic();
-        // Only topics that passed the checks below are ever matched, hence ever cached: a cached
-        // topic needs no second check.
-        let cached = self.sublist.cached(topic);
-        if cached.is_none() {
-            validate_topic(topic, &self.limits.topic).map_err(PublishError::InvalidTopic)?;
-            if is_reserved(topic) {
-                return Err(PublishError::Reserved);
+        let generation = self.sublist.generation();
+        if routes.generation != generation {
+            routes.map.clear();
+            routes.generation = generation;
+        }
+        if !routes.map.contains_key(topic) {
+            // Only topics that passed the checks below are ever matched, hence ever cached: a
+            // cached topic, here or in the sublist, needs no second check.
+            let matches = match self.sublist.cached(topic) {
+                Some(m) => m,
+                None => {
+                    validate_topic(topic, &self.limits.topic)
+                        .map_err(PublishError::InvalidTopic)?;
+                    if is_reserved(topic) {
+                        return Err(PublishError::Reserved);
+                    }
+                    self.sublist.matches(topic)
+                }
+            };
+            if routes.map.len() >= RouteCache::CAPACITY {
+                routes.map.clear();
             }
+            routes.map.insert(topic.into(), matches);
         }
         if let Some(reply) = body.reply() {
             validate_topic(reply, &self.limits.topic).map_err(PublishError::InvalidReply)?;
         }
-        from.counters.msgs_in.fetch_add(1, Ordering::Relaxed);
-        from.counters
-            .bytes_in
-            .fetch_add(payload as u64, Ordering::Relaxed);
-        let matches = match cached {
-            Some(m) => m,
-            None => self.sublist.matches(topic),
+        // Only this connection's task writes its counters: a load and a store, no locked add.
+        let c = &from.counters;
+        c.msgs_in
+            .store(c.msgs_in.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        c.bytes_in.store(
+            c.bytes_in.load(Ordering::Relaxed) + payload as u64,
+            Ordering::Relaxed,
+        );
+        let Some(matches) = routes.map.get(topic) else {
+            return Ok(0);
         };
         if matches.is_empty() {
-            self.unrouted.fetch_add(1, Ordering::Relaxed);
+            c.unrouted
+                .store(c.unrouted.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
             return Ok(0);
         }
         // A small body would otherwise pin the whole read buffer it was decoded from for as long
@@ -496,6 +552,7 @@ impl Broker {
             let out = client.outbox.stats();
             let mut r = self.retired.lock();
             r.msgs_in += client.counters.msgs_in.load(Ordering::Relaxed);
+            r.unrouted += client.counters.unrouted.load(Ordering::Relaxed);
             r.bytes_in += client.counters.bytes_in.load(Ordering::Relaxed);
             r.deliveries += out.queued;
             r.dropped += out.dropped;
@@ -519,7 +576,7 @@ impl Broker {
             bytes_in: r.bytes_in,
             deliveries: r.deliveries,
             dropped: r.dropped,
-            unrouted: self.unrouted.load(Ordering::Relaxed),
+            unrouted: r.unrouted,
             closes: CloseReason::NAMES
                 .iter()
                 .map(|n| (*n, r.closes.get(n).copied().unwrap_or(0)))
@@ -531,6 +588,7 @@ impl Broker {
         for c in clients {
             let out = c.outbox.stats();
             s.msgs_in += c.counters.msgs_in.load(Ordering::Relaxed);
+            s.unrouted += c.counters.unrouted.load(Ordering::Relaxed);
             s.bytes_in += c.counters.bytes_in.load(Ordering::Relaxed);
             s.deliveries += out.queued;
             s.dropped += out.dropped;

@@ -14,7 +14,7 @@ pub mod sublist;
 pub mod subscription;
 
 pub use broker::{
-    Broker, BrokerStats, Client, Limits, PublishError, SubscribeError, UnsubscribeError,
+    Broker, BrokerStats, Client, Limits, PublishError, RouteCache, SubscribeError, UnsubscribeError,
 };
 pub use close::CloseReason;
 pub use outbox::{Item, Outbox, OutboxLimits, OutboxStats, Push, Take};

@@ -166,6 +166,8 @@ struct Inner<T> {
 /// `T` is the subscription handle; two handles are the same subscription when they compare equal.
 pub struct Sublist<T> {
     inner: RwLock<Inner<T>>,
+    /// `Inner::generation`, readable without the lock: stored after every change, under it.
+    generation: AtomicU64,
     cache_capacity: usize,
     hits: AtomicU64,
     misses: AtomicU64,
@@ -182,6 +184,7 @@ impl<T: Clone + PartialEq> Sublist<T> {
                 generation: 0,
                 cache: Map::default(),
             }),
+            generation: AtomicU64::new(0),
             cache_capacity,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
@@ -227,6 +230,7 @@ impl<T: Clone + PartialEq> Sublist<T> {
         }
         inner.subscriptions += 1;
         inner.generation += 1;
+        self.generation.store(inner.generation, Ordering::Release);
         patch_cache(&mut inner.cache, filter, |r| {
             r.add(group.as_ref(), item.clone())
         });
@@ -247,8 +251,15 @@ impl<T: Clone + PartialEq> Sublist<T> {
         }
         inner.subscriptions -= 1;
         inner.generation += 1;
+        self.generation.store(inner.generation, Ordering::Release);
         patch_cache(&mut inner.cache, filter, |r| r.remove(item));
         true
+    }
+
+    /// A number that changes whenever a subscription is added or removed. A result obtained while
+    /// it had some value is current for as long as it keeps that value.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// The cached result for `topic`, if it is cached. Only topics once passed to

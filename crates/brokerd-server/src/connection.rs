@@ -9,7 +9,7 @@
 
 use crate::server::Shared;
 use crate::writer;
-use brokerd_core::{Client, CloseReason};
+use brokerd_core::{Client, CloseReason, RouteCache};
 use brokerd_proto::{
     DecodeError, ErrorCode, ErrorFrame, Frame, Hello, PROTOCOL_VERSION, Publish, Welcome, decode,
 };
@@ -183,6 +183,8 @@ async fn read_hello(
 struct Reader<'a> {
     client: &'a Client,
     shared: &'a Shared,
+    /// This connection's memo of recent routes.
+    routes: RouteCache,
 }
 
 impl Reader<'_> {
@@ -199,14 +201,16 @@ impl Reader<'_> {
     }
 
     /// Acts on one frame; `Err` ends the connection after the `ERR` already queued.
-    fn handle(&self, frame: Frame, pings_outstanding: &mut u32) -> Result<(), CloseReason> {
+    fn handle(&mut self, frame: Frame, pings_outstanding: &mut u32) -> Result<(), CloseReason> {
         let broker = &self.shared.broker;
         match frame {
-            Frame::Pub(Publish { req_id, ack, body }) => match broker.publish(self.client, &body) {
-                Ok(delivered) if ack => self.reply(Frame::Ack { req_id, delivered }),
-                Ok(_) => {}
-                Err(e) => self.error(req_id, e.code(), e.to_string()),
-            },
+            Frame::Pub(Publish { req_id, ack, body }) => {
+                match broker.publish_cached(self.client, &body, &mut self.routes) {
+                    Ok(delivered) if ack => self.reply(Frame::Ack { req_id, delivered }),
+                    Ok(_) => {}
+                    Err(e) => self.error(req_id, e.code(), e.to_string()),
+                }
+            }
             Frame::Sub(s) => {
                 match broker.subscribe_queue(self.client, s.sid, &s.filter, s.queue.as_deref()) {
                     Ok(()) => self.reply(Frame::Ok(s.req_id)),
@@ -255,7 +259,11 @@ async fn read_loop(
     shared: &Shared,
     conn: &CancellationToken,
 ) -> ReadEnd {
-    let reader = Reader { client, shared };
+    let mut reader = Reader {
+        client,
+        shared,
+        routes: RouteCache::new(),
+    };
     let max_frame = shared.config.limits.max_frame;
     let interval = shared.config.timeouts.ping_interval;
     let max_pings = shared.config.timeouts.max_pings_outstanding;
