@@ -229,6 +229,8 @@ async fn stalled_subscriber(policy: OverflowPolicy) -> (u64, u64, Option<Frame>)
     let b = TestBroker::with_config(|c| {
         c.outbound.max_pending_msgs = 8;
         c.outbound.overflow = policy;
+        // The subscriber stalls on purpose; the write deadline must not end it first.
+        c.outbound.write_deadline = std::time::Duration::from_secs(3600);
     })
     .await;
     let mut raw = b.raw("stalled").await;

@@ -48,6 +48,9 @@ async fn stalled_then_resumed(policy: OverflowPolicy, wire_policy: u8) {
         c.outbound.max_pending_msgs = PENDING_MSGS;
         c.outbound.max_pending_bytes = PENDING_BYTES;
         c.outbound.overflow = OverflowPolicy::DropNew;
+        // The stall is the point of the test: on a loaded machine it can outlast the default
+        // write deadline, which would end the connection this test needs to resume.
+        c.outbound.write_deadline = Duration::from_secs(3600);
     })
     .await;
     let mut stalled = RawConn::handshake(b.addr, "stalled", wire_policy).await;

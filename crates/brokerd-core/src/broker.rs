@@ -25,6 +25,9 @@ use thiserror::Error;
 pub struct RouteCache {
     generation: u64,
     map: HashMap<Box<str>, Matches<SubRef>, foldhash::fast::RandomState>,
+    /// The topic routed last (its buffer reused) and its result.
+    last_topic: String,
+    last: Option<Matches<SubRef>>,
 }
 
 impl RouteCache {
@@ -36,6 +39,8 @@ impl RouteCache {
         RouteCache {
             generation: u64::MAX,
             map: HashMap::default(),
+            last_topic: String::new(),
+            last: None,
         }
     }
 }
@@ -414,30 +419,43 @@ impl Broker {
                 max: self.limits.max_payload,
             });
         }
-        let topic = body.topic();
         let generation = self.sublist.generation();
         if routes.generation != generation {
             routes.map.clear();
+            routes.last = None;
             routes.generation = generation;
         }
-        if !routes.map.contains_key(topic) {
-            // Only topics that passed the checks below are ever matched, hence ever cached: a
-            // cached topic, here or in the sublist, needs no second check.
-            let matches = match self.sublist.cached(topic) {
-                Some(m) => m,
+        // The last topic costs one comparison of bytes; any other recent one a hash lookup.
+        let is_last = routes.last.is_some() && routes.last_topic.as_bytes() == body.topic_bytes();
+        if !is_last {
+            let topic = body.topic();
+            let matches = match routes.map.get(topic) {
+                Some(m) => m.clone(),
                 None => {
-                    validate_topic(topic, &self.limits.topic)
-                        .map_err(PublishError::InvalidTopic)?;
-                    if is_reserved(topic) {
-                        return Err(PublishError::Reserved);
+                    // Only topics that passed the checks below are ever matched, hence ever
+                    // cached: a cached topic, here or in the sublist, needs no second check.
+                    let m = match self.sublist.cached(topic) {
+                        Some(m) => m,
+                        None => {
+                            validate_topic(topic, &self.limits.topic)
+                                .map_err(PublishError::InvalidTopic)?;
+                            if is_reserved(topic) {
+                                return Err(PublishError::Reserved);
+                            }
+                            self.sublist.matches(topic)
+                        }
+                    };
+                    // A full memo keeps what it has: a connection cycling through more topics
+                    // than it holds is served by the shared cache without churning this one.
+                    if routes.map.len() < RouteCache::CAPACITY {
+                        routes.map.insert(topic.into(), m.clone());
                     }
-                    self.sublist.matches(topic)
+                    m
                 }
             };
-            if routes.map.len() >= RouteCache::CAPACITY {
-                routes.map.clear();
-            }
-            routes.map.insert(topic.into(), matches);
+            routes.last_topic.clear();
+            routes.last_topic.push_str(topic);
+            routes.last = Some(matches);
         }
         if let Some(reply) = body.reply() {
             validate_topic(reply, &self.limits.topic).map_err(PublishError::InvalidReply)?;
@@ -450,7 +468,7 @@ impl Broker {
             c.bytes_in.load(Ordering::Relaxed) + payload as u64,
             Ordering::Relaxed,
         );
-        let Some(matches) = routes.map.get(topic) else {
+        let Some(matches) = routes.last.as_ref() else {
             return Ok(0);
         };
         if matches.is_empty() {
