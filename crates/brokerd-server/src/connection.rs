@@ -284,6 +284,10 @@ async fn read_loop(
                 Err(e) => return ReadEnd::Close(reader.decode_error(&e)),
             }
         }
+        // Waking a subscriber's writer from here puts it in this worker's LIFO slot, which no
+        // other worker may steal: without a yield the writers would only ever run on this core,
+        // between this reader's reads. Yielding lets another worker take this reader instead.
+        tokio::task::yield_now().await;
         make_room(buf);
         if client.outbox.is_closing() {
             return ReadEnd::WriterGone;
