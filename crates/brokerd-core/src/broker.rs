@@ -10,7 +10,7 @@ use crate::outbox::{Outbox, OutboxLimits, Push};
 use crate::sublist::{Matches, Sublist, SublistStats};
 use crate::subscription::{SubRef, Subscription};
 use brokerd_proto::topic::{is_reserved, validate_topic};
-use brokerd_proto::{Body, ErrorCode, Filter, OverflowPolicy, TopicError, TopicLimits};
+use brokerd_proto::{Body, BodyRef, ErrorCode, Filter, OverflowPolicy, TopicError, TopicLimits};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -41,6 +41,50 @@ impl RouteCache {
             map: HashMap::default(),
             last_topic: String::new(),
             last: None,
+        }
+    }
+}
+
+/// A message to route: the fields routing needs, and the encoded body to queue.
+#[derive(Debug, Clone, Copy)]
+pub struct Publication<'a> {
+    /// The topic (checked for UTF-8; syntax is checked here).
+    pub topic: &'a str,
+    /// The reply-to, if any.
+    pub reply: Option<&'a str>,
+    /// Payload length, for the limit.
+    pub payload_len: usize,
+    /// The whole encoded body, forwarded unchanged.
+    pub raw: RawBody<'a>,
+}
+
+/// An encoded body, still in the reader's buffer or already a shared `Bytes`.
+#[derive(Debug, Clone, Copy)]
+pub enum RawBody<'a> {
+    /// Borrowed from the read buffer: copied once if anything matches.
+    Borrowed(&'a [u8]),
+    /// A shared slice: copied if small (see [`DETACH_BELOW`]), else shared as is.
+    Shared(&'a Bytes),
+}
+
+impl<'a> From<&'a Body> for Publication<'a> {
+    fn from(b: &'a Body) -> Publication<'a> {
+        Publication {
+            topic: b.topic(),
+            reply: b.reply(),
+            payload_len: b.payload_len(),
+            raw: RawBody::Shared(b.raw()),
+        }
+    }
+}
+
+impl<'a> From<&BodyRef<'a>> for Publication<'a> {
+    fn from(b: &BodyRef<'a>) -> Publication<'a> {
+        Publication {
+            topic: b.topic(),
+            reply: b.reply(),
+            payload_len: b.payload_len(),
+            raw: RawBody::Borrowed(b.raw()),
         }
     }
 }
@@ -398,7 +442,7 @@ impl Broker {
     /// An invalid or reserved topic, an invalid reply-to, or a payload over the limit; nothing was
     /// routed.
     pub fn publish(&self, from: &Client, body: &Body) -> Result<u32, PublishError> {
-        self.publish_cached(from, body, &mut RouteCache::new())
+        self.publish_cached(from, &Publication::from(body), &mut RouteCache::new())
     }
 
     /// [`Broker::publish`] with the publishing connection's own [`RouteCache`], which answers a
@@ -409,10 +453,10 @@ impl Broker {
     pub fn publish_cached(
         &self,
         from: &Client,
-        body: &Body,
+        body: &Publication<'_>,
         routes: &mut RouteCache,
     ) -> Result<u32, PublishError> {
-        let payload = body.payload_len();
+        let payload = body.payload_len;
         if payload > self.limits.max_payload {
             return Err(PublishError::PayloadTooLarge {
                 len: payload,
@@ -426,9 +470,10 @@ impl Broker {
             routes.generation = generation;
         }
         // The last topic costs one comparison of bytes; any other recent one a hash lookup.
-        let is_last = routes.last.is_some() && routes.last_topic.as_bytes() == body.topic_bytes();
+        let is_last =
+            routes.last.is_some() && routes.last_topic.as_bytes() == body.topic.as_bytes();
         if !is_last {
-            let topic = body.topic();
+            let topic = body.topic;
             let matches = match routes.map.get(topic) {
                 Some(m) => m.clone(),
                 None => {
@@ -457,7 +502,7 @@ impl Broker {
             routes.last_topic.push_str(topic);
             routes.last = Some(matches);
         }
-        if let Some(reply) = body.reply() {
+        if let Some(reply) = body.reply {
             validate_topic(reply, &self.limits.topic).map_err(PublishError::InvalidReply)?;
         }
         // Only this connection's task writes its counters: a load and a store, no locked add.
@@ -479,10 +524,10 @@ impl Broker {
         // A small body would otherwise pin the whole read buffer it was decoded from for as long
         // as any subscriber holds it; one copy per publish (never per subscriber) bounds memory by
         // what the outboxes count. Large bodies are shared as decoded.
-        let raw = if body.len() < DETACH_BELOW {
-            Bytes::copy_from_slice(body.raw())
-        } else {
-            body.raw().clone()
+        let raw = match body.raw {
+            RawBody::Borrowed(b) => Bytes::copy_from_slice(b),
+            RawBody::Shared(b) if b.len() < DETACH_BELOW => Bytes::copy_from_slice(b),
+            RawBody::Shared(b) => b.clone(),
         };
         let raw = &raw;
         let mut delivered = 0u32;

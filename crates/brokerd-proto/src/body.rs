@@ -100,20 +100,24 @@ fn as_str(raw: &[u8], r: Range<usize>) -> &str {
     std::str::from_utf8(&raw[r]).unwrap_or_default()
 }
 
-impl Body {
-    /// Checks the structure of `raw` and indexes its fields.
-    ///
-    /// # Errors
-    /// A short description of the first structural fault: truncated strings, undefined flags,
-    /// strings that are not UTF-8.
-    pub fn parse(raw: Bytes) -> Result<Body, &'static str> {
+/// Where a body's fields lie in its bytes, once its structure has been checked.
+struct Layout {
+    topic: Range<usize>,
+    reply: Option<Range<usize>>,
+    headers: Range<usize>,
+    header_count: u16,
+    payload: usize,
+}
+
+impl Layout {
+    fn of(raw: &[u8]) -> Result<Layout, &'static str> {
         let flags = *raw.first().ok_or("missing body flags")?;
         if flags & !KNOWN_FLAGS != 0 {
             return Err("undefined body flag");
         }
-        let (topic, mut pos) = str16(&raw, 1, "truncated topic")?;
+        let (topic, mut pos) = str16(raw, 1, "truncated topic")?;
         let reply = if flags & FLAG_REPLY != 0 {
-            let (r, next) = str16(&raw, pos, "truncated reply-to")?;
+            let (r, next) = str16(raw, pos, "truncated reply-to")?;
             pos = next;
             Some(r)
         } else {
@@ -127,19 +131,83 @@ impl Body {
             pos += 2;
             headers_start = pos;
             for _ in 0..header_count {
-                let (_, next) = str16(&raw, pos, "truncated header key")?;
-                let (_, next) = str16(&raw, next, "truncated header value")?;
+                let (_, next) = str16(raw, pos, "truncated header key")?;
+                let (_, next) = str16(raw, next, "truncated header value")?;
                 pos = next;
             }
         } else {
             headers_start = pos;
         }
-        Ok(Body {
+        Ok(Layout {
             topic,
             reply,
             headers: headers_start..pos,
             header_count,
             payload: pos,
+        })
+    }
+}
+
+/// A message body borrowed from the buffer it was read into: the same checks as [`Body::parse`],
+/// without taking a reference-counted slice. Topic and reply-to are kept as checked text.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyRef<'a> {
+    raw: &'a [u8],
+    topic: &'a str,
+    reply: Option<&'a str>,
+    payload: usize,
+}
+
+impl<'a> BodyRef<'a> {
+    /// Checks the structure of `raw` and indexes its fields.
+    ///
+    /// # Errors
+    /// As [`Body::parse`].
+    pub fn parse(raw: &'a [u8]) -> Result<BodyRef<'a>, &'static str> {
+        let l = Layout::of(raw)?;
+        Ok(BodyRef {
+            raw,
+            topic: as_str(raw, l.topic),
+            reply: l.reply.map(|r| as_str(raw, r)),
+            payload: l.payload,
+        })
+    }
+
+    /// The whole encoded body.
+    pub fn raw(&self) -> &'a [u8] {
+        self.raw
+    }
+
+    /// The topic (UTF-8 checked; syntax not).
+    pub fn topic(&self) -> &'a str {
+        self.topic
+    }
+
+    /// The reply-to topic, if any.
+    pub fn reply(&self) -> Option<&'a str> {
+        self.reply
+    }
+
+    /// Payload length in bytes.
+    pub fn payload_len(&self) -> usize {
+        self.raw.len() - self.payload
+    }
+}
+
+impl Body {
+    /// Checks the structure of `raw` and indexes its fields.
+    ///
+    /// # Errors
+    /// A short description of the first structural fault: truncated strings, undefined flags,
+    /// strings that are not UTF-8.
+    pub fn parse(raw: Bytes) -> Result<Body, &'static str> {
+        let l = Layout::of(&raw)?;
+        Ok(Body {
+            topic: l.topic,
+            reply: l.reply,
+            headers: l.headers,
+            header_count: l.header_count,
+            payload: l.payload,
             raw,
         })
     }

@@ -6,7 +6,7 @@
 //! checked for structure here; their meaning (topic syntax, limits, handshake order) is the
 //! server's to judge.
 
-use crate::body::{Body, BodyBuilder, put_str16};
+use crate::body::{Body, BodyBuilder, BodyRef, put_str16};
 use crate::error::{DecodeError, ErrorCode};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -422,6 +422,59 @@ pub fn decode(buf: &mut BytesMut, max_frame: usize) -> Result<Option<Frame>, Dec
     buf.advance(LENGTH_PREFIX);
     let frame = buf.split_to(len).freeze();
     parse(frame).map(Some)
+}
+
+/// A `PUB` frame borrowed from the read buffer; see [`peek_pub`].
+#[derive(Debug, Clone, Copy)]
+pub struct PubRef<'a> {
+    /// Request id named by the `ACK` or `ERR` it causes.
+    pub req_id: u32,
+    /// Whether the client wants an `ACK`.
+    pub ack: bool,
+    /// Topic, reply-to, headers, payload, borrowed.
+    pub body: BodyRef<'a>,
+}
+
+/// Reads a complete `PUB` frame at the front of `buf` without taking it off: returns the frame
+/// and its total length (prefix included), for the caller to advance past once done with it.
+///
+/// Returns `None` when the front of `buf` is anything else (another frame type, an incomplete
+/// frame, a length over `max_frame`): [`decode`] then handles it as usual, errors included. A
+/// complete `PUB` frame that is malformed gives the same error [`decode`] would.
+pub fn peek_pub(buf: &[u8], max_frame: usize) -> Option<Result<(PubRef<'_>, usize), DecodeError>> {
+    let prefix: [u8; 4] = buf.get(..LENGTH_PREFIX)?.try_into().ok()?;
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len == 0 || len > max_frame || buf.len() < LENGTH_PREFIX + len {
+        return None;
+    }
+    if buf[LENGTH_PREFIX] != FrameType::Pub as u8 {
+        return None;
+    }
+    let frame = &buf[LENGTH_PREFIX + 1..LENGTH_PREFIX + len];
+    let malformed = |what| Some(Err(DecodeError::Malformed { frame: "PUB", what }));
+    let Some(head) = frame.get(..5) else {
+        return malformed(if frame.len() < 4 {
+            "truncated request id"
+        } else {
+            "truncated flags"
+        });
+    };
+    let req_id = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+    let flags = head[4];
+    if flags & !PUB_ACK != 0 {
+        return malformed("undefined flag");
+    }
+    match BodyRef::parse(&frame[5..]) {
+        Ok(body) => Some(Ok((
+            PubRef {
+                req_id,
+                ack: flags & PUB_ACK != 0,
+                body,
+            },
+            LENGTH_PREFIX + len,
+        ))),
+        Err(what) => malformed(what),
+    }
 }
 
 /// A cursor over one frame's fields that reports truncation as [`DecodeError::Malformed`].

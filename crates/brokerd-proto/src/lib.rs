@@ -17,11 +17,11 @@ pub mod error;
 pub mod frame;
 pub mod topic;
 
-pub use body::{Body, BodyBuilder, Headers};
+pub use body::{Body, BodyBuilder, BodyRef, Headers};
 pub use error::{DecodeError, ErrorCode};
 pub use frame::{
     ErrorFrame, Frame, FrameType, Hello, Lost, MSG_HEADER_LEN, Msg, OverflowPolicy,
-    PROTOCOL_VERSION, Publish, Subscribe, Unsubscribe, Welcome, decode, encode_msg_header,
-    encode_pub,
+    PROTOCOL_VERSION, PubRef, Publish, Subscribe, Unsubscribe, Welcome, decode, encode_msg_header,
+    encode_pub, peek_pub,
 };
 pub use topic::{Filter, Topic, TopicError, TopicLimits};

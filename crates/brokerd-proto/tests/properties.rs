@@ -451,6 +451,52 @@ proptest! {
         prop_assert_eq!(decoded, frames);
     }
 
+    /// The borrowed `PUB` reader agrees with `decode` on every input: same fields, same length,
+    /// same error; and it declines (None) exactly when `decode` would not produce a `PUB`.
+    #[test]
+    fn peek_pub_agrees_with_decode(
+        prefix in prop::collection::vec(any::<u8>(), 0..4),
+        frames in prop::collection::vec(frame(), 0..2),
+        noise in prop::collection::vec(any::<u8>(), 0..48),
+        pub_shaped in any::<bool>(),
+        max_frame in 0usize..4096,
+    ) {
+        let mut bytes = if pub_shaped {
+            // A frame of type PUB with random fields: mostly malformed bodies.
+            let mut b = ((noise.len() + 1) as u32).to_be_bytes().to_vec();
+            b.push(0x02);
+            b.extend_from_slice(&noise);
+            b
+        } else {
+            let mut b = prefix.clone();
+            b.extend_from_slice(&encode_all(&frames));
+            b.extend_from_slice(&noise);
+            b
+        };
+        if bytes.is_empty() {
+            bytes.push(0);
+        }
+        let peeked = brokerd_proto::peek_pub(&bytes, max_frame)
+            .map(|r| r.map(|(p, n)| (p.req_id, p.ack, p.body.raw().to_vec(), p.body.topic().to_string(), p.body.reply().map(str::to_string), p.body.payload_len(), n)));
+        let mut buf = BytesMut::from(&bytes[..]);
+        let before = buf.len();
+        let decoded = decode(&mut buf, max_frame);
+        match (peeked, decoded) {
+            (Some(Ok((req_id, ack, raw, topic, reply, payload_len, n))), Ok(Some(Frame::Pub(p)))) => {
+                prop_assert_eq!((req_id, ack), (p.req_id, p.ack));
+                prop_assert_eq!(&raw[..], &p.body.raw()[..]);
+                prop_assert_eq!(topic.as_str(), p.body.topic());
+                prop_assert_eq!(reply.as_deref(), p.body.reply());
+                prop_assert_eq!(payload_len, p.body.payload_len());
+                prop_assert_eq!(n, before - buf.len());
+            }
+            (Some(Err(e)), Err(d)) => prop_assert_eq!(e, d),
+            (None, Ok(Some(Frame::Pub(_)))) => prop_assert!(false, "peek_pub declined a PUB decode accepted"),
+            (None, _) => {}
+            (p, d) => prop_assert!(false, "peek_pub {:?} but decode {:?}", p, d),
+        }
+    }
+
     #[test]
     fn decoder_survives_arbitrary_bytes(
         bytes in prop::collection::vec(any::<u8>(), 0..256),

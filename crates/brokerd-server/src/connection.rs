@@ -9,11 +9,12 @@
 
 use crate::server::Shared;
 use crate::writer;
-use brokerd_core::{Client, CloseReason, RouteCache};
+use brokerd_core::{Client, CloseReason, DETACH_BELOW, Publication, RouteCache};
 use brokerd_proto::{
     DecodeError, ErrorCode, ErrorFrame, Frame, Hello, PROTOCOL_VERSION, Publish, Welcome, decode,
+    peek_pub,
 };
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -200,16 +201,25 @@ impl Reader<'_> {
         }));
     }
 
+    /// Routes one publish and answers it as asked.
+    fn publish(&mut self, req_id: u32, ack: bool, p: &Publication<'_>) {
+        let routed = self
+            .shared
+            .broker
+            .publish_cached(self.client, p, &mut self.routes);
+        match routed {
+            Ok(delivered) if ack => self.reply(Frame::Ack { req_id, delivered }),
+            Ok(_) => {}
+            Err(e) => self.error(req_id, e.code(), e.to_string()),
+        }
+    }
+
     /// Acts on one frame; `Err` ends the connection after the `ERR` already queued.
     fn handle(&mut self, frame: Frame, pings_outstanding: &mut u32) -> Result<(), CloseReason> {
         let broker = &self.shared.broker;
         match frame {
             Frame::Pub(Publish { req_id, ack, body }) => {
-                match broker.publish_cached(self.client, &body, &mut self.routes) {
-                    Ok(delivered) if ack => self.reply(Frame::Ack { req_id, delivered }),
-                    Ok(_) => {}
-                    Err(e) => self.error(req_id, e.code(), e.to_string()),
-                }
+                self.publish(req_id, ack, &Publication::from(&body));
             }
             Frame::Sub(s) => {
                 match broker.subscribe_queue(self.client, s.sid, &s.filter, s.queue.as_deref()) {
@@ -274,6 +284,17 @@ async fn read_loop(
     loop {
         // Frames already buffered (the handshake's read may have carried more than HELLO).
         loop {
+            // A small PUB is routed straight from the read buffer: its body is copied once if
+            // anything matches, so taking a shared slice of the buffer would be wasted work.
+            match peek_pub(buf, max_frame) {
+                Some(Ok((p, len))) if p.body.raw().len() < DETACH_BELOW => {
+                    reader.publish(p.req_id, p.ack, &Publication::from(&p.body));
+                    buf.advance(len);
+                    continue;
+                }
+                Some(Err(e)) => return ReadEnd::Close(reader.decode_error(&e)),
+                Some(Ok(_)) | None => {}
+            }
             match decode(buf, max_frame) {
                 Ok(Some(frame)) => {
                     if let Err(reason) = reader.handle(frame, &mut pings_outstanding) {
