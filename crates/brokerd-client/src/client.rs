@@ -121,6 +121,8 @@ pub(crate) struct Inner {
     inbox_sid: AtomicU32,
     /// Requests waiting for their first reply, by the token ending their reply-to topic.
     replies: Mutex<HashMap<u32, oneshot::Sender<Message>>>,
+    /// Set by `shutdown`: the reader stops delivering, even through its cached sender.
+    shut: std::sync::atomic::AtomicBool,
     info: Welcome,
     options: ConnectOptions,
 }
@@ -230,6 +232,7 @@ impl Client {
             inbox: tokio::sync::OnceCell::new(),
             inbox_sid: AtomicU32::new(0),
             replies: Mutex::new(HashMap::new()),
+            shut: std::sync::atomic::AtomicBool::new(false),
             info,
             options,
         });
@@ -401,8 +404,9 @@ impl Client {
     /// Sends a request and waits for the first reply, up to `timeout`.
     ///
     /// The request carries a reply-to topic under this connection's inbox (one wildcard
-    /// subscription per connection, made on the first request). When no subscription at all
-    /// matched the request, this fails at once with [`Error::NoResponders`] instead of waiting.
+    /// subscription per connection, made on the first request). When the broker queued the
+    /// request for no subscription at all (nothing matched, or every match dropped it under its
+    /// overflow policy), this fails at once with [`Error::NoResponders`] instead of waiting.
     ///
     /// # Errors
     /// [`Error::NoResponders`], [`Error::Timeout`], an invalid topic, or a closed connection.
@@ -426,14 +430,16 @@ impl Client {
         timeout: Duration,
     ) -> Result<Message, Error> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let prefix = self.inner.inbox().await?;
+        let prefix = tokio::time::timeout_at(deadline, self.inner.inbox())
+            .await
+            .map_err(|_| Error::Timeout)??;
         let token = self.inner.next_id();
         let reply_to = format!("{prefix}.{token}");
         let (tx, rx) = oneshot::channel();
         self.inner.replies.lock().insert(token, tx);
-        let forget = || {
-            self.inner.replies.lock().remove(&token);
-        };
+        // However this call ends (reply, error, timeout, or the caller dropping it), its waiter
+        // goes; removing one the reader already took is harmless.
+        let _waiter = Forget(&self.inner.replies, token);
         let sent = tokio::time::timeout_at(
             deadline,
             self.inner
@@ -441,27 +447,15 @@ impl Client {
         )
         .await;
         match sent {
-            Err(_) => {
-                forget();
-                return Err(Error::Timeout);
-            }
-            Ok(Err(e)) => {
-                forget();
-                return Err(e);
-            }
-            Ok(Ok(0)) => {
-                forget();
-                return Err(Error::NoResponders(topic.to_string()));
-            }
+            Err(_) => return Err(Error::Timeout),
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(0)) => return Err(Error::NoResponders(topic.to_string())),
             Ok(Ok(_)) => {}
         }
         match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(msg)) => Ok(msg),
             Ok(Err(_)) => Err(Error::Closed(self.inner.closed_reason())),
-            Err(_) => {
-                forget();
-                Err(Error::Timeout)
-            }
+            Err(_) => Err(Error::Timeout),
         }
     }
 
@@ -516,6 +510,7 @@ impl Inner {
         }
         let id = self.next_id();
         let rx = ack.then(|| self.expect(id));
+        let _pending = ack.then(|| Forget(&self.pending, id));
         if let Err(e) = self.send(|buf| encode_pub(buf, id, ack, &body)).await {
             self.pending.lock().remove(&id);
             return Err(e);
@@ -575,6 +570,7 @@ impl Inner {
     /// Sends a frame that expects `OK` (or `PONG`) under `id`, and waits for it.
     async fn request(&self, id: u32, frame: Frame) -> Result<(), Error> {
         let rx = self.expect(id);
+        let _pending = Forget(&self.pending, id);
         if let Err(e) = self.send(|buf| frame.encode(buf)).await {
             self.pending.lock().remove(&id);
             return Err(e);
@@ -676,6 +672,7 @@ impl Inner {
 
     /// Marks the connection closed, fails waiting calls and ends every subscription stream.
     fn shutdown(&self, reason: &str) {
+        self.shut.store(true, Ordering::Release);
         {
             let mut w = self.write.lock();
             if w.closed.is_none() {
@@ -750,6 +747,10 @@ async fn read_frames(
         };
         let reply = match frame {
             Frame::Msg(Msg { sid, seq, body }) => {
+                if inner.shut.load(Ordering::Acquire) {
+                    *last = None;
+                    return Err("connection closed".into());
+                }
                 let msg = Message {
                     sid,
                     seq,
@@ -842,4 +843,13 @@ fn unique_token() -> String {
         .unwrap_or(0);
     h.write_u128(nanos);
     format!("{:016x}", h.finish())
+}
+
+/// Removes `key` from a map of waiters when dropped.
+struct Forget<'a, V>(&'a Mutex<HashMap<u32, V>>, u32);
+
+impl<V> Drop for Forget<'_, V> {
+    fn drop(&mut self) {
+        self.0.lock().remove(&self.1);
+    }
 }

@@ -147,7 +147,8 @@ impl Subscription {
     /// # Errors
     /// The connection closed, or the server did not know the subscription.
     pub async fn unsubscribe(&mut self) -> Result<(), crate::Error> {
-        self.active = false;
+        // `active` stays set until the server has answered: if this future is dropped half-way,
+        // `Drop` still sends an UNSUB.
         let confirmed = self.client.unsubscribe(self.sid, 0);
         tokio::pin!(confirmed);
         // Keep taking deliveries while waiting: the connection's reader must never be stuck on
@@ -158,6 +159,7 @@ impl Subscription {
                 Some(m) = self.rx.recv() => self.buffered.push_back(m),
             }
         };
+        self.active = false;
         self.client.forget(self.sid);
         self.rx.close();
         while let Ok(m) = self.rx.try_recv() {

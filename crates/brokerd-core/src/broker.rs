@@ -434,6 +434,17 @@ impl Broker {
         self.sublist.remove(&sub.filter, &SubRef(sub.clone()));
     }
 
+    /// Drops `routes` if any subscription changed since it was filled, so that a quiet
+    /// connection's memo does not keep departed subscribers (and their queues) alive.
+    pub fn refresh_routes(&self, routes: &mut RouteCache) {
+        let generation = self.sublist.generation();
+        if routes.generation != generation {
+            routes.map.clear();
+            routes.last = None;
+            routes.generation = generation;
+        }
+    }
+
     /// Routes one published body to every matching subscription and returns how many queued it.
     ///
     /// Never waits on a subscriber: a full outbox applies its own overflow policy.
@@ -557,22 +568,26 @@ impl Broker {
         let eligible = |s: &SubRef| !(from.no_echo && s.client_id == from.id);
         let n = members.len();
         let start = random_below(n);
-        let mut first_eligible = None;
+        // The first member found full: the one whose policy decides if every member is full.
+        // A member that is finished or closing is passed over, never chosen.
+        let mut first_full = None;
         for i in 0..n {
             let sub = &members[(start + i) % n];
             if !eligible(sub) {
                 continue;
             }
-            first_eligible.get_or_insert(sub);
             match sub.outbox.try_push_msg(sub, raw) {
-                None | Some(Push::Skipped) => {}
+                None => {
+                    first_full.get_or_insert(sub);
+                }
+                Some(Push::Skipped) => {}
                 Some(push) => {
                     self.settle(sub, push, delivered);
                     return;
                 }
             }
         }
-        if let Some(sub) = first_eligible {
+        if let Some(sub) = first_full {
             let push = sub.outbox.push_msg(sub, raw);
             self.settle(sub, push, delivered);
         }

@@ -393,6 +393,22 @@ impl Outbox {
         if st.closing.is_none() {
             st.closing = Some(Closing { reason, drain });
         }
+        if !drain {
+            // Nothing queued will be written: free it now rather than when the last handle to
+            // this outbox goes (a publisher's route memo may hold one for a while).
+            let abandoned = std::mem::take(&mut st.queue);
+            for item in abandoned {
+                match item {
+                    Item::Msg { body, .. } => {
+                        st.msgs -= 1;
+                        st.bytes -= MSG_HEADER_LEN + body.len();
+                    }
+                    Item::Frame(_) => st.controls -= 1,
+                    Item::Lost { .. } => {}
+                }
+            }
+            st.lost.clear();
+        }
         let w = st.writer.take();
         let r = st.reader.take();
         drop(st);

@@ -498,3 +498,25 @@ fn invalid_queue_group_names_are_refused() {
         assert_eq!(e.code(), ErrorCode::InvalidFilter, "{bad:?}");
     }
 }
+
+#[test]
+fn queue_group_never_falls_back_to_a_member_that_is_closing() {
+    let mut limits = Limits::default();
+    limits.outbox.max_msgs = 1;
+    let b = Broker::new(limits);
+    let closing = connect(&b, "closing");
+    let full = connect(&b, "full");
+    b.subscribe_queue(&closing, 1, "jobs", Some("workers")).unwrap();
+    b.subscribe_queue(&full, 1, "jobs", Some("workers")).unwrap();
+    // Still in the sublist, but its connection is going away: pushes to it are skipped.
+    closing.outbox.close(CloseReason::ClientClosed, false);
+    let p = connect(&b, "p");
+    assert_eq!(publish(&b, &p, "jobs"), 1);
+    assert_eq!(full.outbox.stats().pending_msgs, 1);
+    // The only live member is full: its policy drops the message, and the drop is counted,
+    // whichever member the random start picked.
+    for n in 1..=20 {
+        assert_eq!(publish(&b, &p, "jobs"), 0);
+        assert_eq!(b.stats().dropped, n);
+    }
+}

@@ -334,6 +334,7 @@ async fn read_loop(
                 Err(e) => return ReadEnd::Close(CloseReason::Io(e.to_string())),
             },
             _ = &mut keepalive => {
+                shared.broker.refresh_routes(&mut reader.routes);
                 let due = last_read + interval;
                 if Instant::now() >= due {
                     if pings_outstanding >= max_pings {
