@@ -506,8 +506,10 @@ fn queue_group_never_falls_back_to_a_member_that_is_closing() {
     let b = Broker::new(limits);
     let closing = connect(&b, "closing");
     let full = connect(&b, "full");
-    b.subscribe_queue(&closing, 1, "jobs", Some("workers")).unwrap();
-    b.subscribe_queue(&full, 1, "jobs", Some("workers")).unwrap();
+    b.subscribe_queue(&closing, 1, "jobs", Some("workers"))
+        .unwrap();
+    b.subscribe_queue(&full, 1, "jobs", Some("workers"))
+        .unwrap();
     // Still in the sublist, but its connection is going away: pushes to it are skipped.
     closing.outbox.close(CloseReason::ClientClosed, false);
     let p = connect(&b, "p");
