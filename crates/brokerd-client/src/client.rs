@@ -6,6 +6,7 @@
 //! subscription id. When the connection ends, waiting calls fail with [`Error::Closed`] and every
 //! subscription stream ends.
 
+use crate::channel::{self, TrySendError};
 use crate::error::Error;
 use crate::subscription::{Message, SubShared, Subscription};
 use brokerd_proto::body::BodyBuilder;
@@ -24,7 +25,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpStream, ToSocketAddrs};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 
 /// Options for [`Client::connect`].
 #[derive(Debug, Clone)]
@@ -101,7 +102,7 @@ struct WriteState {
 }
 
 struct SubEntry {
-    tx: mpsc::Sender<Message>,
+    tx: channel::Sender,
     shared: Arc<SubShared>,
 }
 
@@ -219,23 +220,7 @@ impl Client {
                 ));
             }
         };
-        let inner = Arc::new(Inner {
-            write: Mutex::new(WriteState {
-                buf: BytesMut::with_capacity(64 * 1024),
-                closed: None,
-            }),
-            data: Notify::new(),
-            space: Notify::new(),
-            next_id: AtomicU32::new(1),
-            pending: Mutex::new(HashMap::new()),
-            subs: Mutex::new(HashMap::new()),
-            inbox: tokio::sync::OnceCell::new(),
-            inbox_sid: AtomicU32::new(0),
-            replies: Mutex::new(HashMap::new()),
-            shut: std::sync::atomic::AtomicBool::new(false),
-            info,
-            options,
-        });
+        let inner = Inner::new(info, options);
         tokio::spawn(write_task(inner.clone(), wr));
         tokio::spawn(read_task(inner.clone(), rd, buf));
         Ok(Client {
@@ -369,7 +354,7 @@ impl Client {
     ) -> Result<Subscription, Error> {
         Filter::new(filter).map_err(Error::InvalidFilter)?;
         let sid = self.inner.next_id();
-        let (tx, rx) = mpsc::channel(self.inner.options.subscription_capacity);
+        let (tx, rx) = channel::channel(self.inner.options.subscription_capacity);
         let shared = Arc::new(SubShared::default());
         self.inner.subs.lock().insert(
             sid,
@@ -480,6 +465,47 @@ impl Client {
 }
 
 impl Inner {
+    fn new(info: Welcome, options: ConnectOptions) -> Arc<Inner> {
+        Arc::new(Inner {
+            write: Mutex::new(WriteState {
+                buf: BytesMut::with_capacity(64 * 1024),
+                closed: None,
+            }),
+            data: Notify::new(),
+            space: Notify::new(),
+            next_id: AtomicU32::new(1),
+            pending: Mutex::new(HashMap::new()),
+            subs: Mutex::new(HashMap::new()),
+            inbox: tokio::sync::OnceCell::new(),
+            inbox_sid: AtomicU32::new(0),
+            replies: Mutex::new(HashMap::new()),
+            shut: std::sync::atomic::AtomicBool::new(false),
+            info,
+            options,
+        })
+    }
+
+    /// State for a connection that does not exist, for unit tests of the parts around it.
+    #[cfg(test)]
+    pub(crate) fn for_test() -> Arc<Inner> {
+        Inner::new(
+            Welcome {
+                req_id: 0,
+                version: PROTOCOL_VERSION,
+                overflow: OverflowPolicy::DropNew,
+                max_frame: 1 << 20,
+                max_payload: 1 << 20,
+                max_topic_len: 256,
+                max_topic_tokens: 16,
+                max_subs: 16,
+                max_pending_msgs: 16,
+                max_pending_bytes: 1 << 20,
+                server_id: "test".into(),
+            },
+            ConnectOptions::default(),
+        )
+    }
+
     pub(crate) async fn publish_with(
         &self,
         topic: &str,
@@ -737,7 +763,7 @@ async fn read_task(inner: Arc<Inner>, mut rd: OwnedReadHalf, mut buf: BytesMut) 
 async fn read_frames(
     inner: &Arc<Inner>,
     buf: &mut BytesMut,
-    last: &mut Option<(u32, mpsc::Sender<Message>)>,
+    last: &mut Option<(u32, channel::Sender)>,
 ) -> Result<(), String> {
     loop {
         let frame = match decode(buf, usize::MAX) {
@@ -776,13 +802,13 @@ async fn read_frames(
                     Ok(()) => {}
                     // Waiting here is deliberate: a reader that cannot keep up pushes back on the
                     // socket, and the server's overflow policy decides what is dropped.
-                    Err(mpsc::error::TrySendError::Full(msg)) => {
+                    Err(TrySendError::Full(msg)) => {
                         if tx.send(msg).await.is_err() {
                             inner.forget(sid);
                             *last = None;
                         }
                     }
-                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                    Err(TrySendError::Closed) => {
                         inner.forget(sid);
                         *last = None;
                     }

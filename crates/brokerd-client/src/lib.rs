@@ -4,6 +4,7 @@
 //! - [`client`]: [`Client`]: connect, publish, subscribe, flush, close.
 //! - [`subscription`]: [`Subscription`], a `Stream` of [`Message`]s for one filter.
 //! - [`error`]: the [`Error`] type.
+//! - `channel`: the bounded queue between the connection's reader and each subscription.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), brokerd_client::Error> {
@@ -17,6 +18,7 @@
 //! # Ok(()) }
 //! ```
 
+mod channel;
 pub mod client;
 pub mod error;
 pub mod subscription;

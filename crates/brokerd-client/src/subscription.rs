@@ -9,7 +9,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use tokio::sync::mpsc;
 
 /// One delivered message.
 #[derive(Clone)]
@@ -19,6 +18,19 @@ pub struct Message {
     pub(crate) body: Body,
     /// The connection it arrived on, for [`Message::respond`].
     pub(crate) client: Arc<Inner>,
+}
+
+#[cfg(test)]
+impl Message {
+    /// A message on a client that is not connected anywhere, for unit tests.
+    pub(crate) fn for_test(seq: u64) -> Message {
+        Message {
+            sid: 1,
+            seq,
+            body: Body::parse(Body::encode("t", None, None, b"")).expect("valid body"),
+            client: crate::client::Inner::for_test(),
+        }
+    }
 }
 
 impl PartialEq for Message {
@@ -101,7 +113,7 @@ pub(crate) struct SubShared {
 pub struct Subscription {
     pub(crate) sid: u32,
     pub(crate) filter: String,
-    pub(crate) rx: mpsc::Receiver<Message>,
+    pub(crate) rx: crate::channel::Receiver,
     /// Messages taken off `rx` while an unsubscribe waited for its `OK`, yielded first.
     pub(crate) buffered: VecDeque<Message>,
     pub(crate) shared: Arc<SubShared>,
@@ -120,9 +132,7 @@ impl Subscription {
 
     /// A message already buffered, without waiting.
     pub fn try_next(&mut self) -> Option<Message> {
-        self.buffered
-            .pop_front()
-            .or_else(|| self.rx.try_recv().ok())
+        self.buffered.pop_front().or_else(|| self.rx.try_recv())
     }
 
     /// The subscription id.
@@ -162,7 +172,7 @@ impl Subscription {
         self.active = false;
         self.client.forget(self.sid);
         self.rx.close();
-        while let Ok(m) = self.rx.try_recv() {
+        while let Some(m) = self.rx.try_recv() {
             self.buffered.push_back(m);
         }
         result
