@@ -118,6 +118,13 @@ async fn bad_frames_get_errors_and_close_only_their_own_connection() {
     );
     assert_eq!(c.recv().await, None);
 
+    // A well-formed HELLO asking for an overflow policy this version does not define.
+    let mut c = RawConn::connect(b.addr).await;
+    c.send_bytes(&[0, 0, 0, 12, 0x01, 0, 0, 0, 1, 0, 1, 0, 7, 0, 1, b'x'])
+        .await;
+    assert_eq!(err_code(c.recv().await), ErrorCode::InvalidOption as u16);
+    assert_eq!(c.recv().await, None);
+
     // A length far beyond the maximum frame.
     let mut c = b.raw("huge").await;
     c.send_bytes(&[0x7f, 0xff, 0xff, 0xff, 0x02]).await;

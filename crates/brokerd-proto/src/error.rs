@@ -25,6 +25,13 @@ pub enum DecodeError {
     /// The type byte names no frame of this protocol version.
     #[error("unknown frame type 0x{0:02x}")]
     UnknownType(u8),
+    /// A `HELLO` asked for an option value (a flag bit, an overflow policy) this version does not
+    /// define.
+    #[error("invalid option in HELLO: {what}")]
+    InvalidOption {
+        /// Which option.
+        what: &'static str,
+    },
     /// The frame's body is shorter or longer than its fields say.
     #[error("malformed {frame} frame: {what}")]
     Malformed {
@@ -42,6 +49,7 @@ impl DecodeError {
             DecodeError::FrameTooLarge { .. } => ErrorCode::FrameTooLarge,
             DecodeError::EmptyFrame | DecodeError::Malformed { .. } => ErrorCode::MalformedFrame,
             DecodeError::UnknownType(_) => ErrorCode::UnknownFrameType,
+            DecodeError::InvalidOption { .. } => ErrorCode::InvalidOption,
         }
     }
 }

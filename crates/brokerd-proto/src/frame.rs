@@ -567,15 +567,24 @@ fn parse(mut raw: Bytes) -> Result<Frame, DecodeError> {
             let req_id = f.u32("truncated request id")?;
             let version = f.u16("truncated version")?;
             let flags = f.u8("truncated flags")?;
-            if flags & !HELLO_NO_ECHO != 0 {
-                return Err(f.short("undefined flag"));
-            }
-            let overflow = match f.u8("truncated overflow policy")? {
-                0 => None,
-                v => Some(OverflowPolicy::from_u8(v).ok_or(f.short("undefined overflow policy"))?),
-            };
+            let overflow = f.u8("truncated overflow policy")?;
             let name = f.string("truncated name")?;
             f.end()?;
+            // Structure first, then meaning: a well-formed HELLO asking for something this
+            // version does not define is an option error, not a malformed frame.
+            if flags & !HELLO_NO_ECHO != 0 {
+                return Err(DecodeError::InvalidOption {
+                    what: "undefined flag",
+                });
+            }
+            let overflow = match overflow {
+                0 => None,
+                v => Some(
+                    OverflowPolicy::from_u8(v).ok_or(DecodeError::InvalidOption {
+                        what: "undefined overflow policy",
+                    })?,
+                ),
+            };
             Frame::Hello(Hello {
                 req_id,
                 version,

@@ -151,6 +151,9 @@ fn protocol_message(code: ErrorCode) -> String {
         ErrorCode::UnsupportedVersion => {
             format!("unsupported protocol version; this server speaks version {PROTOCOL_VERSION}")
         }
+        ErrorCode::InvalidOption => {
+            "the HELLO asked for an option this server does not define (a flag bit, or an overflow policy above 3)".into()
+        }
         other => other.name().to_string(),
     }
 }
