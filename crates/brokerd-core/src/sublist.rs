@@ -124,7 +124,9 @@ struct Entry<T> {
 type Map<V> = HashMap<Box<str>, V, RandomState>;
 
 struct Node<T> {
-    literal: Map<Node<T>>,
+    /// Literal children, boxed so a wide parent's table holds a pointer per child rather than a
+    /// whole node, and absent on leaves (most nodes), which then cost no table at all.
+    literal: Option<Box<Map<Box<Node<T>>>>>,
     star: Option<Box<Node<T>>>,
     /// Subscriptions whose filter ends here exactly.
     here: Vec<Entry<T>>,
@@ -135,7 +137,7 @@ struct Node<T> {
 impl<T> Default for Node<T> {
     fn default() -> Self {
         Node {
-            literal: Map::default(),
+            literal: None,
             star: None,
             here: Vec::new(),
             tail: Vec::new(),
@@ -145,7 +147,7 @@ impl<T> Default for Node<T> {
 
 impl<T> Node<T> {
     fn is_empty(&self) -> bool {
-        self.literal.is_empty()
+        self.literal.as_ref().is_none_or(|m| m.is_empty())
             && self.star.is_none()
             && self.here.is_empty()
             && self.tail.is_empty()
@@ -213,10 +215,11 @@ impl<T: Clone + PartialEq> Sublist<T> {
                 }
                 node = node.star.get_or_insert_with(Box::default);
             } else {
-                if !node.literal.contains_key(token) {
+                let children = node.literal.get_or_insert_with(Box::default);
+                if !children.contains_key(token) {
                     inner.nodes += 1;
                 }
-                node = node.literal.entry(token.into()).or_default();
+                node = children.entry(token.into()).or_default();
             }
         }
         let entry = Entry {
@@ -359,7 +362,7 @@ fn collect<T: Clone + PartialEq>(node: &Node<T>, tokens: &[&str], out: &mut Matc
         return;
     };
     add(&node.tail, out);
-    if let Some(child) = node.literal.get(*first) {
+    if let Some(child) = node.literal.as_ref().and_then(|m| m.get(*first)) {
         collect(child, rest, out);
     }
     if let Some(star) = &node.star {
@@ -395,13 +398,19 @@ fn remove_at<T: PartialEq>(
             found
         }
         Some((token, rest)) => {
-            let Some(child) = node.literal.get_mut(*token) else {
+            let Some(children) = node.literal.as_mut() else {
+                return false;
+            };
+            let Some(child) = children.get_mut(*token) else {
                 return false;
             };
             let found = remove_at(child, rest, item, pruned);
             if child.is_empty() {
-                node.literal.remove(*token);
+                children.remove(*token);
                 *pruned += 1;
+                if children.is_empty() {
+                    node.literal = None;
+                }
             }
             found
         }
