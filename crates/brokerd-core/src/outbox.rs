@@ -137,6 +137,27 @@ struct State {
     closing: Option<Closing>,
 }
 
+impl State {
+    /// Empties the queue and pending notices, releasing their room; with `count`, each delivery
+    /// counts as dropped.
+    fn abandon_queue(&mut self, count: bool) {
+        for item in std::mem::take(&mut self.queue) {
+            match item {
+                Item::Msg { body, .. } => {
+                    self.msgs -= 1;
+                    self.bytes -= MSG_HEADER_LEN + body.len();
+                    if count {
+                        self.dropped += 1;
+                    }
+                }
+                Item::Frame(_) => self.controls -= 1,
+                Item::Lost { .. } => {}
+            }
+        }
+        self.lost.clear();
+    }
+}
+
 /// A connection's bounded outbound queue.
 pub struct Outbox {
     state: Mutex<State>,
@@ -273,19 +294,7 @@ impl Outbox {
                         drain: false,
                     });
                     // What is abandoned here counts as dropped, and leaves the limits.
-                    let abandoned = std::mem::take(&mut st.queue);
-                    for item in abandoned {
-                        match item {
-                            Item::Msg { body, .. } => {
-                                st.msgs -= 1;
-                                st.bytes -= MSG_HEADER_LEN + body.len();
-                                st.dropped += 1;
-                            }
-                            Item::Frame(_) => st.controls -= 1,
-                            Item::Lost { .. } => {}
-                        }
-                    }
-                    st.lost.clear();
+                    st.abandon_queue(true);
                     let w = st.writer.take();
                     let r = st.reader.take();
                     drop(st);
@@ -396,18 +405,7 @@ impl Outbox {
         if !drain {
             // Nothing queued will be written: free it now rather than when the last handle to
             // this outbox goes (a publisher's route memo may hold one for a while).
-            let abandoned = std::mem::take(&mut st.queue);
-            for item in abandoned {
-                match item {
-                    Item::Msg { body, .. } => {
-                        st.msgs -= 1;
-                        st.bytes -= MSG_HEADER_LEN + body.len();
-                    }
-                    Item::Frame(_) => st.controls -= 1,
-                    Item::Lost { .. } => {}
-                }
-            }
-            st.lost.clear();
+            st.abandon_queue(false);
         }
         let w = st.writer.take();
         let r = st.reader.take();
