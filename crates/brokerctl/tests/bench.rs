@@ -5,51 +5,23 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use brokerd_server::{Config, Server, ShutdownHandle};
+mod common;
+
+use common::{Broker, DEADLINE, wait_until};
 use serde_json::Value;
-use std::net::SocketAddr;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
-/// How long any single run or shutdown may take before the test fails.
-const DEADLINE: Duration = Duration::from_secs(60);
-
-/// A running broker.
-struct Broker {
-    addr: SocketAddr,
-    /// Live subscriptions, from the broker's statistics (its type lives in `brokerd-core`).
-    subscriptions: Box<dyn Fn() -> usize + Send + Sync>,
-    handle: ShutdownHandle,
-    join: tokio::task::JoinHandle<std::io::Result<()>>,
+/// Runs of `brokerctl bench` against the harness's broker.
+trait Bench {
+    async fn bench(&self, args: &[&str]) -> Value;
 }
 
-impl Broker {
-    async fn start() -> Broker {
-        let cfg = Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            ..Config::default()
-        };
-        let server = Server::bind(cfg).await.unwrap();
-        let addr = server.local_addr().unwrap();
-        let broker = server.broker();
-        let handle = server.shutdown_handle();
-        let join = tokio::spawn(server.run());
-        Broker {
-            addr,
-            subscriptions: Box::new(move || broker.stats().subscriptions),
-            handle,
-            join,
-        }
-    }
-
+impl Bench for Broker {
     /// Runs `brokerctl --server ADDR bench ARGS... --duration 300ms --json` to completion and
     /// parses its stdout.
     async fn bench(&self, args: &[&str]) -> Value {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_brokerctl"));
-        cmd.arg("--server")
-            .arg(self.addr.to_string())
-            .arg("bench")
-            .args(args)
+        let mut cmd = self.ctl(&["bench"]);
+        cmd.args(args)
             .args(["--duration", "300ms", "--json"])
             .stdin(Stdio::null());
         // The child runs on a blocking thread so the broker's runtime keeps serving it.
@@ -64,15 +36,6 @@ impl Broker {
         assert!(out.status.success(), "bench {args:?} failed: {stderr}");
         serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("bench {args:?} printed no JSON ({e}); stderr: {stderr}"))
-    }
-
-    async fn stop(self) {
-        self.handle.shutdown();
-        tokio::time::timeout(DEADLINE, self.join)
-            .await
-            .expect("broker shut down in time")
-            .expect("broker task did not panic")
-            .expect("broker run returned ok");
     }
 }
 
@@ -183,12 +146,11 @@ async fn hold_keeps_connections_and_subscriptions_until_it_ends() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let start = tokio::time::Instant::now();
-    while !ready.exists() {
-        assert!(start.elapsed() < DEADLINE, "hold never became ready");
+    wait_until("hold to become ready", || {
         assert!(child.try_wait().unwrap().is_none(), "hold exited early");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        ready.exists()
+    })
+    .await;
     // Every SUB was confirmed before the ready file was written.
     assert_eq!((broker.subscriptions)(), 100);
     let status = tokio::time::timeout(

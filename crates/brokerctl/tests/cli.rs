@@ -8,82 +8,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use brokerd_server::{Config, Server, ShutdownHandle};
+mod common;
+
+use common::{Broker, DEADLINE, POLL};
 use std::io::{Read, Write};
-use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
-use std::time::Duration;
 use tokio::time::{Instant, sleep};
-
-/// How long any single wait may take before the test fails.
-const DEADLINE: Duration = Duration::from_secs(20);
-
-/// Pause between polls of a condition.
-const POLL: Duration = Duration::from_millis(10);
-
-/// A running broker.
-struct Broker {
-    addr: SocketAddr,
-    /// Live subscriptions, read from the broker's statistics. A closure because the broker's
-    /// type lives in `brokerd-core`, which this crate does not depend on.
-    subscriptions: Box<dyn Fn() -> usize + Send + Sync>,
-    handle: ShutdownHandle,
-    join: tokio::task::JoinHandle<std::io::Result<()>>,
-}
-
-impl Broker {
-    async fn start() -> Broker {
-        let cfg = Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            ..Config::default()
-        };
-        let server = Server::bind(cfg).await.unwrap();
-        let addr = server.local_addr().unwrap();
-        let broker = server.broker();
-        let handle = server.shutdown_handle();
-        let join = tokio::spawn(server.run());
-        Broker {
-            addr,
-            subscriptions: Box::new(move || broker.stats().subscriptions),
-            handle,
-            join,
-        }
-    }
-
-    /// Waits until the broker holds `n` subscriptions.
-    async fn wait_for_subscriptions(&self, n: usize) {
-        wait_until("the broker to show the subscription", || {
-            (self.subscriptions)() == n
-        })
-        .await;
-    }
-
-    /// `brokerctl --server ADDR args...`, not yet started.
-    fn ctl(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_brokerctl"));
-        cmd.arg("--server").arg(self.addr.to_string()).args(args);
-        cmd
-    }
-
-    async fn stop(self) {
-        self.handle.shutdown();
-        tokio::time::timeout(DEADLINE, self.join)
-            .await
-            .expect("broker shut down in time")
-            .expect("broker task did not panic")
-            .expect("broker run returned ok");
-    }
-}
-
-/// Polls `cond` until it holds; panics naming `what` after [`DEADLINE`].
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        sleep(POLL).await;
-    }
-}
 
 /// A started `brokerctl`; killed on drop if still running, so a failed test leaves no process.
 struct Running {
