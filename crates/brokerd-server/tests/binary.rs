@@ -12,6 +12,24 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_brokerd");
 
+/// How long any wait may take before the test fails.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Pause between polls.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Polls `probe` until it yields a value; panics naming `what` after [`DEADLINE`].
+fn poll_until<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(POLL);
+    }
+}
+
 #[test]
 fn print_config_shows_the_defaults() {
     let out = Command::new(BIN).arg("--print-config").output().unwrap();
@@ -66,14 +84,9 @@ fn sigterm_shuts_down_gracefully_with_exit_0() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut stream = loop {
-        match TcpStream::connect(("127.0.0.1", port)) {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => panic!("brokerd did not start listening: {e}"),
-        }
-    };
+    let mut stream = poll_until("brokerd to start listening", || {
+        TcpStream::connect(("127.0.0.1", port)).ok()
+    });
     stream
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
@@ -102,16 +115,9 @@ fn sigterm_shuts_down_gracefully_with_exit_0() {
         .status()
         .unwrap();
     assert!(kill.success());
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "brokerd did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = poll_until("brokerd to exit after SIGTERM", || {
+        child.try_wait().unwrap()
+    });
     assert_eq!(status.code(), Some(0));
     // The connected client was told why before the connection closed.
     let mut rest = Vec::new();

@@ -30,12 +30,15 @@ fn scale(name: &str, default: usize) -> usize {
     std::env::var(name).map_or(default, |v| v.parse().expect("a count"))
 }
 
-/// Polls `cond` every 10 ms until it holds; fails after [`DEADLINE`].
+/// Pause between polls of a condition.
+const POLL: Duration = Duration::from_millis(10);
+
+/// Polls `cond` every [`POLL`] until it holds; fails after [`DEADLINE`].
 fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let end = Instant::now() + DEADLINE;
     while !cond() {
         assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(POLL);
     }
 }
 
@@ -128,13 +131,12 @@ impl Brokerd {
             .status()
             .unwrap();
         assert!(kill.success());
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return (s, start.elapsed());
-            }
-            assert!(start.elapsed() < DEADLINE, "brokerd did not exit");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let mut status = None;
+        wait_until("brokerd to exit", || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        (status.expect("exited"), start.elapsed())
     }
 }
 
