@@ -137,7 +137,10 @@ impl TestBroker {
     }
 }
 
-/// Polls `cond` until it holds, failing the test after [`DEADLINE`].
+/// Pause between polls of a condition in [`wait_until`].
+pub const POLL: Duration = Duration::from_millis(5);
+
+/// Polls `cond` every [`POLL`] until it holds, failing the test after [`DEADLINE`].
 pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let end = tokio::time::Instant::now() + DEADLINE;
     while !cond() {
@@ -145,7 +148,7 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
             tokio::time::Instant::now() < end,
             "timed out waiting for {what}"
         );
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(POLL).await;
     }
 }
 
