@@ -228,6 +228,18 @@ async fn client_errors_are_typed() {
         c.publish("bad topic", "x").await,
         Err(brokerd_client::Error::InvalidTopic(_))
     ));
+    // The client remembers the last valid topic; a different, invalid one is still refused,
+    // before and after the valid one is published again.
+    c.publish("good.topic", "x").await.unwrap();
+    assert!(matches!(
+        c.publish("good.*", "x").await,
+        Err(brokerd_client::Error::InvalidTopic(_))
+    ));
+    c.publish("good.topic", "x").await.unwrap();
+    assert!(matches!(
+        c.publish("good.topic.", "x").await,
+        Err(brokerd_client::Error::InvalidTopic(_))
+    ));
     b.stop().await;
 }
 

@@ -99,6 +99,19 @@ enum Reply {
 struct WriteState {
     buf: BytesMut,
     closed: Option<String>,
+    /// The topic published last, known to be valid: publishing it again skips the check.
+    valid_topic: String,
+}
+
+impl WriteState {
+    fn check_topic(&mut self, topic: &str) -> Result<(), Error> {
+        if self.valid_topic != topic {
+            validate_topic(topic, &TopicLimits::WIRE).map_err(Error::InvalidTopic)?;
+            self.valid_topic.clear();
+            self.valid_topic.push_str(topic);
+        }
+        Ok(())
+    }
 }
 
 struct SubEntry {
@@ -470,6 +483,7 @@ impl Inner {
             write: Mutex::new(WriteState {
                 buf: BytesMut::with_capacity(64 * 1024),
                 closed: None,
+                valid_topic: String::new(),
             }),
             data: Notify::new(),
             space: Notify::new(),
@@ -514,7 +528,6 @@ impl Inner {
         payload: &[u8],
         ack: bool,
     ) -> Result<u32, Error> {
-        validate_topic(topic, &TopicLimits::WIRE).map_err(Error::InvalidTopic)?;
         if let Some(r) = reply {
             validate_topic(r, &TopicLimits::WIRE).map_err(Error::InvalidTopic)?;
         }
@@ -537,7 +550,10 @@ impl Inner {
         let id = self.next_id();
         let rx = ack.then(|| self.expect(id));
         let _pending = ack.then(|| Forget(&self.pending, id));
-        if let Err(e) = self.send(|buf| encode_pub(buf, id, ack, &body)).await {
+        let sent = self
+            .send_checked(Some(topic), |buf| encode_pub(buf, id, ack, &body))
+            .await;
+        if let Err(e) = sent {
             self.pending.lock().remove(&id);
             return Err(e);
         }
@@ -658,9 +674,22 @@ impl Inner {
 
     /// Appends to the write buffer, first waiting while it is over its limit.
     async fn send(&self, encode: impl FnOnce(&mut BytesMut)) -> Result<(), Error> {
+        self.send_checked(None, encode).await
+    }
+
+    /// As [`Inner::send`], first checking `topic` (under the lock the append takes anyway, so a
+    /// topic published repeatedly is checked once).
+    async fn send_checked(
+        &self,
+        topic: Option<&str>,
+        encode: impl FnOnce(&mut BytesMut),
+    ) -> Result<(), Error> {
         // The common case, room in the buffer, appends without preparing to wait.
         {
             let mut w = self.write.lock();
+            if let Some(t) = topic {
+                w.check_topic(t)?;
+            }
             if let Some(reason) = &w.closed {
                 return Err(Error::Closed(reason.clone()));
             }

@@ -48,8 +48,10 @@ impl RouteCache {
 /// A message to route: the fields routing needs, and the encoded body to queue.
 #[derive(Debug, Clone, Copy)]
 pub struct Publication<'a> {
-    /// The topic (checked for UTF-8; syntax is checked here).
-    pub topic: &'a str,
+    /// The topic's bytes: UTF-8 checked by the decoder; syntax is checked here, the first time
+    /// this connection or the shared cache sees the topic. Routing recognises a repeated topic by
+    /// its bytes alone.
+    pub topic: &'a [u8],
     /// The reply-to, if any.
     pub reply: Option<&'a str>,
     /// Payload length, for the limit.
@@ -70,7 +72,7 @@ pub enum RawBody<'a> {
 impl<'a> From<&'a Body> for Publication<'a> {
     fn from(b: &'a Body) -> Publication<'a> {
         Publication {
-            topic: b.topic(),
+            topic: b.topic_bytes(),
             reply: b.reply(),
             payload_len: b.payload_len(),
             raw: RawBody::Shared(b.raw()),
@@ -81,7 +83,7 @@ impl<'a> From<&'a Body> for Publication<'a> {
 impl<'a> From<&BodyRef<'a>> for Publication<'a> {
     fn from(b: &BodyRef<'a>) -> Publication<'a> {
         Publication {
-            topic: b.topic(),
+            topic: b.topic_bytes(),
             reply: b.reply(),
             payload_len: b.payload_len(),
             raw: RawBody::Borrowed(b.raw()),
@@ -481,10 +483,10 @@ impl Broker {
             routes.generation = generation;
         }
         // The last topic costs one comparison of bytes; any other recent one a hash lookup.
-        let is_last =
-            routes.last.is_some() && routes.last_topic.as_bytes() == body.topic.as_bytes();
+        let is_last = routes.last.is_some() && routes.last_topic.as_bytes() == body.topic;
         if !is_last {
-            let topic = body.topic;
+            let topic = std::str::from_utf8(body.topic)
+                .map_err(|_| PublishError::InvalidTopic(TopicError::InvalidUtf8))?;
             let matches = match routes.map.get(topic) {
                 Some(m) => m.clone(),
                 None => {

@@ -91,7 +91,11 @@ fn str16(
     let len = u16::from_be_bytes([len_bytes[0], len_bytes[1]]) as usize;
     let start = pos + 2;
     let s = raw.get(start..start + len).ok_or(what)?;
-    std::str::from_utf8(s).map_err(|_| "string is not utf-8")?;
+    // Topics are almost always ASCII, which is UTF-8; the inlined ASCII test is several times
+    // cheaper than the general check on short strings.
+    if !s.is_ascii() {
+        std::str::from_utf8(s).map_err(|_| "string is not utf-8")?;
+    }
     Ok((start..start + len, start + len))
 }
 
@@ -149,12 +153,13 @@ impl Layout {
 }
 
 /// A message body borrowed from the buffer it was read into: the same checks as [`Body::parse`],
-/// without taking a reference-counted slice. Topic and reply-to are kept as checked text.
+/// without taking a reference-counted slice. Topic and reply-to are kept as checked bytes, so a
+/// caller that recognises a topic by its bytes never builds a `&str` for it.
 #[derive(Debug, Clone, Copy)]
 pub struct BodyRef<'a> {
     raw: &'a [u8],
-    topic: &'a str,
-    reply: Option<&'a str>,
+    topic: &'a [u8],
+    reply: Option<&'a [u8]>,
     payload: usize,
 }
 
@@ -167,8 +172,8 @@ impl<'a> BodyRef<'a> {
         let l = Layout::of(raw)?;
         Ok(BodyRef {
             raw,
-            topic: as_str(raw, l.topic),
-            reply: l.reply.map(|r| as_str(raw, r)),
+            topic: &raw[l.topic],
+            reply: l.reply.map(|r| &raw[r]),
             payload: l.payload,
         })
     }
@@ -180,12 +185,18 @@ impl<'a> BodyRef<'a> {
 
     /// The topic (UTF-8 checked; syntax not).
     pub fn topic(&self) -> &'a str {
+        std::str::from_utf8(self.topic).unwrap_or_default()
+    }
+
+    /// The topic's bytes, UTF-8 checked by [`BodyRef::parse`].
+    pub fn topic_bytes(&self) -> &'a [u8] {
         self.topic
     }
 
     /// The reply-to topic, if any.
     pub fn reply(&self) -> Option<&'a str> {
         self.reply
+            .map(|r| std::str::from_utf8(r).unwrap_or_default())
     }
 
     /// Payload length in bytes.

@@ -372,10 +372,25 @@ fn truncate(s: &str, max: usize) -> &str {
 pub fn encode_pub(dst: &mut BytesMut, req_id: u32, ack: bool, body: &BodyBuilder<'_>) {
     let len = 1 + 4 + 1 + body.len();
     dst.reserve(LENGTH_PREFIX + len);
+    let flags = if ack { PUB_ACK } else { 0 };
+    if body.reply.is_none() && body.headers.is_none() {
+        // The common frame: one fixed head, then the topic and payload, three copies in all.
+        let mut head = [0u8; LENGTH_PREFIX + 1 + 4 + 1 + 1 + 2];
+        head[..4].copy_from_slice(&(len as u32).to_be_bytes());
+        head[4] = FrameType::Pub as u8;
+        head[5..9].copy_from_slice(&req_id.to_be_bytes());
+        head[9] = flags;
+        head[10] = 0;
+        head[11..13].copy_from_slice(&(body.topic.len() as u16).to_be_bytes());
+        dst.extend_from_slice(&head);
+        dst.extend_from_slice(body.topic.as_bytes());
+        dst.extend_from_slice(body.payload);
+        return;
+    }
     dst.put_u32(len as u32);
     dst.put_u8(FrameType::Pub as u8);
     dst.put_u32(req_id);
-    dst.put_u8(if ack { PUB_ACK } else { 0 });
+    dst.put_u8(flags);
     body.put(dst);
 }
 
