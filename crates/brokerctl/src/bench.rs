@@ -107,7 +107,7 @@ impl Scenario {
 
 /// Messages published between checks of the clock and the stop condition; also the unit in
 /// which the shared `sent` counter advances.
-const BATCH: u64 = 256;
+const BATCH: u64 = 1024;
 
 /// How long the drain after publishing may go without a new delivery before giving up.
 const DRAIN_IDLE: Duration = Duration::from_secs(1);

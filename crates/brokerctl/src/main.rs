@@ -21,6 +21,10 @@ use std::io::{self, BufWriter, Write};
 use std::process::ExitCode;
 use tokio::io::AsyncBufReadExt;
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench;
 mod rpc;
 

@@ -255,8 +255,13 @@ impl Client {
     /// An invalid topic, a payload over the server's limit, or a closed connection. A refusal
     /// the server sends later (none is expected after these checks) is logged, not returned.
     pub async fn publish(&self, topic: &str, payload: impl AsRef<[u8]>) -> Result<(), Error> {
+        let payload = payload.as_ref();
+        // Appending to a buffer with room needs no future of its own; only a full buffer waits.
+        if self.inner.try_publish(topic, payload)? {
+            return Ok(());
+        }
         self.inner
-            .publish_with(topic, None, None, payload.as_ref(), false)
+            .publish_with(topic, None, None, payload, false)
             .await
             .map(|_| ())
     }
@@ -518,6 +523,37 @@ impl Inner {
             },
             ConnectOptions::default(),
         )
+    }
+
+    /// Appends a plain `PUB` (no reply-to, headers or ack) if the write buffer has room.
+    /// `Ok(false)`: the buffer is full (or the connection closed); nothing was appended, and
+    /// [`Inner::publish_with`] waits for room or reports the close.
+    fn try_publish(&self, topic: &str, payload: &[u8]) -> Result<bool, Error> {
+        let max = self.info.max_payload as usize;
+        if payload.len() > max {
+            return Err(Error::PayloadTooLarge {
+                len: payload.len(),
+                max,
+            });
+        }
+        let body = BodyBuilder {
+            topic,
+            reply: None,
+            headers: None,
+            payload,
+        };
+        let mut w = self.write.lock();
+        w.check_topic(topic)?;
+        if w.closed.is_some() || w.buf.len() >= self.options.write_buffer {
+            return Ok(false);
+        }
+        let was_empty = w.buf.is_empty();
+        encode_pub(&mut w.buf, self.next_id(), false, &body);
+        drop(w);
+        if was_empty {
+            self.data.notify_one();
+        }
+        Ok(true)
     }
 
     pub(crate) async fn publish_with(
