@@ -168,7 +168,22 @@ impl<'a> BodyRef<'a> {
     ///
     /// # Errors
     /// As [`Body::parse`].
+    #[inline]
     pub fn parse(raw: &'a [u8]) -> Result<BodyRef<'a>, &'static str> {
+        // The common body, flags 0 (no reply-to, no headers): topic, then payload.
+        if let [0, hi, lo, rest @ ..] = raw {
+            let len = u16::from_be_bytes([*hi, *lo]) as usize;
+            if let Some(topic) = rest.get(..len)
+                && (topic.is_ascii() || std::str::from_utf8(topic).is_ok())
+            {
+                return Ok(BodyRef {
+                    raw,
+                    topic,
+                    reply: None,
+                    payload: 3 + len,
+                });
+            }
+        }
         let l = Layout::of(raw)?;
         Ok(BodyRef {
             raw,

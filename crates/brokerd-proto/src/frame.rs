@@ -456,6 +456,7 @@ pub struct PubRef<'a> {
 /// Returns `None` when the front of `buf` is anything else (another frame type, an incomplete
 /// frame, a length over `max_frame`): [`decode`] then handles it as usual, errors included. A
 /// complete `PUB` frame that is malformed gives the same error [`decode`] would.
+#[inline]
 pub fn peek_pub(buf: &[u8], max_frame: usize) -> Option<Result<(PubRef<'_>, usize), DecodeError>> {
     let prefix: [u8; 4] = buf.get(..LENGTH_PREFIX)?.try_into().ok()?;
     let len = u32::from_be_bytes(prefix) as usize;

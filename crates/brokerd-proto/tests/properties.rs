@@ -497,6 +497,36 @@ proptest! {
         }
     }
 
+    /// The plain-body shortcut (body flags 0) agrees with `decode` for any topic bytes, valid
+    /// UTF-8 or not, and any declared topic length, fitting the frame or not.
+    #[test]
+    fn peek_pub_plain_body_agrees_with_decode(
+        topic in prop::collection::vec(any::<u8>(), 0..12),
+        declared_extra in -3i32..4,
+        payload in prop::collection::vec(any::<u8>(), 0..8),
+    ) {
+        let declared = (topic.len() as i32 + declared_extra).max(0) as u16;
+        let mut body = vec![0u8];
+        body.extend_from_slice(&declared.to_be_bytes());
+        body.extend_from_slice(&topic);
+        body.extend_from_slice(&payload);
+        let mut bytes = ((body.len() + 6) as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(&[0x02, 0, 0, 0, 9, 0]);
+        bytes.extend_from_slice(&body);
+        let peeked = brokerd_proto::peek_pub(&bytes, 4096)
+            .map(|r| r.map(|(p, n)| (p.body.topic_bytes().to_vec(), p.body.payload_len(), n)));
+        let mut buf = BytesMut::from(&bytes[..]);
+        match (peeked, decode(&mut buf, 4096)) {
+            (Some(Ok((t, payload_len, n))), Ok(Some(Frame::Pub(p)))) => {
+                prop_assert_eq!(&t[..], p.body.topic().as_bytes());
+                prop_assert_eq!(payload_len, p.body.payload_len());
+                prop_assert_eq!(n, bytes.len());
+            }
+            (Some(Err(e)), Err(d)) => prop_assert_eq!(e, d),
+            (p, d) => prop_assert!(false, "peek_pub {:?} but decode {:?}", p, d),
+        }
+    }
+
     #[test]
     fn decoder_survives_arbitrary_bytes(
         bytes in prop::collection::vec(any::<u8>(), 0..256),

@@ -287,17 +287,21 @@ async fn read_loop(
     loop {
         // Frames already buffered (the handshake's read may have carried more than HELLO).
         loop {
-            // A small PUB is routed straight from the read buffer: its body is copied once if
-            // anything matches, so taking a shared slice of the buffer would be wasted work.
-            match peek_pub(buf, max_frame) {
-                Some(Ok((p, len))) if p.body.raw().len() < DETACH_BELOW => {
-                    reader.publish(p.req_id, p.ack, &Publication::from(&p.body));
-                    buf.advance(len);
-                    continue;
+            // Small PUBs are routed straight from the read buffer: a body is copied once if
+            // anything matches, so taking a shared slice of the buffer would be wasted work. A
+            // run of them moves the buffer's start once.
+            let mut routed = 0;
+            while let Some(peeked) = peek_pub(&buf[routed..], max_frame) {
+                match peeked {
+                    Ok((p, len)) if p.body.raw().len() < DETACH_BELOW => {
+                        reader.publish(p.req_id, p.ack, &Publication::from(&p.body));
+                        routed += len;
+                    }
+                    Ok(_) => break,
+                    Err(e) => return ReadEnd::Close(reader.decode_error(&e)),
                 }
-                Some(Err(e)) => return ReadEnd::Close(reader.decode_error(&e)),
-                Some(Ok(_)) | None => {}
             }
+            buf.advance(routed);
             match decode(buf, max_frame) {
                 Ok(Some(frame)) => {
                     if let Err(reason) = reader.handle(frame, &mut pings_outstanding) {
