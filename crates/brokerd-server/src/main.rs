@@ -7,6 +7,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// brokerd: a publish/subscribe message broker.
 #[derive(Debug, Parser)]
 #[command(name = "brokerd", version, about)]
