@@ -1,6 +1,6 @@
 //! The bounded queue between the connection's reader task and one [`crate::Subscription`].
 //!
-//! A mutex-guarded `VecDeque`: the reader pushes one message per lock; the subscription takes
+//! A mutex-guarded `VecDeque`: the reader pushes a batch of messages per lock; the subscription takes
 //! everything queued in one swap and then hands messages out without locking, so a burst of
 //! deliveries costs the consumer one lock and at most one wake-up, not one per message. The
 //! reader is woken only when it waited for room and the subscription has emptied the queue.
@@ -22,14 +22,6 @@ struct State {
 struct Shared {
     state: Mutex<State>,
     capacity: usize,
-}
-
-/// Why [`Sender::try_send`] did not queue the message.
-pub(crate) enum TrySendError {
-    /// The queue holds `capacity` messages.
-    Full(Message),
-    /// The subscription is gone or closed its end.
-    Closed,
 }
 
 /// The reader's end. Cloning adds a sender; the queue ends when every sender is dropped.
@@ -70,43 +62,29 @@ fn wake(w: Option<Waker>) {
 }
 
 impl Sender {
-    /// Queues `msg` if there is room.
-    // Handing a refused message back by value costs a move; boxing it would cost an allocation.
-    #[allow(clippy::result_large_err)]
-    pub(crate) fn try_send(&self, msg: Message) -> Result<(), TrySendError> {
-        let mut st = self.0.state.lock();
-        if st.receiver_closed {
-            return Err(TrySendError::Closed);
-        }
-        if st.queue.len() >= self.0.capacity {
-            return Err(TrySendError::Full(msg));
-        }
-        st.queue.push_back(msg);
-        let w = st.receiver.take();
-        drop(st);
-        wake(w);
-        Ok(())
-    }
-
-    /// Queues `msg`, waiting for room. `Err` when the subscription is gone.
-    pub(crate) async fn send(&self, msg: Message) -> Result<(), ()> {
-        let mut msg = Some(msg);
+    /// Queues every message in `batch` (emptying it) in order, waiting for room as needed, with
+    /// one lock and at most one wake-up of the subscription per time room is found. `Err` when
+    /// the subscription is gone; what was not queued is dropped.
+    pub(crate) async fn send_all(&self, batch: &mut Vec<Message>) -> Result<(), ()> {
         std::future::poll_fn(|cx| {
             let mut st = self.0.state.lock();
             if st.receiver_closed {
+                batch.clear();
                 return Poll::Ready(Err(()));
             }
-            if st.queue.len() >= self.0.capacity {
-                st.sender = Some(cx.waker().clone());
-                return Poll::Pending;
+            let room = self.0.capacity.saturating_sub(st.queue.len());
+            let n = room.min(batch.len());
+            st.queue.extend(batch.drain(..n));
+            let w = if n > 0 { st.receiver.take() } else { None };
+            if batch.is_empty() {
+                drop(st);
+                wake(w);
+                return Poll::Ready(Ok(()));
             }
-            if let Some(m) = msg.take() {
-                st.queue.push_back(m);
-            }
-            let w = st.receiver.take();
+            st.sender = Some(cx.waker().clone());
             drop(st);
             wake(w);
-            Poll::Ready(Ok(()))
+            Poll::Pending
         })
         .await
     }
@@ -215,19 +193,29 @@ mod tests {
         Message::for_test(seq)
     }
 
+    /// Offers messages `seqs` once, without waiting: how many were queued, and whether the
+    /// subscription was gone.
+    fn offer(tx: &Sender, seqs: &[u64]) -> (usize, bool) {
+        let mut batch: Vec<Message> = seqs.iter().map(|&s| msg(s)).collect();
+        let mut cx = Context::from_waker(Waker::noop());
+        let outcome = std::pin::pin!(tx.send_all(&mut batch)).poll(&mut cx);
+        match outcome {
+            Poll::Ready(r) => (seqs.len(), r.is_err()),
+            Poll::Pending => (seqs.len() - batch.len(), false),
+        }
+    }
+
     #[test]
     fn bounded_fifo_that_ends_when_senders_go() {
         let (tx, mut rx) = channel(2);
-        assert!(tx.try_send(msg(1)).is_ok());
-        assert!(tx.try_send(msg(2)).is_ok());
-        assert!(matches!(tx.try_send(msg(3)), Err(TrySendError::Full(_))));
+        assert_eq!(offer(&tx, &[1, 2, 3]), (2, false));
         let mut cx = Context::from_waker(Waker::noop());
         assert_eq!(
             rx.poll_recv(&mut cx).map(|m| m.map(|m| m.seq())),
             Poll::Ready(Some(1))
         );
         // The swap took both: the queue has room again while one is still local.
-        assert!(tx.try_send(msg(3)).is_ok());
+        assert_eq!(offer(&tx, &[3]), (1, false));
         assert_eq!(rx.try_recv().map(|m| m.seq()), Some(2));
         assert_eq!(rx.try_recv().map(|m| m.seq()), Some(3));
         assert!(rx.poll_recv(&mut cx).is_pending());
@@ -239,14 +227,37 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_larger_than_the_queue_waits_for_room_and_keeps_order() {
+        let (tx, mut rx) = channel(2);
+        let mut batch: Vec<Message> = (1..=5).map(msg).collect();
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut fut = std::pin::pin!(tx.send_all(&mut batch));
+        let mut got = Vec::new();
+        let mut polls = 0;
+        while fut.as_mut().poll(&mut cx).is_pending() {
+            polls += 1;
+            assert!(polls < 10, "the batch never went through");
+            while let Some(m) = rx.try_recv() {
+                got.push(m.seq());
+            }
+        }
+        // Two at a time: 1-2, then 3-4, then 5.
+        assert_eq!(polls, 2);
+        while let Some(m) = rx.try_recv() {
+            got.push(m.seq());
+        }
+        assert_eq!(got, [1, 2, 3, 4, 5]);
+    }
+
+    #[test]
     fn closing_or_dropping_the_receiver_refuses_senders() {
         let (tx, mut rx) = channel(4);
-        assert!(tx.try_send(msg(1)).is_ok());
+        assert_eq!(offer(&tx, &[1]), (1, false));
         rx.close();
-        assert!(matches!(tx.try_send(msg(2)), Err(TrySendError::Closed)));
+        assert!(offer(&tx, &[2]).1);
         assert_eq!(rx.try_recv().map(|m| m.seq()), Some(1));
         let (tx, rx) = channel(1);
         drop(rx);
-        assert!(matches!(tx.try_send(msg(1)), Err(TrySendError::Closed)));
+        assert!(offer(&tx, &[1]).1);
     }
 }

@@ -6,7 +6,7 @@
 //! subscription id. When the connection ends, waiting calls fail with [`Error::Closed`] and every
 //! subscription stream ends.
 
-use crate::channel::{self, TrySendError};
+use crate::channel;
 use crate::error::Error;
 use crate::subscription::{Message, SubShared, Subscription};
 use brokerd_proto::body::BodyBuilder;
@@ -822,20 +822,56 @@ async fn read_task(inner: Arc<Inner>, mut rd: OwnedReadHalf, mut buf: BytesMut) 
     inner.shutdown(&reason);
 }
 
+/// The subscription that received the previous message, and the messages for it not yet handed
+/// over: a run of deliveries for one subscription takes the subscription map's lock once and the
+/// subscription's queue lock once per [`DELIVERY_BATCH`] messages.
+struct Delivery {
+    sid: u32,
+    tx: channel::Sender,
+    batch: Vec<Message>,
+}
+
+/// At most this many messages are held back before being handed to their subscription.
+const DELIVERY_BATCH: usize = 256;
+
+/// Hands the held-back messages to their subscription, waiting for room in its queue. A
+/// subscription that is gone is forgotten.
+async fn deliver(inner: &Inner, last: &mut Option<Delivery>) {
+    let Some(d) = last.as_mut() else {
+        return;
+    };
+    if d.batch.is_empty() {
+        return;
+    }
+    // Waiting here is deliberate: a reader that cannot keep up pushes back on the socket, and
+    // the server's overflow policy decides what is dropped.
+    if d.tx.send_all(&mut d.batch).await.is_err() {
+        inner.forget(d.sid);
+        *last = None;
+    }
+}
+
 /// Dispatches every complete frame in `buf`; `Err` carries why the connection must end.
-/// `last` caches the sender of the subscription that received the previous message, so a run of
-/// deliveries for one subscription does not take the subscription map's lock for each.
+/// Messages are handed to subscriptions in batches (see [`Delivery`]); every other frame, and the
+/// end of what was read, first hands over what is held, so a reply (such as the `OK` that ends an
+/// unsubscribe) is never seen before the messages that preceded it.
 async fn read_frames(
     inner: &Arc<Inner>,
     buf: &mut BytesMut,
-    last: &mut Option<(u32, channel::Sender)>,
+    last: &mut Option<Delivery>,
 ) -> Result<(), String> {
     loop {
         let frame = match decode(buf, usize::MAX) {
             Ok(Some(f)) => f,
-            Ok(None) => return Ok(()),
+            Ok(None) => {
+                deliver(inner, last).await;
+                return Ok(());
+            }
             Err(e) => return Err(format!("undecodable frame from server: {e}")),
         };
+        if !matches!(frame, Frame::Msg(_)) {
+            deliver(inner, last).await;
+        }
         let reply = match frame {
             Frame::Msg(Msg { sid, seq, body }) => {
                 if inner.shut.load(Ordering::Acquire) {
@@ -857,26 +893,24 @@ async fn read_frames(
                     }
                     continue;
                 }
-                if last.as_ref().is_none_or(|(s, _)| *s != sid) {
-                    *last = inner.subs.lock().get(&sid).map(|s| (sid, s.tx.clone()));
+                if last.as_ref().is_none_or(|d| d.sid != sid) {
+                    deliver(inner, last).await;
+                    let batch = last
+                        .take()
+                        .map(|d| d.batch)
+                        .unwrap_or_else(|| Vec::with_capacity(DELIVERY_BATCH));
+                    *last = inner.subs.lock().get(&sid).map(|s| Delivery {
+                        sid,
+                        tx: s.tx.clone(),
+                        batch,
+                    });
                 }
-                let Some((_, tx)) = last.as_ref() else {
+                let Some(d) = last.as_mut() else {
                     continue;
                 };
-                match tx.try_send(msg) {
-                    Ok(()) => {}
-                    // Waiting here is deliberate: a reader that cannot keep up pushes back on the
-                    // socket, and the server's overflow policy decides what is dropped.
-                    Err(TrySendError::Full(msg)) => {
-                        if tx.send(msg).await.is_err() {
-                            inner.forget(sid);
-                            *last = None;
-                        }
-                    }
-                    Err(TrySendError::Closed) => {
-                        inner.forget(sid);
-                        *last = None;
-                    }
+                d.batch.push(msg);
+                if d.batch.len() >= DELIVERY_BATCH {
+                    deliver(inner, last).await;
                 }
                 continue;
             }
