@@ -113,10 +113,71 @@ pub struct SublistStats {
     pub cache_misses: u64,
 }
 
-/// One stored subscription and its queue group, if any.
+/// One stored subscription and its queue group, if any. The group's name sits behind a thin
+/// pointer so that an entry is two words: most subscriptions have no group.
 struct Entry<T> {
     item: T,
-    group: Option<Arc<str>>,
+    group: Option<Arc<Arc<str>>>,
+}
+
+/// The entries of one slot of a node. Nearly every filter is held by one subscription, so one
+/// entry is stored inline and a list is allocated only for a second: three words in all, where a
+/// `Vec` would add a heap block of four entries to every subscribed node.
+enum Entries<T> {
+    Empty,
+    One(Entry<T>),
+    Many(Vec<Entry<T>>),
+}
+
+impl<T: PartialEq> Entries<T> {
+    fn is_empty(&self) -> bool {
+        match self {
+            Entries::Empty => true,
+            Entries::One(_) => false,
+            Entries::Many(v) => v.is_empty(),
+        }
+    }
+
+    fn push(&mut self, e: Entry<T>) {
+        match std::mem::replace(self, Entries::Empty) {
+            Entries::Empty => *self = Entries::One(e),
+            Entries::One(first) => *self = Entries::Many(vec![first, e]),
+            Entries::Many(mut v) => {
+                v.push(e);
+                *self = Entries::Many(v);
+            }
+        }
+    }
+
+    fn as_slice(&self) -> &[Entry<T>] {
+        match self {
+            Entries::Empty => &[],
+            Entries::One(e) => std::slice::from_ref(e),
+            Entries::Many(v) => v,
+        }
+    }
+
+    /// Removes the entry holding `item`; whether there was one.
+    fn remove(&mut self, item: &T) -> bool {
+        match self {
+            Entries::Empty => false,
+            Entries::One(e) if &e.item == item => {
+                *self = Entries::Empty;
+                true
+            }
+            Entries::One(_) => false,
+            Entries::Many(v) => match v.iter().position(|x| &x.item == item) {
+                Some(i) => {
+                    v.swap_remove(i);
+                    if v.is_empty() {
+                        *self = Entries::Empty;
+                    }
+                    true
+                }
+                None => false,
+            },
+        }
+    }
 }
 
 /// Topic-keyed maps hash with foldhash: several times faster than SipHash on short keys, and
@@ -129,9 +190,9 @@ struct Node<T> {
     literal: Option<Box<Map<Box<Node<T>>>>>,
     star: Option<Box<Node<T>>>,
     /// Subscriptions whose filter ends here exactly.
-    here: Vec<Entry<T>>,
+    here: Entries<T>,
     /// Subscriptions whose filter ends with `>` after this node.
-    tail: Vec<Entry<T>>,
+    tail: Entries<T>,
 }
 
 impl<T> Default for Node<T> {
@@ -139,13 +200,13 @@ impl<T> Default for Node<T> {
         Node {
             literal: None,
             star: None,
-            here: Vec::new(),
-            tail: Vec::new(),
+            here: Entries::Empty,
+            tail: Entries::Empty,
         }
     }
 }
 
-impl<T> Node<T> {
+impl<T: PartialEq> Node<T> {
     fn is_empty(&self) -> bool {
         self.literal.as_ref().is_none_or(|m| m.is_empty())
             && self.star.is_none()
@@ -224,7 +285,7 @@ impl<T: Clone + PartialEq> Sublist<T> {
         }
         let entry = Entry {
             item: item.clone(),
-            group: group.clone(),
+            group: group.clone().map(Arc::new),
         };
         if tail {
             node.tail.push(entry);
@@ -354,14 +415,14 @@ fn evict<T>(cache: &mut Map<Matches<T>>, capacity: usize) {
 fn collect<T: Clone + PartialEq>(node: &Node<T>, tokens: &[&str], out: &mut MatchResult<T>) {
     let add = |entries: &[Entry<T>], out: &mut MatchResult<T>| {
         for e in entries {
-            out.add(e.group.as_ref(), e.item.clone());
+            out.add(e.group.as_deref(), e.item.clone());
         }
     };
     let Some((first, rest)) = tokens.split_first() else {
-        add(&node.here, out);
+        add(node.here.as_slice(), out);
         return;
     };
-    add(&node.tail, out);
+    add(node.tail.as_slice(), out);
     if let Some(child) = node.literal.as_ref().and_then(|m| m.get(*first)) {
         collect(child, rest, out);
     }
@@ -376,16 +437,9 @@ fn remove_at<T: PartialEq>(
     item: &T,
     pruned: &mut usize,
 ) -> bool {
-    let take = |v: &mut Vec<Entry<T>>| match v.iter().position(|x| &x.item == item) {
-        Some(i) => {
-            v.swap_remove(i);
-            true
-        }
-        None => false,
-    };
     match tokens.split_first() {
-        None => take(&mut node.here),
-        Some((&">", _)) => take(&mut node.tail),
+        None => node.here.remove(item),
+        Some((&">", _)) => node.tail.remove(item),
         Some((&"*", rest)) => {
             let Some(star) = node.star.as_mut() else {
                 return false;
@@ -434,6 +488,14 @@ mod tests {
     fn both(test: impl Fn(Sublist<u32>)) {
         test(Sublist::new(0));
         test(Sublist::new(1024));
+    }
+
+    #[test]
+    fn a_node_is_eight_words_with_its_entries_inline() {
+        // Per-subscription memory depends on it (docs/performance.md): a node with one entry in
+        // each slot allocates nothing besides itself.
+        assert!(std::mem::size_of::<Node<Arc<u8>>>() <= 64);
+        assert!(std::mem::size_of::<Entries<Arc<u8>>>() <= 24);
     }
 
     #[test]
