@@ -13,7 +13,7 @@ use brokerd_proto::topic::{is_reserved, validate_topic};
 use brokerd_proto::{Body, BodyRef, ErrorCode, Filter, OverflowPolicy, TopicError, TopicLimits};
 use bytes::Bytes;
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use thiserror::Error;
@@ -236,7 +236,33 @@ pub struct Client {
     pub outbox: Arc<Outbox>,
     /// Traffic counters.
     pub counters: ClientCounters,
-    subs: Mutex<HashMap<u32, Arc<Subscription>>>,
+    subs: Mutex<HashSet<BySid>>,
+}
+
+/// A connection's subscription, found by its id: the set stores one pointer per subscription
+/// where a map from id to subscription would store the id twice and pad it to a pointer's size.
+#[derive(Debug)]
+struct BySid(Arc<Subscription>);
+
+impl PartialEq for BySid {
+    fn eq(&self, other: &BySid) -> bool {
+        self.0.sid == other.0.sid
+    }
+}
+
+impl Eq for BySid {}
+
+impl std::hash::Hash for BySid {
+    // Must hash exactly as the `u32` it borrows as.
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.0.sid.hash(h);
+    }
+}
+
+impl std::borrow::Borrow<u32> for BySid {
+    fn borrow(&self) -> &u32 {
+        &self.0.sid
+    }
 }
 
 impl std::fmt::Debug for Outbox {
@@ -335,7 +361,7 @@ impl Broker {
             no_echo,
             outbox,
             counters: ClientCounters::default(),
-            subs: Mutex::new(HashMap::new()),
+            subs: Mutex::new(HashSet::new()),
         });
         self.clients.lock().insert(id, client.clone());
         client
@@ -386,18 +412,18 @@ impl Broker {
             let mut subs = client.subs.lock();
             let replaced = match subs.get(&sid) {
                 // A subscription whose allowance just ran out may still await its cleanup.
-                Some(old) if old.is_dead() => subs.remove(&sid),
+                Some(old) if old.0.is_dead() => subs.take(&sid),
                 Some(_) => return Err(SubscribeError::Duplicate(sid)),
                 None => None,
             };
             if subs.len() >= self.limits.max_subs {
                 if let Some(old) = replaced {
-                    subs.insert(sid, old);
+                    subs.insert(old);
                 }
                 return Err(SubscribeError::TooMany(self.limits.max_subs));
             }
-            subs.insert(sid, sub.clone());
-            replaced
+            subs.insert(BySid(sub.clone()));
+            replaced.map(|old| old.0)
         };
         if let Some(old) = replaced {
             self.sublist.remove(&old.filter, &SubRef(old.clone()));
@@ -416,8 +442,8 @@ impl Broker {
             .subs
             .lock()
             .get(&sid)
-            .filter(|s| !s.is_dead())
-            .cloned()
+            .filter(|s| !s.0.is_dead())
+            .map(|s| s.0.clone())
             .ok_or(UnsubscribeError::Unknown(sid))?;
         if client.outbox.set_allowance(&sub, u64::from(max)) {
             self.finish(client, &sub);
@@ -429,7 +455,7 @@ impl Broker {
     fn finish(&self, client: &Client, sub: &Arc<Subscription>) {
         {
             let mut subs = client.subs.lock();
-            if subs.get(&sub.sid).is_some_and(|s| Arc::ptr_eq(s, sub)) {
+            if subs.get(&sub.sid).is_some_and(|s| Arc::ptr_eq(&s.0, sub)) {
                 subs.remove(&sub.sid);
             }
         }
@@ -622,7 +648,7 @@ impl Broker {
     /// Removes a client and all its subscriptions, recording why it left.
     pub fn disconnect(&self, client: &Client, reason: &CloseReason) {
         client.outbox.close(reason.clone(), false);
-        let subs: Vec<Arc<Subscription>> = client.subs.lock().drain().map(|(_, s)| s).collect();
+        let subs: Vec<Arc<Subscription>> = client.subs.lock().drain().map(|s| s.0).collect();
         for sub in subs {
             client.outbox.set_allowance(&sub, 0);
             self.sublist.remove(&sub.filter.clone(), &SubRef(sub));
