@@ -878,11 +878,12 @@ async fn read_frames(
                     *last = None;
                     return Err("connection closed".into());
                 }
+                let client = body.reply().is_some().then(|| inner.clone());
                 let msg = Message {
                     sid,
                     seq,
                     body,
-                    client: inner.clone(),
+                    client,
                 };
                 if sid == inner.inbox_sid.load(Ordering::Relaxed) {
                     let token = msg.topic().rsplit('.').next().and_then(|t| t.parse().ok());

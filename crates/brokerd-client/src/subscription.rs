@@ -16,8 +16,9 @@ pub struct Message {
     pub(crate) sid: u32,
     pub(crate) seq: u64,
     pub(crate) body: Body,
-    /// The connection it arrived on, for [`Message::respond`].
-    pub(crate) client: Arc<Inner>,
+    /// The connection it arrived on, for [`Message::respond`]; only kept when the message has
+    /// a reply-to, so a plain delivery costs no reference count.
+    pub(crate) client: Option<Arc<Inner>>,
 }
 
 #[cfg(test)]
@@ -28,7 +29,7 @@ impl Message {
             sid: 1,
             seq,
             body: Body::parse(Body::encode("t", None, None, b"")).expect("valid body"),
-            client: crate::client::Inner::for_test(),
+            client: Some(crate::client::Inner::for_test()),
         }
     }
 }
@@ -78,7 +79,8 @@ impl Message {
     /// [`crate::Error::NoReplyTo`] when the publisher set none, or a closed connection.
     pub async fn respond(&self, payload: impl AsRef<[u8]>) -> Result<(), crate::Error> {
         let reply = self.reply().ok_or(crate::Error::NoReplyTo)?;
-        self.client
+        let client = self.client.as_ref().ok_or(crate::Error::NoReplyTo)?;
+        client
             .publish_with(reply, None, None, payload.as_ref(), false)
             .await
             .map(|_| ())

@@ -114,7 +114,23 @@ struct Layout {
 }
 
 impl Layout {
+    #[inline]
     fn of(raw: &[u8]) -> Result<Layout, &'static str> {
+        // The common body, flags 0: topic, then payload.
+        if let [0, hi, lo, rest @ ..] = raw {
+            let len = u16::from_be_bytes([*hi, *lo]) as usize;
+            if let Some(topic) = rest.get(..len)
+                && (topic.is_ascii() || std::str::from_utf8(topic).is_ok())
+            {
+                return Ok(Layout {
+                    topic: 3..3 + len,
+                    reply: None,
+                    headers: 3 + len..3 + len,
+                    header_count: 0,
+                    payload: 3 + len,
+                });
+            }
+        }
         let flags = *raw.first().ok_or("missing body flags")?;
         if flags & !KNOWN_FLAGS != 0 {
             return Err("undefined body flag");
@@ -170,20 +186,6 @@ impl<'a> BodyRef<'a> {
     /// As [`Body::parse`].
     #[inline]
     pub fn parse(raw: &'a [u8]) -> Result<BodyRef<'a>, &'static str> {
-        // The common body, flags 0 (no reply-to, no headers): topic, then payload.
-        if let [0, hi, lo, rest @ ..] = raw {
-            let len = u16::from_be_bytes([*hi, *lo]) as usize;
-            if let Some(topic) = rest.get(..len)
-                && (topic.is_ascii() || std::str::from_utf8(topic).is_ok())
-            {
-                return Ok(BodyRef {
-                    raw,
-                    topic,
-                    reply: None,
-                    payload: 3 + len,
-                });
-            }
-        }
         let l = Layout::of(raw)?;
         Ok(BodyRef {
             raw,

@@ -434,6 +434,18 @@ pub fn decode(buf: &mut BytesMut, max_frame: usize) -> Result<Option<Frame>, Dec
         // caller grows its buffer as bytes actually arrive.
         return Ok(None);
     }
+    if buf[LENGTH_PREFIX] == FrameType::Msg as u8 && len >= MSG_HEADER_LEN - LENGTH_PREFIX {
+        // The frame a client mostly reads: its fixed head read in place, its body split off
+        // alone (one reference-counted slice per message, not a frame slice and then a body).
+        let h = &buf[LENGTH_PREFIX + 1..MSG_HEADER_LEN];
+        let sid = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
+        let seq = u64::from_be_bytes([h[4], h[5], h[6], h[7], h[8], h[9], h[10], h[11]]);
+        buf.advance(MSG_HEADER_LEN);
+        let body = buf.split_to(LENGTH_PREFIX + len - MSG_HEADER_LEN).freeze();
+        let body =
+            Body::parse(body).map_err(|what| DecodeError::Malformed { frame: "MSG", what })?;
+        return Ok(Some(Frame::Msg(Msg { sid, seq, body })));
+    }
     buf.advance(LENGTH_PREFIX);
     let frame = buf.split_to(len).freeze();
     parse(frame).map(Some)
