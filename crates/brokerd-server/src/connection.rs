@@ -25,10 +25,17 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::{debug, info, warn};
 
-/// Free space below which the read buffer grows by [`READ_CHUNK`].
+/// Free space below which the read buffer grows by its connection's chunk size.
 const READ_MIN_FREE: usize = 4 * 1024;
-/// Read buffer allocation size.
+/// Read buffer chunk size of a new connection.
 const READ_CHUNK: usize = 64 * 1024;
+/// The chunk size a connection whose reads keep filling its buffer grows to: a streaming
+/// publisher then needs a quarter of the reads (and of the reader's wake-ups and yields), which
+/// measured as a third more throughput for 1 KiB messages (docs/performance.md). Connections
+/// with lighter traffic never touch more than the smaller chunk, nor do connections publishing
+/// bodies of [`DETACH_BELOW`] or more, which are queued as slices of the read buffer and would
+/// keep a larger buffer alive.
+const READ_CHUNK_MAX: usize = 256 * 1024;
 /// A frame at least this large gets a buffer of its own exact size, so that a shared body does
 /// not pin a larger allocation.
 const LARGE_FRAME: usize = 16 * 1024;
@@ -281,10 +288,12 @@ async fn read_loop(
     let interval = shared.config.timeouts.ping_interval;
     let max_pings = shared.config.timeouts.max_pings_outstanding;
     let mut pings_outstanding = 0u32;
+    let mut chunk = READ_CHUNK;
     let mut last_read = Instant::now();
     let keepalive = tokio::time::sleep_until(last_read + interval);
     tokio::pin!(keepalive);
     loop {
+        let mut shares_buffer = false;
         // Frames already buffered (the handshake's read may have carried more than HELLO).
         loop {
             // Small PUBs are routed straight from the read buffer: a body is copied once if
@@ -304,6 +313,14 @@ async fn read_loop(
             buf.advance(routed);
             match decode(buf, max_frame) {
                 Ok(Some(frame)) => {
+                    if let Frame::Pub(p) = &frame
+                        && p.body.len() >= DETACH_BELOW
+                    {
+                        // Its body is shared with the read buffer, pinning it while queued: a
+                        // connection sending such bodies keeps the small chunk.
+                        chunk = READ_CHUNK;
+                        shares_buffer = true;
+                    }
                     if let Err(reason) = reader.handle(frame, &mut pings_outstanding) {
                         return ReadEnd::Close(reason);
                     }
@@ -316,7 +333,8 @@ async fn read_loop(
         // other worker may steal: without a yield the writers would only ever run on this core,
         // between this reader's reads. Yielding lets another worker take this reader instead.
         tokio::task::yield_now().await;
-        make_room(buf);
+        make_room(buf, chunk);
+        let free = buf.capacity() - buf.len();
         if client.outbox.is_closing() {
             return ReadEnd::WriterGone;
         }
@@ -334,7 +352,10 @@ async fn read_loop(
             _ = conn.cancelled() => return ReadEnd::WriterGone,
             r = rd.read_buf(buf) => match r {
                 Ok(0) => return ReadEnd::Close(CloseReason::ClientClosed),
-                Ok(_) => {
+                Ok(n) => {
+                    if n == free && chunk < READ_CHUNK_MAX && !shares_buffer {
+                        chunk *= 2;
+                    }
                     last_read = Instant::now();
                     pings_outstanding = 0;
                 }
@@ -360,11 +381,11 @@ async fn read_loop(
 /// Makes sure the read buffer has room for the next read. A large frame that has half arrived
 /// gets a buffer of exactly its own size, so that its shared body pins no larger allocation; the
 /// half rule keeps a peer that only announces a large frame from making the server allocate it.
-fn make_room(buf: &mut BytesMut) {
+fn make_room(buf: &mut BytesMut, chunk: usize) {
     if buf.len() >= 4 {
         let need = 4 + u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
         if need >= LARGE_FRAME && buf.len() * 2 >= need && buf.len() < need {
-            if buf.capacity() < need || buf.capacity() > need + READ_CHUNK {
+            if buf.capacity() < need || buf.capacity() > need + chunk {
                 // `buf` holds only this frame's first bytes: every earlier frame was split off.
                 let mut own = BytesMut::with_capacity(need);
                 own.extend_from_slice(buf);
@@ -374,6 +395,6 @@ fn make_room(buf: &mut BytesMut) {
         }
     }
     if buf.capacity() - buf.len() < READ_MIN_FREE {
-        buf.reserve(READ_CHUNK);
+        buf.reserve(chunk);
     }
 }
