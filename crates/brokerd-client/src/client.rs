@@ -803,19 +803,30 @@ async fn write_task(inner: Arc<Inner>, mut wr: OwnedWriteHalf) {
     }
 }
 
+/// Read buffer growth of a new connection, and what it grows to for a connection whose reads
+/// keep filling the buffer (a busy subscriber then reads, and wakes, a quarter as often).
+const READ_CHUNK: usize = 64 * 1024;
+const READ_CHUNK_MAX: usize = 256 * 1024;
+
 async fn read_task(inner: Arc<Inner>, mut rd: OwnedReadHalf, mut buf: BytesMut) {
     let mut last = None;
+    let mut chunk = READ_CHUNK;
     let reason = loop {
         match read_frames(&inner, &mut buf, &mut last).await {
             Ok(()) => {}
             Err(reason) => break reason,
         }
         if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(64 * 1024);
+            buf.reserve(chunk);
         }
+        let free = buf.capacity() - buf.len();
         match rd.read_buf(&mut buf).await {
             Ok(0) => break "server closed the connection".to_string(),
-            Ok(_) => {}
+            Ok(n) => {
+                if n == free && chunk < READ_CHUNK_MAX {
+                    chunk *= 2;
+                }
+            }
             Err(e) => break format!("read failed: {e}"),
         }
     };
