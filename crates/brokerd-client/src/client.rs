@@ -10,7 +10,7 @@ use crate::channel;
 use crate::error::Error;
 use crate::subscription::{Message, SubShared, Subscription};
 use brokerd_proto::body::BodyBuilder;
-use brokerd_proto::frame::encode_pub;
+use brokerd_proto::frame::{encode_pub, take_msg};
 use brokerd_proto::topic::validate_topic;
 use brokerd_proto::{
     ErrorCode, Filter, Frame, Headers, Hello, Msg, OverflowPolicy, PROTOCOL_VERSION, Subscribe,
@@ -872,101 +872,107 @@ async fn read_frames(
     last: &mut Option<Delivery>,
 ) -> Result<(), String> {
     loop {
-        let frame = match decode(buf, usize::MAX) {
-            Ok(Some(f)) => f,
-            Ok(None) => {
-                deliver(inner, last).await;
-                return Ok(());
-            }
-            Err(e) => return Err(format!("undecodable frame from server: {e}")),
+        // The frame a subscriber mostly reads is taken without building a `Frame`.
+        let (sid, seq, body) = match take_msg(buf, usize::MAX) {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Err(format!("undecodable frame from server: {e}")),
+            None => match decode(buf, usize::MAX) {
+                Ok(Some(Frame::Msg(Msg { sid, seq, body }))) => (sid, seq, body),
+                Ok(Some(frame)) => {
+                    deliver(inner, last).await;
+                    control(inner, frame)?;
+                    continue;
+                }
+                Ok(None) => {
+                    deliver(inner, last).await;
+                    return Ok(());
+                }
+                Err(e) => return Err(format!("undecodable frame from server: {e}")),
+            },
         };
-        if !matches!(frame, Frame::Msg(_)) {
+        if inner.shut.load(Ordering::Acquire) {
+            *last = None;
+            return Err("connection closed".into());
+        }
+        let client = body.reply().is_some().then(|| inner.clone());
+        let msg = Message {
+            sid,
+            seq,
+            body,
+            client,
+        };
+        if sid == inner.inbox_sid.load(Ordering::Relaxed) {
+            let token = msg.topic().rsplit('.').next().and_then(|t| t.parse().ok());
+            let waiter = token.and_then(|t: u32| inner.replies.lock().remove(&t));
+            // Later replies to the same request, and replies after a timeout, are dropped.
+            if let Some(w) = waiter {
+                let _ = w.send(msg);
+            }
+            continue;
+        }
+        if last.as_ref().is_none_or(|d| d.sid != sid) {
+            deliver(inner, last).await;
+            let batch = last
+                .take()
+                .map(|d| d.batch)
+                .unwrap_or_else(|| Vec::with_capacity(DELIVERY_BATCH));
+            *last = inner.subs.lock().get(&sid).map(|s| Delivery {
+                sid,
+                tx: s.tx.clone(),
+                batch,
+            });
+        }
+        let Some(d) = last.as_mut() else {
+            continue;
+        };
+        d.batch.push(msg);
+        if d.batch.len() >= DELIVERY_BATCH {
             deliver(inner, last).await;
         }
-        let reply = match frame {
-            Frame::Msg(Msg { sid, seq, body }) => {
-                if inner.shut.load(Ordering::Acquire) {
-                    *last = None;
-                    return Err("connection closed".into());
-                }
-                let client = body.reply().is_some().then(|| inner.clone());
-                let msg = Message {
-                    sid,
-                    seq,
-                    body,
-                    client,
-                };
-                if sid == inner.inbox_sid.load(Ordering::Relaxed) {
-                    let token = msg.topic().rsplit('.').next().and_then(|t| t.parse().ok());
-                    let waiter = token.and_then(|t: u32| inner.replies.lock().remove(&t));
-                    // Later replies to the same request, and replies after a timeout, are dropped.
-                    if let Some(w) = waiter {
-                        let _ = w.send(msg);
-                    }
-                    continue;
-                }
-                if last.as_ref().is_none_or(|d| d.sid != sid) {
-                    deliver(inner, last).await;
-                    let batch = last
-                        .take()
-                        .map(|d| d.batch)
-                        .unwrap_or_else(|| Vec::with_capacity(DELIVERY_BATCH));
-                    *last = inner.subs.lock().get(&sid).map(|s| Delivery {
-                        sid,
-                        tx: s.tx.clone(),
-                        batch,
-                    });
-                }
-                let Some(d) = last.as_mut() else {
-                    continue;
-                };
-                d.batch.push(msg);
-                if d.batch.len() >= DELIVERY_BATCH {
-                    deliver(inner, last).await;
-                }
-                continue;
-            }
-            Frame::Lost(l) => {
-                if let Some(s) = inner.subs.lock().get(&l.sid) {
-                    s.shared.missed.fetch_add(l.missed, Ordering::Relaxed);
-                }
-                tracing::warn!(
-                    sid = l.sid,
-                    missed = l.missed,
-                    "server dropped messages for a slow subscription"
-                );
-                continue;
-            }
-            Frame::Ping(t) => {
-                inner.append(|b| Frame::Pong(t).encode(b));
-                continue;
-            }
-            Frame::Ok(id) => (id, Reply::Ok),
-            Frame::Pong(id) => (id, Reply::Pong),
-            Frame::Ack { req_id, delivered } => (req_id, Reply::Ack(delivered)),
-            Frame::Err(e) => {
-                if e.req_id == 0 || !inner.pending.lock().contains_key(&e.req_id) {
-                    let fatal = ErrorCode::from_u16(e.code).is_none_or(|c| c.closes_connection());
-                    if fatal {
-                        return Err(format!("server error {}: {}", e.code, e.message));
-                    }
-                    tracing::warn!(code = e.code, message = %e.message, req_id = e.req_id, "server error");
-                    continue;
-                }
-                (e.req_id, Reply::Err(e.code, e.message))
-            }
-            Frame::Hello(_)
-            | Frame::Pub(_)
-            | Frame::Sub(_)
-            | Frame::Unsub(_)
-            | Frame::Welcome(_) => {
-                return Err("server sent a client frame".into());
-            }
-        };
-        if let Some(tx) = inner.pending.lock().remove(&reply.0) {
-            let _ = tx.send(reply.1);
-        }
     }
+}
+
+/// Acts on a frame other than `MSG`; `Err` carries why the connection must end.
+fn control(inner: &Inner, frame: Frame) -> Result<(), String> {
+    let reply = match frame {
+        Frame::Msg(_) => return Ok(()),
+        Frame::Lost(l) => {
+            if let Some(s) = inner.subs.lock().get(&l.sid) {
+                s.shared.missed.fetch_add(l.missed, Ordering::Relaxed);
+            }
+            tracing::warn!(
+                sid = l.sid,
+                missed = l.missed,
+                "server dropped messages for a slow subscription"
+            );
+            return Ok(());
+        }
+        Frame::Ping(t) => {
+            inner.append(|b| Frame::Pong(t).encode(b));
+            return Ok(());
+        }
+        Frame::Ok(id) => (id, Reply::Ok),
+        Frame::Pong(id) => (id, Reply::Pong),
+        Frame::Ack { req_id, delivered } => (req_id, Reply::Ack(delivered)),
+        Frame::Err(e) => {
+            if e.req_id == 0 || !inner.pending.lock().contains_key(&e.req_id) {
+                let fatal = ErrorCode::from_u16(e.code).is_none_or(|c| c.closes_connection());
+                if fatal {
+                    return Err(format!("server error {}: {}", e.code, e.message));
+                }
+                tracing::warn!(code = e.code, message = %e.message, req_id = e.req_id, "server error");
+                return Ok(());
+            }
+            (e.req_id, Reply::Err(e.code, e.message))
+        }
+        Frame::Hello(_) | Frame::Pub(_) | Frame::Sub(_) | Frame::Unsub(_) | Frame::Welcome(_) => {
+            return Err("server sent a client frame".into());
+        }
+    };
+    if let Some(tx) = inner.pending.lock().remove(&reply.0) {
+        let _ = tx.send(reply.1);
+    }
+    Ok(())
 }
 
 /// A token unlikely to repeat across connections: the standard library's random hasher keys

@@ -434,21 +434,45 @@ pub fn decode(buf: &mut BytesMut, max_frame: usize) -> Result<Option<Frame>, Dec
         // caller grows its buffer as bytes actually arrive.
         return Ok(None);
     }
-    if buf[LENGTH_PREFIX] == FrameType::Msg as u8 && len >= MSG_HEADER_LEN - LENGTH_PREFIX {
-        // The frame a client mostly reads: its fixed head read in place, its body split off
-        // alone (one reference-counted slice per message, not a frame slice and then a body).
-        let h = &buf[LENGTH_PREFIX + 1..MSG_HEADER_LEN];
-        let sid = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
-        let seq = u64::from_be_bytes([h[4], h[5], h[6], h[7], h[8], h[9], h[10], h[11]]);
-        buf.advance(MSG_HEADER_LEN);
-        let body = buf.split_to(LENGTH_PREFIX + len - MSG_HEADER_LEN).freeze();
-        let body =
-            Body::parse(body).map_err(|what| DecodeError::Malformed { frame: "MSG", what })?;
-        return Ok(Some(Frame::Msg(Msg { sid, seq, body })));
+    if let Some(m) = take_msg(buf, max_frame) {
+        return m.map(|(sid, seq, body)| Some(Frame::Msg(Msg { sid, seq, body })));
     }
     buf.advance(LENGTH_PREFIX);
     let frame = buf.split_to(len).freeze();
     parse(frame).map(Some)
+}
+
+/// Takes a complete `MSG` frame off the front of `buf` as its subscription id, sequence number
+/// and body, without building a [`Frame`]: the frame a subscriber mostly reads.
+///
+/// Returns `None`, leaving `buf` untouched, when the front of `buf` is anything else (another
+/// frame type, an incomplete or too short frame, a length over `max_frame`); [`decode`] then
+/// handles it, errors included. A complete `MSG` whose body is malformed gives the error
+/// [`decode`] would.
+#[inline]
+pub fn take_msg(
+    buf: &mut BytesMut,
+    max_frame: usize,
+) -> Option<Result<(u32, u64, Body), DecodeError>> {
+    let h = buf.get(..MSG_HEADER_LEN)?;
+    let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
+    if h[4] != FrameType::Msg as u8
+        || len < MSG_HEADER_LEN - LENGTH_PREFIX
+        || len > max_frame
+        || buf.len() < LENGTH_PREFIX + len
+    {
+        return None;
+    }
+    let sid = u32::from_be_bytes([h[5], h[6], h[7], h[8]]);
+    let seq = u64::from_be_bytes([h[9], h[10], h[11], h[12], h[13], h[14], h[15], h[16]]);
+    buf.advance(MSG_HEADER_LEN);
+    // Only the body is split off: one reference-counted slice per message.
+    let body = buf.split_to(LENGTH_PREFIX + len - MSG_HEADER_LEN).freeze();
+    Some(
+        Body::parse(body)
+            .map(|body| (sid, seq, body))
+            .map_err(|what| DecodeError::Malformed { frame: "MSG", what }),
+    )
 }
 
 /// A `PUB` frame borrowed from the read buffer; see [`peek_pub`].

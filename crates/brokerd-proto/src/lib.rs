@@ -22,6 +22,6 @@ pub use error::{DecodeError, ErrorCode};
 pub use frame::{
     ErrorFrame, Frame, FrameType, Hello, Lost, MSG_HEADER_LEN, Msg, OverflowPolicy,
     PROTOCOL_VERSION, PubRef, Publish, Subscribe, Unsubscribe, Welcome, decode, encode_msg_header,
-    encode_pub, peek_pub,
+    encode_pub, peek_pub, take_msg,
 };
 pub use topic::{Filter, Topic, TopicError, TopicLimits};

@@ -497,6 +497,46 @@ proptest! {
         }
     }
 
+    /// The `MSG` reader agrees with `decode` on every input: same fields and bytes consumed when
+    /// it takes a frame, same error, and it declines (leaving the buffer as it was) exactly when
+    /// `decode` would not produce a `MSG`.
+    #[test]
+    fn take_msg_agrees_with_decode(
+        frames in prop::collection::vec(frame(), 0..2),
+        noise in prop::collection::vec(any::<u8>(), 0..48),
+        msg_shaped in any::<bool>(),
+        max_frame in 0usize..4096,
+    ) {
+        let mut bytes = if msg_shaped {
+            let mut b = ((noise.len() + 1) as u32).to_be_bytes().to_vec();
+            b.push(0x85);
+            b.extend_from_slice(&noise);
+            b
+        } else {
+            let mut b = encode_all(&frames).to_vec();
+            b.extend_from_slice(&noise);
+            b
+        };
+        if bytes.is_empty() {
+            bytes.push(0);
+        }
+        let mut taken = BytesMut::from(&bytes[..]);
+        let took = brokerd_proto::take_msg(&mut taken, max_frame);
+        let mut buf = BytesMut::from(&bytes[..]);
+        let decoded = decode(&mut buf, max_frame);
+        match (took, decoded) {
+            (Some(Ok((sid, seq, body))), Ok(Some(Frame::Msg(m)))) => {
+                prop_assert_eq!((sid, seq), (m.sid, m.seq));
+                prop_assert_eq!(body, m.body);
+                prop_assert_eq!(taken.len(), buf.len());
+            }
+            (Some(Err(e)), Err(d)) => prop_assert_eq!(e, d),
+            (None, Ok(Some(Frame::Msg(_)))) => prop_assert!(false, "take_msg declined a MSG decode accepted"),
+            (None, _) => prop_assert_eq!(&taken[..], &bytes[..]),
+            (t, d) => prop_assert!(false, "take_msg {:?} but decode {:?}", t.map(|r| r.map(|(s, q, _)| (s, q))), d),
+        }
+    }
+
     /// The plain-body shortcut (body flags 0) agrees with `decode` for any topic bytes, valid
     /// UTF-8 or not, and any declared topic length, fitting the frame or not.
     #[test]
