@@ -36,6 +36,8 @@ const READ_CHUNK: usize = 64 * 1024;
 /// bodies of [`DETACH_BELOW`] or more, which are queued as slices of the read buffer and would
 /// keep a larger buffer alive.
 const READ_CHUNK_MAX: usize = 256 * 1024;
+/// A read at least this long is followed by a yield (see the read loop).
+const YIELD_AFTER: usize = 4 * 1024;
 /// A frame at least this large gets a buffer of its own exact size, so that a shared body does
 /// not pin a larger allocation.
 const LARGE_FRAME: usize = 16 * 1024;
@@ -289,6 +291,7 @@ async fn read_loop(
     let max_pings = shared.config.timeouts.max_pings_outstanding;
     let mut pings_outstanding = 0u32;
     let mut chunk = READ_CHUNK;
+    let mut last_read_len = 0;
     let mut last_read = Instant::now();
     let keepalive = tokio::time::sleep_until(last_read + interval);
     tokio::pin!(keepalive);
@@ -332,7 +335,11 @@ async fn read_loop(
         // Waking a subscriber's writer from here puts it in this worker's LIFO slot, which no
         // other worker may steal: without a yield the writers would only ever run on this core,
         // between this reader's reads. Yielding lets another worker take this reader instead.
-        tokio::task::yield_now().await;
+        // After a short read there is little to share, and the yield would cost the writers
+        // just woken a wake-up of the other worker before they run: latency, not throughput.
+        if last_read_len >= YIELD_AFTER {
+            tokio::task::yield_now().await;
+        }
         make_room(buf, chunk);
         let free = buf.capacity() - buf.len();
         if client.outbox.is_closing() {
@@ -353,6 +360,7 @@ async fn read_loop(
             r = rd.read_buf(buf) => match r {
                 Ok(0) => return ReadEnd::Close(CloseReason::ClientClosed),
                 Ok(n) => {
+                    last_read_len = n;
                     if n == free && chunk < READ_CHUNK_MAX && !shares_buffer {
                         chunk *= 2;
                     }
