@@ -101,6 +101,33 @@ fn decode(c: &mut Criterion) {
                 );
             });
         }
+        // What the broker and the client actually run on their hot paths.
+        g.bench_function(format!("peek_pub/{size}"), |b| {
+            b.iter(|| {
+                let buf: &[u8] = black_box(&pubs);
+                let (mut at, mut n) = (0, 0);
+                while let Some(Ok((p, len))) = brokerd_proto::peek_pub(&buf[at..], usize::MAX) {
+                    black_box(p.body.topic_bytes());
+                    at += len;
+                    n += 1;
+                }
+                assert_eq!(n, FRAMES);
+            });
+        });
+        g.bench_function(format!("take_msg/{size}"), |b| {
+            b.iter_batched_ref(
+                || msgs.clone(),
+                |buf| {
+                    let mut n = 0;
+                    while let Some(m) = brokerd_proto::take_msg(buf, usize::MAX) {
+                        black_box(m.unwrap());
+                        n += 1;
+                    }
+                    assert_eq!(n, FRAMES);
+                },
+                BatchSize::SmallInput,
+            );
+        });
     }
     g.finish();
 }
