@@ -221,6 +221,21 @@ async fn request_errors_name_the_request_and_keep_the_connection() {
 async fn client_errors_are_typed() {
     let b = TestBroker::with_config(|c| c.limits.max_subs_per_connection = 1).await;
     let c = b.client("typed").await;
+    // A fresh client has published nothing yet: an empty topic is still refused, and the topic
+    // is judged before the payload's size.
+    assert!(matches!(
+        c.publish("", "x").await,
+        Err(brokerd_client::Error::InvalidTopic(_))
+    ));
+    let oversized = vec![0u8; c.server_info().max_payload as usize + 1];
+    assert!(matches!(
+        c.publish("bad topic", &oversized).await,
+        Err(brokerd_client::Error::InvalidTopic(_))
+    ));
+    assert!(matches!(
+        c.publish("fine", &oversized).await,
+        Err(brokerd_client::Error::PayloadTooLarge { .. })
+    ));
     let _first = c.subscribe("a").await.unwrap();
     let e = c.subscribe("b").await.unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::TooManySubscriptions));

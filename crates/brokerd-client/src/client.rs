@@ -99,13 +99,15 @@ enum Reply {
 struct WriteState {
     buf: BytesMut,
     closed: Option<String>,
-    /// The topic published last, known to be valid: publishing it again skips the check.
+    /// The topic published last, known to be valid (empty before the first): publishing it
+    /// again skips the check.
     valid_topic: String,
 }
 
 impl WriteState {
     fn check_topic(&mut self, topic: &str) -> Result<(), Error> {
-        if self.valid_topic != topic {
+        // A valid topic is never empty, so an empty one is always checked (and refused).
+        if topic.is_empty() || self.valid_topic != topic {
             validate_topic(topic, &TopicLimits::WIRE).map_err(Error::InvalidTopic)?;
             self.valid_topic.clear();
             self.valid_topic.push_str(topic);
@@ -529,6 +531,9 @@ impl Inner {
     /// `Ok(false)`: the buffer is full (or the connection closed); nothing was appended, and
     /// [`Inner::publish_with`] waits for room or reports the close.
     fn try_publish(&self, topic: &str, payload: &[u8]) -> Result<bool, Error> {
+        let mut w = self.write.lock();
+        // The same order of checks as `publish_with`: topic, then payload size.
+        w.check_topic(topic)?;
         let max = self.info.max_payload as usize;
         if payload.len() > max {
             return Err(Error::PayloadTooLarge {
@@ -542,8 +547,6 @@ impl Inner {
             headers: None,
             payload,
         };
-        let mut w = self.write.lock();
-        w.check_topic(topic)?;
         if w.closed.is_some() || w.buf.len() >= self.options.write_buffer {
             return Ok(false);
         }
@@ -564,6 +567,7 @@ impl Inner {
         payload: &[u8],
         ack: bool,
     ) -> Result<u32, Error> {
+        validate_topic(topic, &TopicLimits::WIRE).map_err(Error::InvalidTopic)?;
         if let Some(r) = reply {
             validate_topic(r, &TopicLimits::WIRE).map_err(Error::InvalidTopic)?;
         }
@@ -586,10 +590,7 @@ impl Inner {
         let id = self.next_id();
         let rx = ack.then(|| self.expect(id));
         let _pending = ack.then(|| Forget(&self.pending, id));
-        let sent = self
-            .send_checked(Some(topic), |buf| encode_pub(buf, id, ack, &body))
-            .await;
-        if let Err(e) = sent {
+        if let Err(e) = self.send(|buf| encode_pub(buf, id, ack, &body)).await {
             self.pending.lock().remove(&id);
             return Err(e);
         }
@@ -710,22 +711,9 @@ impl Inner {
 
     /// Appends to the write buffer, first waiting while it is over its limit.
     async fn send(&self, encode: impl FnOnce(&mut BytesMut)) -> Result<(), Error> {
-        self.send_checked(None, encode).await
-    }
-
-    /// As [`Inner::send`], first checking `topic` (under the lock the append takes anyway, so a
-    /// topic published repeatedly is checked once).
-    async fn send_checked(
-        &self,
-        topic: Option<&str>,
-        encode: impl FnOnce(&mut BytesMut),
-    ) -> Result<(), Error> {
         // The common case, room in the buffer, appends without preparing to wait.
         {
             let mut w = self.write.lock();
-            if let Some(t) = topic {
-                w.check_topic(t)?;
-            }
             if let Some(reason) = &w.closed {
                 return Err(Error::Closed(reason.clone()));
             }
@@ -875,7 +863,10 @@ async fn read_frames(
         // The frame a subscriber mostly reads is taken without building a `Frame`.
         let (sid, seq, body) = match take_msg(buf, usize::MAX) {
             Some(Ok(m)) => m,
-            Some(Err(e)) => return Err(format!("undecodable frame from server: {e}")),
+            Some(Err(e)) => {
+                deliver(inner, last).await;
+                return Err(format!("undecodable frame from server: {e}"));
+            }
             None => match decode(buf, usize::MAX) {
                 Ok(Some(Frame::Msg(Msg { sid, seq, body }))) => (sid, seq, body),
                 Ok(Some(frame)) => {
@@ -887,10 +878,15 @@ async fn read_frames(
                     deliver(inner, last).await;
                     return Ok(());
                 }
-                Err(e) => return Err(format!("undecodable frame from server: {e}")),
+                Err(e) => {
+                    deliver(inner, last).await;
+                    return Err(format!("undecodable frame from server: {e}"));
+                }
             },
         };
         if inner.shut.load(Ordering::Acquire) {
+            // What was read before the close is still handed over; nothing after it.
+            deliver(inner, last).await;
             *last = None;
             return Err("connection closed".into());
         }
@@ -902,6 +898,8 @@ async fn read_frames(
             client,
         };
         if sid == inner.inbox_sid.load(Ordering::Relaxed) {
+            // Messages that arrived before this reply become visible before it.
+            deliver(inner, last).await;
             let token = msg.topic().rsplit('.').next().and_then(|t| t.parse().ok());
             let waiter = token.and_then(|t: u32| inner.replies.lock().remove(&t));
             // Later replies to the same request, and replies after a timeout, are dropped.
@@ -912,14 +910,13 @@ async fn read_frames(
         }
         if last.as_ref().is_none_or(|d| d.sid != sid) {
             deliver(inner, last).await;
-            let batch = last
-                .take()
-                .map(|d| d.batch)
-                .unwrap_or_else(|| Vec::with_capacity(DELIVERY_BATCH));
+            let batch = last.take().map(|d| d.batch);
+            // A message for a subscription already gone (one ended while it was in flight)
+            // allocates nothing.
             *last = inner.subs.lock().get(&sid).map(|s| Delivery {
                 sid,
                 tx: s.tx.clone(),
-                batch,
+                batch: batch.unwrap_or_else(|| Vec::with_capacity(DELIVERY_BATCH)),
             });
         }
         let Some(d) = last.as_mut() else {

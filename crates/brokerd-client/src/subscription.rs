@@ -48,7 +48,9 @@ impl Message {
         self.body.topic()
     }
 
-    /// The payload.
+    /// The payload, sharing the buffer the connection read it into (no copy). A message or
+    /// payload kept long keeps that buffer (up to 256 KiB) allocated; copy the bytes
+    /// (`payload().to_vec()`) to keep only them.
     pub fn payload(&self) -> Bytes {
         self.body.payload()
     }

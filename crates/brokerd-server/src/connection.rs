@@ -295,8 +295,10 @@ async fn read_loop(
     let mut last_read = Instant::now();
     let keepalive = tokio::time::sleep_until(last_read + interval);
     tokio::pin!(keepalive);
+    // Set for good once the connection publishes a body that is queued as a slice of the read
+    // buffer: its chunk then stays small (see `READ_CHUNK_MAX`).
+    let mut shares_buffer = false;
     loop {
-        let mut shares_buffer = false;
         // Frames already buffered (the handshake's read may have carried more than HELLO).
         loop {
             // Small PUBs are routed straight from the read buffer: a body is copied once if
