@@ -184,10 +184,31 @@ impl<T: PartialEq> Entries<T> {
 /// seeded per process, so a client cannot precompute colliding topics.
 type Map<V> = HashMap<Box<str>, V, RandomState>;
 
+/// A literal child of a node.
+enum Child<T> {
+    /// A position where exactly one subscription's filter ends, with nothing below it: the
+    /// commonest position in a table of distinct filters, held in the parent's slot (two words)
+    /// instead of a node of its own. It becomes a `Node` when anything else arrives there.
+    Leaf(Entry<T>),
+    /// Anything else, boxed so a wide parent's table holds a pointer per child.
+    Node(Box<Node<T>>),
+}
+
+impl<T: PartialEq> Child<T> {
+    /// Turns a leaf into a node holding its entry, so that more can be added.
+    fn make_node(&mut self) {
+        if matches!(self, Child::Leaf(_))
+            && let Child::Leaf(e) = std::mem::replace(self, Child::Node(Box::default()))
+            && let Child::Node(n) = self
+        {
+            n.here = Entries::One(e);
+        }
+    }
+}
+
 struct Node<T> {
-    /// Literal children, boxed so a wide parent's table holds a pointer per child rather than a
-    /// whole node, and absent on leaves (most nodes), which then cost no table at all.
-    literal: Option<Box<Map<Box<Node<T>>>>>,
+    /// Literal children, absent on nodes without any, which then cost no table at all.
+    literal: Option<Box<Map<Child<T>>>>,
     star: Option<Box<Node<T>>>,
     /// Subscriptions whose filter ends here exactly.
     here: Entries<T>,
@@ -263,35 +284,16 @@ impl<T: Clone + PartialEq> Sublist<T> {
     pub fn insert_grouped(&self, filter: &Filter, group: Option<Arc<str>>, item: T) {
         let mut g = self.inner.write();
         let inner = &mut *g;
-        let mut node = &mut inner.root;
-        let mut tail = false;
-        for token in filter.tokens() {
-            if token == ">" {
-                tail = true;
-                break;
-            }
-            if token == "*" {
-                if node.star.is_none() {
-                    inner.nodes += 1;
-                }
-                node = node.star.get_or_insert_with(Box::default);
-            } else {
-                let children = node.literal.get_or_insert_with(Box::default);
-                if !children.contains_key(token) {
-                    inner.nodes += 1;
-                }
-                node = children.entry(token.into()).or_default();
-            }
+        let mut tokens: Vec<&str> = filter.tokens().collect();
+        let tail = tokens.last() == Some(&">");
+        if tail {
+            tokens.pop();
         }
         let entry = Entry {
             item: item.clone(),
             group: group.clone().map(Arc::new),
         };
-        if tail {
-            node.tail.push(entry);
-        } else {
-            node.here.push(entry);
-        }
+        insert_at(&mut inner.root, &tokens, tail, entry, &mut inner.nodes);
         inner.subscriptions += 1;
         inner.generation += 1;
         self.generation.store(inner.generation, Ordering::Release);
@@ -423,11 +425,60 @@ fn collect<T: Clone + PartialEq>(node: &Node<T>, tokens: &[&str], out: &mut Matc
         return;
     };
     add(node.tail.as_slice(), out);
-    if let Some(child) = node.literal.as_ref().and_then(|m| m.get(*first)) {
-        collect(child, rest, out);
+    match node.literal.as_ref().and_then(|m| m.get(*first)) {
+        Some(Child::Node(child)) => collect(child, rest, out),
+        Some(Child::Leaf(e)) if rest.is_empty() => add(std::slice::from_ref(e), out),
+        Some(Child::Leaf(_)) | None => {}
     }
     if let Some(star) = &node.star {
         collect(star, rest, out);
+    }
+}
+
+/// Adds `entry` for the filter `tokens` (its final `>` removed, `tail` telling whether it had one)
+/// below `node`, counting the positions it creates in `nodes`.
+fn insert_at<T: PartialEq>(
+    node: &mut Node<T>,
+    tokens: &[&str],
+    tail: bool,
+    entry: Entry<T>,
+    nodes: &mut usize,
+) {
+    let Some((token, rest)) = tokens.split_first() else {
+        if tail {
+            node.tail.push(entry);
+        } else {
+            node.here.push(entry);
+        }
+        return;
+    };
+    if *token == "*" {
+        if node.star.is_none() {
+            *nodes += 1;
+        }
+        let star = node.star.get_or_insert_with(Box::default);
+        insert_at(star, rest, tail, entry, nodes);
+        return;
+    }
+    let children = node.literal.get_or_insert_with(Box::default);
+    let ends_here = rest.is_empty() && !tail;
+    let child = match children.get_mut(*token) {
+        Some(child) => child,
+        None if ends_here => {
+            *nodes += 1;
+            children.insert((*token).into(), Child::Leaf(entry));
+            return;
+        }
+        None => {
+            *nodes += 1;
+            children
+                .entry((*token).into())
+                .or_insert_with(|| Child::Node(Box::default()))
+        }
+    };
+    child.make_node();
+    if let Child::Node(n) = child {
+        insert_at(n, rest, tail, entry, nodes);
     }
 }
 
@@ -455,11 +506,18 @@ fn remove_at<T: PartialEq>(
             let Some(children) = node.literal.as_mut() else {
                 return false;
             };
-            let Some(child) = children.get_mut(*token) else {
-                return false;
+            let (found, empty) = match children.get_mut(*token) {
+                None => return false,
+                Some(Child::Leaf(e)) => {
+                    let found = rest.is_empty() && &e.item == item;
+                    (found, found)
+                }
+                Some(Child::Node(child)) => {
+                    let found = remove_at(child, rest, item, pruned);
+                    (found, child.is_empty())
+                }
             };
-            let found = remove_at(child, rest, item, pruned);
-            if child.is_empty() {
+            if empty {
                 children.remove(*token);
                 *pruned += 1;
                 if children.is_empty() {
