@@ -141,12 +141,11 @@ fn outbox(c: &mut Criterion) {
     let mut cx = Context::from_waker(Waker::noop());
     // Pushes `per_take` deliveries, then takes and releases them as the writer would.
     for per_take in [1usize, 64, 1024] {
-        let outbox = Arc::new(Outbox::new(OverflowPolicy::DropNew, limits));
+        let outbox = Arc::new(Outbox::new(1, OverflowPolicy::DropNew, limits));
         let sub = Subscription::new(
             1,
             Filter::new("bench.pubsub").unwrap(),
             None,
-            1,
             outbox.clone(),
         );
         let mut batch = VecDeque::new();

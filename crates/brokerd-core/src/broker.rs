@@ -351,6 +351,7 @@ impl Broker {
     ) -> Arc<Client> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let outbox = Arc::new(Outbox::new(
+            id,
             policy.unwrap_or(self.limits.default_policy),
             self.limits.outbox,
         ));
@@ -401,13 +402,7 @@ impl Broker {
                 Some(q.into())
             }
         };
-        let sub = Arc::new(Subscription::new(
-            sid,
-            filter,
-            queue,
-            client.id,
-            client.outbox.clone(),
-        ));
+        let sub = Arc::new(Subscription::new(sid, filter, queue, client.outbox.clone()));
         let replaced = {
             let mut subs = client.subs.lock();
             let replaced = match subs.get(&sid) {
@@ -429,7 +424,7 @@ impl Broker {
             self.sublist.remove(&old.filter, &SubRef(old.clone()));
         }
         self.sublist
-            .insert_grouped(&sub.filter.clone(), sub.queue.clone(), SubRef(sub));
+            .insert_grouped(&sub.filter.clone(), sub.queue().cloned(), SubRef(sub));
         Ok(())
     }
 
@@ -571,7 +566,7 @@ impl Broker {
         let raw = &raw;
         let mut delivered = 0u32;
         for sub in &matches.plain {
-            if from.no_echo && sub.client_id == from.id {
+            if from.no_echo && sub.client_id() == from.id {
                 continue;
             }
             let push = sub.outbox.push_msg(sub, raw);
@@ -593,7 +588,7 @@ impl Broker {
         raw: &Bytes,
         delivered: &mut u32,
     ) {
-        let eligible = |s: &SubRef| !(from.no_echo && s.client_id == from.id);
+        let eligible = |s: &SubRef| !(from.no_echo && s.client_id() == from.id);
         let n = members.len();
         let start = random_below(n);
         // The first member found full: the one whose policy decides if every member is full.
@@ -627,7 +622,7 @@ impl Broker {
             *delivered += 1;
         }
         if push.finished() {
-            if let Some(owner) = self.client(sub.client_id) {
+            if let Some(owner) = self.client(sub.client_id()) {
                 self.finish(&owner, &sub.0);
             } else {
                 self.sublist.remove(&sub.filter, sub);

@@ -161,14 +161,17 @@ impl State {
 /// A connection's bounded outbound queue.
 pub struct Outbox {
     state: Mutex<State>,
+    /// The id of the connection it belongs to.
+    owner: u64,
     policy: OverflowPolicy,
     limits: OutboxLimits,
 }
 
 impl Outbox {
-    /// An empty outbox.
-    pub fn new(policy: OverflowPolicy, limits: OutboxLimits) -> Outbox {
+    /// An empty outbox for the connection with id `owner`.
+    pub fn new(owner: u64, policy: OverflowPolicy, limits: OutboxLimits) -> Outbox {
         Outbox {
+            owner,
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 msgs: 0,
@@ -184,6 +187,11 @@ impl Outbox {
             policy,
             limits,
         }
+    }
+
+    /// The id of the connection it belongs to.
+    pub fn owner(&self) -> u64 {
+        self.owner
     }
 
     /// The overflow policy in force.
@@ -455,6 +463,7 @@ mod tests {
 
     fn outbox(policy: OverflowPolicy, max_msgs: usize, max_bytes: usize) -> Arc<Outbox> {
         Arc::new(Outbox::new(
+            1,
             policy,
             OutboxLimits {
                 max_msgs,
@@ -464,7 +473,7 @@ mod tests {
     }
 
     fn sub(sid: u32, outbox: &Arc<Outbox>) -> Subscription {
-        Subscription::new(sid, Filter::new("t").unwrap(), None, 1, outbox.clone())
+        Subscription::new(sid, Filter::new("t").unwrap(), None, outbox.clone())
     }
 
     /// A body of `len` bytes whose first byte is `tag`, so items can be told apart.

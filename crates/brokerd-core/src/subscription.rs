@@ -16,10 +16,9 @@ pub struct Subscription {
     pub sid: u32,
     /// The filter it was made with.
     pub filter: Filter,
-    /// The queue group it belongs to, if any.
-    pub queue: Option<Arc<str>>,
-    /// The owning connection's id.
-    pub client_id: u64,
+    /// The queue group it belongs to, if any, behind a thin pointer: most subscriptions have
+    /// none, and this keeps the whole object within 80 bytes.
+    queue: Option<Box<Arc<str>>>,
     /// The owning connection's outbox; dropping the last subscription does not close it.
     pub outbox: Arc<Outbox>,
     /// Last sequence number assigned (written under the outbox lock).
@@ -36,19 +35,27 @@ impl Subscription {
         sid: u32,
         filter: Filter,
         queue: Option<Arc<str>>,
-        client_id: u64,
         outbox: Arc<Outbox>,
     ) -> Subscription {
         Subscription {
             sid,
             filter,
-            queue,
-            client_id,
+            queue: queue.map(Box::new),
             outbox,
             seq: AtomicU64::new(0),
             remaining: AtomicU64::new(u64::MAX),
             dead: AtomicBool::new(false),
         }
+    }
+
+    /// The queue group it belongs to, if any.
+    pub fn queue(&self) -> Option<&Arc<str>> {
+        self.queue.as_deref()
+    }
+
+    /// The owning connection's id (kept by its outbox, not per subscription).
+    pub fn client_id(&self) -> u64 {
+        self.outbox.owner()
     }
 
     /// Messages matched so far (queued or dropped), which is also the last sequence number.
@@ -67,7 +74,7 @@ impl std::fmt::Debug for Subscription {
         f.debug_struct("Subscription")
             .field("sid", &self.sid)
             .field("filter", &self.filter)
-            .field("client_id", &self.client_id)
+            .field("client_id", &self.client_id())
             .finish()
     }
 }
@@ -86,5 +93,17 @@ impl std::ops::Deref for SubRef {
     type Target = Subscription;
     fn deref(&self) -> &Subscription {
         &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_subscription_fits_eighty_bytes_with_its_reference_counts() {
+        // Per-subscription memory depends on it (docs/performance.md): the allocation is the
+        // object plus two reference counts.
+        assert!(std::mem::size_of::<Subscription>() + 16 <= 80);
     }
 }
