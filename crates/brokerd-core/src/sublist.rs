@@ -1,8 +1,9 @@
 //! The subscription trie and its match cache.
 //!
-//! Filters are stored token by token; each node has a slot for literal children, one for `*` and a
-//! list for subscriptions ending in `>`, so matching a topic is one walk that never scans filters
-//! linearly. Queue-group subscriptions live in the same nodes, tagged with their group, so plain
+//! Filters are stored token by token; each node has a slot for literal children (a B-tree by
+//! token), one for `*` and a list for subscriptions ending in `>`, so matching a topic is one walk
+//! that never scans filters linearly. A position where one filter ends with nothing below it is
+//! held in its parent's slot rather than in a node of its own: with distinct filters, most are. Queue-group subscriptions live in the same nodes, tagged with their group, so plain
 //! and grouped subscriptions are found by the same walk; the result keeps them apart
 //! ([`MatchResult`]). Results are cached per topic in a bounded map. A subscribe or unsubscribe
 //! updates only the cached results whose topic its filter matches, copying those results (readers
