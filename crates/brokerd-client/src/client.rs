@@ -850,45 +850,42 @@ async fn deliver(inner: &Inner, last: &mut Option<Delivery>) {
     }
 }
 
-/// Dispatches every complete frame in `buf`; `Err` carries why the connection must end.
-/// Messages are handed to subscriptions in batches (see [`Delivery`]); every other frame, and the
-/// end of what was read, first hands over what is held, so a reply (such as the `OK` that ends an
-/// unsubscribe) is never seen before the messages that preceded it.
-async fn read_frames(
-    inner: &Arc<Inner>,
-    buf: &mut BytesMut,
-    last: &mut Option<Delivery>,
-) -> Result<(), String> {
+/// Why [`gather`] stopped.
+enum Gathered {
+    /// The batch is full.
+    Full,
+    /// A message for another subscription than the batch's (or the first one).
+    Other(Message),
+    /// A reply to a request.
+    Inbox(Message),
+    /// A frame other than `MSG`.
+    Control(Frame),
+    /// Nothing complete is left in the buffer.
+    Drained,
+    /// The connection was closed by this side.
+    Closed,
+    /// The server sent something undecodable.
+    Undecodable(String),
+}
+
+/// Moves the `MSG` frames at the front of `buf` into the batch of `last` for as long as they are
+/// for its subscription. Synchronous, so that the run of messages a subscriber mostly reads stays
+/// out of the reader task's future: only the frame that ends the run crosses an `.await`.
+fn gather(inner: &Arc<Inner>, buf: &mut BytesMut, last: &mut Option<Delivery>) -> Gathered {
     loop {
         // The frame a subscriber mostly reads is taken without building a `Frame`.
         let (sid, seq, body) = match take_msg(buf, usize::MAX) {
             Some(Ok(m)) => m,
-            Some(Err(e)) => {
-                deliver(inner, last).await;
-                return Err(format!("undecodable frame from server: {e}"));
-            }
+            Some(Err(e)) => return Gathered::Undecodable(e.to_string()),
             None => match decode(buf, usize::MAX) {
                 Ok(Some(Frame::Msg(Msg { sid, seq, body }))) => (sid, seq, body),
-                Ok(Some(frame)) => {
-                    deliver(inner, last).await;
-                    control(inner, frame)?;
-                    continue;
-                }
-                Ok(None) => {
-                    deliver(inner, last).await;
-                    return Ok(());
-                }
-                Err(e) => {
-                    deliver(inner, last).await;
-                    return Err(format!("undecodable frame from server: {e}"));
-                }
+                Ok(Some(frame)) => return Gathered::Control(frame),
+                Ok(None) => return Gathered::Drained,
+                Err(e) => return Gathered::Undecodable(e.to_string()),
             },
         };
         if inner.shut.load(Ordering::Acquire) {
-            // What was read before the close is still handed over; nothing after it.
-            deliver(inner, last).await;
-            *last = None;
-            return Err("connection closed".into());
+            return Gathered::Closed;
         }
         let client = body.reply().is_some().then(|| inner.clone());
         let msg = Message {
@@ -898,33 +895,63 @@ async fn read_frames(
             client,
         };
         if sid == inner.inbox_sid.load(Ordering::Relaxed) {
-            // Messages that arrived before this reply become visible before it.
-            deliver(inner, last).await;
-            let token = msg.topic().rsplit('.').next().and_then(|t| t.parse().ok());
-            let waiter = token.and_then(|t: u32| inner.replies.lock().remove(&t));
-            // Later replies to the same request, and replies after a timeout, are dropped.
-            if let Some(w) = waiter {
-                let _ = w.send(msg);
+            return Gathered::Inbox(msg);
+        }
+        match last.as_mut() {
+            Some(d) if d.sid == sid => {
+                d.batch.push(msg);
+                if d.batch.len() >= DELIVERY_BATCH {
+                    return Gathered::Full;
+                }
             }
-            continue;
+            _ => return Gathered::Other(msg),
         }
-        if last.as_ref().is_none_or(|d| d.sid != sid) {
-            deliver(inner, last).await;
-            let batch = last.take().map(|d| d.batch);
-            // A message for a subscription already gone (one ended while it was in flight)
-            // allocates nothing.
-            *last = inner.subs.lock().get(&sid).map(|s| Delivery {
-                sid,
-                tx: s.tx.clone(),
-                batch: batch.unwrap_or_else(|| Vec::with_capacity(DELIVERY_BATCH)),
-            });
-        }
-        let Some(d) = last.as_mut() else {
-            continue;
-        };
-        d.batch.push(msg);
-        if d.batch.len() >= DELIVERY_BATCH {
-            deliver(inner, last).await;
+    }
+}
+
+/// Dispatches every complete frame in `buf`; `Err` carries why the connection must end.
+/// Messages are handed to subscriptions in batches (see [`Delivery`]); every other frame, an
+/// inbox reply, and the end of what was read first hand over what is held, so a reply (such as
+/// the `OK` that ends an unsubscribe) is never seen before the messages that preceded it.
+async fn read_frames(
+    inner: &Arc<Inner>,
+    buf: &mut BytesMut,
+    last: &mut Option<Delivery>,
+) -> Result<(), String> {
+    loop {
+        let gathered = gather(inner, buf, last);
+        deliver(inner, last).await;
+        match gathered {
+            Gathered::Full => {}
+            Gathered::Other(msg) => {
+                let batch = last.take().map(|d| d.batch);
+                // A message for a subscription already gone (one ended while it was in flight)
+                // allocates nothing.
+                *last = inner.subs.lock().get(&msg.sid).map(|s| Delivery {
+                    sid: msg.sid,
+                    tx: s.tx.clone(),
+                    batch: batch.unwrap_or_else(|| Vec::with_capacity(DELIVERY_BATCH)),
+                });
+                if let Some(d) = last.as_mut() {
+                    d.batch.push(msg);
+                }
+            }
+            Gathered::Inbox(msg) => {
+                let token = msg.topic().rsplit('.').next().and_then(|t| t.parse().ok());
+                let waiter = token.and_then(|t: u32| inner.replies.lock().remove(&t));
+                // Later replies to the same request, and replies after a timeout, are dropped.
+                if let Some(w) = waiter {
+                    let _ = w.send(msg);
+                }
+            }
+            Gathered::Control(frame) => control(inner, frame)?,
+            Gathered::Drained => return Ok(()),
+            Gathered::Closed => {
+                // What was read before the close was handed over above; nothing after it.
+                *last = None;
+                return Err("connection closed".into());
+            }
+            Gathered::Undecodable(e) => return Err(format!("undecodable frame from server: {e}")),
         }
     }
 }
