@@ -270,6 +270,28 @@ fn decode_all(bytes: &[u8], max_frame: usize) -> (Vec<Frame>, Option<DecodeError
     }
 }
 
+/// Input for the shortcut readers: with `shaped`, one frame of that type whose fields are `noise`
+/// (mostly malformed); otherwise `prefix`, valid frames, then `noise`. Never empty.
+fn candidate(shaped: Option<u8>, prefix: &[u8], frames: &[Frame], noise: &[u8]) -> Vec<u8> {
+    let mut b = match shaped {
+        Some(ty) => {
+            let mut b = ((noise.len() + 1) as u32).to_be_bytes().to_vec();
+            b.push(ty);
+            b
+        }
+        None => {
+            let mut b = prefix.to_vec();
+            b.extend_from_slice(&encode_all(frames));
+            b
+        }
+    };
+    b.extend_from_slice(noise);
+    if b.is_empty() {
+        b.push(0);
+    }
+    b
+}
+
 fn encode_all(frames: &[Frame]) -> BytesMut {
     let mut buf = BytesMut::new();
     for f in frames {
@@ -461,21 +483,7 @@ proptest! {
         pub_shaped in any::<bool>(),
         max_frame in 0usize..4096,
     ) {
-        let mut bytes = if pub_shaped {
-            // A frame of type PUB with random fields: mostly malformed bodies.
-            let mut b = ((noise.len() + 1) as u32).to_be_bytes().to_vec();
-            b.push(0x02);
-            b.extend_from_slice(&noise);
-            b
-        } else {
-            let mut b = prefix.clone();
-            b.extend_from_slice(&encode_all(&frames));
-            b.extend_from_slice(&noise);
-            b
-        };
-        if bytes.is_empty() {
-            bytes.push(0);
-        }
+        let bytes = candidate(pub_shaped.then_some(0x02), &prefix, &frames, &noise);
         let peeked = brokerd_proto::peek_pub(&bytes, max_frame)
             .map(|r| r.map(|(p, n)| (p.req_id, p.ack, p.body.raw().to_vec(), p.body.topic().to_string(), p.body.reply().map(str::to_string), p.body.payload_len(), n)));
         let mut buf = BytesMut::from(&bytes[..]);
@@ -507,19 +515,7 @@ proptest! {
         msg_shaped in any::<bool>(),
         max_frame in 0usize..4096,
     ) {
-        let mut bytes = if msg_shaped {
-            let mut b = ((noise.len() + 1) as u32).to_be_bytes().to_vec();
-            b.push(0x85);
-            b.extend_from_slice(&noise);
-            b
-        } else {
-            let mut b = encode_all(&frames).to_vec();
-            b.extend_from_slice(&noise);
-            b
-        };
-        if bytes.is_empty() {
-            bytes.push(0);
-        }
+        let bytes = candidate(msg_shaped.then_some(0x85), &[], &frames, &noise);
         let mut taken = BytesMut::from(&bytes[..]);
         let took = brokerd_proto::take_msg(&mut taken, max_frame);
         let mut buf = BytesMut::from(&bytes[..]);
