@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use brokerd_proto::{Frame, Hello, PROTOCOL_VERSION, decode};
 use bytes::BytesMut;
 use std::io::{Read, Write};
@@ -68,25 +70,14 @@ fn bad_config_exits_2_naming_the_key() {
 
 #[test]
 fn sigterm_shuts_down_gracefully_with_exit_0() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let mut child = Command::new(BIN)
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--log-level",
-            "warn",
-        ])
+        .args(["--listen", "127.0.0.1:0", "--log-level", common::LOG_FILTER])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stream = poll_until("brokerd to start listening", || {
-        TcpStream::connect(("127.0.0.1", port)).ok()
-    });
+    let addr = common::listening_addr(child.stderr.take().unwrap(), DEADLINE);
+    let mut stream = TcpStream::connect(addr).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();

@@ -12,6 +12,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use brokerd_proto::{Frame, decode};
 use bytes::BytesMut;
 use socket2::{Domain, SockRef, Socket, Type};
@@ -50,33 +52,35 @@ struct Brokerd {
 }
 
 impl Brokerd {
-    /// Starts the binary with `config` (TOML, without `listen`) and waits until it accepts.
+    /// Starts the binary with `config` (TOML, without `listen`) on a port of the kernel's choosing
+    /// and waits until it says it is listening.
     fn start(test: &str, config: &str) -> Brokerd {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let dir = std::env::temp_dir().join(format!("brokerd-{test}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("brokerd.toml");
         std::fs::write(
             &path,
-            format!("listen = \"{addr}\"\nlog_level = \"warn\"\n{config}"),
+            format!(
+                "listen = \"127.0.0.1:0\"\nlog_level = \"{}\"\n{config}",
+                common::LOG_FILTER
+            ),
         )
         .unwrap();
         let child = Command::new(BIN)
             .arg("--config")
             .arg(&path)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let b = Brokerd { child, addr, dir };
-        wait_until("brokerd to listen", || TcpStream::connect(addr).is_ok());
-        // The probe connection above closes at once; let it be forgotten.
-        b.wait_idle();
+        // Built first so that the child is killed if the wait below fails.
+        let mut b = Brokerd {
+            child,
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            dir,
+        };
+        let log = b.child.stderr.take().unwrap();
+        b.addr = common::listening_addr(log, DEADLINE);
         b
     }
 
