@@ -10,8 +10,10 @@ use crate::outbox::{Outbox, OutboxLimits, Push};
 use crate::sublist::{Matches, Sublist, SublistStats};
 use crate::subscription::{SubRef, Subscription};
 use brokerd_proto::topic::{is_reserved, validate_topic};
-use brokerd_proto::{Body, BodyRef, ErrorCode, Filter, OverflowPolicy, TopicError, TopicLimits};
-use bytes::Bytes;
+use brokerd_proto::{
+    Body, BodyBuilder, BodyRef, ErrorCode, Filter, OverflowPolicy, TopicError, TopicLimits,
+};
+use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -581,7 +583,43 @@ impl Broker {
             self.settle(sub, push, &mut delivered);
         }
         for group in &matches.groups {
-            self.deliver_to_group(from, &group.members, raw, &mut delivered);
+            self.deliver_to_group(Some(from), &group.members, raw, &mut delivered);
+        }
+        Ok(delivered)
+    }
+
+    /// Publishes a message of the broker's own, such as the answer to a `$SYS` request, to
+    /// `topic` (which may be reserved). It is routed like any publish, but no client sent it: it
+    /// reaches every matching subscription whatever its owner's no-echo option, and no client's
+    /// counters include it. Returns how many subscriptions took it.
+    ///
+    /// # Errors
+    /// An invalid topic, or a payload over the limit.
+    pub fn publish_from_broker(&self, topic: &str, payload: &[u8]) -> Result<u32, PublishError> {
+        validate_topic(topic, &self.limits.topic).map_err(PublishError::InvalidTopic)?;
+        if payload.len() > self.limits.max_payload {
+            return Err(PublishError::PayloadTooLarge {
+                len: payload.len(),
+                max: self.limits.max_payload,
+            });
+        }
+        let body = BodyBuilder {
+            topic,
+            reply: None,
+            headers: None,
+            payload,
+        };
+        let mut raw = BytesMut::with_capacity(body.len());
+        body.put(&mut raw);
+        let raw = raw.freeze();
+        let matches = self.sublist.matches(topic);
+        let mut delivered = 0u32;
+        for sub in &matches.plain {
+            let push = sub.outbox.push_msg(sub, &raw);
+            self.settle(sub, push, &mut delivered);
+        }
+        for group in &matches.groups {
+            self.deliver_to_group(None, &group.members, &raw, &mut delivered);
         }
         Ok(delivered)
     }
@@ -591,12 +629,12 @@ impl Broker {
     /// overflow policy decides, so the drop is counted and reported like any other.
     fn deliver_to_group(
         &self,
-        from: &Client,
+        from: Option<&Client>,
         members: &[SubRef],
         raw: &Bytes,
         delivered: &mut u32,
     ) {
-        let eligible = |s: &SubRef| !(from.no_echo && s.client_id() == from.id);
+        let eligible = |s: &SubRef| !from.is_some_and(|f| f.no_echo && s.client_id() == f.id);
         let n = members.len();
         let start = random_below(n);
         // The first member found full: the one whose policy decides if every member is full.

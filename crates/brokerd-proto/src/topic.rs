@@ -152,6 +152,11 @@ pub fn validate_filter(s: &str, limits: &TopicLimits) -> Result<(), TopicError> 
     check(s, limits, true)
 }
 
+/// The topic a client publishes to, with a reply-to, to ask the broker for its statistics: the
+/// broker answers on the reply-to with one JSON object (`docs/operations.md`, "Monitoring").
+/// The one reserved topic a client may publish to.
+pub const STATS_REQUEST: &str = "$SYS.req.stats";
+
 /// Whether a topic or filter names the broker's reserved (`$`-prefixed) space.
 pub fn is_reserved(s: &str) -> bool {
     s.starts_with('$')

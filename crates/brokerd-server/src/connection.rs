@@ -7,12 +7,13 @@
 //! handshake is done. When reading ends, the task closes the outbox with its reason, waits for the
 //! writer, removes the client from the broker and logs the close reason once.
 
+use crate::monitor;
 use crate::server::Shared;
 use crate::writer;
-use brokerd_core::{Client, CloseReason, DETACH_BELOW, Publication, RouteCache};
+use brokerd_core::{Client, CloseReason, DETACH_BELOW, Publication, PublishError, RouteCache};
 use brokerd_proto::{
     DecodeError, ErrorCode, ErrorFrame, Frame, Hello, PROTOCOL_VERSION, Publish, Welcome, decode,
-    peek_pub,
+    peek_pub, topic::STATS_REQUEST,
 };
 use bytes::{Buf, BytesMut};
 use std::net::SocketAddr;
@@ -220,6 +221,30 @@ impl Reader<'_> {
             .broker
             .publish_cached(self.client, p, &mut self.routes);
         match routed {
+            Ok(delivered) if ack => self.reply(Frame::Ack { req_id, delivered }),
+            Ok(_) => {}
+            // Reserved topics are refused before anything is cached, so a request to the
+            // broker costs other publishes nothing.
+            Err(PublishError::Reserved) if p.topic == STATS_REQUEST.as_bytes() => {
+                self.answer_stats(req_id, ack, p.reply);
+            }
+            Err(e) => self.error(req_id, e.code(), e.to_string()),
+        }
+    }
+
+    /// Answers a request for the broker's statistics: the JSON goes to the request's reply-to
+    /// before the `ACK`, whose count is the subscriptions that took the answer.
+    #[cold]
+    fn answer_stats(&self, req_id: u32, ack: bool, reply: Option<&str>) {
+        let Some(reply) = reply else {
+            return self.error(
+                req_id,
+                ErrorCode::ReservedTopic,
+                format!("{STATS_REQUEST} answers on the request's reply-to, and this one has none"),
+            );
+        };
+        let stats = monitor::stats_json(self.shared);
+        match self.shared.broker.publish_from_broker(reply, &stats) {
             Ok(delivered) if ack => self.reply(Frame::Ack { req_id, delivered }),
             Ok(_) => {}
             Err(e) => self.error(req_id, e.code(), e.to_string()),

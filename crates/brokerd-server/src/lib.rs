@@ -6,9 +6,11 @@
 //! - [`server`]: listener, accept loop, graceful shutdown.
 //! - `connection`: one connection's handshake, reader loop and keep-alive.
 //! - `writer`: one connection's socket writer task.
+//! - `monitor`: the statistics a client asks for on `$SYS.req.stats`.
 
 pub mod config;
 mod connection;
+mod monitor;
 pub mod server;
 mod writer;
 

@@ -35,6 +35,8 @@ pub(crate) struct Shared {
     pub(crate) hard_stop: CancellationToken,
     /// Connections open now, handshake or not.
     pub(crate) open: AtomicUsize,
+    /// When the server was bound, for the uptime in its statistics.
+    pub(crate) started: std::time::Instant,
 }
 
 /// Triggers a graceful shutdown of a running [`Server`]. Cloning is cheap.
@@ -78,6 +80,7 @@ impl Server {
                 shutdown: CancellationToken::new(),
                 hard_stop: CancellationToken::new(),
                 open: AtomicUsize::new(0),
+                started: std::time::Instant::now(),
             }),
         })
     }

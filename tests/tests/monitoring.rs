@@ -1,0 +1,127 @@
+//! Monitoring: a request on `$SYS.req.stats` is answered by the broker itself with its
+//! statistics as JSON, including what each connection dropped, so an operator can find a slow
+//! consumer with `brokerctl stats`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use brokerd_client::{ConnectOptions, Error};
+use brokerd_proto::topic::STATS_REQUEST;
+use brokerd_proto::{ErrorCode, Frame};
+use brokerd_tests::{DEADLINE, TestBroker, wire};
+use serde_json::Value;
+
+async fn stats(b: &TestBroker, opts: ConnectOptions) -> Value {
+    let c = brokerd_client::Client::connect(b.addr, opts).await.unwrap();
+    let reply = c.request(STATS_REQUEST, "", DEADLINE).await.unwrap();
+    c.close().await.unwrap();
+    serde_json::from_slice(&reply.payload()).expect("the answer is JSON")
+}
+
+fn n(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing in {v}"))
+}
+
+#[tokio::test]
+async fn stats_count_traffic_and_name_the_connection_that_dropped() {
+    let b = TestBroker::with_config(|c| {
+        c.outbound.max_pending_msgs = 4;
+        // The subscriber stalls on purpose; the write deadline must not end it first.
+        c.outbound.write_deadline = std::time::Duration::from_secs(3600);
+    })
+    .await;
+    let mut stalled = b.raw("stalled").await;
+    stalled.send_bytes(&wire::sub(2, 1, "big")).await;
+    assert_eq!(stalled.recv().await, Some(Frame::Ok(2)));
+    let healthy = b.client("healthy").await;
+    let mut small = healthy.subscribe("small").await.unwrap();
+
+    // 16 MiB to a subscriber that reads nothing: more than its 4 pending messages plus what the
+    // loopback socket buffers hold, so the broker must drop some.
+    let p = b.client("publisher").await;
+    let big = vec![7u8; 64 * 1024];
+    const BIG: u64 = 256;
+    for _ in 0..BIG {
+        p.publish("big", &big).await.unwrap();
+    }
+    for _ in 0..3 {
+        p.publish("small", "hi").await.unwrap();
+    }
+    p.publish("nobody.listens", "x").await.unwrap();
+    p.flush().await.unwrap();
+    for _ in 0..3 {
+        small.next().await.unwrap();
+    }
+
+    let s = stats(&b, ConnectOptions::new("ops")).await;
+    assert_eq!(n(&s, "msgs_in"), BIG + 4, "{s}");
+    assert_eq!(n(&s, "unrouted"), 1, "{s}");
+    assert_eq!(n(&s, "bytes_in"), BIG * big.len() as u64 + 3 * 2 + 1, "{s}");
+    // stalled, healthy, publisher and the asker; the asker's inbox is the third subscription.
+    assert_eq!(n(&s, "connections"), 4, "{s}");
+    assert_eq!(n(&s, "subscriptions"), 3, "{s}");
+    let dropped = n(&s, "dropped");
+    assert!(dropped > 0, "the stalled subscriber must have dropped: {s}");
+    assert_eq!(dropped, b.broker.stats().dropped, "{s}");
+    assert_eq!(n(&s["closes"], "slow-consumer"), 0, "{s}");
+
+    // The connection that dropped is listed first, with every drop; the others dropped nothing.
+    let clients = s["clients"].as_array().unwrap();
+    assert_eq!(clients.len(), 4, "{s}");
+    assert_eq!(clients[0]["name"], "stalled", "{s}");
+    assert_eq!(n(&clients[0], "dropped"), dropped, "{s}");
+    assert_eq!(n(&clients[0], "subscriptions"), 1, "{s}");
+    assert!(n(&clients[0], "pending_msgs") <= 4, "{s}");
+    assert_eq!(clients[0]["overflow"], "drop-new", "{s}");
+    for c in &clients[1..] {
+        assert_eq!(n(c, "dropped"), 0, "{s}");
+    }
+    let publisher = clients.iter().find(|c| c["name"] == "publisher").unwrap();
+    assert_eq!(n(publisher, "msgs_in"), BIG + 4, "{s}");
+    let healthy = clients.iter().find(|c| c["name"] == "healthy").unwrap();
+    assert_eq!(n(healthy, "deliveries"), 3, "{s}");
+    // Gone at once, so shutdown does not wait out its grace period on the stalled queue.
+    stalled.reset();
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_no_echo_client_gets_the_answer_too() {
+    let b = TestBroker::start().await;
+    // The answer is the broker's own message, not this client's: no-echo does not hold it back.
+    let s = stats(&b, ConnectOptions::new("quiet").no_echo(true)).await;
+    assert_eq!(n(&s, "connections"), 1, "{s}");
+    assert!(
+        s["server_id"].as_str().is_some_and(|id| !id.is_empty()),
+        "{s}"
+    );
+    assert!(s["version"].is_string(), "{s}");
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_stats_request_without_reply_to_is_refused_and_other_sys_topics_stay_reserved() {
+    let b = TestBroker::start().await;
+    let mut raw = b.raw("raw").await;
+    raw.send_bytes(&wire::publish(7, true, STATS_REQUEST, b""))
+        .await;
+    let err = raw.expect_err().await;
+    assert_eq!(err.req_id, 7);
+    assert_eq!(err.code, ErrorCode::ReservedTopic as u16);
+    assert!(err.message.contains("reply-to"), "{}", err.message);
+    raw.send_bytes(&wire::publish(8, true, "$SYS.req.other", b""))
+        .await;
+    let err = raw.expect_err().await;
+    assert_eq!((err.req_id, err.code), (8, ErrorCode::ReservedTopic as u16));
+    // Both refusals left the connection open.
+    raw.send_bytes(&wire::ping(9)).await;
+    assert_eq!(raw.recv().await, Some(Frame::Pong(9)));
+
+    let c = b.client("asker").await;
+    assert!(matches!(
+        c.request("$SYS.req.other", "", DEADLINE).await,
+        Err(Error::Server { code, .. }) if code == ErrorCode::ReservedTopic as u16
+    ));
+    b.stop().await;
+}
