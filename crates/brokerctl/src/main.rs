@@ -27,6 +27,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
 mod rpc;
+mod stats;
 
 /// Command-line arguments.
 #[derive(Debug, Parser)]
@@ -69,6 +70,8 @@ enum Command {
     Req(rpc::ReqArgs),
     /// Answer requests with a fixed payload or a command's output.
     Reply(rpc::ReplyArgs),
+    /// Show the broker's statistics: traffic, drops, and the connections dropping the most.
+    Stats(stats::StatsArgs),
 }
 
 /// Arguments of `brokerctl pub`.
@@ -170,6 +173,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench::cmd_bench(&cli.global, args).await,
         Command::Req(args) => rpc::cmd_req(&cli.global, args).await,
         Command::Reply(args) => rpc::cmd_reply(&cli.global, args).await,
+        Command::Stats(args) => stats::cmd_stats(&cli.global, args).await,
     }
 }
 

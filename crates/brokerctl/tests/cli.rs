@@ -470,3 +470,50 @@ async fn sub_queue_members_share_messages() {
     assert_eq!(lines, vec!["jobs first\n", "jobs second\n"]);
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_shows_the_traffic_and_the_connections() {
+    let broker = Broker::start().await;
+    let sub = spawn(
+        broker.ctl(&["sub", "user.created", "--name", "welcome-email"]),
+        None,
+    );
+    broker.wait_for_subscriptions(1).await;
+    let p = run(
+        broker.ctl(&["pub", "user.created", "hello", "--count", "3"]),
+        None,
+    )
+    .await;
+    assert!(p.status.success(), "pub failed: {}", p.stderr);
+
+    let json = run(broker.ctl(&["stats", "--json"]), None).await;
+    assert!(
+        json.status.success(),
+        "stats --json failed: {}",
+        json.stderr
+    );
+    let s: serde_json::Value = serde_json::from_str(&json.stdout).expect("one JSON object");
+    assert_eq!(s["msgs_in"], 3, "{s}");
+    assert_eq!(s["deliveries"], 3, "{s}");
+    let names: Vec<&str> = s["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert!(names.contains(&"welcome-email"), "{s}");
+
+    let table = run(broker.ctl(&["stats"]), None).await;
+    assert!(table.status.success(), "stats failed: {}", table.stderr);
+    // Three messages in; this stats call's own answer is not yet among the deliveries.
+    assert!(
+        table
+            .stdout
+            .contains("messages in 3 (15 payload bytes); deliveries 4;"),
+        "{}",
+        table.stdout
+    );
+    assert!(table.stdout.contains("welcome-email"), "{}", table.stdout);
+    drop(sub);
+    broker.stop().await;
+}
