@@ -13,5 +13,8 @@ USER brokerd
 # The defaults listen on loopback only; inside a container the broker must listen on every interface.
 ENV BROKERD_LISTEN=0.0.0.0:7654
 EXPOSE 7654
+# Healthy while the broker answers a statistics request (docs/operations.md, "Monitoring").
+HEALTHCHECK --interval=10s --timeout=5s --start-period=2s \
+    CMD ["/usr/local/bin/brokerctl", "--server", "127.0.0.1:7654", "stats", "--json", "--timeout", "3s"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/brokerd"]
