@@ -324,6 +324,24 @@ pub mod wire {
         frame(0x02, &f)
     }
 
+    /// `PUB` with a reply-to, no headers.
+    pub fn publish_with_reply(
+        req_id: u32,
+        ack: bool,
+        topic: &str,
+        reply: &str,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let mut f = Vec::with_capacity(20 + payload.len());
+        f.extend_from_slice(&req_id.to_be_bytes());
+        f.push(u8::from(ack));
+        f.push(0x01);
+        str16(&mut f, topic.as_bytes());
+        str16(&mut f, reply.as_bytes());
+        f.extend_from_slice(payload);
+        frame(0x02, &f)
+    }
+
     /// `PING`.
     pub fn ping(token: u32) -> Vec<u8> {
         frame(0x05, &token.to_be_bytes())

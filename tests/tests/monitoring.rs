@@ -1,6 +1,7 @@
 //! Monitoring: a request on `$SYS.req.stats` is answered by the broker itself with its
 //! statistics as JSON, including what each connection dropped, so an operator can find a slow
-//! consumer with `brokerctl stats`.
+//! consumer with `brokerctl stats`. The answer goes to the asker alone, and asking opens no way
+//! around the reserved `$` space.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -69,6 +70,7 @@ async fn stats_count_traffic_and_name_the_connection_that_dropped() {
     // The connection that dropped is listed first, with every drop; the others dropped nothing.
     let clients = s["clients"].as_array().unwrap();
     assert_eq!(clients.len(), 4, "{s}");
+    assert_eq!(n(&s, "clients_listed"), 4, "{s}");
     assert_eq!(clients[0]["name"], "stalled", "{s}");
     assert_eq!(n(&clients[0], "dropped"), dropped, "{s}");
     assert_eq!(n(&clients[0], "subscriptions"), 1, "{s}");
@@ -83,6 +85,25 @@ async fn stats_count_traffic_and_name_the_connection_that_dropped() {
     assert_eq!(n(healthy, "deliveries"), 3, "{s}");
     // Gone at once, so shutdown does not wait out its grace period on the stalled queue.
     stalled.reset();
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn the_answer_goes_to_the_asker_alone() {
+    let b = TestBroker::start().await;
+    let tapper = b.client("tap").await;
+    let mut tap = tapper.subscribe(">").await.unwrap();
+    let s = stats(&b, ConnectOptions::new("ops")).await;
+    assert_eq!(n(&s, "connections"), 2, "{s}");
+    // Published after the answer was delivered: had the tap been sent the answer (or the
+    // request), it would come first.
+    let p = b.client("publisher").await;
+    p.publish("after.stats", "marker").await.unwrap();
+    let first = tokio::time::timeout(DEADLINE, tap.next())
+        .await
+        .expect("the marker arrives")
+        .unwrap();
+    assert_eq!(first.topic(), "after.stats");
     b.stop().await;
 }
 
@@ -123,5 +144,35 @@ async fn a_stats_request_without_reply_to_is_refused_and_other_sys_topics_stay_r
         c.request("$SYS.req.other", "", DEADLINE).await,
         Err(Error::Server { code, .. }) if code == ErrorCode::ReservedTopic as u16
     ));
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_reserved_reply_to_opens_no_way_into_the_reserved_space() {
+    let b = TestBroker::start().await;
+    let mut raw = b.raw("raw").await;
+    // Asking with a reply-to that none of the asker's subscriptions match: no answer, ACK 0.
+    raw.send_bytes(&wire::publish_with_reply(
+        3,
+        true,
+        STATS_REQUEST,
+        "$SYS.req.stats",
+        b"",
+    ))
+    .await;
+    assert_eq!(
+        raw.recv().await,
+        Some(Frame::Ack {
+            req_id: 3,
+            delivered: 0
+        })
+    );
+    // The reserved topics stay reserved, and the stats request keeps working.
+    raw.send_bytes(&wire::publish(4, true, STATS_REQUEST, b""))
+        .await;
+    let err = raw.expect_err().await;
+    assert_eq!((err.req_id, err.code), (4, ErrorCode::ReservedTopic as u16));
+    let s = stats(&b, ConnectOptions::new("ops")).await;
+    assert_eq!(n(&s, "connections"), 2, "{s}");
     b.stop().await;
 }

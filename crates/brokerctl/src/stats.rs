@@ -48,7 +48,7 @@ pub(crate) async fn cmd_stats(global: &Global, args: StatsArgs) -> Result<()> {
 /// The summary and the connection table, as text.
 fn render(s: &Value) -> String {
     let n = |v: &Value, key: &str| v.get(key).and_then(Value::as_u64).unwrap_or(0);
-    let text = |v: &Value, key: &str| v.get(key).and_then(Value::as_str).unwrap_or("").to_string();
+    let text = |v: &Value, key: &str| printable(v.get(key).and_then(Value::as_str).unwrap_or(""));
     let mut out = String::new();
     let uptime = s.get("uptime_s").and_then(Value::as_f64).unwrap_or(0.0);
     let _ = writeln!(
@@ -129,4 +129,27 @@ fn render(s: &Value) -> String {
         }
     }
     out
+}
+
+/// `s` with control characters (a client names itself) shown as `?`, so that nothing in the
+/// answer can move the terminal's cursor or change its colours.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_in_names_do_not_reach_the_terminal() {
+        let stats = serde_json::json!({
+            "clients": [{"id": 1, "name": "evil\u{1b}[2Jname\n", "peer": "127.0.0.1:1"}],
+        });
+        let out = render(&stats);
+        assert!(out.contains("evil?[2Jname?"), "{out}");
+        assert!(!out.contains('\u{1b}'));
+    }
 }

@@ -505,11 +505,10 @@ async fn stats_shows_the_traffic_and_the_connections() {
 
     let table = run(broker.ctl(&["stats"]), None).await;
     assert!(table.status.success(), "stats failed: {}", table.stderr);
-    // Three messages in; this stats call's own answer is not yet among the deliveries.
+    // The same traffic (its deliveries may include the first call's answer, or not: two
+    // requests close together share one snapshot).
     assert!(
-        table
-            .stdout
-            .contains("messages in 3 (15 payload bytes); deliveries 4;"),
+        table.stdout.contains("messages in 3 (15 payload bytes);"),
         "{}",
         table.stdout
     );

@@ -6,7 +6,7 @@
 //! another is taken (see the lock order in `docs/architecture.md`).
 
 use crate::close::CloseReason;
-use crate::outbox::{Outbox, OutboxLimits, Push};
+use crate::outbox::{Outbox, OutboxLimits, OutboxStats, Push};
 use crate::sublist::{Matches, Sublist, SublistStats};
 use crate::subscription::{SubRef, Subscription};
 use brokerd_proto::topic::{is_reserved, validate_topic};
@@ -583,20 +583,41 @@ impl Broker {
             self.settle(sub, push, &mut delivered);
         }
         for group in &matches.groups {
-            self.deliver_to_group(Some(from), &group.members, raw, &mut delivered);
+            self.deliver_to_group(from, &group.members, raw, &mut delivered);
         }
         Ok(delivered)
     }
 
-    /// Publishes a message of the broker's own, such as the answer to a `$SYS` request, to
-    /// `topic` (which may be reserved). It is routed like any publish, but no client sent it: it
-    /// reaches every matching subscription whatever its owner's no-echo option, and no client's
-    /// counters include it. Returns how many subscriptions took it.
+    /// Delivers a message of the broker's own, such as the answer to a `$SYS` request, to those
+    /// of `to`'s subscriptions whose filters match `topic`, and to no other client's: a request
+    /// makes the broker answer the client that asked, never a crowd. Nothing is routed through
+    /// the sublist, so nothing is cached (the reserved-topic check relies on only checked topics
+    /// being cached). No client sent the message, so no-echo does not hold it back and no
+    /// client's publish counters include it; its deliveries count like any other. `payload` is
+    /// called only if a subscription matches. Returns how many subscriptions took it.
     ///
     /// # Errors
-    /// An invalid topic, or a payload over the limit.
-    pub fn publish_from_broker(&self, topic: &str, payload: &[u8]) -> Result<u32, PublishError> {
-        validate_topic(topic, &self.limits.topic).map_err(PublishError::InvalidTopic)?;
+    /// An invalid `topic` ([`PublishError::InvalidReply`]: it is where an answer goes), or a
+    /// payload over the limit.
+    pub fn answer<P: AsRef<[u8]>>(
+        &self,
+        to: &Client,
+        topic: &str,
+        payload: impl FnOnce() -> P,
+    ) -> Result<u32, PublishError> {
+        validate_topic(topic, &self.limits.topic).map_err(PublishError::InvalidReply)?;
+        let targets: Vec<SubRef> = to
+            .subs
+            .lock()
+            .iter()
+            .filter(|s| s.0.filter.matches(topic))
+            .map(|s| SubRef(s.0.clone()))
+            .collect();
+        if targets.is_empty() {
+            return Ok(0);
+        }
+        let payload = payload();
+        let payload = payload.as_ref();
         if payload.len() > self.limits.max_payload {
             return Err(PublishError::PayloadTooLarge {
                 len: payload.len(),
@@ -612,14 +633,10 @@ impl Broker {
         let mut raw = BytesMut::with_capacity(body.len());
         body.put(&mut raw);
         let raw = raw.freeze();
-        let matches = self.sublist.matches(topic);
         let mut delivered = 0u32;
-        for sub in &matches.plain {
+        for sub in &targets {
             let push = sub.outbox.push_msg(sub, &raw);
             self.settle(sub, push, &mut delivered);
-        }
-        for group in &matches.groups {
-            self.deliver_to_group(None, &group.members, &raw, &mut delivered);
         }
         Ok(delivered)
     }
@@ -629,12 +646,12 @@ impl Broker {
     /// overflow policy decides, so the drop is counted and reported like any other.
     fn deliver_to_group(
         &self,
-        from: Option<&Client>,
+        from: &Client,
         members: &[SubRef],
         raw: &Bytes,
         delivered: &mut u32,
     ) {
-        let eligible = |s: &SubRef| !from.is_some_and(|f| f.no_echo && s.client_id() == f.id);
+        let eligible = |s: &SubRef| !(from.no_echo && s.client_id() == from.id);
         let n = members.len();
         let start = random_below(n);
         // The first member found full: the one whose policy decides if every member is full.
@@ -697,9 +714,12 @@ impl Broker {
             client.outbox.set_allowance(&sub, 0);
             self.sublist.remove(&sub.filter.clone(), &SubRef(sub));
         }
-        let removed = self.clients.lock().remove(&client.id);
-        if removed.is_some() {
-            let out = client.outbox.stats();
+        // The outbox is closed and this connection's task has stopped publishing: its figures
+        // are final. They move to the retired totals in the same step that removes the client,
+        // under the client map's lock, so that `stats` sees each connection exactly once.
+        let out = client.outbox.stats();
+        let mut clients = self.clients.lock();
+        if clients.remove(&client.id).is_some() {
             let mut r = self.retired.lock();
             r.msgs_in += client.counters.msgs_in.load(Ordering::Relaxed);
             r.unrouted += client.counters.unrouted.load(Ordering::Relaxed);
@@ -717,35 +737,72 @@ impl Broker {
 
     /// Current totals.
     pub fn stats(&self) -> BrokerStats {
-        let clients = self.clients();
-        let r = self.retired.lock();
-        let mut s = BrokerStats {
-            connections: clients.len(),
-            total_connections: self.next_id.load(Ordering::Relaxed) - 1,
-            msgs_in: r.msgs_in,
-            bytes_in: r.bytes_in,
-            deliveries: r.deliveries,
-            dropped: r.dropped,
-            unrouted: r.unrouted,
-            closes: CloseReason::NAMES
-                .iter()
-                .map(|n| (*n, r.closes.get(n).copied().unwrap_or(0)))
-                .collect(),
-            sublist: self.sublist.stats(),
-            ..BrokerStats::default()
-        };
-        drop(r);
-        for c in clients {
-            let out = c.outbox.stats();
-            s.msgs_in += c.counters.msgs_in.load(Ordering::Relaxed);
-            s.unrouted += c.counters.unrouted.load(Ordering::Relaxed);
-            s.bytes_in += c.counters.bytes_in.load(Ordering::Relaxed);
-            s.deliveries += out.queued;
-            s.dropped += out.dropped;
-        }
-        s.subscriptions = s.sublist.subscriptions;
-        s
+        self.stats_and_clients(false).0
     }
+
+    /// Current totals and, with `rows`, each connected client's own figures, from one snapshot:
+    /// a connection closing meanwhile is counted once, either live or retired.
+    pub fn stats_and_clients(&self, rows: bool) -> (BrokerStats, Vec<ClientStats>) {
+        let sublist = self.sublist.stats();
+        // The client map, then the retired totals: the order `disconnect` takes them in.
+        let (clients, mut s) = {
+            let clients = self.clients.lock();
+            let r = self.retired.lock();
+            let s = BrokerStats {
+                connections: clients.len(),
+                total_connections: self.next_id.load(Ordering::Relaxed) - 1,
+                subscriptions: sublist.subscriptions,
+                msgs_in: r.msgs_in,
+                bytes_in: r.bytes_in,
+                deliveries: r.deliveries,
+                dropped: r.dropped,
+                unrouted: r.unrouted,
+                closes: CloseReason::NAMES
+                    .iter()
+                    .map(|n| (*n, r.closes.get(n).copied().unwrap_or(0)))
+                    .collect(),
+                sublist,
+            };
+            let list: Vec<Arc<Client>> = clients.values().cloned().collect();
+            (list, s)
+        };
+        let mut out = Vec::with_capacity(if rows { clients.len() } else { 0 });
+        for c in clients {
+            let outbox = c.outbox.stats();
+            let msgs_in = c.counters.msgs_in.load(Ordering::Relaxed);
+            let bytes_in = c.counters.bytes_in.load(Ordering::Relaxed);
+            s.msgs_in += msgs_in;
+            s.unrouted += c.counters.unrouted.load(Ordering::Relaxed);
+            s.bytes_in += bytes_in;
+            s.deliveries += outbox.queued;
+            s.dropped += outbox.dropped;
+            if rows {
+                out.push(ClientStats {
+                    subscriptions: c.subscription_count(),
+                    msgs_in,
+                    bytes_in,
+                    outbox,
+                    client: c,
+                });
+            }
+        }
+        (s, out)
+    }
+}
+
+/// One connected client's figures, as [`Broker::stats_and_clients`] saw them.
+#[derive(Debug)]
+pub struct ClientStats {
+    /// The client (name, peer, id, overflow policy).
+    pub client: Arc<Client>,
+    /// Its live subscriptions.
+    pub subscriptions: usize,
+    /// Messages it published.
+    pub msgs_in: u64,
+    /// Payload bytes it published.
+    pub bytes_in: u64,
+    /// Its outbound queue's figures: deliveries queued, dropped and pending.
+    pub outbox: OutboxStats,
 }
 
 /// A uniformly distributed index below `n` (which must be positive), from a per-thread

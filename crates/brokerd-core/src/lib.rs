@@ -14,8 +14,8 @@ pub mod sublist;
 pub mod subscription;
 
 pub use broker::{
-    Broker, BrokerStats, Client, DETACH_BELOW, Limits, Publication, PublishError, RawBody,
-    RouteCache, SubscribeError, UnsubscribeError,
+    Broker, BrokerStats, Client, ClientStats, DETACH_BELOW, Limits, Publication, PublishError,
+    RawBody, RouteCache, SubscribeError, UnsubscribeError,
 };
 pub use close::CloseReason;
 pub use outbox::{Item, Outbox, OutboxLimits, OutboxStats, Push, Take};

@@ -223,8 +223,9 @@ impl Reader<'_> {
         match routed {
             Ok(delivered) if ack => self.reply(Frame::Ack { req_id, delivered }),
             Ok(_) => {}
-            // Reserved topics are refused before anything is cached, so a request to the
-            // broker costs other publishes nothing.
+            // Reserved topics are refused before anything is cached (and the answer is not
+            // routed through the sublist), so a request to the broker costs other publishes
+            // nothing.
             Err(PublishError::Reserved) if p.topic == STATS_REQUEST.as_bytes() => {
                 self.answer_stats(req_id, ack, p.reply);
             }
@@ -232,8 +233,9 @@ impl Reader<'_> {
         }
     }
 
-    /// Answers a request for the broker's statistics: the JSON goes to the request's reply-to
-    /// before the `ACK`, whose count is the subscriptions that took the answer.
+    /// Answers a request for the broker's statistics: the JSON goes to the asker's own
+    /// subscriptions matching the reply-to (its inbox), before the `ACK`, whose count is the
+    /// subscriptions that took the answer.
     #[cold]
     fn answer_stats(&self, req_id: u32, ack: bool, reply: Option<&str>) {
         let Some(reply) = reply else {
@@ -243,8 +245,11 @@ impl Reader<'_> {
                 format!("{STATS_REQUEST} answers on the request's reply-to, and this one has none"),
             );
         };
-        let stats = monitor::stats_json(self.shared);
-        match self.shared.broker.publish_from_broker(reply, &stats) {
+        let answered = self
+            .shared
+            .broker
+            .answer(self.client, reply, || monitor::stats_json(self.shared));
+        match answered {
             Ok(delivered) if ack => self.reply(Frame::Ack { req_id, delivered }),
             Ok(_) => {}
             Err(e) => self.error(req_id, e.code(), e.to_string()),

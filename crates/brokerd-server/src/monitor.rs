@@ -3,56 +3,49 @@
 //! `docs/operations.md`, "Monitoring".
 
 use crate::server::Shared;
-use brokerd_core::Client;
+use brokerd_core::ClientStats;
+use parking_lot::Mutex;
 use serde_json::{Map, Value, json};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 /// At most this many connections are listed, the ones with the most dropped deliveries first,
-/// then the most pending bytes: an operator looking for a slow consumer sees it at the top, and
-/// the answer stays far below the payload limit with any number of connections.
+/// then the most pending bytes, so that an operator looking for a slow consumer sees it at the
+/// top. The list also stops before the answer would outgrow the payload limit.
 pub(crate) const MAX_LISTED: usize = 100;
 
-/// The statistics of `shared`'s broker now, serialized.
-pub(crate) fn stats_json(shared: &Shared) -> Vec<u8> {
-    let s = shared.broker.stats();
+/// Requests this close together share one snapshot: building one visits every connection, so a
+/// client repeating the request cannot make the broker do that more than this often.
+pub(crate) const REUSE_FOR: Duration = Duration::from_millis(100);
+
+/// Room kept for the closing brackets and the list's counters when budgeting the list.
+const SLACK: usize = 256;
+
+/// The last snapshot, serialized, and when it was taken. A leaf lock: held only to read or
+/// replace the pair, never while a snapshot is built.
+#[derive(Default)]
+pub(crate) struct StatsCache(Mutex<Option<(Instant, Arc<[u8]>)>>);
+
+/// The statistics of `shared`'s broker, serialized: a snapshot at most [`REUSE_FOR`] old.
+pub(crate) fn stats_json(shared: &Shared) -> Arc<[u8]> {
+    if let Some((at, json)) = &*shared.stats_cache.0.lock()
+        && at.elapsed() < REUSE_FOR
+    {
+        return json.clone();
+    }
+    let json: Arc<[u8]> = build(shared).into();
+    *shared.stats_cache.0.lock() = Some((Instant::now(), json.clone()));
+    json
+}
+
+fn build(shared: &Shared) -> Vec<u8> {
+    let (s, mut clients) = shared.broker.stats_and_clients(true);
     let closes: Map<String, Value> = s
         .closes
         .iter()
         .map(|(name, n)| ((*name).to_string(), Value::from(*n)))
         .collect();
-    let mut clients: Vec<(Arc<Client>, brokerd_core::OutboxStats)> = shared
-        .broker
-        .clients()
-        .into_iter()
-        .map(|c| {
-            let out = c.outbox.stats();
-            (c, out)
-        })
-        .collect();
-    clients.sort_by(|(a, x), (b, y)| {
-        (y.dropped, y.pending_bytes, a.id).cmp(&(x.dropped, x.pending_bytes, b.id))
-    });
-    let listed: Vec<Value> = clients
-        .iter()
-        .take(MAX_LISTED)
-        .map(|(c, out)| {
-            json!({
-                "id": c.id,
-                "name": c.name,
-                "peer": c.peer,
-                "subscriptions": c.subscription_count(),
-                "msgs_in": c.counters.msgs_in.load(Ordering::Relaxed),
-                "bytes_in": c.counters.bytes_in.load(Ordering::Relaxed),
-                "deliveries": out.queued,
-                "dropped": out.dropped,
-                "pending_msgs": out.pending_msgs,
-                "pending_bytes": out.pending_bytes,
-                "overflow": c.outbox.policy().name(),
-            })
-        })
-        .collect();
-    let value = json!({
+    let mut value = json!({
         "server_id": shared.server_id,
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": shared.started.elapsed().as_secs_f64(),
@@ -72,7 +65,54 @@ pub(crate) fn stats_json(shared: &Shared) -> Vec<u8> {
             "cache_hits": s.sublist.cache_hits,
             "cache_misses": s.sublist.cache_misses,
         },
-        "clients": listed,
+        "clients_listed": 0,
+        "clients": [],
     });
+    let key = |c: &ClientStats| {
+        (
+            std::cmp::Reverse(c.outbox.dropped),
+            std::cmp::Reverse(c.outbox.pending_bytes),
+            c.client.id,
+        )
+    };
+    if clients.len() > MAX_LISTED {
+        clients.select_nth_unstable_by_key(MAX_LISTED, key);
+        clients.truncate(MAX_LISTED);
+    }
+    clients.sort_unstable_by_key(key);
+    let base = serde_json::to_vec(&value).map_or(0, |v| v.len());
+    let mut budget = shared
+        .broker
+        .limits()
+        .max_payload
+        .saturating_sub(base + SLACK);
+    let mut listed = Vec::with_capacity(clients.len());
+    for c in &clients {
+        let row = row(c);
+        let len = serde_json::to_vec(&row).map_or(usize::MAX, |v| v.len() + 1);
+        if len > budget {
+            break;
+        }
+        budget -= len;
+        listed.push(row);
+    }
+    value["clients_listed"] = listed.len().into();
+    value["clients"] = listed.into();
     serde_json::to_vec(&value).unwrap_or_default()
+}
+
+fn row(c: &ClientStats) -> Value {
+    json!({
+        "id": c.client.id,
+        "name": c.client.name,
+        "peer": c.client.peer,
+        "subscriptions": c.subscriptions,
+        "msgs_in": c.msgs_in,
+        "bytes_in": c.bytes_in,
+        "deliveries": c.outbox.queued,
+        "dropped": c.outbox.dropped,
+        "pending_msgs": c.outbox.pending_msgs,
+        "pending_bytes": c.outbox.pending_bytes,
+        "overflow": c.client.outbox.policy().name(),
+    })
 }

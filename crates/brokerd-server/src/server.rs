@@ -37,6 +37,8 @@ pub(crate) struct Shared {
     pub(crate) open: AtomicUsize,
     /// When the server was bound, for the uptime in its statistics.
     pub(crate) started: std::time::Instant,
+    /// The last statistics answer, reused for requests close behind it.
+    pub(crate) stats_cache: crate::monitor::StatsCache,
 }
 
 /// Triggers a graceful shutdown of a running [`Server`]. Cloning is cheap.
@@ -81,6 +83,7 @@ impl Server {
                 hard_stop: CancellationToken::new(),
                 open: AtomicUsize::new(0),
                 started: std::time::Instant::now(),
+                stats_cache: crate::monitor::StatsCache::default(),
             }),
         })
     }
