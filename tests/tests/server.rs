@@ -6,7 +6,7 @@
 
 use brokerd_client::{ConnectOptions, OverflowPolicy};
 use brokerd_proto::{Body, ErrorCode, Frame, Hello, PROTOCOL_VERSION, Publish, Subscribe};
-use brokerd_tests::{RawConn, TestBroker, wait_until};
+use brokerd_tests::{RawConn, TestBroker, wait_until, wire};
 
 fn sub(req_id: u32, sid: u32, filter: &str) -> Frame {
     Frame::Sub(Subscribe {
@@ -117,6 +117,25 @@ async fn bad_frames_get_errors_and_close_only_their_own_connection() {
         ErrorCode::UnsupportedVersion as u16
     );
     assert_eq!(c.recv().await, None);
+
+    // A later version's HELLO that does not parse as version 1 (here: bytes after the name) is
+    // still refused as a version, not as a malformed frame.
+    let mut c = RawConn::connect(b.addr).await;
+    let mut hello = wire::hello_version(1, PROTOCOL_VERSION + 1, "future", 0);
+    hello.extend_from_slice(&[0xAA, 0xBB]);
+    let len = u32::try_from(hello.len() - 4).unwrap();
+    hello[..4].copy_from_slice(&len.to_be_bytes());
+    c.send_bytes(&hello).await;
+    assert_eq!(
+        err_code(c.recv().await),
+        ErrorCode::UnsupportedVersion as u16
+    );
+    assert_eq!(c.recv().await, None);
+    // The same bytes with version 1 are malformed.
+    let mut c = RawConn::connect(b.addr).await;
+    hello[9..11].copy_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    c.send_bytes(&hello).await;
+    assert_eq!(err_code(c.recv().await), ErrorCode::MalformedFrame as u16);
 
     // A well-formed HELLO asking for an overflow policy this version does not define.
     let mut c = RawConn::connect(b.addr).await;

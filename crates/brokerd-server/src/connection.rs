@@ -12,8 +12,8 @@ use crate::server::Shared;
 use crate::writer;
 use brokerd_core::{Client, CloseReason, DETACH_BELOW, Publication, PublishError, RouteCache};
 use brokerd_proto::{
-    DecodeError, ErrorCode, ErrorFrame, Frame, Hello, PROTOCOL_VERSION, Publish, Welcome, decode,
-    peek_pub, topic::STATS_REQUEST,
+    DecodeError, ErrorCode, ErrorFrame, Frame, FrameType, Hello, PROTOCOL_VERSION, Publish,
+    Welcome, decode, peek_pub, topic::STATS_REQUEST,
 };
 use bytes::{Buf, BytesMut};
 use std::net::SocketAddr;
@@ -174,6 +174,11 @@ async fn read_hello(
     shared: &Shared,
 ) -> Result<Hello, CloseReason> {
     loop {
+        // A later version may lay HELLO out differently: once its version field has arrived, a
+        // version this server does not speak is refused as such, however the rest would parse.
+        if other_version(buf) {
+            return Err(CloseReason::Protocol(ErrorCode::UnsupportedVersion));
+        }
         match decode(buf, shared.config.limits.max_frame) {
             Ok(Some(Frame::Hello(h))) => {
                 if h.version != PROTOCOL_VERSION {
@@ -191,6 +196,14 @@ async fn read_hello(
             Err(e) => return Err(CloseReason::Io(e.to_string())),
         }
     }
+}
+
+/// Whether `buf` starts with a `HELLO` whose version field (bytes 9-10, the same in every
+/// version) names a version other than this server's.
+fn other_version(buf: &[u8]) -> bool {
+    buf.len() >= 11
+        && buf[4] == FrameType::Hello as u8
+        && u16::from_be_bytes([buf[9], buf[10]]) != PROTOCOL_VERSION
 }
 
 /// State the reader loop keeps between frames.
