@@ -527,13 +527,8 @@ impl Inner {
         )
     }
 
-    /// Appends a plain `PUB` (no reply-to, headers or ack) if the write buffer has room.
-    /// `Ok(false)`: the buffer is full (or the connection closed); nothing was appended, and
-    /// [`Inner::publish_with`] waits for room or reports the close.
-    fn try_publish(&self, topic: &str, payload: &[u8]) -> Result<bool, Error> {
-        let mut w = self.write.lock();
-        // The same order of checks as `publish_with`: topic, then payload size.
-        w.check_topic(topic)?;
+    /// Refuses a payload over the limit the server announced.
+    fn check_payload(&self, payload: &[u8]) -> Result<(), Error> {
         let max = self.info.max_payload as usize;
         if payload.len() > max {
             return Err(Error::PayloadTooLarge {
@@ -541,6 +536,17 @@ impl Inner {
                 max,
             });
         }
+        Ok(())
+    }
+
+    /// Appends a plain `PUB` (no reply-to, headers or ack) if the write buffer has room.
+    /// `Ok(false)`: the buffer is full (or the connection closed); nothing was appended, and
+    /// [`Inner::publish_with`] waits for room or reports the close.
+    fn try_publish(&self, topic: &str, payload: &[u8]) -> Result<bool, Error> {
+        let mut w = self.write.lock();
+        // The same order of checks as `publish_with`: topic, then payload size.
+        w.check_topic(topic)?;
+        self.check_payload(payload)?;
         let body = BodyBuilder {
             topic,
             reply: None,
@@ -571,13 +577,7 @@ impl Inner {
         if let Some(r) = reply {
             validate_topic(r, &TopicLimits::WIRE).map_err(Error::InvalidTopic)?;
         }
-        let max = self.info.max_payload as usize;
-        if payload.len() > max {
-            return Err(Error::PayloadTooLarge {
-                len: payload.len(),
-                max,
-            });
-        }
+        self.check_payload(payload)?;
         let body = BodyBuilder {
             topic,
             reply,
