@@ -324,13 +324,12 @@ async fn sub_fails_when_the_broker_shuts_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_port_exits_1() {
-    // A port that was just free: bind it, note it, release it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let server = format!("127.0.0.1:{port}");
+    // A port bound but not listening: connecting to it is refused, and while the socket is held
+    // no listener can appear on it (a port merely released could be taken, or still be open in
+    // a child process forked meanwhile).
+    let held = tokio::net::TcpSocket::new_v4().unwrap();
+    held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let server = held.local_addr().unwrap().to_string();
     for args in [&["pub", "t", "x"][..], &["sub", "t"][..]] {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_brokerctl"));
         cmd.arg("--server").arg(&server).args(args);
