@@ -7,7 +7,7 @@
 
 use crate::close::CloseReason;
 use crate::outbox::{Outbox, OutboxLimits, OutboxStats, Push};
-use crate::sublist::{Matches, Sublist, SublistStats};
+use crate::sublist::{Matches, Sublist, SublistStats, View};
 use crate::subscription::{SubRef, Subscription};
 use brokerd_proto::topic::{is_reserved, validate_topic};
 use brokerd_proto::{
@@ -21,8 +21,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use thiserror::Error;
 
 /// One connection's private memo of recent routes, so that publishing a topic again costs a hash
-/// lookup in memory only its own task touches. It is dropped wholesale whenever any subscription
-/// anywhere changes (the sublist's shared cache, which that does not flush, refills it).
+/// lookup in memory only its own task touches. A route is the list of subscription slots the
+/// topic reaches, whose members change in place; the memo is dropped only when the trie's shape
+/// changes (a filter gains its first subscription; the sublist's shared cache refills it).
 #[derive(Default)]
 pub struct RouteCache {
     generation: u64,
@@ -30,11 +31,19 @@ pub struct RouteCache {
     /// The topic routed last (its buffer reused) and its result.
     last_topic: String,
     last: Option<Matches<SubRef>>,
+    /// Routing work done since [`RouteCache::take_work`] last reset it: one unit per publish,
+    /// plus one per trie position a match-cache miss visited.
+    work: usize,
 }
 
 impl RouteCache {
-    /// Topics remembered per connection before the memo starts over.
+    /// Topics remembered per connection before the memo stops adding.
     pub const CAPACITY: usize = 256;
+
+    /// Routes reaching more slots than this are not memoised (the shared cache, bounded in
+    /// bytes, still holds them): 256 such routes per connection would otherwise hold up to
+    /// 256 times their size per connection.
+    pub const MAX_SLOTS: usize = 64;
 
     /// An empty memo.
     pub fn new() -> RouteCache {
@@ -43,7 +52,20 @@ impl RouteCache {
             map: HashMap::default(),
             last_topic: String::new(),
             last: None,
+            work: 0,
         }
+    }
+
+    /// The routing work done since the last call, and resets it. A connection's reader gives up
+    /// its worker when this passes its budget, so that one connection's expensive matches delay
+    /// others by a bounded amount.
+    pub fn take_work(&mut self) -> usize {
+        std::mem::take(&mut self.work)
+    }
+
+    /// The routing work done since [`RouteCache::take_work`] last reset it.
+    pub fn work(&self) -> usize {
+        self.work
     }
 }
 
@@ -507,12 +529,8 @@ impl Broker {
                 max: self.limits.max_payload,
             });
         }
-        let generation = self.sublist.generation();
-        if routes.generation != generation {
-            routes.map.clear();
-            routes.last = None;
-            routes.generation = generation;
-        }
+        routes.work += 1;
+        self.refresh_routes(routes);
         // The last topic costs one comparison of bytes; any other recent one a hash lookup.
         let is_last = routes.last.is_some() && routes.last_topic.as_bytes() == body.topic;
         if !is_last {
@@ -531,12 +549,14 @@ impl Broker {
                             if is_reserved(topic) {
                                 return Err(PublishError::Reserved);
                             }
-                            self.sublist.matches(topic)
+                            self.sublist.lookup(topic, &mut routes.work)
                         }
                     };
                     // A full memo keeps what it has: a connection cycling through more topics
                     // than it holds is served by the shared cache without churning this one.
-                    if routes.map.len() < RouteCache::CAPACITY {
+                    if routes.map.len() < RouteCache::CAPACITY
+                        && m.slots().len() <= RouteCache::MAX_SLOTS
+                    {
                         routes.map.insert(topic.into(), m.clone());
                     }
                     m
@@ -560,10 +580,26 @@ impl Broker {
         let Some(matches) = routes.last.as_ref() else {
             return Ok(0);
         };
-        if matches.is_empty() {
+        match matches.slots() {
+            [] => Ok(self.deliver(from, body, &[])),
+            // The common case reads the slot's view without touching its reference count.
+            [one] => Ok(one.with_view(|v| self.deliver(from, body, &[v]))),
+            many => {
+                let held: Vec<Arc<View<SubRef>>> = many.iter().map(|s| s.view_arc()).collect();
+                let views: Vec<&View<SubRef>> = held.iter().map(|v| &**v).collect();
+                Ok(self.deliver(from, body, &views))
+            }
+        }
+    }
+
+    /// Queues `body` for every subscription in `views`, and one member of each queue group;
+    /// returns how many queued it.
+    fn deliver(&self, from: &Client, body: &Publication<'_>, views: &[&View<SubRef>]) -> u32 {
+        if views.iter().all(|v| v.is_empty()) {
+            let c = &from.counters;
             c.unrouted
                 .store(c.unrouted.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-            return Ok(0);
+            return 0;
         }
         // A small body would otherwise pin the whole read buffer it was decoded from for as long
         // as any subscriber holds it; one copy per publish (never per subscriber) bounds memory by
@@ -575,17 +611,40 @@ impl Broker {
         };
         let raw = &raw;
         let mut delivered = 0u32;
-        for sub in &matches.plain {
-            if from.no_echo && sub.client_id() == from.id {
-                continue;
+        let mut grouped_slots = 0;
+        for view in views.iter() {
+            for sub in view.plain.iter() {
+                if from.no_echo && sub.client_id() == from.id {
+                    continue;
+                }
+                let push = sub.outbox.push_msg(sub, raw);
+                self.settle(sub, push, &mut delivered);
             }
-            let push = sub.outbox.push_msg(sub, raw);
-            self.settle(sub, push, &mut delivered);
+            grouped_slots += usize::from(!view.groups.is_empty());
         }
-        for group in &matches.groups {
-            self.deliver_to_group(from, &group.members, raw, &mut delivered);
+        if grouped_slots == 1 {
+            for view in views.iter() {
+                for group in view.groups.iter() {
+                    self.deliver_to_group(from, &group.members, raw, &mut delivered);
+                }
+            }
+        } else if grouped_slots > 1 {
+            // One group's members may sit in several slots (several of its filters match):
+            // merged by name, so that the group still receives the message once.
+            let mut groups: Vec<(&Arc<str>, Vec<SubRef>)> = Vec::new();
+            for view in views.iter() {
+                for group in view.groups.iter() {
+                    match groups.iter_mut().find(|(n, _)| *n == &group.name) {
+                        Some((_, members)) => members.extend(group.members.iter().cloned()),
+                        None => groups.push((&group.name, group.members.to_vec())),
+                    }
+                }
+            }
+            for (_, members) in &groups {
+                self.deliver_to_group(from, members, raw, &mut delivered);
+            }
         }
-        Ok(delivered)
+        delivered
     }
 
     /// Delivers a message of the broker's own, such as the answer to a `$SYS` request, to those

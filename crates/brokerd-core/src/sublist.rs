@@ -1,20 +1,33 @@
 //! The subscription trie and its match cache.
 //!
 //! Filters are stored token by token; each node has a slot for literal children (a B-tree by
-//! token), one for `*` and a list for subscriptions ending in `>`, so matching a topic is one walk
-//! that never scans filters linearly. A position where one filter ends with nothing below it is
-//! held in its parent's slot rather than in a node of its own: with distinct filters, most are. Queue-group subscriptions live in the same nodes, tagged with their group, so plain
-//! and grouped subscriptions are found by the same walk; the result keeps them apart
-//! ([`MatchResult`]). Results are cached per topic in a bounded map. A subscribe or unsubscribe
-//! updates only the cached results whose topic its filter matches, copying those results (readers
-//! holding an older `Arc` keep a consistent snapshot); it never flushes the cache wholesale.
+//! token), one for `*`, and two subscription slots: filters ending exactly here, and filters
+//! ending with `>` after here. Matching a topic is one walk that never scans filters linearly. A
+//! position where one filter ends with nothing below it is held in its parent's table rather
+//! than in a node of its own: with distinct filters, most are.
 //!
-//! Called by connection reader tasks (match on publish, insert on subscribe, remove on unsubscribe
-//! and disconnect). Runtime-free; the one lock here is a leaf (see `docs/architecture.md`).
+//! Every subscribed position is a shared [`Slot`]: the subscriptions of one filter (plain and
+//! queue-group members alike), behind a lock of its own, with an immutable [`View`] of them
+//! built when a publish first needs it after a change. A match result is the list of slots a
+//! topic reaches, which depends only on the trie's shape: results are cached per topic and
+//! shared by every publisher, and a subscribe or unsubscribe to a filter that already has a slot
+//! changes that slot alone. Whatever the cache holds and however many others share the filter,
+//! such a change costs a walk down the filter's own path and a hash-table insert or remove. Only
+//! creating a slot changes which slots a topic reaches: a literal filter's new slot removes its
+//! one cached topic; a wildcard's marks every cached result stale at once (a generation stamp,
+//! O(1)), and the cache refills as topics are published again. An emptied slot is pruned with
+//! no cache work: a result still holding it finds it empty.
+//!
+//! Called by connection reader tasks (match on publish, insert on subscribe, remove on
+//! unsubscribe and disconnect). Runtime-free. Locks, always taken in this order and never held
+//! across another's work: the trie (`Sublist::trie`), then one slot's (`Slot::entries`), or the
+//! trie then the cache (`Sublist::cache`); see `docs/architecture.md`.
 
+use arc_swap::ArcSwapOption;
 use foldhash::fast::RandomState;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -23,80 +36,81 @@ use brokerd_proto::Filter;
 /// A shared, immutable match result.
 pub type Matches<T> = Arc<MatchResult<T>>;
 
-/// The subscriptions matching one topic: each plain one receives the message; each queue group
-/// receives it once, through one of its members.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The slots one topic reaches: every subscription in them matches the topic.
 pub struct MatchResult<T> {
-    /// Plain subscriptions.
-    pub plain: Vec<T>,
-    /// Queue groups, each with the members whose filter matched.
-    pub groups: Vec<Group<T>>,
+    slots: Box<[Arc<Slot<T>>]>,
 }
 
-/// The matching members of one queue group.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Group<T> {
-    /// The group's name.
-    pub name: Arc<str>,
-    /// Its members whose filter matched; never empty.
-    pub members: Vec<T>,
-}
-
-impl<T> Default for MatchResult<T> {
-    fn default() -> Self {
-        MatchResult {
-            plain: Vec::new(),
-            groups: Vec::new(),
-        }
+impl<T> MatchResult<T> {
+    /// The slots reached, each with its current subscriptions.
+    pub fn slots(&self) -> &[Arc<Slot<T>>] {
+        &self.slots
     }
 }
 
-impl<T: Clone + PartialEq> MatchResult<T> {
-    /// Whether nothing matched.
+impl<T: Clone + Eq + Hash> MatchResult<T> {
+    /// Whether no subscription matches now.
     pub fn is_empty(&self) -> bool {
-        self.plain.is_empty() && self.groups.is_empty()
+        self.slots.iter().all(|s| s.with_view(|v| v.is_empty()))
     }
 
-    /// How many subscriptions matched, plain and grouped.
+    /// How many subscriptions match now, plain and grouped.
     pub fn len(&self) -> usize {
-        self.plain.len() + self.groups.iter().map(|g| g.members.len()).sum::<usize>()
+        self.slots.iter().map(|s| s.with_view(View::len)).sum()
     }
 
     /// Every matching subscription, plain and grouped.
     pub fn all(&self) -> Vec<T> {
-        let mut v = self.plain.clone();
-        for g in &self.groups {
-            v.extend(g.members.iter().cloned());
+        let mut v = Vec::new();
+        for s in self.slots.iter() {
+            s.with_view(|view| {
+                v.extend(view.plain.iter().cloned());
+                for g in view.groups.iter() {
+                    v.extend(g.members.iter().cloned());
+                }
+            });
         }
         v
     }
+}
 
-    fn add(&mut self, group: Option<&Arc<str>>, item: T) {
-        match group {
-            None => self.plain.push(item),
-            Some(name) => match self.groups.iter_mut().find(|g| &g.name == name) {
-                Some(g) => g.members.push(item),
-                None => self.groups.push(Group {
-                    name: name.clone(),
-                    members: vec![item],
-                }),
-            },
-        }
+impl<T> std::fmt::Debug for MatchResult<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MatchResult")
+            .field("slots", &self.slots.len())
+            .finish()
+    }
+}
+
+/// The subscriptions of one slot at one moment: each plain one receives a matching message; each
+/// queue group receives it once, through one of its members.
+#[derive(Debug)]
+pub struct View<T> {
+    /// Plain subscriptions.
+    pub plain: Box<[T]>,
+    /// Queue groups, each with its members in this slot.
+    pub groups: Box<[Group<T>]>,
+}
+
+impl<T> View<T> {
+    /// Whether the slot holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.plain.is_empty() && self.groups.is_empty()
     }
 
-    fn remove(&mut self, item: &T) {
-        if let Some(i) = self.plain.iter().position(|x| x == item) {
-            self.plain.remove(i);
-            return;
-        }
-        for g in &mut self.groups {
-            if let Some(i) = g.members.iter().position(|x| x == item) {
-                g.members.remove(i);
-                break;
-            }
-        }
-        self.groups.retain(|g| !g.members.is_empty());
+    /// Subscriptions in the view, plain and grouped.
+    pub fn len(&self) -> usize {
+        self.plain.len() + self.groups.iter().map(|g| g.members.len()).sum::<usize>()
     }
+}
+
+/// The members of one queue group within one slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group<T> {
+    /// The group's name.
+    pub name: Arc<str>,
+    /// Its members; never empty.
+    pub members: Box<[T]>,
 }
 
 /// Sublist statistics, for monitoring and tests.
@@ -108,66 +122,83 @@ pub struct SublistStats {
     pub nodes: usize,
     /// Topics currently cached.
     pub cache_entries: usize,
+    /// Bytes the cached results are estimated to hold.
+    pub cache_bytes: usize,
     /// Lookups answered from the cache.
     pub cache_hits: u64,
     /// Lookups that walked the trie.
     pub cache_misses: u64,
 }
 
-/// One stored subscription and its queue group, if any. The group's name sits behind a thin
-/// pointer so that an entry is two words: most subscriptions have no group.
-struct Entry<T> {
-    item: T,
-    group: Option<Arc<Arc<str>>>,
-}
+/// One stored subscription's queue group, behind a thin pointer: most have none.
+type GroupName = Option<Arc<Arc<str>>>;
 
-/// The entries of one slot of a node. Nearly every filter is held by one subscription, so one
-/// entry is stored inline and a list is allocated only for a second: three words in all, where a
-/// `Vec` would add a heap block of four entries to every subscribed node.
+/// A slot holding this many entries or more keeps them in a hash table, so that removing one
+/// of a crowd costs a lookup, not a scan.
+const INDEX_AT: usize = 32;
+
+/// The entries of one slot. Nearly every filter is held by one subscription, so one entry is
+/// stored inline; a short list is scanned; a crowd (a fleet sharing one filter, a large queue
+/// group) is a hash table by item, counting repeats of one item.
 enum Entries<T> {
     Empty,
-    One(Entry<T>),
-    Many(Vec<Entry<T>>),
+    One(T, GroupName),
+    Few(Vec<(T, GroupName)>),
+    Crowd(Box<Crowd<T>>),
 }
 
-impl<T: PartialEq> Entries<T> {
-    fn is_empty(&self) -> bool {
+/// A slot's entries once it holds a crowd: each item with its group and how many times it was
+/// added, and the total.
+struct Crowd<T> {
+    map: HashMap<T, (GroupName, u32), RandomState>,
+    len: usize,
+}
+
+impl<T: Clone + Eq + Hash> Entries<T> {
+    fn len(&self) -> usize {
         match self {
-            Entries::Empty => true,
-            Entries::One(_) => false,
-            Entries::Many(v) => v.is_empty(),
+            Entries::Empty => 0,
+            Entries::One(..) => 1,
+            Entries::Few(v) => v.len(),
+            Entries::Crowd(c) => c.len,
         }
     }
 
-    fn push(&mut self, e: Entry<T>) {
+    fn push(&mut self, item: T, group: GroupName) {
         match std::mem::replace(self, Entries::Empty) {
-            Entries::Empty => *self = Entries::One(e),
-            Entries::One(first) => *self = Entries::Many(vec![first, e]),
-            Entries::Many(mut v) => {
-                v.push(e);
-                *self = Entries::Many(v);
+            Entries::Empty => *self = Entries::One(item, group),
+            Entries::One(a, ag) => *self = Entries::Few(vec![(a, ag), (item, group)]),
+            Entries::Few(mut v) if v.len() + 1 < INDEX_AT => {
+                v.push((item, group));
+                *self = Entries::Few(v);
+            }
+            Entries::Few(v) => {
+                let mut map =
+                    HashMap::with_capacity_and_hasher(v.len() * 2, RandomState::default());
+                let n = v.len() + 1;
+                for (i, g) in v.into_iter().chain(std::iter::once((item, group))) {
+                    map.entry(i).or_insert((g, 0)).1 += 1;
+                }
+                *self = Entries::Crowd(Box::new(Crowd { map, len: n }));
+            }
+            Entries::Crowd(mut c) => {
+                c.map.entry(item).or_insert((group, 0)).1 += 1;
+                c.len += 1;
+                *self = Entries::Crowd(c);
             }
         }
     }
 
-    fn as_slice(&self) -> &[Entry<T>] {
-        match self {
-            Entries::Empty => &[],
-            Entries::One(e) => std::slice::from_ref(e),
-            Entries::Many(v) => v,
-        }
-    }
-
-    /// Removes the entry holding `item`; whether there was one.
+    /// Removes one entry holding `item`; whether there was one.
     fn remove(&mut self, item: &T) -> bool {
         match self {
             Entries::Empty => false,
-            Entries::One(e) if &e.item == item => {
+            Entries::One(a, _) if a == item => {
                 *self = Entries::Empty;
                 true
             }
-            Entries::One(_) => false,
-            Entries::Many(v) => match v.iter().position(|x| &x.item == item) {
+            Entries::One(..) => false,
+            Entries::Few(v) => match v.iter().position(|(x, _)| x == item) {
                 Some(i) => {
                     v.swap_remove(i);
                     if v.is_empty() {
@@ -177,7 +208,126 @@ impl<T: PartialEq> Entries<T> {
                 }
                 None => false,
             },
+            Entries::Crowd(c) => {
+                let Some(e) = c.map.get_mut(item) else {
+                    return false;
+                };
+                e.1 -= 1;
+                if e.1 == 0 {
+                    c.map.remove(item);
+                }
+                c.len -= 1;
+                if c.len == 0 {
+                    *self = Entries::Empty;
+                } else if c.map.capacity() > 64 && c.map.len() * 4 < c.map.capacity() {
+                    // A crowd that left gives its table back.
+                    c.map.shrink_to_fit();
+                }
+                true
+            }
         }
+    }
+
+    fn view(&self) -> View<T> {
+        let mut plain = Vec::new();
+        let mut groups: Vec<(Arc<str>, Vec<T>)> = Vec::new();
+        let mut add = |item: &T, group: &GroupName, times: u32| {
+            let list = match group {
+                None => &mut plain,
+                Some(name) => {
+                    let i = match groups.iter().position(|(n, _)| n == &**name) {
+                        Some(i) => i,
+                        None => {
+                            groups.push((Arc::clone(name), Vec::new()));
+                            groups.len() - 1
+                        }
+                    };
+                    &mut groups[i].1
+                }
+            };
+            for _ in 0..times {
+                list.push(item.clone());
+            }
+        };
+        match self {
+            Entries::Empty => {}
+            Entries::One(i, g) => add(i, g, 1),
+            Entries::Few(v) => v.iter().for_each(|(i, g)| add(i, g, 1)),
+            Entries::Crowd(c) => c.map.iter().for_each(|(i, (g, n))| add(i, g, *n)),
+        }
+        View {
+            plain: plain.into_boxed_slice(),
+            groups: groups
+                .into_iter()
+                .map(|(name, members)| Group {
+                    name,
+                    members: members.into_boxed_slice(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The subscriptions of one filter, shared by the trie and by every match result that reaches
+/// it. Changed under its own lock; publishers read its [`View`], rebuilt after a change by the
+/// first publish that needs it.
+pub struct Slot<T> {
+    entries: Mutex<Entries<T>>,
+    view: ArcSwapOption<View<T>>,
+}
+
+impl<T: Clone + Eq + Hash> Slot<T> {
+    fn new() -> Slot<T> {
+        Slot {
+            entries: Mutex::new(Entries::Empty),
+            view: ArcSwapOption::empty(),
+        }
+    }
+
+    /// Calls `f` with the slot's current subscriptions.
+    ///
+    /// After a change, the first call rebuilds the view under the slot's lock: its cost is the
+    /// slot's size, paid at most once per change and never more often than publishes reach the
+    /// slot, which then deliver to that many subscriptions anyway.
+    pub fn with_view<R>(&self, f: impl FnOnce(&View<T>) -> R) -> R {
+        let guard = self.view.load();
+        if let Some(v) = guard.as_ref() {
+            return f(v);
+        }
+        drop(guard);
+        f(&self.view_arc())
+    }
+
+    /// The slot's current subscriptions, as a handle a caller may keep.
+    pub fn view_arc(&self) -> Arc<View<T>> {
+        if let Some(v) = self.view.load_full() {
+            return v;
+        }
+        let entries = self.entries.lock();
+        // A change made while this waited for the lock has cleared the view again; one built
+        // since is current, since every change clears it under this lock.
+        if let Some(v) = self.view.load_full() {
+            return v;
+        }
+        let v = Arc::new(entries.view());
+        self.view.store(Some(v.clone()));
+        v
+    }
+
+    fn push(&self, item: T, group: GroupName) {
+        let mut entries = self.entries.lock();
+        entries.push(item, group);
+        self.view.store(None);
+    }
+
+    /// Removes one entry holding `item`: whether there was one, and whether the slot is now empty.
+    fn remove(&self, item: &T) -> (bool, bool) {
+        let mut entries = self.entries.lock();
+        let found = entries.remove(item);
+        if found {
+            self.view.store(None);
+        }
+        (found, entries.len() == 0)
     }
 }
 
@@ -195,22 +345,22 @@ type Children<T> = std::collections::BTreeMap<Box<str>, Child<T>>;
 
 /// A literal child of a node.
 enum Child<T> {
-    /// A position where exactly one subscription's filter ends, with nothing below it: the
-    /// commonest position in a table of distinct filters, held in the parent's slot (two words)
-    /// instead of a node of its own. It becomes a `Node` when anything else arrives there.
-    Leaf(Entry<T>),
+    /// A position where only filters ending exactly here are, with nothing below it: the
+    /// commonest position in a table of distinct filters, held in the parent's table (one
+    /// pointer) instead of a node of its own. It becomes a `Node` when anything else arrives.
+    Leaf(Arc<Slot<T>>),
     /// Anything else, boxed so a wide parent's table holds a pointer per child.
     Node(Box<Node<T>>),
 }
 
-impl<T: PartialEq> Child<T> {
-    /// Turns a leaf into a node holding its entry, so that more can be added.
+impl<T> Child<T> {
+    /// Turns a leaf into a node holding its slot, so that more can be added below.
     fn make_node(&mut self) {
         if matches!(self, Child::Leaf(_))
-            && let Child::Leaf(e) = std::mem::replace(self, Child::Node(Box::default()))
+            && let Child::Leaf(s) = std::mem::replace(self, Child::Node(Box::default()))
             && let Child::Node(n) = self
         {
-            n.here = Entries::One(e);
+            n.here = Some(s);
         }
     }
 }
@@ -220,9 +370,9 @@ struct Node<T> {
     literal: Option<Box<Children<T>>>,
     star: Option<Box<Node<T>>>,
     /// Subscriptions whose filter ends here exactly.
-    here: Entries<T>,
+    here: Option<Arc<Slot<T>>>,
     /// Subscriptions whose filter ends with `>` after this node.
-    tail: Entries<T>,
+    tail: Option<Arc<Slot<T>>>,
 }
 
 impl<T> Default for Node<T> {
@@ -230,55 +380,88 @@ impl<T> Default for Node<T> {
         Node {
             literal: None,
             star: None,
-            here: Entries::Empty,
-            tail: Entries::Empty,
+            here: None,
+            tail: None,
         }
     }
 }
 
-impl<T: PartialEq> Node<T> {
+impl<T> Node<T> {
     fn is_empty(&self) -> bool {
         self.literal.as_ref().is_none_or(|m| m.is_empty())
             && self.star.is_none()
-            && self.here.is_empty()
-            && self.tail.is_empty()
+            && self.here.is_none()
+            && self.tail.is_none()
     }
 }
 
-struct Inner<T> {
+struct Trie<T> {
     root: Node<T>,
     subscriptions: usize,
     nodes: usize,
-    /// Bumped by every insert and remove, so a result computed under an older trie is not cached.
-    generation: u64,
-    cache: Map<Matches<T>>,
 }
+
+/// One cached result: the slots its topic reaches, as of wildcard generation `wild`.
+struct Cached<T> {
+    result: Matches<T>,
+    wild: u64,
+    cost: usize,
+}
+
+struct Cache<T> {
+    map: Map<Cached<T>>,
+    bytes: usize,
+}
+
+/// Bytes a cache entry costs beyond its topic and slot pointers: the table's key and value, the
+/// result's allocation and the reference counts, rounded up.
+const ENTRY_OVERHEAD: usize = 96;
+
+/// Default byte budget of the match cache.
+pub const DEFAULT_CACHE_BYTES: usize = 32 * 1024 * 1024;
 
 /// A subscription trie with a bounded match cache.
 ///
 /// `T` is the subscription handle; two handles are the same subscription when they compare equal.
 pub struct Sublist<T> {
-    inner: RwLock<Inner<T>>,
-    /// `Inner::generation`, readable without the lock: stored after every change, under it.
-    generation: AtomicU64,
-    cache_capacity: usize,
+    trie: RwLock<Trie<T>>,
+    cache: RwLock<Cache<T>>,
+    /// Bumped (under the trie's write lock) whenever a slot is created: a result computed before
+    /// is not cached, and per-connection route memos start over.
+    structure: AtomicU64,
+    /// Bumped (likewise) whenever a wildcard filter's slot is created: cached results stamped
+    /// with an older value are stale.
+    wild: AtomicU64,
+    max_entries: usize,
+    max_bytes: usize,
     hits: AtomicU64,
     misses: AtomicU64,
 }
 
-impl<T: Clone + PartialEq> Sublist<T> {
-    /// An empty sublist caching up to `cache_capacity` topics (0 disables the cache).
+impl<T: Clone + Eq + Hash> Sublist<T> {
+    /// An empty sublist caching up to `cache_capacity` topics (0 disables the cache) within
+    /// [`DEFAULT_CACHE_BYTES`].
     pub fn new(cache_capacity: usize) -> Sublist<T> {
+        Sublist::with_cache_limits(cache_capacity, DEFAULT_CACHE_BYTES)
+    }
+
+    /// An empty sublist caching up to `max_entries` topics whose results hold at most
+    /// `max_bytes` in all (either 0 disables the cache).
+    pub fn with_cache_limits(max_entries: usize, max_bytes: usize) -> Sublist<T> {
         Sublist {
-            inner: RwLock::new(Inner {
+            trie: RwLock::new(Trie {
                 root: Node::default(),
                 subscriptions: 0,
                 nodes: 0,
-                generation: 0,
-                cache: Map::default(),
             }),
-            generation: AtomicU64::new(0),
-            cache_capacity,
+            cache: RwLock::new(Cache {
+                map: Map::default(),
+                bytes: 0,
+            }),
+            structure: AtomicU64::new(0),
+            wild: AtomicU64::new(0),
+            max_entries: if max_bytes == 0 { 0 } else { max_entries },
+            max_bytes,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }
@@ -289,222 +472,280 @@ impl<T: Clone + PartialEq> Sublist<T> {
         self.insert_grouped(filter, None, item);
     }
 
-    /// Adds `item` under `filter`, as a member of queue group `group` when given.
+    /// Adds `item` under `filter`, as a member of queue group `group` when given. An item added
+    /// twice under one filter counts twice and must carry the same group both times.
+    ///
+    /// Cost: a walk down the filter's tokens and an insert into its slot, under the trie's write
+    /// lock; when the filter is new, also the removal of one cached topic (a literal filter) or
+    /// one atomic increment (a wildcard). Nothing here depends on the cache's size or on how many
+    /// others share the filter.
     pub fn insert_grouped(&self, filter: &Filter, group: Option<Arc<str>>, item: T) {
-        let mut g = self.inner.write();
-        let inner = &mut *g;
+        let mut trie = self.trie.write();
+        let trie = &mut *trie;
         let mut tokens: Vec<&str> = filter.tokens().collect();
         let tail = tokens.last() == Some(&">");
         if tail {
             tokens.pop();
         }
-        let entry = Entry {
-            item: item.clone(),
-            group: group.clone().map(Arc::new),
-        };
-        insert_at(&mut inner.root, &tokens, tail, entry, &mut inner.nodes);
-        inner.subscriptions += 1;
-        inner.generation += 1;
-        self.generation.store(inner.generation, Ordering::Release);
-        patch_cache(&mut inner.cache, filter, |r| {
-            r.add(group.as_ref(), item.clone())
-        });
+        let (slot, created) = slot_for(&mut trie.root, &tokens, tail, &mut trie.nodes);
+        trie.subscriptions += 1;
+        if created {
+            self.structure.fetch_add(1, Ordering::SeqCst);
+            if filter.is_literal() {
+                self.uncache(filter.as_str());
+            } else {
+                self.wild.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        slot.push(item, group.map(Arc::new));
     }
 
-    /// Removes one entry equal to `item` under `filter`, pruning nodes left empty.
+    /// Removes one entry equal to `item` under `filter`, pruning the slot and nodes left empty.
     ///
-    /// Returns whether an entry was found.
+    /// Returns whether an entry was found. Cost: a walk down the filter's tokens and a removal
+    /// from its slot (a hash lookup in a crowded one), under the trie's write lock.
     pub fn remove(&self, filter: &Filter, item: &T) -> bool {
-        let mut g = self.inner.write();
-        let inner = &mut *g;
+        let mut trie = self.trie.write();
+        let trie = &mut *trie;
         let tokens: Vec<&str> = filter.tokens().collect();
         let mut pruned = 0;
-        let found = remove_at(&mut inner.root, &tokens, item, &mut pruned);
-        inner.nodes -= pruned;
-        if !found {
-            return false;
+        let mut emptied = false;
+        let found = remove_at(&mut trie.root, &tokens, item, &mut pruned, &mut emptied);
+        trie.nodes -= pruned;
+        if found {
+            trie.subscriptions -= 1;
         }
-        inner.subscriptions -= 1;
-        inner.generation += 1;
-        self.generation.store(inner.generation, Ordering::Release);
-        patch_cache(&mut inner.cache, filter, |r| r.remove(item));
-        true
+        if emptied && filter.is_literal() {
+            // Not needed for correctness (a result holding the emptied slot delivers nothing,
+            // and a new slot for this filter would remove the entry), but it frees the memory.
+            self.uncache(filter.as_str());
+        }
+        found
     }
 
-    /// A number that changes whenever a subscription is added or removed. A result obtained while
-    /// it had some value is current for as long as it keeps that value.
+    fn uncache(&self, topic: &str) {
+        let mut cache = self.cache.write();
+        if let Some(old) = cache.map.remove(topic) {
+            cache.bytes -= old.cost;
+        }
+    }
+
+    /// A number that changes whenever the trie's shape changes (a filter gains its first
+    /// subscription). A result obtained while it had some value stays current for as long as it
+    /// keeps that value: subscriptions joining or leaving existing filters change the slots the
+    /// result already holds.
     pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+        self.structure.load(Ordering::Acquire)
     }
 
-    /// The cached result for `topic`, if it is cached. Only topics once passed to
-    /// [`Sublist::matches`] are ever cached, so a caller that validates topics before matching may
-    /// skip validating a topic found here.
+    /// The cached result for `topic`, if it is cached and current. Only topics once passed to
+    /// [`Sublist::matches`] are ever cached, so a caller that validates topics before matching
+    /// may skip validating a topic found here.
     pub fn cached(&self, topic: &str) -> Option<Matches<T>> {
-        let r = self.inner.read().cache.get(topic).cloned();
+        let wild = self.wild.load(Ordering::Acquire);
+        let r = self
+            .cache
+            .read()
+            .map
+            .get(topic)
+            .filter(|c| c.wild == wild)
+            .map(|c| c.result.clone());
         if r.is_some() {
             self.hits.fetch_add(1, Ordering::Relaxed);
         }
         r
     }
 
-    /// Every entry whose filter matches `topic` (a valid topic), in no particular order.
+    /// The slots whose filters match `topic` (a valid topic).
     pub fn matches(&self, topic: &str) -> Matches<T> {
-        let g = self.inner.read();
-        if let Some(r) = g.cache.get(topic) {
-            self.hits.fetch_add(1, Ordering::Relaxed);
-            return r.clone();
+        self.lookup(topic, &mut 0)
+    }
+
+    /// [`Sublist::matches`], adding to `work` the trie positions a miss visited (a hit adds
+    /// nothing), so that a caller can account for expensive lookups.
+    ///
+    /// A miss visits at most one position per distinct filter prefix that the topic's tokens
+    /// can reach: with `k` wildcard positions on its way that is up to `2^k` paths, bounded by
+    /// the trie's size. It holds the trie's read lock for that walk, then the cache's write lock
+    /// for one insert (and, when the cache is full, one eviction pass over it).
+    pub fn lookup(&self, topic: &str, work: &mut usize) -> Matches<T> {
+        if let Some(r) = self.cached(topic) {
+            return r;
         }
-        let mut out = MatchResult::default();
+        let mut slots = Vec::new();
+        let trie = self.trie.read();
+        let structure = self.structure.load(Ordering::Acquire);
+        let wild = self.wild.load(Ordering::Acquire);
         let tokens: Vec<&str> = topic.split('.').collect();
-        collect(&g.root, &tokens, &mut out);
-        let generation = g.generation;
-        drop(g);
+        collect(&trie.root, &tokens, &mut slots, work);
+        drop(trie);
         self.misses.fetch_add(1, Ordering::Relaxed);
-        let result = Arc::new(out);
-        if self.cache_capacity > 0 {
-            let mut w = self.inner.write();
-            // A subscribe or unsubscribe in between would not have patched this result.
-            if w.generation == generation {
-                if w.cache.len() >= self.cache_capacity {
-                    evict(&mut w.cache, self.cache_capacity);
+        let cost = ENTRY_OVERHEAD + topic.len() + slots.len() * size_of::<usize>();
+        let result = Arc::new(MatchResult {
+            slots: slots.into_boxed_slice(),
+        });
+        // A result larger than an eighth of the budget would evict most of the cache for one
+        // topic: it is used for this publish only.
+        if self.max_entries > 0 && cost <= self.max_bytes / 8 {
+            let mut cache = self.cache.write();
+            // A slot created in between would be missing from this result.
+            if self.structure.load(Ordering::Acquire) == structure {
+                if let Some(old) = cache.map.remove(topic) {
+                    cache.bytes -= old.cost;
                 }
-                w.cache.insert(topic.into(), result.clone());
+                if cache.map.len() >= self.max_entries || cache.bytes + cost > self.max_bytes {
+                    evict(&mut cache, self.max_entries, self.max_bytes - cost, wild);
+                }
+                cache.bytes += cost;
+                cache.map.insert(
+                    topic.into(),
+                    Cached {
+                        result: result.clone(),
+                        wild,
+                        cost,
+                    },
+                );
             }
         }
         result
     }
 
+    /// Bytes the match cache holds now, by the estimate it is bounded by.
+    pub fn cache_bytes(&self) -> usize {
+        self.cache.read().bytes
+    }
+
     /// Current statistics.
     pub fn stats(&self) -> SublistStats {
-        let g = self.inner.read();
+        let (subscriptions, nodes) = {
+            let t = self.trie.read();
+            (t.subscriptions, t.nodes)
+        };
+        let (cache_entries, cache_bytes) = {
+            let c = self.cache.read();
+            (c.map.len(), c.bytes)
+        };
         SublistStats {
-            subscriptions: g.subscriptions,
-            nodes: g.nodes,
-            cache_entries: g.cache.len(),
+            subscriptions,
+            nodes,
+            cache_entries,
+            cache_bytes,
             cache_hits: self.hits.load(Ordering::Relaxed),
             cache_misses: self.misses.load(Ordering::Relaxed),
         }
     }
 }
 
-/// Applies `change` to a copy of every cached result whose topic `filter` matches. A filter
-/// without wildcards matches exactly one topic, its own text, so it costs one lookup; a wildcard
-/// filter is tested against every cached topic.
-fn patch_cache<T: Clone + PartialEq>(
-    cache: &mut Map<Matches<T>>,
-    filter: &Filter,
-    mut change: impl FnMut(&mut MatchResult<T>),
-) {
-    let mut patch = |result: &mut Matches<T>| {
-        let mut r = MatchResult::clone(result);
-        change(&mut r);
-        *result = Arc::new(r);
-    };
-    if filter.is_literal() {
-        if let Some(result) = cache.get_mut(filter.as_str()) {
-            patch(result);
+/// Frees room for one more entry: every stale entry, then an eighth of the capacity (at least
+/// one entry) in the table's own order, and more until the bytes fit `max_bytes`. One pass.
+fn evict<T>(cache: &mut Cache<T>, max_entries: usize, max_bytes: usize, wild: u64) {
+    let mut n = (max_entries / 8).max(1);
+    let mut bytes = cache.bytes;
+    cache.map.retain(|_, c| {
+        if c.wild != wild || n > 0 || bytes > max_bytes {
+            n = n.saturating_sub(1);
+            bytes -= c.cost;
+            false
+        } else {
+            true
         }
-        return;
-    }
-    for (topic, result) in cache.iter_mut() {
-        if filter.matches(topic) {
-            patch(result);
-        }
-    }
+    });
+    cache.bytes = bytes;
 }
 
-/// Frees an eighth of the cache (at least one entry), in the map's own order.
-fn evict<T>(cache: &mut Map<Matches<T>>, capacity: usize) {
-    let n = (capacity / 8).max(1);
-    let victims: Vec<Box<str>> = cache.keys().take(n).cloned().collect();
-    for k in victims {
-        cache.remove(&k);
-    }
-}
-
-fn collect<T: Clone + PartialEq>(node: &Node<T>, tokens: &[&str], out: &mut MatchResult<T>) {
-    let add = |entries: &[Entry<T>], out: &mut MatchResult<T>| {
-        for e in entries {
-            out.add(e.group.as_deref(), e.item.clone());
-        }
-    };
+fn collect<T>(node: &Node<T>, tokens: &[&str], out: &mut Vec<Arc<Slot<T>>>, work: &mut usize) {
+    *work += 1;
     let Some((first, rest)) = tokens.split_first() else {
-        add(node.here.as_slice(), out);
+        out.extend(node.here.iter().cloned());
         return;
     };
-    add(node.tail.as_slice(), out);
+    out.extend(node.tail.iter().cloned());
     match node.literal.as_ref().and_then(|m| m.get(*first)) {
-        Some(Child::Node(child)) => collect(child, rest, out),
-        Some(Child::Leaf(e)) if rest.is_empty() => add(std::slice::from_ref(e), out),
+        Some(Child::Node(child)) => collect(child, rest, out, work),
+        Some(Child::Leaf(s)) if rest.is_empty() => out.push(s.clone()),
         Some(Child::Leaf(_)) | None => {}
     }
     if let Some(star) = &node.star {
-        collect(star, rest, out);
+        collect(star, rest, out, work);
     }
 }
 
-/// Adds `entry` for the filter `tokens` (its final `>` removed, `tail` telling whether it had one)
-/// below `node`, counting the positions it creates in `nodes`.
-fn insert_at<T: PartialEq>(
+/// The slot for the filter `tokens` (its final `>` removed, `tail` telling whether it had one)
+/// below `node`, created if needed (then `true`), counting the positions it creates in `nodes`.
+fn slot_for<T: Clone + Eq + Hash>(
     node: &mut Node<T>,
     tokens: &[&str],
     tail: bool,
-    entry: Entry<T>,
     nodes: &mut usize,
-) {
+) -> (Arc<Slot<T>>, bool) {
     let Some((token, rest)) = tokens.split_first() else {
-        if tail {
-            node.tail.push(entry);
-        } else {
-            node.here.push(entry);
+        let place = if tail { &mut node.tail } else { &mut node.here };
+        if let Some(s) = place {
+            return (s.clone(), false);
         }
-        return;
+        let s = Arc::new(Slot::new());
+        *place = Some(s.clone());
+        return (s, true);
     };
     if *token == "*" {
         if node.star.is_none() {
             *nodes += 1;
         }
         let star = node.star.get_or_insert_with(Box::default);
-        insert_at(star, rest, tail, entry, nodes);
-        return;
+        return slot_for(star, rest, tail, nodes);
     }
     let children = node.literal.get_or_insert_with(Box::default);
     let ends_here = rest.is_empty() && !tail;
-    let child = match children.get_mut(*token) {
-        Some(child) => child,
-        None if ends_here => {
-            *nodes += 1;
-            children.insert((*token).into(), Child::Leaf(entry));
-            return;
+    if !children.contains_key(*token) {
+        *nodes += 1;
+        if ends_here {
+            let s = Arc::new(Slot::new());
+            children.insert((*token).into(), Child::Leaf(s.clone()));
+            return (s, true);
         }
-        None => {
-            *nodes += 1;
-            children
-                .entry((*token).into())
-                .or_insert_with(|| Child::Node(Box::default()))
-        }
+        children.insert((*token).into(), Child::Node(Box::default()));
+    }
+    let Some(child) = children.get_mut(*token) else {
+        unreachable!("inserted above")
     };
+    if let (Child::Leaf(s), true) = (&*child, ends_here) {
+        return (s.clone(), false);
+    }
     child.make_node();
-    if let Child::Node(n) = child {
-        insert_at(n, rest, tail, entry, nodes);
+    match child {
+        Child::Node(n) => slot_for(n, rest, tail, nodes),
+        Child::Leaf(_) => unreachable!("made a node above"),
     }
 }
 
-fn remove_at<T: PartialEq>(
+/// Removes one `item` from the slot of the filter `tokens` below `node`, pruning the slot if it
+/// is left empty (then `emptied`) and every node left empty (counted in `pruned`).
+fn remove_at<T: Clone + Eq + Hash>(
     node: &mut Node<T>,
     tokens: &[&str],
     item: &T,
     pruned: &mut usize,
+    emptied: &mut bool,
 ) -> bool {
+    let take = |place: &mut Option<Arc<Slot<T>>>, emptied: &mut bool| {
+        let Some(s) = place else {
+            return false;
+        };
+        let (found, empty) = s.remove(item);
+        if empty {
+            *place = None;
+            *emptied = true;
+        }
+        found
+    };
     match tokens.split_first() {
-        None => node.here.remove(item),
-        Some((&">", _)) => node.tail.remove(item),
+        None => take(&mut node.here, emptied),
+        Some((&">", _)) => take(&mut node.tail, emptied),
         Some((&"*", rest)) => {
             let Some(star) = node.star.as_mut() else {
                 return false;
             };
-            let found = remove_at(star, rest, item, pruned);
+            let found = remove_at(star, rest, item, pruned, emptied);
             if star.is_empty() {
                 node.star = None;
                 *pruned += 1;
@@ -517,12 +758,14 @@ fn remove_at<T: PartialEq>(
             };
             let (found, empty) = match children.get_mut(*token) {
                 None => return false,
-                Some(Child::Leaf(e)) => {
-                    let found = rest.is_empty() && &e.item == item;
-                    (found, found)
+                Some(Child::Leaf(_)) if !rest.is_empty() => return false,
+                Some(Child::Leaf(s)) => {
+                    let (found, empty) = s.remove(item);
+                    *emptied |= empty;
+                    (found, empty)
                 }
                 Some(Child::Node(child)) => {
-                    let found = remove_at(child, rest, item, pruned);
+                    let found = remove_at(child, rest, item, pruned, emptied);
                     (found, child.is_empty())
                 }
             };
@@ -539,6 +782,7 @@ fn remove_at<T: PartialEq>(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -557,12 +801,37 @@ mod tests {
         test(Sublist::new(1024));
     }
 
+    /// Plain members, and each group's members, merged across the result's slots and sorted.
+    fn split(r: &MatchResult<u32>) -> (Vec<u32>, Vec<(String, Vec<u32>)>) {
+        let mut plain = Vec::new();
+        let mut groups: std::collections::BTreeMap<String, Vec<u32>> = Default::default();
+        for s in r.slots() {
+            s.with_view(|v| {
+                plain.extend(v.plain.iter().copied());
+                for g in v.groups.iter() {
+                    groups
+                        .entry(g.name.to_string())
+                        .or_default()
+                        .extend(g.members.iter().copied());
+                }
+            });
+        }
+        plain.sort();
+        let groups = groups
+            .into_iter()
+            .map(|(n, mut m)| {
+                m.sort();
+                (n, m)
+            })
+            .collect();
+        (plain, groups)
+    }
+
     #[test]
-    fn a_node_is_eight_words_with_its_entries_inline() {
-        // Per-subscription memory depends on it (docs/performance.md): a node with one entry in
-        // each slot allocates nothing besides itself.
+    fn a_node_is_eight_words_and_a_slot_fits_a_cache_line() {
+        // Per-subscription memory depends on it (docs/performance.md).
         assert!(std::mem::size_of::<Node<Arc<u8>>>() <= 64);
-        assert!(std::mem::size_of::<Entries<Arc<u8>>>() <= 24);
+        assert!(std::mem::size_of::<Slot<Arc<u8>>>() + 16 <= 64);
     }
 
     #[test]
@@ -582,7 +851,7 @@ mod tests {
     }
 
     #[test]
-    fn remove_prunes_and_updates_cached_results() {
+    fn remove_prunes_and_cached_results_follow() {
         both(|s| {
             s.insert(&f("a.b.c"), 1);
             s.insert(&f("a.*.c"), 2);
@@ -598,17 +867,39 @@ mod tests {
     }
 
     #[test]
-    fn insert_updates_cached_results_without_flushing_others() {
+    fn joining_an_existing_filter_keeps_every_cached_result() {
+        let s = Sublist::new(16);
+        s.insert(&f("x.*"), 1);
+        let before = s.matches("x.y");
+        assert_eq!(sorted(s.matches("q.r")), Vec::<u32>::new());
+        let generation = s.generation();
+        s.insert(&f("x.*"), 2);
+        assert_eq!(s.generation(), generation, "no slot was created");
+        // The result handed out before the change sees it: it holds the slot, not a copy.
+        assert_eq!(sorted(before.clone()), vec![1, 2]);
+        assert_eq!(sorted(s.matches("x.y")), vec![1, 2]);
+        assert_eq!(s.stats().cache_entries, 2);
+        assert_eq!(s.stats().cache_misses, 2);
+        assert!(s.remove(&f("x.*"), &1));
+        assert_eq!(sorted(before), vec![2]);
+        assert_eq!(s.stats().cache_misses, 2);
+    }
+
+    #[test]
+    fn a_new_wildcard_filter_makes_cached_results_stale_at_once() {
         let s = Sublist::new(16);
         s.insert(&f("x.y"), 1);
         assert_eq!(sorted(s.matches("x.y")), vec![1]);
         assert_eq!(sorted(s.matches("q.r")), Vec::<u32>::new());
-        s.insert(&f("x.*"), 2);
-        let st = s.stats();
-        assert_eq!(st.cache_entries, 2);
+        s.insert(&f("*.*"), 2);
         assert_eq!(sorted(s.matches("x.y")), vec![1, 2]);
-        assert_eq!(sorted(s.matches("q.r")), Vec::<u32>::new());
-        assert_eq!(s.stats().cache_hits, 2);
+        assert_eq!(sorted(s.matches("q.r")), vec![2]);
+        // A new literal filter removes only its own topic.
+        s.insert(&f("q.r"), 3);
+        let hits = s.stats().cache_hits;
+        assert_eq!(sorted(s.matches("x.y")), vec![1, 2]);
+        assert_eq!(s.stats().cache_hits, hits + 1);
+        assert_eq!(sorted(s.matches("q.r")), vec![2, 3]);
     }
 
     #[test]
@@ -623,7 +914,28 @@ mod tests {
     }
 
     #[test]
-    fn cache_is_bounded() {
+    fn a_crowd_in_one_slot_is_indexed_and_leaves_cleanly() {
+        both(|s| {
+            let n = 10 * INDEX_AT as u32;
+            for i in 0..n {
+                s.insert(&f("alerts.>"), i);
+            }
+            s.insert(&f("alerts.>"), 0);
+            let r = s.matches("alerts.disk");
+            assert_eq!(r.len(), n as usize + 1);
+            for i in (0..n).rev() {
+                assert!(s.remove(&f("alerts.>"), &i));
+            }
+            assert_eq!(sorted(r), vec![0]);
+            assert!(s.remove(&f("alerts.>"), &0));
+            assert!(!s.remove(&f("alerts.>"), &0));
+            assert!(s.matches("alerts.disk").is_empty());
+            assert_eq!((s.stats().subscriptions, s.stats().nodes), (0, 0));
+        });
+    }
+
+    #[test]
+    fn cache_is_bounded_in_entries() {
         let s = Sublist::new(8);
         s.insert(&f(">"), 1);
         for i in 0..100 {
@@ -631,14 +943,38 @@ mod tests {
         }
         assert!(s.stats().cache_entries <= 8);
     }
-}
 
-#[cfg(test)]
-mod group_tests {
-    use super::*;
+    #[test]
+    fn cache_is_bounded_in_bytes() {
+        // Results reaching 100 slots each: about 900 bytes per cached topic.
+        let s = Sublist::with_cache_limits(1_000_000, 64 * 1024);
+        for i in 0..100 {
+            s.insert(&f(&format!("*.*.{i}.>")), i);
+            s.insert(&f(&format!("t.*.*.{i}")), i);
+        }
+        let mut work = 0;
+        for i in 0..1_000 {
+            let r = s.lookup(&format!("t.{i}.{}.{}", i % 100, i % 100), &mut work);
+            assert_eq!(r.slots().len(), 2);
+        }
+        let st = s.stats();
+        assert!(st.cache_bytes <= 64 * 1024, "{st:?}");
+        assert!(st.cache_entries > 10, "{st:?}");
+        assert!(work > 1_000);
+    }
 
-    fn f(s: &str) -> Filter {
-        Filter::new(s).unwrap()
+    #[test]
+    fn a_result_too_large_for_the_cache_is_not_cached() {
+        let s = Sublist::with_cache_limits(1024, 8 * 1024);
+        // 256 distinct filters, each token `t` or `*`, all matching one topic.
+        for i in 0..256u32 {
+            let t: Vec<&str> = (0..8)
+                .map(|k| if (i >> k) & 1 == 1 { "*" } else { "t" })
+                .collect();
+            s.insert(&f(&t.join(".")), i);
+        }
+        assert_eq!(s.matches("t.t.t.t.t.t.t.t").len(), 256);
+        assert_eq!(s.stats().cache_entries, 0);
     }
 
     #[test]
@@ -650,30 +986,20 @@ mod group_tests {
             s.insert_grouped(&f("jobs.resize"), Some(w.clone()), 2);
             s.insert_grouped(&f("jobs.*"), Some(w.clone()), 3);
             s.insert_grouped(&f("jobs.>"), Some("auditors".into()), 4);
-            let r = s.matches("jobs.resize");
-            assert_eq!(r.plain, vec![1]);
-            let mut groups: Vec<(String, Vec<u32>)> = r
-                .groups
-                .iter()
-                .map(|g| {
-                    let mut m = g.members.clone();
-                    m.sort();
-                    (g.name.to_string(), m)
-                })
-                .collect();
-            groups.sort();
+            let (plain, groups) = split(&s.matches("jobs.resize"));
+            assert_eq!(plain, vec![1]);
             assert_eq!(
                 groups,
                 vec![("auditors".into(), vec![4]), ("workers".into(), vec![2, 3])]
             );
-            // Removing a member patches the cached result; the emptied group disappears.
+            // Removing a member changes the cached result; the emptied group disappears.
             assert!(s.remove(&f("jobs.>"), &4));
-            assert_eq!(s.matches("jobs.resize").groups.len(), 1);
+            assert_eq!(split(&s.matches("jobs.resize")).1.len(), 1);
             assert!(s.remove(&f("jobs.resize"), &2));
             assert!(s.remove(&f("jobs.*"), &3));
-            let r = s.matches("jobs.resize");
-            assert!(r.groups.is_empty());
-            assert_eq!(r.plain, vec![1]);
+            let (plain, groups) = split(&s.matches("jobs.resize"));
+            assert!(groups.is_empty());
+            assert_eq!(plain, vec![1]);
         }
     }
 }

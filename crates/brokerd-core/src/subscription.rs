@@ -89,6 +89,15 @@ impl PartialEq for SubRef {
     }
 }
 
+impl Eq for SubRef {}
+
+// By identity, as equality is: a crowded sublist slot finds a subscription by its address.
+impl std::hash::Hash for SubRef {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        std::ptr::hash(Arc::as_ptr(&self.0), state);
+    }
+}
+
 impl std::ops::Deref for SubRef {
     type Target = Subscription;
     fn deref(&self) -> &Subscription {

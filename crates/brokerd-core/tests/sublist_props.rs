@@ -6,7 +6,7 @@
 //! the node count must equal the number of distinct filter prefixes alive; after removing
 //! everything, the stats show no subscriptions and no nodes and every cached topic matches nothing.
 //! The reference is a recursive matcher written here, not `Filter::matches` (which the sublist
-//! itself uses to patch cached results).
+//! does not use).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -197,7 +197,7 @@ fn run(ops: Vec<Op>) {
         check_stats(&lists, &live, lookups);
     }
 
-    // Every cached result was patched by the removals: it must match nothing any more.
+    // Every cached result holds slots the removals emptied: it must match nothing any more.
     while let Some((filter, id)) = live.pop() {
         let f = Filter::new(&filter).unwrap();
         for list in &lists {
