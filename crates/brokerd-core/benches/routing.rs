@@ -170,7 +170,7 @@ fn outbox(c: &mut Criterion) {
                             bytes += item.wire_len();
                         }
                     }
-                    outbox.release(msgs, bytes, 0);
+                    outbox.release(msgs, bytes, 0, 0);
                 });
             },
         );

@@ -6,6 +6,7 @@
 //! another is taken (see the lock order in `docs/architecture.md`).
 
 use crate::close::CloseReason;
+use crate::memory::MemoryBudget;
 use crate::outbox::{Outbox, OutboxLimits, OutboxStats, Push};
 use crate::sublist::{Matches, Sublist, SublistStats, View};
 use crate::subscription::{SubRef, Subscription};
@@ -135,6 +136,10 @@ pub struct Limits {
     pub default_policy: OverflowPolicy,
     /// Topics kept in the match cache.
     pub match_cache: usize,
+    /// Bytes the match cache's results may hold.
+    pub match_cache_bytes: usize,
+    /// The broker's memory budget: queued bytes, partly read frames and the match cache.
+    pub max_memory: usize,
 }
 
 impl Default for Limits {
@@ -153,6 +158,8 @@ impl Default for Limits {
             },
             default_policy: OverflowPolicy::DropNew,
             match_cache: 16_384,
+            match_cache_bytes: crate::sublist::DEFAULT_CACHE_BYTES,
+            max_memory: 1024 * 1024 * 1024,
         }
     }
 }
@@ -354,13 +361,20 @@ pub struct Broker {
     clients: Mutex<HashMap<u64, Arc<Client>>>,
     next_id: AtomicU64,
     retired: Mutex<Retired>,
+    budget: Arc<MemoryBudget>,
 }
 
 impl Broker {
     /// An empty broker enforcing `limits`.
     pub fn new(limits: Limits) -> Broker {
+        let budget = Arc::new(MemoryBudget::new(limits.max_memory));
         Broker {
-            sublist: Sublist::new(limits.match_cache),
+            sublist: Sublist::with_budget(
+                limits.match_cache,
+                limits.match_cache_bytes,
+                budget.clone(),
+            ),
+            budget,
             limits,
             clients: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -373,6 +387,11 @@ impl Broker {
         &self.limits
     }
 
+    /// The broker's memory budget, shared by every outbox, reader and the match cache.
+    pub fn memory(&self) -> &Arc<MemoryBudget> {
+        &self.budget
+    }
+
     /// Registers a client that completed its handshake.
     pub fn connect(
         &self,
@@ -382,10 +401,11 @@ impl Broker {
         no_echo: bool,
     ) -> Arc<Client> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let outbox = Arc::new(Outbox::new(
+        let outbox = Arc::new(Outbox::with_budget(
             id,
             policy.unwrap_or(self.limits.default_policy),
             self.limits.outbox,
+            self.budget.clone(),
         ));
         let client = Arc::new(Client {
             id,

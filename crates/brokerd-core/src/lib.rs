@@ -6,9 +6,11 @@
 //! - [`outbox`]: a connection's bounded outbound queue and overflow policy.
 //! - [`broker`]: the registry of clients, subscribe/unsubscribe/publish, limits and statistics.
 //! - [`close`]: the typed reason every connection ends with.
+//! - [`memory`]: the broker-wide memory budget.
 
 pub mod broker;
 pub mod close;
+pub mod memory;
 pub mod outbox;
 pub mod sublist;
 pub mod subscription;
@@ -18,6 +20,7 @@ pub use broker::{
     RawBody, RouteCache, SubscribeError, UnsubscribeError,
 };
 pub use close::CloseReason;
+pub use memory::{MemoryBudget, Pressure};
 pub use outbox::{Item, Outbox, OutboxLimits, OutboxStats, Push, Take};
 pub use sublist::{Sublist, SublistStats};
 pub use subscription::{SubRef, Subscription};

@@ -5,18 +5,27 @@
 //! and writes it to the socket, then releases what it wrote. Deliveries are bounded by messages and
 //! bytes, with the connection's [`OverflowPolicy`] deciding what a full queue drops; every drop is
 //! counted per subscription and reported to the subscriber as a `LOST` frame ahead of the next batch.
-//! Control frames are never dropped: instead the connection's reader stops reading while too many
-//! of them are pending ([`Outbox::poll_room`]).
+//! Control frames are never dropped, but they count against the same limits: a delivery finds less
+//! room behind them, and the connection's reader stops reading while its own unwritten replies
+//! hold half the limits ([`Outbox::poll_room`]).
+//!
+//! Everything queued is reserved from the broker's [`MemoryBudget`] in steps of at least
+//! [`RESERVE_STEP`] (so that a busy queue touches the shared counter once per step, not per
+//! message), and given back as the writer releases it. While the budget is over, a delivery to a
+//! queue holding more than its shedding threshold meets the overflow policy as if the queue were
+//! full.
 //!
 //! Runtime-free: the writer and the reader wait through `std::task::Waker`s. The lock is a leaf and
 //! wakers are woken after it is released.
 
 use crate::close::CloseReason;
+use crate::memory::MemoryBudget;
 use crate::subscription::Subscription;
 use brokerd_proto::{MSG_HEADER_LEN, OverflowPolicy};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, Waker};
 
@@ -102,6 +111,9 @@ pub enum Take {
     Closed(CloseReason),
 }
 
+/// The smallest step in which an outbox reserves bytes from the broker's budget.
+pub const RESERVE_STEP: usize = 4 * 1024;
+
 /// Counters of one outbox, for monitoring.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OutboxStats {
@@ -109,6 +121,10 @@ pub struct OutboxStats {
     pub pending_msgs: usize,
     /// Delivery bytes pending.
     pub pending_bytes: usize,
+    /// Control frames (replies, errors, pongs) pending.
+    pub pending_controls: usize,
+    /// Control frame bytes pending.
+    pub pending_control_bytes: usize,
     /// Deliveries ever queued.
     pub queued: u64,
     /// Deliveries ever dropped by the overflow policy.
@@ -126,8 +142,11 @@ struct State {
     /// Deliveries counted against the limit: queued plus taken but not yet released.
     msgs: usize,
     bytes: usize,
-    /// Control frames queued or being written.
+    /// Control frames queued or being written, and their bytes.
     controls: usize,
+    control_bytes: usize,
+    /// Bytes reserved from the memory budget: at least `bytes + control_bytes`.
+    reserved: usize,
     /// Unreported drops per subscription id.
     lost: HashMap<u32, u64>,
     queued: u64,
@@ -150,17 +169,47 @@ impl State {
                         self.dropped += 1;
                     }
                 }
-                Item::Frame(_) => self.controls -= 1,
+                Item::Frame(f) => {
+                    self.controls -= 1;
+                    self.control_bytes -= f.len();
+                }
                 Item::Lost { .. } => {}
             }
         }
         self.lost.clear();
+    }
+
+    /// Everything pending, deliveries and control frames, in messages and bytes.
+    fn held(&self) -> (usize, usize) {
+        (self.msgs + self.controls, self.bytes + self.control_bytes)
+    }
+
+    /// Reserves from `budget` whatever is held beyond the reservation, in steps.
+    fn reserve(&mut self, budget: &MemoryBudget) {
+        let held = self.held().1;
+        if held > self.reserved {
+            let step = (held - self.reserved).max(RESERVE_STEP).max(held / 16);
+            self.reserved += step;
+            budget.charge(step);
+        }
+    }
+
+    /// Gives back to `budget` what the reservation holds well beyond what is held: all of it once
+    /// the queue is empty.
+    fn unreserve(&mut self, budget: &MemoryBudget) {
+        let held = self.held().1;
+        let keep = if held == 0 { 0 } else { held + RESERVE_STEP };
+        if self.reserved > keep + held / 4 + RESERVE_STEP || (held == 0 && self.reserved > 0) {
+            budget.credit(self.reserved - keep);
+            self.reserved = keep;
+        }
     }
 }
 
 /// A connection's bounded outbound queue.
 pub struct Outbox {
     state: Mutex<State>,
+    budget: Arc<MemoryBudget>,
     /// The id of the connection it belongs to.
     owner: u64,
     policy: OverflowPolicy,
@@ -168,15 +217,30 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// An empty outbox for the connection with id `owner`.
+    /// An empty outbox for the connection with id `owner`, with a budget of its own that is
+    /// never reached.
     pub fn new(owner: u64, policy: OverflowPolicy, limits: OutboxLimits) -> Outbox {
+        Outbox::with_budget(owner, policy, limits, Arc::new(MemoryBudget::unlimited()))
+    }
+
+    /// An empty outbox for the connection with id `owner`, reserving what it queues from
+    /// `budget`.
+    pub fn with_budget(
+        owner: u64,
+        policy: OverflowPolicy,
+        limits: OutboxLimits,
+        budget: Arc<MemoryBudget>,
+    ) -> Outbox {
         Outbox {
             owner,
+            budget,
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 msgs: 0,
                 bytes: 0,
                 controls: 0,
+                control_bytes: 0,
+                reserved: 0,
                 lost: HashMap::new(),
                 queued: 0,
                 dropped: 0,
@@ -224,9 +288,13 @@ impl Outbox {
             return Some(Push::Skipped);
         }
         let cost = MSG_HEADER_LEN + body.len();
+        // Control frames count against the limits too; an empty queue takes one delivery of any
+        // size, unless the broker's memory budget says otherwise.
         let fits = |st: &State| {
-            st.msgs == 0
-                || (st.msgs < self.limits.max_msgs && st.bytes + cost <= self.limits.max_bytes)
+            let (msgs, bytes) = st.held();
+            !self.budget.sheds(bytes + cost)
+                && (st.msgs == 0
+                    || (msgs < self.limits.max_msgs && bytes + cost <= self.limits.max_bytes))
         };
         if only_if_room && !fits(&st) {
             return None;
@@ -258,12 +326,14 @@ impl Outbox {
                 OverflowPolicy::DropOld => {
                     // Evicting is only worth it if evicting every queued delivery would make room;
                     // otherwise it would lose older messages and still drop this one.
-                    let (mut held_msgs, mut held_bytes) = (st.msgs, st.bytes);
+                    let (mut held_msgs, mut held_bytes) = st.held();
+                    let mut deliveries = st.msgs;
                     for it in st.queue.iter().filter(|it| matches!(it, Item::Msg { .. })) {
                         held_msgs -= 1;
+                        deliveries -= 1;
                         held_bytes -= it.wire_len();
                     }
-                    let room_after_eviction = held_msgs == 0
+                    let room_after_eviction = deliveries == 0
                         || (held_msgs < self.limits.max_msgs
                             && held_bytes + cost <= self.limits.max_bytes);
                     while room_after_eviction && !fits(&st) {
@@ -303,6 +373,7 @@ impl Outbox {
                     });
                     // What is abandoned here counts as dropped, and leaves the limits.
                     st.abandon_queue(true);
+                    st.unreserve(&self.budget);
                     let w = st.writer.take();
                     let r = st.reader.take();
                     drop(st);
@@ -314,6 +385,7 @@ impl Outbox {
         }
         st.msgs += 1;
         st.bytes += cost;
+        st.reserve(&self.budget);
         st.queued += 1;
         st.queue.push_back(Item::Msg {
             sid: sub.sid,
@@ -346,6 +418,8 @@ impl Outbox {
             return false;
         }
         st.controls += 1;
+        st.control_bytes += frame.len();
+        st.reserve(&self.budget);
         st.queue.push_back(Item::Frame(frame));
         let w = st.writer.take();
         drop(st);
@@ -377,13 +451,16 @@ impl Outbox {
         Poll::Ready(Take::Items)
     }
 
-    /// Tells the outbox the writer has put these items on the wire, freeing their room.
-    pub fn release(&self, msgs: usize, bytes: usize, controls: usize) {
+    /// Tells the outbox the writer has put these items on the wire, freeing their room:
+    /// `msgs` deliveries of `bytes` in all, and `controls` control frames of `control_bytes`.
+    pub fn release(&self, msgs: usize, bytes: usize, controls: usize, control_bytes: usize) {
         let mut st = self.state.lock();
         st.msgs -= msgs;
         st.bytes -= bytes;
         st.controls -= controls;
-        let r = if st.controls < self.limits.max_msgs {
+        st.control_bytes -= control_bytes;
+        st.unreserve(&self.budget);
+        let r = if self.has_room(&st) {
             st.reader.take()
         } else {
             None
@@ -392,11 +469,26 @@ impl Outbox {
         wake(r);
     }
 
-    /// Ready while the connection's reader may read more requests: fewer control frames pending
-    /// than the message limit, or the outbox closing.
+    /// Whether the connection's own unwritten replies leave its reader room to read more
+    /// requests: less than half of each limit, and nothing the memory budget would shed.
+    fn has_room(&self, st: &State) -> bool {
+        st.controls < self.limits.max_msgs.div_ceil(2)
+            && st.control_bytes < self.limits.max_bytes / 2
+            && !self.budget.sheds(st.held().1)
+    }
+
+    /// Whether the reader may go on reading requests now (see [`Outbox::poll_room`]).
+    pub fn has_room_now(&self) -> bool {
+        let st = self.state.lock();
+        self.has_room(&st) || st.closing.is_some()
+    }
+
+    /// Ready while the connection's reader may read more requests: its own replies pending hold
+    /// less than half the limits and the budget does not shed this queue, or the outbox is
+    /// closing.
     pub fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()> {
         let mut st = self.state.lock();
-        if st.controls < self.limits.max_msgs || st.closing.is_some() {
+        if self.has_room(&st) || st.closing.is_some() {
             return Poll::Ready(());
         }
         st.reader = Some(cx.waker().clone());
@@ -414,6 +506,7 @@ impl Outbox {
             // Nothing queued will be written: free it now rather than when the last handle to
             // this outbox goes (a publisher's route memo may hold one for a while).
             st.abandon_queue(false);
+            st.unreserve(&self.budget);
         }
         let w = st.writer.take();
         let r = st.reader.take();
@@ -438,9 +531,18 @@ impl Outbox {
         OutboxStats {
             pending_msgs: st.msgs,
             pending_bytes: st.bytes,
+            pending_controls: st.controls,
+            pending_control_bytes: st.control_bytes,
             queued: st.queued,
             dropped: st.dropped,
         }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        // Whatever is still queued goes with the outbox.
+        self.budget.credit(self.state.get_mut().reserved);
     }
 }
 
@@ -525,18 +627,21 @@ mod tests {
 
     /// Releases what `items` counted against the outbox, as the writer does after writing them.
     fn release(ob: &Outbox, items: &[Item]) {
-        let (mut msgs, mut bytes, mut controls) = (0, 0, 0);
+        let (mut msgs, mut bytes, mut controls, mut control_bytes) = (0, 0, 0, 0);
         for it in items {
             match it {
                 Item::Msg { .. } => {
                     msgs += 1;
                     bytes += it.wire_len();
                 }
-                Item::Frame(_) => controls += 1,
+                Item::Frame(f) => {
+                    controls += 1;
+                    control_bytes += f.len();
+                }
                 Item::Lost { .. } => {}
             }
         }
-        ob.release(msgs, bytes, controls);
+        ob.release(msgs, bytes, controls, control_bytes);
     }
 
     fn msg(sid: u32, seq: u64, body: &Bytes) -> Item {
@@ -634,7 +739,7 @@ mod tests {
 
     #[test]
     fn drop_old_evicts_the_oldest_delivery_but_not_control_frames() {
-        let ob = outbox(OverflowPolicy::DropOld, 2, UNLIMITED);
+        let ob = outbox(OverflowPolicy::DropOld, 4, UNLIMITED);
         let a = sub(1, &ob);
         let b = sub(2, &ob);
         let ctl1 = Bytes::from_static(b"ok-1");
@@ -780,10 +885,9 @@ mod tests {
         assert_eq!(
             ob.stats(),
             OutboxStats {
-                pending_msgs: 0,
-                pending_bytes: 0,
                 queued: 1,
                 dropped: 2,
+                ..OutboxStats::default()
             }
         );
         assert_eq!(ob.push_msg(&s, &x), Push::Queued);
@@ -837,7 +941,7 @@ mod tests {
             OverflowPolicy::DropOld,
             OverflowPolicy::Disconnect,
         ] {
-            let ob = outbox(policy, 2, UNLIMITED);
+            let ob = outbox(policy, 4, UNLIMITED);
             let s = sub(1, &ob);
             let w = Arc::new(CountingWaker::default());
             let waker = Waker::from(w.clone());
@@ -846,11 +950,21 @@ mod tests {
             assert_eq!(ob.push_msg(&s, &body(1, 1)), Push::Queued);
             assert_eq!(ob.push_msg(&s, &body(2, 1)), Push::Queued);
             assert!(ob.poll_room(&mut cx).is_ready());
-            // The delivery limit is reached, yet control frames are still accepted.
+            // Control frames are accepted past every limit.
             for i in 0..5u8 {
                 assert!(ob.push_frame(Bytes::from(vec![i])), "{policy:?}");
             }
             assert!(!ob.is_closing());
+            // They count: a delivery finds no room behind them (drop-old makes room by dropping
+            // an older delivery).
+            let pushed = ob.push_msg(&s, &body(3, 1));
+            assert!(
+                pushed != Push::Queued || ob.stats().dropped >= 1,
+                "{policy:?}: {pushed:?}"
+            );
+            if policy == OverflowPolicy::Disconnect {
+                continue;
+            }
             assert!(ob.poll_room(&mut cx).is_pending());
             assert_eq!(w.count(), 0);
 
@@ -860,14 +974,94 @@ mod tests {
                 .filter(|it| matches!(it, Item::Frame(_)))
                 .collect();
             assert_eq!(frames.len(), 5);
-            // Still at the limit after writing three of five: the reader stays asleep.
-            ob.release(0, 0, 3);
+            // Half the message limit is still held after writing three of five: the reader
+            // stays asleep.
+            ob.release(0, 0, 3, 3);
             assert_eq!(w.count(), 0);
             assert!(ob.poll_room(&mut cx).is_pending());
-            ob.release(0, 0, 1);
+            ob.release(0, 0, 1, 1);
             assert_eq!(w.count(), 1, "{policy:?}");
             assert!(ob.poll_room(&mut cx).is_ready());
         }
+    }
+
+    #[test]
+    fn control_bytes_hold_back_the_reader_at_half_the_byte_limit() {
+        let ob = outbox(OverflowPolicy::DropNew, 1000, 4096);
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(ob.push_frame(Bytes::from(vec![0u8; 2000])));
+        assert!(ob.poll_room(&mut cx).is_ready());
+        assert!(ob.push_frame(Bytes::from(vec![0u8; 100])));
+        assert!(ob.poll_room(&mut cx).is_pending());
+        let st = ob.stats();
+        assert_eq!((st.pending_controls, st.pending_control_bytes), (2, 2100));
+        let items = take_items(&ob);
+        release(&ob, &items);
+        assert!(ob.poll_room(&mut cx).is_ready());
+    }
+
+    #[test]
+    fn queued_bytes_are_reserved_from_the_budget_and_given_back() {
+        let budget = Arc::new(MemoryBudget::new(1 << 30));
+        let limits = OutboxLimits {
+            max_msgs: 1000,
+            max_bytes: 1 << 20,
+        };
+        let ob = Arc::new(Outbox::with_budget(
+            1,
+            OverflowPolicy::DropNew,
+            limits,
+            budget.clone(),
+        ));
+        let s = sub(1, &ob);
+        for _ in 0..100 {
+            assert_eq!(ob.push_msg(&s, &body(1, 1000)), Push::Queued);
+        }
+        assert!(ob.push_frame(Bytes::from(vec![0u8; 50])));
+        let held = 100 * cost(1000) + 50;
+        assert!(budget.used() >= held, "{} < {held}", budget.used());
+        assert!(budget.used() <= held + held / 4 + 2 * RESERVE_STEP);
+        let items = take_items(&ob);
+        release(&ob, &items);
+        assert_eq!(budget.used(), 0);
+        // What a dropped outbox still held goes back too.
+        assert_eq!(ob.push_msg(&s, &body(1, 1000)), Push::Queued);
+        assert!(budget.used() > 0);
+        drop(s);
+        drop(ob);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn an_outbox_over_the_shedding_threshold_meets_its_policy() {
+        let budget = Arc::new(MemoryBudget::new(1 << 20));
+        let limits = OutboxLimits {
+            max_msgs: 100_000,
+            max_bytes: 64 << 20,
+        };
+        let big = Arc::new(Outbox::with_budget(
+            1,
+            OverflowPolicy::DropNew,
+            limits,
+            budget.clone(),
+        ));
+        let small = Arc::new(Outbox::with_budget(
+            2,
+            OverflowPolicy::DropNew,
+            limits,
+            budget.clone(),
+        ));
+        let (b, sm) = (sub(1, &big), sub(2, &small));
+        let x = body(1, 1024);
+        // Fill one queue just past the budget (short of the hard margin).
+        while budget.used() <= budget.limit() {
+            assert_eq!(big.push_msg(&b, &x), Push::Queued);
+        }
+        assert!(matches!(budget.tick(), crate::Pressure::Started { .. }));
+        // The largest queue is shed; a small one still takes deliveries.
+        assert_eq!(big.push_msg(&b, &x), Push::Dropped);
+        assert_eq!(small.push_msg(&sm, &x), Push::Queued);
+        assert_eq!(big.stats().dropped, 1);
     }
 
     #[test]

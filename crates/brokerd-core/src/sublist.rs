@@ -23,6 +23,7 @@
 //! across another's work: the trie (`Sublist::trie`), then one slot's (`Slot::entries`), or the
 //! trie then the cache (`Sublist::cache`); see `docs/architecture.md`.
 
+use crate::memory::MemoryBudget;
 use arc_swap::ArcSwapOption;
 use foldhash::fast::RandomState;
 use parking_lot::{Mutex, RwLock};
@@ -434,6 +435,8 @@ pub struct Sublist<T> {
     wild: AtomicU64,
     max_entries: usize,
     max_bytes: usize,
+    /// Charged with the cache's bytes.
+    budget: Arc<MemoryBudget>,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -448,7 +451,17 @@ impl<T: Clone + Eq + Hash> Sublist<T> {
     /// An empty sublist caching up to `max_entries` topics whose results hold at most
     /// `max_bytes` in all (either 0 disables the cache).
     pub fn with_cache_limits(max_entries: usize, max_bytes: usize) -> Sublist<T> {
+        Sublist::with_budget(max_entries, max_bytes, Arc::new(MemoryBudget::unlimited()))
+    }
+
+    /// As [`Sublist::with_cache_limits`], charging the cache's bytes to `budget`.
+    pub fn with_budget(
+        max_entries: usize,
+        max_bytes: usize,
+        budget: Arc<MemoryBudget>,
+    ) -> Sublist<T> {
         Sublist {
+            budget,
             trie: RwLock::new(Trie {
                 root: Node::default(),
                 subscriptions: 0,
@@ -527,6 +540,7 @@ impl<T: Clone + Eq + Hash> Sublist<T> {
         let mut cache = self.cache.write();
         if let Some(old) = cache.map.remove(topic) {
             cache.bytes -= old.cost;
+            self.budget.credit(old.cost);
         }
     }
 
@@ -590,6 +604,7 @@ impl<T: Clone + Eq + Hash> Sublist<T> {
             let mut cache = self.cache.write();
             // A slot created in between would be missing from this result.
             if self.structure.load(Ordering::Acquire) == structure {
+                let before = cache.bytes;
                 if let Some(old) = cache.map.remove(topic) {
                     cache.bytes -= old.cost;
                 }
@@ -597,6 +612,7 @@ impl<T: Clone + Eq + Hash> Sublist<T> {
                     evict(&mut cache, self.max_entries, self.max_bytes - cost, wild);
                 }
                 cache.bytes += cost;
+                self.budget.adjust(before, cache.bytes);
                 cache.map.insert(
                     topic.into(),
                     Cached {

@@ -52,18 +52,21 @@ fn drain_items(c: &Client) -> Vec<Item> {
             Poll::Ready(Take::Closed(reason)) => panic!("outbox closed: {reason}"),
             Poll::Ready(Take::Items) => {}
         }
-        let (mut msgs, mut bytes, mut controls) = (0, 0, 0);
+        let (mut msgs, mut bytes, mut controls, mut control_bytes) = (0, 0, 0, 0);
         for it in &batch {
             match it {
                 Item::Msg { .. } => {
                     msgs += 1;
                     bytes += it.wire_len();
                 }
-                Item::Frame(_) => controls += 1,
+                Item::Frame(f) => {
+                    controls += 1;
+                    control_bytes += f.len();
+                }
                 Item::Lost { .. } => {}
             }
         }
-        c.outbox.release(msgs, bytes, controls);
+        c.outbox.release(msgs, bytes, controls, control_bytes);
         out.extend(batch);
     }
 }

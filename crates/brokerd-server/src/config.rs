@@ -76,6 +76,10 @@ pub struct LimitsConfig {
     pub max_topic_tokens: usize,
     /// Most live subscriptions per connection.
     pub max_subs_per_connection: usize,
+    /// The broker's memory budget in bytes: queued messages and replies, partly read frames and
+    /// the match cache. 0 means a quarter of the machine's memory (or of the cgroup's limit,
+    /// when lower).
+    pub max_memory: usize,
 }
 
 /// `[outbound]`.
@@ -117,6 +121,8 @@ pub struct TimeoutsConfig {
 pub struct RoutingConfig {
     /// Topics kept in the match cache (0 disables it).
     pub match_cache: usize,
+    /// Bytes the match cache's results may hold (0 disables it).
+    pub match_cache_bytes: usize,
 }
 
 impl Default for Config {
@@ -142,6 +148,7 @@ impl Default for LimitsConfig {
             max_topic_len: l.topic.max_len,
             max_topic_tokens: l.topic.max_tokens,
             max_subs_per_connection: l.max_subs,
+            max_memory: 0,
         }
     }
 }
@@ -173,6 +180,7 @@ impl Default for RoutingConfig {
     fn default() -> RoutingConfig {
         RoutingConfig {
             match_cache: Limits::default().match_cache,
+            match_cache_bytes: Limits::default().match_cache_bytes,
         }
     }
 }
@@ -242,6 +250,12 @@ impl Config {
         if l.max_subs_per_connection == 0 || l.max_subs_per_connection > u32::MAX as usize {
             return invalid("limits.max_subs_per_connection", "must be at least 1");
         }
+        if l.max_memory != 0 && l.max_memory < 16 * 1024 * 1024 {
+            return invalid(
+                "limits.max_memory",
+                "must be 0 (a quarter of the machine's memory) or at least 16777216 (16 MiB)",
+            );
+        }
         let o = &self.outbound;
         if o.max_pending_msgs == 0 || o.max_pending_msgs > u32::MAX as usize {
             return invalid("outbound.max_pending_msgs", "must be at least 1");
@@ -284,7 +298,36 @@ impl Config {
             },
             default_policy: self.outbound.overflow,
             match_cache: self.routing.match_cache,
+            match_cache_bytes: self.routing.match_cache_bytes,
+            max_memory: self.memory_budget(),
         }
+    }
+
+    /// The memory budget in force: `limits.max_memory`, or when that is 0 a quarter of the
+    /// machine's memory (or of the cgroup's limit, when lower), or 1 GiB if neither can be read.
+    pub fn memory_budget(&self) -> usize {
+        if self.limits.max_memory > 0 {
+            return self.limits.max_memory;
+        }
+        machine_memory().map_or(1 << 30, |m| m / 4)
+    }
+}
+
+/// The memory this process may use: physical memory, or the cgroup's limit when lower.
+fn machine_memory() -> Option<usize> {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let total = read("/proc/meminfo").and_then(|t| {
+        let line = t.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    });
+    // cgroup v2, then v1; "max" or a huge v1 value means no limit.
+    let cgroup = read("/sys/fs/cgroup/memory.max")
+        .or_else(|| read("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+        .and_then(|t| t.trim().parse::<usize>().ok());
+    match (total, cgroup) {
+        (Some(t), Some(c)) => Some(t.min(c)),
+        (t, c) => t.or(c),
     }
 }
 

@@ -42,6 +42,15 @@ const YIELD_AFTER: usize = 4 * 1024;
 /// A frame at least this large gets a buffer of its own exact size, so that a shared body does
 /// not pin a larger allocation.
 const LARGE_FRAME: usize = 16 * 1024;
+/// Routing work (one unit per publish, one per trie position a match-cache miss visits) after
+/// which a reader gives up its worker before acting on its next frame, so that one connection's
+/// expensive matches delay the others by a bounded amount: about a millisecond of walking.
+const WORK_BUDGET: usize = 16 * 1024;
+/// A reader holding at least this much of a partly read frame stops reading while the memory
+/// budget sheds it; past the budget's hard margin every reader stops.
+const HOLD_PAUSE: usize = 16 * 1024;
+/// Longest text of an `ERR` frame: what quotes a client's input quotes at most a prefix of it.
+const MAX_ERR_TEXT: usize = 256;
 
 /// How the reader loop ended.
 enum ReadEnd {
@@ -212,14 +221,35 @@ struct Reader<'a> {
     shared: &'a Shared,
     /// This connection's memo of recent routes.
     routes: RouteCache,
+    /// Set when a reply left the outbox without room for more: act on no more frames until the
+    /// writer has made room.
+    paused: bool,
 }
 
 impl Reader<'_> {
-    fn reply(&self, frame: Frame) {
+    fn reply(&mut self, frame: Frame) {
         self.client.outbox.push_frame(frame.to_bytes());
+        // Replies the client does not take off its socket stop the reading of more requests.
+        if !self.client.outbox.has_room_now() {
+            self.paused = true;
+        }
     }
 
-    fn error(&self, req_id: u32, code: ErrorCode, message: String) {
+    /// Whether the reader should stop acting on buffered frames now: its replies wait to be
+    /// written, or it has done its share of routing work (see [`WORK_BUDGET`]).
+    fn should_break(&self) -> bool {
+        self.paused || self.routes.work() >= WORK_BUDGET
+    }
+
+    fn error(&mut self, req_id: u32, code: ErrorCode, mut message: String) {
+        if message.len() > MAX_ERR_TEXT {
+            let mut end = MAX_ERR_TEXT - 3;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push_str("...");
+        }
         self.reply(Frame::Err(ErrorFrame {
             req_id,
             code: code as u16,
@@ -250,7 +280,7 @@ impl Reader<'_> {
     /// subscriptions matching the reply-to (its inbox), before the `ACK`, whose count is the
     /// subscriptions that took the answer.
     #[cold]
-    fn answer_stats(&self, req_id: u32, ack: bool, reply: Option<&str>) {
+    fn answer_stats(&mut self, req_id: u32, ack: bool, reply: Option<&str>) {
         let Some(reply) = reply else {
             return self.error(
                 req_id,
@@ -311,7 +341,7 @@ impl Reader<'_> {
         Ok(())
     }
 
-    fn decode_error(&self, e: &DecodeError) -> CloseReason {
+    fn decode_error(&mut self, e: &DecodeError) -> CloseReason {
         self.error(0, e.code(), e.to_string());
         CloseReason::Protocol(e.code())
     }
@@ -328,6 +358,14 @@ async fn read_loop(
         client,
         shared,
         routes: RouteCache::new(),
+        paused: false,
+    };
+    let budget = shared.broker.memory().clone();
+    // What this connection's read buffer is charged to the memory budget, given back when the
+    // loop ends.
+    let mut charged = Charge {
+        budget: &budget,
+        bytes: 0,
     };
     let max_frame = shared.config.limits.max_frame;
     let interval = shared.config.timeouts.ping_interval;
@@ -348,7 +386,9 @@ async fn read_loop(
             // anything matches, so taking a shared slice of the buffer would be wasted work. A
             // run of them moves the buffer's start once.
             let mut routed = 0;
-            while let Some(peeked) = peek_pub(&buf[routed..], max_frame) {
+            while !reader.should_break()
+                && let Some(peeked) = peek_pub(&buf[routed..], max_frame)
+            {
                 match peeked {
                     Ok((p, len)) if p.body.raw().len() < DETACH_BELOW => {
                         reader.publish(p.req_id, p.ack, &Publication::from(&p.body));
@@ -359,6 +399,13 @@ async fn read_loop(
                 }
             }
             buf.advance(routed);
+            if reader.paused {
+                break;
+            }
+            if reader.routes.work() >= WORK_BUDGET {
+                reader.routes.take_work();
+                tokio::task::yield_now().await;
+            }
             match decode(buf, max_frame) {
                 Ok(Some(frame)) => {
                     if let Frame::Pub(p) = &frame
@@ -377,6 +424,7 @@ async fn read_loop(
                 Err(e) => return ReadEnd::Close(reader.decode_error(&e)),
             }
         }
+        reader.routes.take_work();
         // Waking a subscriber's writer from here puts it in this worker's LIFO slot, which no
         // other worker may steal: without a yield the writers would only ever run on this core,
         // between this reader's reads. Yielding lets another worker take this reader instead.
@@ -385,19 +433,48 @@ async fn read_loop(
         if last_read_len >= YIELD_AFTER {
             tokio::task::yield_now().await;
         }
-        make_room(buf, chunk);
-        let free = buf.capacity() - buf.len();
         if client.outbox.is_closing() {
             return ReadEnd::WriterGone;
         }
-        // Stop reading while this connection's own replies are not being taken off its socket.
-        let room = std::future::poll_fn(|cx| client.outbox.poll_room(cx));
-        tokio::select! {
-            biased;
-            _ = shared.shutdown.cancelled() => return ReadEnd::Shutdown,
-            _ = conn.cancelled() => return ReadEnd::WriterGone,
-            _ = room => {}
+        if reader.paused {
+            // Stop reading while this connection's own replies are not being taken off its
+            // socket; a client that leaves them there for a whole write deadline is a slow
+            // consumer.
+            let room = std::future::poll_fn(|cx| client.outbox.poll_room(cx));
+            tokio::select! {
+                biased;
+                _ = shared.shutdown.cancelled() => return ReadEnd::Shutdown,
+                _ = conn.cancelled() => return ReadEnd::WriterGone,
+                r = tokio::time::timeout(shared.config.outbound.write_deadline, room) => {
+                    if r.is_err() {
+                        let st = client.outbox.stats();
+                        return ReadEnd::Close(CloseReason::SlowConsumer {
+                            pending_msgs: st.pending_msgs + st.pending_controls,
+                            pending_bytes: st.pending_bytes + st.pending_control_bytes,
+                        });
+                    }
+                }
+            }
+            reader.paused = false;
+            // Act on the frames already buffered before reading more.
+            continue;
         }
+        // Over the memory budget, a reader holding a large part of a frame (or, past the hard
+        // margin, any reader) waits until the budget has room again.
+        let held = read_held(buf);
+        charged.set(held);
+        if budget.holds_too_much(held)
+            && (held >= HOLD_PAUSE || budget.used() > budget.hard_limit())
+        {
+            tokio::select! {
+                biased;
+                _ = shared.shutdown.cancelled() => return ReadEnd::Shutdown,
+                _ = conn.cancelled() => return ReadEnd::WriterGone,
+                _ = wait_for_memory(&budget, held) => {}
+            }
+        }
+        make_room(buf, chunk);
+        let free = buf.capacity() - buf.len();
         tokio::select! {
             biased;
             _ = shared.shutdown.cancelled() => return ReadEnd::Shutdown,
@@ -428,6 +505,44 @@ async fn read_loop(
                 keepalive.as_mut().reset(last_read + interval);
             }
         }
+    }
+}
+
+/// What a read buffer holds, for the memory budget: the bytes not yet acted on, or a large
+/// frame's own buffer whole.
+fn read_held(buf: &BytesMut) -> usize {
+    if buf.capacity() > READ_CHUNK_MAX {
+        buf.capacity()
+    } else {
+        buf.len()
+    }
+}
+
+/// Bytes charged to the memory budget by one holder, given back when dropped.
+struct Charge<'a> {
+    budget: &'a brokerd_core::MemoryBudget,
+    bytes: usize,
+}
+
+impl Charge<'_> {
+    fn set(&mut self, bytes: usize) {
+        if bytes != self.bytes {
+            self.budget.adjust(self.bytes, bytes);
+            self.bytes = bytes;
+        }
+    }
+}
+
+impl Drop for Charge<'_> {
+    fn drop(&mut self) {
+        self.budget.credit(self.bytes);
+    }
+}
+
+/// Returns once a holder of `held` bytes may take more again.
+async fn wait_for_memory(budget: &brokerd_core::MemoryBudget, held: usize) {
+    while budget.holds_too_much(held) {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
 

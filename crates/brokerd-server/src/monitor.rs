@@ -58,10 +58,16 @@ fn build(shared: &Shared) -> Vec<u8> {
         "dropped": s.dropped,
         "unrouted": s.unrouted,
         "closes": closes,
+        "memory": {
+            "used": shared.broker.memory().used(),
+            "limit": shared.broker.memory().limit(),
+            "shedding": shared.broker.memory().shed_above() != usize::MAX,
+        },
         "sublist": {
             "subscriptions": s.sublist.subscriptions,
             "nodes": s.sublist.nodes,
             "cache_entries": s.sublist.cache_entries,
+            "cache_bytes": s.sublist.cache_bytes,
             "cache_hits": s.sublist.cache_hits,
             "cache_misses": s.sublist.cache_misses,
         },

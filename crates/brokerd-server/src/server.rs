@@ -9,7 +9,7 @@
 
 use crate::config::Config;
 use crate::connection;
-use brokerd_core::{Broker, CloseReason};
+use brokerd_core::{Broker, CloseReason, Pressure};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io;
 use std::net::SocketAddr;
@@ -120,6 +120,7 @@ impl Server {
         let tasks = TaskTracker::new();
         let readers = TaskTracker::new();
         info!(addr = %listener.local_addr()?, server_id = %shared.server_id, "brokerd listening");
+        tasks.spawn(watch_memory(shared.clone()));
         loop {
             let accepted = tokio::select! {
                 _ = shared.shutdown.cancelled() => break,
@@ -157,6 +158,35 @@ impl Server {
         }
         info!("shutdown complete");
         Ok(())
+    }
+}
+
+/// How often the memory budget is looked at.
+const MEMORY_TICK: Duration = Duration::from_millis(100);
+
+/// Adjusts the memory budget's shedding every [`MEMORY_TICK`] until shutdown, logging each
+/// episode over the budget once as it starts and once as it ends.
+async fn watch_memory(shared: Arc<Shared>) {
+    let budget = shared.broker.memory().clone();
+    let mut tick = tokio::time::interval(MEMORY_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match budget.tick() {
+            Pressure::Started { used, shed_above } => warn!(
+                used,
+                limit = budget.limit(),
+                shed_above,
+                "memory budget reached: shedding the largest queues and pausing readers holding large frames"
+            ),
+            Pressure::Ended { used } => {
+                info!(used, limit = budget.limit(), "memory back under budget")
+            }
+            Pressure::Calm | Pressure::Continues => {}
+        }
     }
 }
 

@@ -83,6 +83,7 @@ struct Encoded {
     msgs: usize,
     bytes: usize,
     controls: usize,
+    control_bytes: usize,
     frames: u64,
 }
 
@@ -91,6 +92,7 @@ fn encode(batch: &mut VecDeque<Item>, scratch: &mut BytesMut, out: &mut Chain) -
         msgs: 0,
         bytes: 0,
         controls: 0,
+        control_bytes: 0,
         frames: 0,
     };
     for item in batch.drain(..) {
@@ -110,6 +112,7 @@ fn encode(batch: &mut VecDeque<Item>, scratch: &mut BytesMut, out: &mut Chain) -
             Item::Lost { sid, missed } => Frame::Lost(Lost { sid, missed }).encode(scratch),
             Item::Frame(f) => {
                 e.controls += 1;
+                e.control_bytes += f.len();
                 if f.len() <= COALESCE_MAX {
                     scratch.extend_from_slice(&f);
                 } else {
@@ -167,7 +170,7 @@ pub(crate) async fn run(
                 break CloseReason::WriteTimeout;
             }
         }
-        outbox.release(e.msgs, e.bytes, e.controls);
+        outbox.release(e.msgs, e.bytes, e.controls, e.control_bytes);
         client
             .counters
             .frames_out

@@ -1,0 +1,183 @@
+//! The broker's memory budget: one bound over queued bytes, partly read frames and the match
+//! cache, shared by every connection.
+//!
+//! Outboxes reserve what they queue (in steps, see [`Outbox`](crate::Outbox)), connection
+//! readers charge what their read buffers hold beyond a small allowance, and the sublist charges
+//! its cache. While the total is over the limit, deliveries to the queues holding more than
+//! [`MemoryBudget::shed_above`] meet their overflow policy as if full (the largest queues first:
+//! the server's monitor halves that threshold every tick the budget stays over, and doubles it
+//! back once under), and past the hard margin every delivery does. Readers holding the most stop
+//! reading until the total is back under. Nothing here waits or logs; the server's monitor task
+//! reports each episode once.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// The smallest threshold shedding goes down to: queues holding less are never shed for the
+/// budget's sake (their own limits still apply).
+pub const MIN_SHED_ABOVE: usize = 64 * 1024;
+
+/// A broker-wide memory bound.
+#[derive(Debug)]
+pub struct MemoryBudget {
+    limit: usize,
+    used: AtomicUsize,
+    shed_above: AtomicUsize,
+}
+
+/// What [`MemoryBudget::tick`] observed, for the caller to report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pressure {
+    /// Under the limit, as at the previous tick.
+    Calm,
+    /// Over the limit now, and not at the previous tick: an episode starts.
+    Started {
+        /// Bytes charged.
+        used: usize,
+        /// Queues above this many bytes are shed.
+        shed_above: usize,
+    },
+    /// Still over the limit.
+    Continues,
+    /// Back under the limit: the episode ends.
+    Ended {
+        /// Bytes charged.
+        used: usize,
+    },
+}
+
+impl MemoryBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: usize) -> MemoryBudget {
+        MemoryBudget {
+            limit,
+            used: AtomicUsize::new(0),
+            shed_above: AtomicUsize::new(usize::MAX),
+        }
+    }
+
+    /// A budget that is never reached.
+    pub fn unlimited() -> MemoryBudget {
+        MemoryBudget::new(usize::MAX / 4)
+    }
+
+    /// The limit in bytes.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Bytes charged now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Adds `n` bytes.
+    pub fn charge(&self, n: usize) {
+        if n > 0 {
+            self.used.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Gives back `n` bytes charged earlier.
+    pub fn credit(&self, n: usize) {
+        if n > 0 {
+            self.used.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Charges or credits the difference between what a holder charged before and now.
+    pub fn adjust(&self, before: usize, now: usize) {
+        if now > before {
+            self.charge(now - before);
+        } else {
+            self.credit(before - now);
+        }
+    }
+
+    /// Whether the total is over the limit.
+    pub fn over(&self) -> bool {
+        self.used() > self.limit
+    }
+
+    /// The hard margin: past `limit + limit / 8`, every delivery meets its overflow policy.
+    pub fn hard_limit(&self) -> usize {
+        self.limit.saturating_add(self.limit / 8)
+    }
+
+    /// Queues holding more than this are shed while the budget is over (`usize::MAX` when calm).
+    pub fn shed_above(&self) -> usize {
+        self.shed_above.load(Ordering::Relaxed)
+    }
+
+    /// Whether a queue that would hold `held` bytes must refuse a delivery for the budget's sake.
+    pub fn sheds(&self, held: usize) -> bool {
+        let used = self.used();
+        used > self.limit && (held > self.shed_above() || used > self.hard_limit())
+    }
+
+    /// Whether a holder of `held` bytes should stop taking more (reading, allocating) now:
+    /// the same rule as [`MemoryBudget::sheds`].
+    pub fn holds_too_much(&self, held: usize) -> bool {
+        self.sheds(held)
+    }
+
+    /// Called periodically (the server does every 100 ms): lowers the shedding threshold while
+    /// the budget is over, raises it back once under, and says what changed.
+    pub fn tick(&self) -> Pressure {
+        let used = self.used();
+        let shed = self.shed_above();
+        if used > self.limit {
+            if shed == usize::MAX {
+                // An episode starts: queues holding more than an eighth of the budget go first.
+                let first = (self.limit / 8).max(MIN_SHED_ABOVE);
+                self.shed_above.store(first, Ordering::Relaxed);
+                return Pressure::Started {
+                    used,
+                    shed_above: first,
+                };
+            }
+            self.shed_above
+                .store((shed / 2).max(MIN_SHED_ABOVE), Ordering::Relaxed);
+            return Pressure::Continues;
+        }
+        if shed == usize::MAX {
+            return Pressure::Calm;
+        }
+        if used < self.limit / 10 * 9 {
+            self.shed_above.store(usize::MAX, Ordering::Relaxed);
+            return Pressure::Ended { used };
+        }
+        Pressure::Continues
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_episode_sheds_the_largest_first_then_ends() {
+        let b = MemoryBudget::new(8 * 1024 * 1024);
+        assert_eq!(b.tick(), Pressure::Calm);
+        assert!(!b.sheds(usize::MAX / 8));
+        b.charge(8 * 1024 * 1024 + 512 * 1024);
+        // Until the monitor's tick, only the hard margin applies.
+        assert!(!b.sheds(4 * 1024 * 1024));
+        assert!(
+            matches!(b.tick(), Pressure::Started { shed_above, .. } if shed_above == 1024 * 1024)
+        );
+        assert!(b.sheds(2 * 1024 * 1024));
+        assert!(!b.sheds(100 * 1024));
+        assert_eq!(b.tick(), Pressure::Continues);
+        assert_eq!(b.shed_above(), 512 * 1024);
+        for _ in 0..20 {
+            b.tick();
+        }
+        assert_eq!(b.shed_above(), MIN_SHED_ABOVE);
+        b.charge(1024 * 1024);
+        assert!(b.sheds(1), "past the hard margin everything is shed");
+        b.credit(9 * 1024 * 1024 + 512 * 1024);
+        assert!(matches!(b.tick(), Pressure::Ended { .. }));
+        assert!(!b.sheds(usize::MAX / 8));
+        assert_eq!(b.used(), 0);
+    }
+}
