@@ -5,9 +5,9 @@
 //! readers charge what their read buffers hold beyond a small allowance, and the sublist charges
 //! its cache. While the total is over the limit, deliveries to the queues holding more than
 //! [`MemoryBudget::shed_above`] meet their overflow policy as if full (the largest queues first:
-//! the server's monitor halves that threshold every tick the budget stays over, and doubles it
-//! back once under), and past the hard margin every delivery does. Readers holding the most stop
-//! reading until the total is back under. Nothing here waits or logs; the server's monitor task
+//! the server's monitor halves that threshold every tick the budget stays over, and lifts it
+//! once back under 90%), and past the hard margin every queue holding more than [`HARD_FLOOR`]
+//! does. Readers holding large partial frames stop reading until the total is back under. Nothing here waits or logs; the server's monitor task
 //! reports each episode once.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,6 +15,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// The smallest threshold shedding goes down to: queues holding less are never shed for the
 /// budget's sake (their own limits still apply).
 pub const MIN_SHED_ABOVE: usize = 64 * 1024;
+
+/// Past the hard margin, the most any queue may hold: a queue that is read promptly keeps working,
+/// everything else is shed.
+pub const HARD_FLOOR: usize = 16 * 1024;
 
 /// A broker-wide memory bound.
 #[derive(Debug)]
@@ -98,7 +102,8 @@ impl MemoryBudget {
         self.used() > self.limit
     }
 
-    /// The hard margin: past `limit + limit / 8`, every delivery meets its overflow policy.
+    /// The hard margin: past `limit + limit / 8`, every delivery to a queue holding more than
+    /// [`HARD_FLOOR`] meets its overflow policy, whatever the shedding threshold.
     pub fn hard_limit(&self) -> usize {
         self.limit.saturating_add(self.limit / 8)
     }
@@ -111,13 +116,8 @@ impl MemoryBudget {
     /// Whether a queue that would hold `held` bytes must refuse a delivery for the budget's sake.
     pub fn sheds(&self, held: usize) -> bool {
         let used = self.used();
-        used > self.limit && (held > self.shed_above() || used > self.hard_limit())
-    }
-
-    /// Whether a holder of `held` bytes should stop taking more (reading, allocating) now:
-    /// the same rule as [`MemoryBudget::sheds`].
-    pub fn holds_too_much(&self, held: usize) -> bool {
-        self.sheds(held)
+        used > self.limit
+            && (held > self.shed_above() || (held > HARD_FLOOR && used > self.hard_limit()))
     }
 
     /// Called periodically (the server does every 100 ms): lowers the shedding threshold while
@@ -174,7 +174,11 @@ mod tests {
         }
         assert_eq!(b.shed_above(), MIN_SHED_ABOVE);
         b.charge(1024 * 1024);
-        assert!(b.sheds(1), "past the hard margin everything is shed");
+        assert!(
+            b.sheds(HARD_FLOOR + 1),
+            "past the hard margin all but the smallest are shed"
+        );
+        assert!(!b.sheds(HARD_FLOOR));
         b.credit(9 * 1024 * 1024 + 512 * 1024);
         assert!(matches!(b.tick(), Pressure::Ended { .. }));
         assert!(!b.sheds(usize::MAX / 8));

@@ -46,9 +46,6 @@ const LARGE_FRAME: usize = 16 * 1024;
 /// which a reader gives up its worker before acting on its next frame, so that one connection's
 /// expensive matches delay the others by a bounded amount: about a millisecond of walking.
 const WORK_BUDGET: usize = 16 * 1024;
-/// A reader holding at least this much of a partly read frame stops reading while the memory
-/// budget sheds it; past the budget's hard margin every reader stops.
-const HOLD_PAUSE: usize = 16 * 1024;
 /// Longest text of an `ERR` frame: what quotes a client's input quotes at most a prefix of it.
 const MAX_ERR_TEXT: usize = 256;
 
@@ -459,21 +456,20 @@ async fn read_loop(
             // Act on the frames already buffered before reading more.
             continue;
         }
-        // Over the memory budget, a reader holding a large part of a frame (or, past the hard
-        // margin, any reader) waits until the budget has room again.
-        let held = read_held(buf);
-        charged.set(held);
-        if budget.holds_too_much(held)
-            && (held >= HOLD_PAUSE || budget.used() > budget.hard_limit())
-        {
+        // Over the memory budget, a reader about to give a large frame a buffer of its own
+        // waits until the budget has room again; its frame deadline still runs.
+        charged.set(read_held(buf));
+        if budget.over() && large_frame_allocation(buf, chunk).is_some() {
             tokio::select! {
                 biased;
                 _ = shared.shutdown.cancelled() => return ReadEnd::Shutdown,
                 _ = conn.cancelled() => return ReadEnd::WriterGone,
-                _ = wait_for_memory(&budget, held) => {}
+                _ = wait_for_memory(&budget) => {}
             }
         }
         make_room(buf, chunk);
+        // A large frame's own buffer is charged before it is filled.
+        charged.set(read_held(buf));
         let free = buf.capacity() - buf.len();
         tokio::select! {
             biased;
@@ -508,6 +504,22 @@ async fn read_loop(
     }
 }
 
+/// The length of the large frame (prefix included) whose first half or more `buf` holds, if any.
+fn large_frame(buf: &BytesMut) -> Option<usize> {
+    if buf.len() < 4 {
+        return None;
+    }
+    let need = 4 + u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    (need >= LARGE_FRAME && buf.len() * 2 >= need && buf.len() < need).then_some(need)
+}
+
+/// The size of the buffer of its own that [`make_room`] is about to give a large frame, if any:
+/// one with too little room or far too much.
+fn large_frame_allocation(buf: &BytesMut, chunk: usize) -> Option<usize> {
+    let need = large_frame(buf)?;
+    (buf.capacity() < need || buf.capacity() > need + chunk).then_some(need)
+}
+
 /// What a read buffer holds, for the memory budget: the bytes not yet acted on, or a large
 /// frame's own buffer whole.
 fn read_held(buf: &BytesMut) -> usize {
@@ -539,9 +551,9 @@ impl Drop for Charge<'_> {
     }
 }
 
-/// Returns once a holder of `held` bytes may take more again.
-async fn wait_for_memory(budget: &brokerd_core::MemoryBudget, held: usize) {
-    while budget.holds_too_much(held) {
+/// Returns once the memory budget is no longer over.
+async fn wait_for_memory(budget: &brokerd_core::MemoryBudget) {
+    while budget.over() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
@@ -550,17 +562,14 @@ async fn wait_for_memory(budget: &brokerd_core::MemoryBudget, held: usize) {
 /// gets a buffer of exactly its own size, so that its shared body pins no larger allocation; the
 /// half rule keeps a peer that only announces a large frame from making the server allocate it.
 fn make_room(buf: &mut BytesMut, chunk: usize) {
-    if buf.len() >= 4 {
-        let need = 4 + u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-        if need >= LARGE_FRAME && buf.len() * 2 >= need && buf.len() < need {
-            if buf.capacity() < need || buf.capacity() > need + chunk {
-                // `buf` holds only this frame's first bytes: every earlier frame was split off.
-                let mut own = BytesMut::with_capacity(need);
-                own.extend_from_slice(buf);
-                *buf = own;
-            }
-            return;
+    if let Some(need) = large_frame(buf) {
+        if large_frame_allocation(buf, chunk).is_some() {
+            // `buf` holds only this frame's first bytes: every earlier frame was split off.
+            let mut own = BytesMut::with_capacity(need);
+            own.extend_from_slice(buf);
+            *buf = own;
         }
+        return;
     }
     if buf.capacity() - buf.len() < READ_MIN_FREE {
         buf.reserve(chunk);

@@ -1,0 +1,534 @@
+//! Routing under crowds and attackers: subscription changes, disconnects, cache growth, wildcard
+//! walks, unread replies and memory pressure, each while a canary pair (one publisher at 50
+//! messages a second, one subscriber on an unrelated topic) runs throughout and must lose
+//! nothing.
+//!
+//! The default scale runs in seconds; `scripts/reliability.sh` raises it (`BROKERD_FLEET`,
+//! `BROKERD_CACHE_TOPICS`, `BROKERD_DISCONNECT_SUBS`, `BROKERD_GROUP_SUBS`,
+//! `BROKERD_WALK_DEPTH`) and records the times printed here in `docs/reliability.md`. No test
+//! asserts a time: they assert counts and bounds, and that the canary lost nothing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use brokerd_client::{Client, ConnectOptions};
+use brokerd_proto::{Frame, Subscribe};
+use brokerd_tests::{DEADLINE, RawConn, TestBroker, raise_fd_limit, scale, wait_until, wire};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+
+/// One publisher at 50 messages a second and one subscriber on `canary.tick`.
+struct Canary {
+    stop: Arc<AtomicBool>,
+    publisher: JoinHandle<u64>,
+    subscriber: JoinHandle<(u64, Duration)>,
+}
+
+/// What the canary saw.
+#[derive(Debug)]
+struct CanaryReport {
+    sent: u64,
+    received: u64,
+    largest_gap: Duration,
+}
+
+impl Canary {
+    async fn start(b: &TestBroker) -> Canary {
+        let sub = b.client("canary-sub").await;
+        let publ = b.client("canary-pub").await;
+        let mut stream = sub.subscribe("canary.tick").await.unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let subscriber = tokio::spawn(async move {
+            let _keep = sub;
+            let (mut n, mut largest) = (0u64, Duration::ZERO);
+            let mut last = Instant::now();
+            while let Some(m) = stream.next().await {
+                let i: u64 = std::str::from_utf8(&m.payload()).unwrap().parse().unwrap();
+                if i == u64::MAX {
+                    break;
+                }
+                assert_eq!(i, n, "canary message {n} arrived as {i}: one was lost");
+                assert_eq!(m.seq(), n + 1, "the canary subscription saw a gap");
+                largest = largest.max(last.elapsed());
+                last = Instant::now();
+                n += 1;
+            }
+            (n, largest)
+        });
+        let publisher = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(20));
+                let mut i = 0u64;
+                // Bounded: at most ten minutes of ticks.
+                while !stop.load(Ordering::Relaxed) && i < 30_000 {
+                    tick.tick().await;
+                    // Attackers subscribed to `>` count too.
+                    let delivered = publ.publish_acked("canary.tick", i.to_string()).await;
+                    assert!(delivered.unwrap() >= 1, "canary publish {i}");
+                    i += 1;
+                }
+                publ.publish_acked("canary.tick", u64::MAX.to_string())
+                    .await
+                    .unwrap();
+                i
+            }
+        });
+        // At least one round trip before the test starts its load.
+        tokio::time::sleep(Duration::from_millis(0)).await;
+        Canary {
+            stop,
+            publisher,
+            subscriber,
+        }
+    }
+
+    async fn finish(self) -> CanaryReport {
+        self.stop.store(true, Ordering::Relaxed);
+        let sent = tokio::time::timeout(DEADLINE, self.publisher)
+            .await
+            .expect("canary publisher stops")
+            .expect("canary publisher");
+        let (received, largest_gap) = tokio::time::timeout(DEADLINE, self.subscriber)
+            .await
+            .expect("canary subscriber stops")
+            .expect("canary subscriber");
+        let r = CanaryReport {
+            sent,
+            received,
+            largest_gap,
+        };
+        assert_eq!(r.sent, r.received, "the canary lost messages: {r:?}");
+        r
+    }
+}
+
+/// Reads `n` `OK`s from `c`, passing over deliveries (a `>` subscription also receives the
+/// canary's messages).
+async fn expect_oks(c: &mut RawConn, n: usize) {
+    let mut oks = 0;
+    while oks < n {
+        match c.recv().await {
+            Some(Frame::Ok(_)) => oks += 1,
+            Some(Frame::Msg(_)) | Some(Frame::Lost(_)) => {}
+            other => panic!("expected OK, got {other:?}"),
+        }
+    }
+}
+
+/// Fills the match cache with `n` topics under `prefix`, each published once (acknowledged, so
+/// every one has been routed).
+async fn fill_cache(publisher: &Client, prefix: &str, n: usize) {
+    for i in 0..n {
+        publisher
+            .publish(&format!("{prefix}.t{i}"), b"x")
+            .await
+            .unwrap();
+    }
+    publisher
+        .publish_acked(&format!("{prefix}.last"), b"x")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_dropping_and_reconnecting_on_one_wildcard_keeps_routing() {
+    let fleet = scale("BROKERD_FLEET", 1_000);
+    let topics = scale("BROKERD_CACHE_TOPICS", 10_000);
+    raise_fd_limit(2 * fleet as u64 + 512).expect("file descriptors for the fleet");
+    let b = TestBroker::with_config(|c| {
+        c.routing.match_cache = topics + 1_024;
+        c.limits.max_connections = fleet + 100;
+    })
+    .await;
+    let canary = Canary::start(&b).await;
+    let publisher = b.client("alerts-pub").await;
+
+    let connect_fleet = || async {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..fleet {
+            let addr = b.addr.to_string();
+            set.spawn(async move {
+                let c = Client::connect(&addr, ConnectOptions::new(format!("fleet-{i}")))
+                    .await
+                    .unwrap();
+                let s = c.subscribe("alerts.>").await.unwrap();
+                (c, s)
+            });
+        }
+        let mut members = Vec::with_capacity(fleet);
+        while let Some(r) = set.join_next().await {
+            members.push(r.unwrap());
+        }
+        members
+    };
+    let members = connect_fleet().await;
+    fill_cache(&publisher, "alerts", topics).await;
+    let cached = b.broker.stats().sublist.cache_entries;
+    assert!(cached >= topics, "{cached} topics cached");
+    assert_eq!(
+        publisher.publish_acked("alerts.t1", b"x").await.unwrap() as usize,
+        fleet
+    );
+
+    // The whole fleet drops at once.
+    let base = b.broker.stats().subscriptions - fleet;
+    let started = Instant::now();
+    drop(members);
+    wait_until("the fleet's subscriptions are gone", || {
+        b.broker.stats().subscriptions == base
+    })
+    .await;
+    let dropped_in = started.elapsed();
+    assert_eq!(publisher.publish_acked("alerts.t1", b"x").await.unwrap(), 0);
+
+    // And comes back.
+    let started = Instant::now();
+    let members = connect_fleet().await;
+    let back_in = started.elapsed();
+    assert_eq!(b.broker.stats().subscriptions, base + fleet);
+    assert_eq!(
+        publisher.publish_acked("alerts.t2", b"x").await.unwrap() as usize,
+        fleet
+    );
+    let report = canary.finish().await;
+    eprintln!(
+        "crowds: fleet of {fleet} on alerts.> with {cached} cached topics: dropped in {dropped_in:?}, \
+         reconnected and re-subscribed in {back_in:?}; canary {report:?}"
+    );
+    drop(members);
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_a_connection_with_many_subscriptions_costs_only_its_own() {
+    let n = scale("BROKERD_DISCONNECT_SUBS", 10_000);
+    let topics = scale("BROKERD_CACHE_TOPICS", 10_000);
+    let b = TestBroker::with_config(|c| {
+        c.routing.match_cache = topics + 1_024;
+        c.limits.max_subs_per_connection = n + 10;
+    })
+    .await;
+    let canary = Canary::start(&b).await;
+    let publisher = b.client("pub").await;
+    // Many others share one of its filters, so a change costs nothing per sharer either.
+    let mut sharers = Vec::new();
+    for i in 0..50 {
+        let c = b.client(&format!("sharer-{i}")).await;
+        let s = c.subscribe(">").await.unwrap();
+        sharers.push((c, s));
+    }
+    let big = b.raw("big").await;
+    let mut big = big;
+    // Its subscriptions: a quarter wildcards, the rest literal topics; a tenth are `>`.
+    let mut frames = Vec::new();
+    for i in 0..n {
+        let filter = match i % 10 {
+            0 => ">".to_string(),
+            1 | 2 => format!("load.*.{i}"),
+            _ => format!("load.s{i}"),
+        };
+        frames.extend_from_slice(&wire::sub(i as u32, i as u32 + 1, filter));
+    }
+    big.send_bytes(&frames).await;
+    expect_oks(&mut big, n).await;
+    fill_cache(&publisher, "load", topics).await;
+    let before = b.broker.stats();
+    assert!(before.sublist.cache_entries >= topics);
+    let started = Instant::now();
+    drop(big);
+    wait_until("its subscriptions are gone", || {
+        b.broker.stats().subscriptions == before.subscriptions - n
+    })
+    .await;
+    let closed_in = started.elapsed();
+    // The cache was not emptied by the departure: results hold slots, not copies.
+    let after = b.broker.stats().sublist;
+    assert!(
+        after.cache_entries >= topics,
+        "cache went from {} to {} entries",
+        before.sublist.cache_entries,
+        after.cache_entries
+    );
+    assert_eq!(
+        publisher.publish_acked("load.t5", b"x").await.unwrap() as usize,
+        sharers.len()
+    );
+    let report = canary.finish().await;
+    eprintln!(
+        "crowds: closing a connection with {n} subscriptions ({} cached topics, 50 sharers of '>') \
+         took {closed_in:?}; canary {report:?}",
+        before.sublist.cache_entries
+    );
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_group_crowd_keeps_the_match_cache_within_its_bytes() {
+    let members = scale("BROKERD_GROUP_SUBS", 8_192);
+    let topics = scale("BROKERD_CACHE_TOPICS", 10_000);
+    let cache_bytes = 4 * 1024 * 1024;
+    let b = TestBroker::with_config(|c| {
+        c.routing.match_cache_bytes = cache_bytes;
+        c.limits.max_subs_per_connection = members + 10;
+        c.limits.max_memory = 256 * 1024 * 1024;
+    })
+    .await;
+    let canary = Canary::start(&b).await;
+    let mut crowd = b.raw("crowd").await;
+    let mut frames = Vec::new();
+    for i in 0..members {
+        frames.extend_from_slice(
+            &Frame::Sub(Subscribe {
+                req_id: i as u32,
+                sid: i as u32 + 1,
+                filter: ">".into(),
+                queue: Some("workers".into()),
+            })
+            .to_bytes(),
+        );
+    }
+    crowd.send_bytes(&frames).await;
+    expect_oks(&mut crowd, members).await;
+    let publisher = b.client("pub").await;
+    for i in 0..topics {
+        publisher
+            .publish(&format!("distinct.t{i}"), b"x")
+            .await
+            .unwrap();
+        if i % 1024 == 0 {
+            // The crowd reads nothing: its queue is bounded, and the budget holds.
+            let s = b.broker.stats();
+            assert!(s.sublist.cache_bytes <= cache_bytes, "{:?}", s.sublist);
+        }
+    }
+    assert_eq!(
+        publisher
+            .publish_acked("distinct.last", b"x")
+            .await
+            .unwrap(),
+        1
+    );
+    let s = b.broker.stats();
+    assert!(s.sublist.cache_bytes <= cache_bytes, "{:?}", s.sublist);
+    assert!(s.sublist.cache_entries > 1_000, "{:?}", s.sublist);
+    // Each cached topic holds one slot pointer, however many members the group has.
+    assert!(
+        s.sublist.cache_bytes < s.sublist.cache_entries * 256,
+        "{:?}",
+        s.sublist
+    );
+    let used = b.broker.memory().used();
+    let report = canary.finish().await;
+    eprintln!(
+        "crowds: queue group of {members} on '>' and {topics} distinct topics: cache {} entries in \
+         {} bytes; memory budget charged {used} bytes; canary {report:?}",
+        s.sublist.cache_entries, s.sublist.cache_bytes
+    );
+    drop(crowd);
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wildcard_walk_attacker_does_not_starve_the_canary() {
+    let depth = scale("BROKERD_WALK_DEPTH", 12);
+    let publishes = scale("BROKERD_WALK_PUBLISHES", 300);
+    let filters = 1usize << depth;
+    let b = TestBroker::with_config(|c| {
+        c.limits.max_subs_per_connection = filters + 10;
+    })
+    .await;
+    let canary = Canary::start(&b).await;
+    // Every filter of `depth` tokens, each `a` or `*`, then `>`: a topic of `a`s walks them all.
+    let mut attacker = b.raw("walker").await;
+    let mut frames = Vec::new();
+    for i in 0..filters {
+        let f: Vec<&str> = (0..depth)
+            .map(|k| if (i >> k) & 1 == 1 { "*" } else { "a" })
+            .collect();
+        frames.extend_from_slice(&wire::sub(
+            i as u32,
+            i as u32 + 1,
+            format!("{}.>", f.join(".")),
+        ));
+    }
+    attacker.send_bytes(&frames).await;
+    expect_oks(&mut attacker, filters).await;
+    // A second connection publishes to distinct topics, each a cache miss walking every path.
+    let mut walker = b.raw("walk-pub").await;
+    let prefix = vec!["a"; depth].join(".");
+    let started = Instant::now();
+    let mut frames = Vec::new();
+    for i in 0..publishes {
+        frames.extend_from_slice(&wire::publish(0, false, format!("{prefix}.x{i}"), b""));
+    }
+    frames.extend_from_slice(&wire::publish(7, true, format!("{prefix}.end"), b""));
+    walker.send_bytes(&frames).await;
+    match walker.recv().await {
+        Some(Frame::Ack {
+            req_id: 7,
+            delivered,
+        }) => assert!(delivered as usize <= filters),
+        other => panic!("expected the ACK, got {other:?}"),
+    }
+    // The attacker reads nothing: most deliveries are dropped, and counted.
+    assert!(b.broker.stats().dropped > 0);
+    let walked_in = started.elapsed();
+    let report = canary.finish().await;
+    eprintln!(
+        "crowds: {filters} wildcard filters, {publishes} distinct-topic publishes each matching all \
+         of them took {walked_in:?}; canary {report:?}"
+    );
+    drop(attacker);
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_replies_count_against_the_limits_and_close_a_slow_consumer() {
+    let max_bytes = 1024 * 1024;
+    let b = TestBroker::with_config(|c| {
+        c.outbound.max_pending_bytes = max_bytes;
+        c.outbound.max_pending_msgs = 4_096;
+        c.outbound.write_deadline = Duration::from_millis(500);
+    })
+    .await;
+    let canary = Canary::start(&b).await;
+    let mut attacker = b.raw("amplifier").await;
+    // SUBs with a 13 KB invalid queue name, each answered by an ERR; it never reads.
+    let queue = "q ".repeat(6_500);
+    let one = Frame::Sub(Subscribe {
+        req_id: 1,
+        sid: 1,
+        filter: "amp".into(),
+        queue: Some(queue),
+    })
+    .to_bytes();
+    let mut sent = 0usize;
+    let mut peak = 0usize;
+    let id = b
+        .broker
+        .clients()
+        .iter()
+        .find(|c| c.name == "amplifier")
+        .unwrap()
+        .id;
+    // Bounded: at most 400 MB sent, or until the broker closes the connection.
+    for _ in 0..30_000 {
+        if attacker.try_send_bytes(&one).await.is_err() {
+            break;
+        }
+        sent += one.len();
+        if let Some(c) = b.broker.client(id) {
+            let st = c.outbox.stats();
+            peak = peak.max(st.pending_bytes + st.pending_control_bytes);
+        } else {
+            break;
+        }
+        if sent % (64 * one.len()) == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    wait_until("the amplifier is closed", || b.broker.client(id).is_none()).await;
+    let closed = b.closes("slow-consumer") + b.closes("write-timeout");
+    assert_eq!(closed, 1, "closed as a slow consumer");
+    // Half the byte limit for replies, plus one read's worth of frames acted on before the
+    // reader noticed: each ERR is at most 9 + 256 bytes.
+    assert!(
+        peak <= max_bytes / 2 + 256 * 1024 / one.len() * 300 + 300,
+        "{peak} bytes pending"
+    );
+    let report = canary.finish().await;
+    eprintln!(
+        "crowds: amplifier sent {} KiB of SUBs before it was closed; its pending replies peaked at {} KiB; canary {report:?}",
+        sent / 1024,
+        peak / 1024
+    );
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_budget_bounds_stalled_partial_frames_and_queues() {
+    let budget = 32 * 1024 * 1024;
+    let conns = scale("BROKERD_STALLED_FRAMES", 100);
+    raise_fd_limit(2 * conns as u64 + 512).expect("file descriptors");
+    let b = TestBroker::with_config(|c| {
+        c.limits.max_memory = budget;
+    })
+    .await;
+    let canary = Canary::start(&b).await;
+    let limit = b.broker.memory().limit();
+    let hard = b.broker.memory().hard_limit();
+    // Connections each sending just over half of a maximum frame, then stalling.
+    let frame_len = b.broker.limits().max_frame;
+    let half = vec![0u8; frame_len / 2 + 4096];
+    let mut stalled = Vec::new();
+    let mut peak = 0;
+    for i in 0..conns {
+        let mut c = b.raw(&format!("stall-{i}")).await;
+        let mut head = Vec::new();
+        head.extend_from_slice(&(frame_len as u32).to_be_bytes());
+        head.push(0x02);
+        // A write the broker stops reading must not hold the test up.
+        let _ = tokio::time::timeout(Duration::from_millis(200), async {
+            c.try_send_bytes(&head).await.ok();
+            c.try_send_bytes(&half).await.ok();
+        })
+        .await;
+        stalled.push(c);
+        peak = peak.max(b.broker.memory().used());
+    }
+    // And stalled subscribers, each sent more than their share.
+    let subs = 8;
+    let mut readers = Vec::new();
+    for i in 0..subs {
+        let c = b.raw(&format!("stalled-sub-{i}")).await;
+        let mut c = c;
+        c.send_bytes(&wire::sub(1, 1, format!("stalled.{i}"))).await;
+        expect_oks(&mut c, 1).await;
+        readers.push(c);
+    }
+    let publisher = b.client("flood").await;
+    let payload = vec![7u8; 64 * 1024];
+    for round in 0..64 {
+        for i in 0..subs {
+            tokio::time::timeout(
+                DEADLINE,
+                publisher.publish(&format!("stalled.{i}"), &payload),
+            )
+            .await
+            .expect("the publisher is not held up")
+            .unwrap();
+        }
+        if round % 8 == 0 {
+            tokio::time::timeout(DEADLINE, publisher.flush())
+                .await
+                .expect("the publisher is not held up")
+                .unwrap();
+            peak = peak.max(b.broker.memory().used());
+        }
+    }
+    tokio::time::timeout(DEADLINE, publisher.publish_acked("stalled.0", b"x"))
+        .await
+        .expect("the publisher is not held up")
+        .unwrap();
+    peak = peak.max(b.broker.memory().used());
+    let dropped = b.broker.stats().dropped;
+    assert!(dropped > 0, "the budget shed deliveries");
+    // The stated margin: the hard limit, plus one frame in flight per core and the outboxes'
+    // reservation steps.
+    let margin = 2 * frame_len + (conns + subs) * 8 * 1024;
+    assert!(peak <= hard + margin, "peak {peak} over {hard} + {margin}");
+    let report = canary.finish().await;
+    drop(stalled);
+    drop(readers);
+    wait_until("everything charged is given back", || {
+        b.broker.memory().used() < 1024 * 1024
+    })
+    .await;
+    eprintln!(
+        "crowds: {conns} stalled half frames and {subs} stalled subscribers under a {limit}-byte \
+         budget: peak charge {peak}, {dropped} deliveries shed; canary {report:?}"
+    );
+    b.stop().await;
+}
