@@ -5,8 +5,10 @@
 //! anything but this connection's own socket. Replies go through the connection's own outbox, so
 //! the writer task ([`crate::writer`]) is the only code that writes to the socket once the
 //! handshake is done. When reading ends, the task closes the outbox with its reason, waits for the
-//! writer, removes the client from the broker and logs the close reason once.
+//! writer, removes the client from the broker and logs the close reason once. Client-supplied
+//! text reaches a log line only through [`Escaped`].
 
+use crate::escape::Escaped;
 use crate::monitor;
 use crate::server::Shared;
 use crate::writer;
@@ -79,6 +81,8 @@ pub(crate) async fn serve(
             return;
         }
     };
+    // Escaped once: the name is the client's to choose, and goes into every line about it.
+    let log_name = Escaped(&hello.name).to_string();
     let client = shared.broker.connect(
         hello.name.clone(),
         peer.to_string(),
@@ -100,7 +104,7 @@ pub(crate) async fn serve(
         server_id: shared.server_id.clone(),
     });
     client.outbox.push_frame(welcome.to_bytes());
-    debug!(client = %client.name, %peer, id = client.id, "client connected");
+    debug!(client = %log_name, %peer, id = client.id, "client connected");
 
     let conn = CancellationToken::new();
     let writer = tokio::spawn(writer::run(
@@ -122,16 +126,21 @@ pub(crate) async fn serve(
         .close_reason()
         .unwrap_or(CloseReason::ServerShutdown);
     shared.broker.disconnect(&client, &reason);
-    log_close(&client, &reason);
+    log_close(&client, &log_name, &reason);
 }
 
-fn log_close(client: &Client, reason: &CloseReason) {
+/// Logs a connection's end once; `log_name` is its name already escaped.
+fn log_close(client: &Client, log_name: &str, reason: &CloseReason) {
+    // An I/O error's text comes from the OS, but escaping it costs nothing and keeps the rule
+    // simple: no text reaches a log line raw unless this server wrote it.
+    let text = reason.to_string();
+    let shown = Escaped(&text);
     match reason {
         CloseReason::ClientClosed | CloseReason::ServerShutdown => {
-            info!(client = %client.name, peer = %client.peer, id = client.id, reason = %reason, "connection closed")
+            info!(client = %log_name, peer = %client.peer, id = client.id, reason = %shown, "connection closed")
         }
         _ => {
-            warn!(client = %client.name, peer = %client.peer, id = client.id, reason = %reason, "connection closed")
+            warn!(client = %log_name, peer = %client.peer, id = client.id, reason = %shown, "connection closed")
         }
     }
 }

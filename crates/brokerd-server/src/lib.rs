@@ -5,11 +5,13 @@
 //! - [`config`]: defaults, TOML file, validation.
 //! - [`server`]: listener, accept loop, graceful shutdown.
 //! - `connection`: one connection's handshake, reader loop and keep-alive.
+//! - `escape`: client-supplied text made safe for a log line.
 //! - `writer`: one connection's socket writer task.
 //! - `monitor`: the statistics a client asks for on `$SYS.req.stats`.
 
 pub mod config;
 mod connection;
+mod escape;
 mod monitor;
 pub mod server;
 mod writer;
