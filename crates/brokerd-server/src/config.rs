@@ -64,8 +64,13 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// Most simultaneous client connections.
+    /// Most simultaneous client connections that have completed their handshake.
     pub max_connections: usize,
+    /// Most connections accepted but still before their `HELLO` is accepted; they do not count
+    /// against `max_connections` until then.
+    pub max_handshakes: usize,
+    /// Most connections, in their handshake or established, from one source IP address.
+    pub max_connections_per_address: usize,
     /// Largest frame in bytes, length prefix excluded.
     pub max_frame: usize,
     /// Largest message payload in bytes.
@@ -137,6 +142,8 @@ impl Default for LimitsConfig {
         let l = Limits::default();
         LimitsConfig {
             max_connections: 10_000,
+            max_handshakes: 1_000,
+            max_connections_per_address: 1_000,
             max_frame: l.max_frame,
             max_payload: l.max_payload,
             max_topic_len: l.topic.max_len,
@@ -223,6 +230,12 @@ impl Config {
         let l = &self.limits;
         if l.max_connections == 0 {
             return invalid("limits.max_connections", "must be at least 1");
+        }
+        if l.max_handshakes == 0 {
+            return invalid("limits.max_handshakes", "must be at least 1");
+        }
+        if l.max_connections_per_address == 0 {
+            return invalid("limits.max_connections_per_address", "must be at least 1");
         }
         if l.max_payload == 0 || l.max_payload > u32::MAX as usize - 65_536 {
             return invalid("limits.max_payload", "must be between 1 and 4294901759");
@@ -360,5 +373,9 @@ mod tests {
         assert!(e.to_string().contains("handshake"), "{e}");
         let e = Config::from_toml("[limits]\nmax_payload = 2000000\n", "t").unwrap_err();
         assert!(e.to_string().contains("limits.max_frame"), "{e}");
+        let e = Config::from_toml("[limits]\nmax_handshakes = 0\n", "t").unwrap_err();
+        assert!(e.to_string().contains("limits.max_handshakes"), "{e}");
+        let e = Config::from_toml("[limits]\nmax_connections_per_address = 0\n", "t").unwrap_err();
+        assert!(e.to_string().contains("max_connections_per_address"), "{e}");
     }
 }

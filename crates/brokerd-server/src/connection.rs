@@ -5,9 +5,13 @@
 //! anything but this connection's own socket. Replies go through the connection's own outbox, so
 //! the writer task ([`crate::writer`]) is the only code that writes to the socket once the
 //! handshake is done. When reading ends, the task closes the outbox with its reason, waits for the
-//! writer, removes the client from the broker and logs the close reason once. Client-supplied
-//! text reaches a log line only through [`Escaped`].
+//! writer, removes the client from the broker and logs the close reason once.
+//!
+//! The connection holds a [`Ticket`] from accept to its end: a handshake slot until its `HELLO`
+//! is accepted, then a `max_connections` slot. Client-supplied text reaches a log line only
+//! through [`Escaped`].
 
+use crate::admission::Ticket;
 use crate::escape::Escaped;
 use crate::monitor;
 use crate::server::Shared;
@@ -55,21 +59,25 @@ enum ReadEnd {
     WriterGone,
 }
 
-/// Serves one accepted connection to its end.
+/// Serves one accepted connection to its end. `ticket` is the connection's admission, held (and
+/// so counted) until this returns.
 pub(crate) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
+    mut ticket: Ticket,
     reading: TaskTrackerToken,
 ) {
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let eviction = ticket.eviction();
     let hello = tokio::select! {
         r = tokio::time::timeout(shared.config.timeouts.handshake, read_hello(&mut rd, &mut buf, &shared)) => match r {
             Ok(r) => r,
             Err(_) => Err(CloseReason::HandshakeTimeout),
         },
+        _ = eviction.cancelled() => Err(CloseReason::TooManyHandshakes),
         _ = shared.shutdown.cancelled() => Err(CloseReason::ServerShutdown),
     };
     let hello = match hello {
@@ -83,6 +91,16 @@ pub(crate) async fn serve(
     };
     // Escaped once: the name is the client's to choose, and goes into every line about it.
     let log_name = Escaped(&hello.name).to_string();
+    if let Err(reason) = ticket.establish() {
+        reject(&mut wr, &reason, &shared).await;
+        shared.broker.record_close(&reason);
+        if reason == CloseReason::TooManyConnections
+            && let Some(suppressed) = shared.refusals.should_log()
+        {
+            warn!(client = %log_name, %peer, reason = %reason, limit = shared.config.limits.max_connections, suppressed, "connection refused");
+        }
+        return;
+    }
     let client = shared.broker.connect(
         hello.name.clone(),
         peer.to_string(),
@@ -127,6 +145,7 @@ pub(crate) async fn serve(
         .unwrap_or(CloseReason::ServerShutdown);
     shared.broker.disconnect(&client, &reason);
     log_close(&client, &log_name, &reason);
+    drop(ticket);
 }
 
 /// Logs a connection's end once; `log_name` is its name already escaped.

@@ -4,11 +4,13 @@
 //! Layout:
 //! - [`config`]: defaults, TOML file, validation.
 //! - [`server`]: listener, accept loop, graceful shutdown.
+//! - `admission`: the handshake, connection and per-address limits a connection is admitted by.
 //! - `connection`: one connection's handshake, reader loop and keep-alive.
 //! - `escape`: client-supplied text made safe for a log line.
 //! - `writer`: one connection's socket writer task.
 //! - `monitor`: the statistics a client asks for on `$SYS.req.stats`.
 
+mod admission;
 pub mod config;
 mod connection;
 mod escape;
