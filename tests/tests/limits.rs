@@ -15,6 +15,7 @@ use brokerd_proto::{ErrorCode, Frame};
 use brokerd_tests::{RawConn, TestBroker, wait_until, wire};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn code(c: ErrorCode) -> u16 {
     c as u16
@@ -332,5 +333,57 @@ async fn connections_per_address_are_limited() {
     again.send_bytes(&wire::ping(2)).await;
     assert_eq!(again.recv().await, Some(Frame::Pong(2)));
     assert_eq!(b.closes("too-many-from-address"), 1);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_trickled_frame_is_closed_at_its_deadline() {
+    let b = TestBroker::with_config(|c| {
+        c.timeouts.frame = Duration::from_millis(300);
+        // 1 MiB/s: a 100-byte frame gets a tenth of a millisecond more.
+        c.limits.min_frame_rate = 1 << 20;
+    })
+    .await;
+    // Idle between frames, for longer than the frame deadline: not affected.
+    let mut idle = RawConn::handshake(b.addr, "idle", 0).await;
+    let trickler = RawConn::handshake(b.addr, "trickler", 0).await;
+    let frame = wire::publish(2, true, "trickle", &[7; 100]);
+    let (mut rd, mut wr) = trickler.stream.into_split();
+    let replies = tokio::spawn(async move {
+        let mut got = Vec::new();
+        let _ = rd.read_to_end(&mut got).await;
+        got
+    });
+    wr.write_all(&frame[..5]).await.unwrap();
+    // One byte every 100 ms: each resets the keep-alive (30 s here anyway), none may move the
+    // frame's deadline. The pace is what is tested, so it is a timer, not a wait for a condition.
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut sent = 5;
+    while sent < frame.len() - 1 && !replies.is_finished() {
+        tick.tick().await;
+        if wr.write_all(&frame[sent..=sent]).await.is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    assert!(sent < frame.len() - 1, "the frame was never cut off");
+    let got = tokio::time::timeout(brokerd_tests::DEADLINE, replies)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut got = bytes::BytesMut::from(&got[..]);
+    let Some(Frame::Err(e)) = brokerd_proto::decode(&mut got, usize::MAX).unwrap() else {
+        panic!("expected ERR, got {got:?}")
+    };
+    assert_eq!((e.req_id, e.code), (0, code(ErrorCode::KeepaliveTimeout)));
+    assert!(e.message.contains("frame"), "{}", e.message);
+    assert!(got.is_empty(), "nothing after the closing ERR");
+    wait_until("the frame timeout to be counted", || {
+        b.closes("frame-timeout") == 1
+    })
+    .await;
+    assert_eq!(b.closes("keepalive-timeout"), 0);
+    idle.send_bytes(&wire::ping(3)).await;
+    assert_eq!(idle.recv().await, Some(Frame::Pong(3)));
     b.stop().await;
 }

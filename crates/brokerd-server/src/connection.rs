@@ -12,6 +12,7 @@
 //! through [`Escaped`].
 
 use crate::admission::Ticket;
+use crate::config::Config;
 use crate::escape::Escaped;
 use crate::monitor;
 use crate::server::Shared;
@@ -364,8 +365,13 @@ async fn read_loop(
     let mut chunk = READ_CHUNK;
     let mut last_read_len = 0;
     let mut last_read = Instant::now();
+    // When the latest read completed: the arrival of a frame begun in it.
+    let mut read_at = last_read;
     let keepalive = tokio::time::sleep_until(last_read + interval);
     tokio::pin!(keepalive);
+    let mut frame_deadline = FrameDeadline::default();
+    let frame_timer = tokio::time::sleep_until(last_read);
+    tokio::pin!(frame_timer);
     // Set for good once the connection publishes a body that is queued as a slice of the read
     // buffer: its chunk then stays small (see `READ_CHUNK_MAX`).
     let mut shares_buffer = false;
@@ -386,9 +392,13 @@ async fn read_loop(
                     Err(e) => return ReadEnd::Close(reader.decode_error(&e)),
                 }
             }
-            buf.advance(routed);
+            if routed > 0 {
+                buf.advance(routed);
+                frame_deadline.started = None;
+            }
             match decode(buf, max_frame) {
                 Ok(Some(frame)) => {
+                    frame_deadline.started = None;
                     if let Frame::Pub(p) = &frame
                         && p.body.len() >= DETACH_BELOW
                     {
@@ -404,6 +414,12 @@ async fn read_loop(
                 Ok(None) => break,
                 Err(e) => return ReadEnd::Close(reader.decode_error(&e)),
             }
+        }
+        // Only a read that leaves part of a frame behind pays for the frame deadline.
+        if buf.is_empty() {
+            frame_deadline.started = None;
+        } else if let Some(at) = frame_deadline.partial(buf, read_at, &shared.config) {
+            frame_timer.as_mut().reset(at);
         }
         // Waking a subscriber's writer from here puts it in this worker's LIFO slot, which no
         // other worker may steal: without a yield the writers would only ever run on this core,
@@ -438,6 +454,7 @@ async fn read_loop(
                         chunk *= 2;
                     }
                     last_read = Instant::now();
+                    read_at = last_read;
                     pings_outstanding = 0;
                 }
                 Err(e) => return ReadEnd::Close(CloseReason::Io(e.to_string())),
@@ -455,7 +472,78 @@ async fn read_loop(
                 }
                 keepalive.as_mut().reset(last_read + interval);
             }
+            _ = &mut frame_timer, if frame_deadline.armed.is_some() => {
+                match frame_deadline.fired(buf, Instant::now(), &shared.config) {
+                    Fired::Expired => return ReadEnd::Close(CloseReason::FrameTimeout),
+                    Fired::Rearm(at) => frame_timer.as_mut().reset(at),
+                    Fired::Idle => {}
+                }
+            }
         }
+    }
+}
+
+/// The deadline of the frame whose start the read buffer holds: `timeouts.frame` plus its
+/// announced length at `limits.min_frame_rate`, from the read that brought its first byte. Bytes
+/// arriving later do not move it, so a peer trickling a frame cannot hold its connection open.
+#[derive(Debug, Default)]
+struct FrameDeadline {
+    /// When the first byte of the incomplete frame arrived; `None` when the buffer holds no
+    /// incomplete frame.
+    started: Option<Instant>,
+    /// What the timer is set to, `None` when it is off. It may be later than the current
+    /// frame's deadline: the timer is only moved earlier between firings, so that a publisher
+    /// whose reads often end mid-frame does not reset a timer on every read; when it fires, the
+    /// current frame's deadline is checked and the timer set to it.
+    armed: Option<Instant>,
+}
+
+/// What a firing of the frame timer means.
+#[derive(Debug, PartialEq, Eq)]
+enum Fired {
+    /// The incomplete frame is past its deadline.
+    Expired,
+    /// The incomplete frame has until then.
+    Rearm(Instant),
+    /// No frame is incomplete; the timer is off.
+    Idle,
+}
+
+impl FrameDeadline {
+    /// Notes that `buf` (not empty) holds an incomplete frame after a read completed at
+    /// `read_at`; returns the instant to set the timer to, if it must move.
+    fn partial(&mut self, buf: &[u8], read_at: Instant, config: &Config) -> Option<Instant> {
+        let started = *self.started.get_or_insert(read_at);
+        let due = started + config.frame_allowance(announced(buf));
+        match self.armed {
+            Some(armed) if armed <= due => None,
+            _ => {
+                self.armed = Some(due);
+                Some(due)
+            }
+        }
+    }
+
+    /// The timer fired at `now`.
+    fn fired(&mut self, buf: &[u8], now: Instant, config: &Config) -> Fired {
+        self.armed = None;
+        let Some(started) = self.started.filter(|_| !buf.is_empty()) else {
+            return Fired::Idle;
+        };
+        let due = started + config.frame_allowance(announced(buf));
+        if now >= due {
+            return Fired::Expired;
+        }
+        self.armed = Some(due);
+        Fired::Rearm(due)
+    }
+}
+
+/// The length an incomplete frame announces (0 until its length prefix has arrived).
+fn announced(buf: &[u8]) -> usize {
+    match buf {
+        [a, b, c, d, ..] => u32::from_be_bytes([*a, *b, *c, *d]) as usize,
+        _ => 0,
     }
 }
 
@@ -477,5 +565,80 @@ fn make_room(buf: &mut BytesMut, chunk: usize) {
     }
     if buf.capacity() - buf.len() < READ_MIN_FREE {
         buf.reserve(chunk);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn config() -> Config {
+        let mut c = Config::default();
+        c.timeouts.frame = Duration::from_secs(10);
+        c.limits.min_frame_rate = 1000;
+        c
+    }
+
+    #[test]
+    fn the_deadline_counts_from_the_first_byte_and_scales_with_the_length() {
+        let c = config();
+        let t0 = Instant::now();
+        let mut d = FrameDeadline::default();
+        // 2,000 bytes announced: 10 s plus 2 s.
+        let frame = [0, 0, 7, 208, 2, 0];
+        assert_eq!(
+            d.partial(&frame, t0, &c),
+            Some(t0 + Duration::from_secs(12))
+        );
+        // More bytes of the same frame later: the deadline stays where it was.
+        let later = t0 + Duration::from_secs(5);
+        assert_eq!(d.partial(&frame, later, &c), None);
+        assert_eq!(
+            d.fired(&frame, t0 + Duration::from_secs(11), &c),
+            Fired::Rearm(t0 + Duration::from_secs(12))
+        );
+        assert_eq!(
+            d.fired(&frame, t0 + Duration::from_secs(12), &c),
+            Fired::Expired
+        );
+    }
+
+    #[test]
+    fn a_length_prefix_still_arriving_gets_the_base_time() {
+        let c = config();
+        let t0 = Instant::now();
+        let mut d = FrameDeadline::default();
+        assert_eq!(
+            d.partial(&[0, 0], t0, &c),
+            Some(t0 + Duration::from_secs(10))
+        );
+        // The prefix completes: the longer deadline is picked up when the timer fires.
+        let frame = [0, 0, 3, 232, 2];
+        assert_eq!(d.partial(&frame, t0, &c), None);
+        assert_eq!(
+            d.fired(&frame, t0 + Duration::from_secs(10), &c),
+            Fired::Rearm(t0 + Duration::from_secs(11))
+        );
+    }
+
+    #[test]
+    fn a_new_frame_gets_a_new_deadline_and_an_earlier_one_moves_the_timer() {
+        let c = config();
+        let t0 = Instant::now();
+        let mut d = FrameDeadline::default();
+        let big = [0, 0, 0x27, 0x10, 2]; // 10,000 bytes: 20 s
+        assert_eq!(d.partial(&big, t0, &c), Some(t0 + Duration::from_secs(20)));
+        // The big frame completes; a small one starts a second later and is due earlier.
+        d.started = None;
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(
+            d.partial(&[0, 0, 0, 10, 2], t1, &c),
+            Some(t1 + Duration::from_millis(10_010))
+        );
+        // Nothing incomplete when the timer fires: it goes off.
+        d.started = None;
+        assert_eq!(d.fired(&[], t1 + Duration::from_secs(10), &c), Fired::Idle);
+        assert_eq!(d.armed, None);
     }
 }
