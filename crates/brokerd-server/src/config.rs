@@ -13,6 +13,10 @@ use std::path::Path;
 use std::time::Duration;
 use thiserror::Error;
 
+/// File descriptors kept beyond connections and handshakes, for the listener, stdio, the runtime,
+/// and connections refused while their `ERR` is written.
+pub const FD_HEADROOM: u64 = 64;
+
 /// Why a configuration could not be loaded.
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -307,6 +311,14 @@ impl Config {
         self.timeouts.frame.saturating_add(Duration::from_nanos(
             u64::try_from(nanos).unwrap_or(u64::MAX),
         ))
+    }
+
+    /// File descriptors the limits can ask for at once: every connection and handshake, the
+    /// refusals being written, and the listener, logs and runtime.
+    pub fn fds_needed(&self) -> u64 {
+        (self.limits.max_connections as u64)
+            .saturating_add(self.limits.max_handshakes as u64)
+            .saturating_add(FD_HEADROOM)
     }
 
     /// The routing limits for [`brokerd_core::Broker`].
