@@ -187,7 +187,7 @@ fn accept(
             if admitted.evicted_one
                 && let Some(suppressed) = shared.refusals.should_log()
             {
-                warn!(%peer, reason = "too-many-handshakes", limit = shared.config.limits.max_handshakes, connections = shared.gate.established(), suppressed, "oldest handshake evicted to admit a new connection");
+                warn!(%peer, reason = %CloseReason::TooManyHandshakes, limit = shared.config.limits.max_handshakes, connections = shared.gate.established(), suppressed, "oldest handshake evicted to admit a new connection");
             }
             let reading = readers.token();
             tasks.spawn(connection::serve(
