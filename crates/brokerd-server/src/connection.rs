@@ -85,7 +85,8 @@ pub(crate) async fn serve(
         Ok(h) => h,
         Err(reason) => {
             reject(&mut wr, &reason, &shared).await;
-            debug!(%peer, reason = %reason, "connection closed before handshake");
+            let text = reason.to_string();
+            debug!(%peer, reason = %Escaped(&text), "connection closed before handshake");
             shared.broker.record_close(&reason);
             return;
         }

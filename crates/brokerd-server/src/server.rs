@@ -228,7 +228,11 @@ impl RefusalLog {
     /// Whether to log this refusal; if so, how many were left unlogged since the last line.
     pub(crate) fn should_log(&self) -> Option<u64> {
         let epoch = *self.epoch.get_or_init(std::time::Instant::now);
-        let now = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1;
+        self.should_log_at(u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1)
+    }
+
+    /// [`RefusalLog::should_log`] at `now`, in milliseconds since the epoch plus one.
+    fn should_log_at(&self, now: u64) -> Option<u64> {
         let last = self.last.load(Ordering::Relaxed);
         if (last == 0 || now.saturating_sub(last) >= 1000)
             && self
@@ -250,4 +254,20 @@ fn server_id() -> String {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
     format!("{:x}-{:x}", nanos, std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_lines_are_throttled_and_count_what_they_leave_out() {
+        let log = RefusalLog::default();
+        assert_eq!(log.should_log_at(1), Some(0));
+        assert_eq!(log.should_log_at(2), None);
+        assert_eq!(log.should_log_at(1000), None);
+        assert_eq!(log.should_log_at(1001), Some(2));
+        assert_eq!(log.should_log_at(1500), None);
+        assert_eq!(log.should_log_at(5000), Some(1));
+    }
 }
