@@ -276,7 +276,10 @@ async fn silent_sockets_cannot_keep_clients_out() {
     let e = over.expect_err().await;
     assert_eq!((e.req_id, e.code), (0, code(ErrorCode::TooManyConnections)));
     over.expect_closed().await;
-    assert_eq!(b.closes("too-many-connections"), 1);
+    wait_until("the refusal to be counted", || {
+        b.closes("too-many-connections") == 1
+    })
+    .await;
     for c in &clients {
         c.flush().await.unwrap();
     }
@@ -312,7 +315,10 @@ async fn connections_per_address_are_limited() {
     assert_eq!((e.req_id, e.code), (0, code(ErrorCode::TooManyConnections)));
     assert!(e.message.contains("address"), "{}", e.message);
     refused.expect_closed().await;
-    assert_eq!(b.closes("too-many-from-address"), 1);
+    wait_until("the refusal to be counted", || {
+        b.closes("too-many-from-address") == 1
+    })
+    .await;
     // Another address is not affected.
     let mut elsewhere = RawConn::connect_from(b.addr, other)
         .await
