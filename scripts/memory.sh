@@ -39,6 +39,7 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 cat > "$WORK/brokerd.toml" <<TOML
 [limits]
 max_connections = $((CONNS + 100))
+max_connections_per_address = $((CONNS + 100))
 max_subs_per_connection = $((BIG + SUBS + 100))
 TOML
 

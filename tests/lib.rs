@@ -170,6 +170,19 @@ impl RawConn {
         }
     }
 
+    /// Connects with a socket receive buffer of about `bytes`, so that a peer that never reads
+    /// stops the broker's writes early instead of after megabytes of kernel buffering.
+    pub async fn connect_with_receive_buffer(addr: SocketAddr, bytes: u32) -> RawConn {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
+        let stream = socket.connect(addr).await.expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        RawConn {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
     /// Connects from the loopback address `local` (any of 127.0.0.0/8), so that tests making
     /// many short connections spread their `TIME_WAIT` sockets over several port spaces instead
     /// of exhausting the one of 127.0.0.1.

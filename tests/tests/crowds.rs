@@ -33,6 +33,16 @@ struct CanaryReport {
     largest_gap: Duration,
 }
 
+impl std::fmt::Display for CanaryReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "canary {} of {} received, largest gap {:?}",
+            self.received, self.sent, self.largest_gap
+        )
+    }
+}
+
 impl Canary {
     async fn start(b: &TestBroker) -> Canary {
         let sub = b.client("canary-sub").await;
@@ -139,7 +149,10 @@ async fn a_fleet_dropping_and_reconnecting_on_one_wildcard_keeps_routing() {
     raise_fd_limit(2 * fleet as u64 + 512).expect("file descriptors for the fleet");
     let b = TestBroker::with_config(|c| {
         c.routing.match_cache = topics + 1_024;
-        c.limits.max_connections = fleet + 100;
+        c.limits.max_connections = 2 * fleet + 100;
+        // The whole fleet connects from one address, and at once.
+        c.limits.max_connections_per_address = 2 * fleet + 100;
+        c.limits.max_handshakes = fleet + 100;
     })
     .await;
     let canary = Canary::start(&b).await;
@@ -195,7 +208,7 @@ async fn a_fleet_dropping_and_reconnecting_on_one_wildcard_keeps_routing() {
     let report = canary.finish().await;
     eprintln!(
         "crowds: fleet of {fleet} on alerts.> with {cached} cached topics: dropped in {dropped_in:?}, \
-         reconnected and re-subscribed in {back_in:?}; canary {report:?}"
+         reconnected and re-subscribed in {back_in:?}; {report}"
     );
     drop(members);
     b.stop().await;
@@ -258,7 +271,7 @@ async fn closing_a_connection_with_many_subscriptions_costs_only_its_own() {
     let report = canary.finish().await;
     eprintln!(
         "crowds: closing a connection with {n} subscriptions ({} cached topics, 50 sharers of '>') \
-         took {closed_in:?}; canary {report:?}",
+         took {closed_in:?}; {report}",
         before.sublist.cache_entries
     );
     b.stop().await;
@@ -323,7 +336,7 @@ async fn a_queue_group_crowd_keeps_the_match_cache_within_its_bytes() {
     let report = canary.finish().await;
     eprintln!(
         "crowds: queue group of {members} on '>' and {topics} distinct topics: cache {} entries in \
-         {} bytes; memory budget charged {used} bytes; canary {report:?}",
+         {} bytes; memory budget charged {used} bytes; {report}",
         s.sublist.cache_entries, s.sublist.cache_bytes
     );
     drop(crowd);
@@ -378,7 +391,7 @@ async fn a_wildcard_walk_attacker_does_not_starve_the_canary() {
     let report = canary.finish().await;
     eprintln!(
         "crowds: {filters} wildcard filters, {publishes} distinct-topic publishes each matching all \
-         of them took {walked_in:?}; canary {report:?}"
+         of them took {walked_in:?}; {report}"
     );
     drop(attacker);
     b.stop().await;
@@ -440,7 +453,7 @@ async fn unread_replies_count_against_the_limits_and_close_a_slow_consumer() {
     );
     let report = canary.finish().await;
     eprintln!(
-        "crowds: amplifier sent {} KiB of SUBs before it was closed; its pending replies peaked at {} KiB; canary {report:?}",
+        "crowds: amplifier sent {} KiB of SUBs before it was closed; its pending replies peaked at {} KiB; {report}",
         sent / 1024,
         peak / 1024
     );
@@ -448,18 +461,20 @@ async fn unread_replies_count_against_the_limits_and_close_a_slow_consumer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_memory_budget_bounds_stalled_partial_frames_and_queues() {
+async fn the_memory_budget_bounds_stalled_partial_frames() {
     let budget = 32 * 1024 * 1024;
     let conns = scale("BROKERD_STALLED_FRAMES", 100);
     raise_fd_limit(2 * conns as u64 + 512).expect("file descriptors");
     let b = TestBroker::with_config(|c| {
         c.limits.max_memory = budget;
+        c.timeouts.frame = Duration::from_secs(2);
+        c.limits.min_frame_rate = 64 * 1024 * 1024;
     })
     .await;
     let canary = Canary::start(&b).await;
-    let limit = b.broker.memory().limit();
     let hard = b.broker.memory().hard_limit();
-    // Connections each sending just over half of a maximum frame, then stalling.
+    // Connections each sending just over half of a maximum frame, then stalling: each would
+    // make the broker give the frame a buffer of its own.
     let frame_len = b.broker.limits().max_frame;
     let half = vec![0u8; frame_len / 2 + 4096];
     let mut stalled = Vec::new();
@@ -470,7 +485,7 @@ async fn the_memory_budget_bounds_stalled_partial_frames_and_queues() {
         head.extend_from_slice(&(frame_len as u32).to_be_bytes());
         head.push(0x02);
         // A write the broker stops reading must not hold the test up.
-        let _ = tokio::time::timeout(Duration::from_millis(200), async {
+        let _ = tokio::time::timeout(Duration::from_millis(100), async {
             c.try_send_bytes(&head).await.ok();
             c.try_send_bytes(&half).await.ok();
         })
@@ -478,19 +493,61 @@ async fn the_memory_budget_bounds_stalled_partial_frames_and_queues() {
         stalled.push(c);
         peak = peak.max(b.broker.memory().used());
     }
-    // And stalled subscribers, each sent more than their share.
+    wait_until("the stalled frames are charged", || {
+        b.broker.memory().used() > budget / 2
+    })
+    .await;
+    peak = peak.max(b.broker.memory().used());
+    // The stated margin: one large frame per core allocated while the budget looked free, and
+    // each connection's read chunk.
+    let margin = 2 * frame_len + conns * 68 * 1024;
+    assert!(
+        peak <= budget + margin,
+        "peak {peak} over {budget} + {margin}"
+    );
+    // Their frame deadline closes them and gives everything back.
+    wait_until("the stalled frames time out", || {
+        b.closes("frame-timeout") == conns as u64
+    })
+    .await;
+    wait_until("everything charged is given back", || {
+        b.broker.memory().used() < 1024 * 1024
+    })
+    .await;
+    let report = canary.finish().await;
+    eprintln!(
+        "crowds: {conns} stalled half frames of {frame_len} bytes under a {budget}-byte budget \
+         (hard margin {hard}): peak charge {peak}; {report}"
+    );
+    drop(stalled);
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_budget_sheds_the_largest_queues_first() {
+    let budget = 16 * 1024 * 1024;
+    let b = TestBroker::with_config(|c| {
+        c.limits.max_memory = budget;
+        // The stalled subscribers must stay for the whole flood, even in a debug build.
+        c.outbound.write_deadline = Duration::from_secs(120);
+    })
+    .await;
+    let canary = Canary::start(&b).await;
+    let hard = b.broker.memory().hard_limit();
+    // Stalled subscribers on distinct topics, each sent more than the whole budget.
     let subs = 8;
-    let mut readers = Vec::new();
+    let mut stalled = Vec::new();
     for i in 0..subs {
-        let c = b.raw(&format!("stalled-sub-{i}")).await;
-        let mut c = c;
+        let c = RawConn::connect_with_receive_buffer(b.addr, 4096).await;
+        let mut c = c.hello(&format!("stalled-sub-{i}"), 0).await;
         c.send_bytes(&wire::sub(1, 1, format!("stalled.{i}"))).await;
         expect_oks(&mut c, 1).await;
-        readers.push(c);
+        stalled.push(c);
     }
     let publisher = b.client("flood").await;
-    let payload = vec![7u8; 64 * 1024];
-    for round in 0..64 {
+    let payload = vec![7u8; 16 * 1024];
+    let mut peak = 0;
+    for round in 0..512 {
         for i in 0..subs {
             tokio::time::timeout(
                 DEADLINE,
@@ -500,7 +557,7 @@ async fn the_memory_budget_bounds_stalled_partial_frames_and_queues() {
             .expect("the publisher is not held up")
             .unwrap();
         }
-        if round % 8 == 0 {
+        if round % 16 == 0 {
             tokio::time::timeout(DEADLINE, publisher.flush())
                 .await
                 .expect("the publisher is not held up")
@@ -514,21 +571,24 @@ async fn the_memory_budget_bounds_stalled_partial_frames_and_queues() {
         .unwrap();
     peak = peak.max(b.broker.memory().used());
     let dropped = b.broker.stats().dropped;
-    assert!(dropped > 0, "the budget shed deliveries");
-    // The stated margin: the hard limit, plus one frame in flight per core and the outboxes'
-    // reservation steps.
-    let margin = 2 * frame_len + (conns + subs) * 8 * 1024;
+    assert!(
+        dropped > 0,
+        "the budget shed deliveries (peak {peak}, {:?})",
+        b.broker.stats()
+    );
+    // The stated margin: past the hard limit a queue holds at most HARD_FLOOR more, plus one
+    // reservation step each.
+    let margin = (subs + 3) * (brokerd_core::memory::HARD_FLOOR + 2 * 16 * 1024);
     assert!(peak <= hard + margin, "peak {peak} over {hard} + {margin}");
     let report = canary.finish().await;
     drop(stalled);
-    drop(readers);
     wait_until("everything charged is given back", || {
         b.broker.memory().used() < 1024 * 1024
     })
     .await;
     eprintln!(
-        "crowds: {conns} stalled half frames and {subs} stalled subscribers under a {limit}-byte \
-         budget: peak charge {peak}, {dropped} deliveries shed; canary {report:?}"
+        "crowds: {subs} stalled subscribers sent 64 MiB under a {budget}-byte budget: peak charge \
+         {peak}, {dropped} deliveries shed; {report}"
     );
     b.stop().await;
 }

@@ -1,7 +1,9 @@
 //! Limits (issue 4): each is configurable, and exceeding it gets its own documented error code
 //! (`docs/protocol.md` section 5): max payload (5), max frame (4), topic length and token count
 //! (6 for a publish, 7 for a filter), subscriptions per connection (12), connections (14, an
-//! `ERR` rather than a reset), handshake timeout (15), keep-alive (17).
+//! `ERR` rather than a reset), handshake timeout (15), keep-alive (17); and the limits that keep
+//! connection slots from being held for free: handshakes in progress and connections per address
+//! (14, with their own close reasons), and the frame deadline (17, `frame-timeout`).
 //!
 //! Each test sets its limit well below the default so that it is cheap to reach, and checks that
 //! the connection stays open when the protocol says it does.
@@ -11,7 +13,9 @@
 use brokerd_client::{Client, ConnectOptions};
 use brokerd_proto::{ErrorCode, Frame};
 use brokerd_tests::{RawConn, TestBroker, wait_until, wire};
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn code(c: ErrorCode) -> u16 {
     c as u16
@@ -237,5 +241,155 @@ async fn keepalive_closes_connections_that_do_not_answer_pings() {
     assert_eq!(names, ["library", "polite"]);
     assert_eq!(b.closes("keepalive-timeout"), 1);
     drop(polite);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn silent_sockets_cannot_keep_clients_out() {
+    let b = TestBroker::with_config(|c| {
+        c.limits.max_connections = 20;
+        c.limits.max_handshakes = 10;
+    })
+    .await;
+    // Fifty sockets that never send a HELLO: more than both limits. Each one over the
+    // handshake limit evicts the oldest, which gets ERR 14 and is closed.
+    let mut silent = Vec::new();
+    for _ in 0..50 {
+        silent.push(RawConn::connect(b.addr).await);
+    }
+    wait_until("40 evictions", || b.closes("too-many-handshakes") == 40).await;
+    for c in &mut silent[..40] {
+        let e = c.expect_err().await;
+        assert_eq!((e.req_id, e.code), (0, code(ErrorCode::TooManyConnections)));
+        assert!(e.message.contains("handshake"), "{}", e.message);
+        c.expect_closed().await;
+    }
+    // Clients that do send their HELLO get all of max_connections, silent sockets or not.
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        clients.push(b.client(&format!("real-{i}")).await);
+    }
+    b.wait_for_connections(20).await;
+    // The connection limit is judged when the HELLO completes.
+    let mut over = RawConn::connect(b.addr).await;
+    over.send_bytes(&wire::hello(1, "over", 0)).await;
+    let e = over.expect_err().await;
+    assert_eq!((e.req_id, e.code), (0, code(ErrorCode::TooManyConnections)));
+    over.expect_closed().await;
+    wait_until("the refusal to be counted", || {
+        b.closes("too-many-connections") == 1
+    })
+    .await;
+    for c in &clients {
+        c.flush().await.unwrap();
+    }
+    // The first client's handshake found the handshake limit full and evicted the oldest
+    // silent socket; the others found the room it left, since each handshake ended at once.
+    wait_until("41 evictions", || b.closes("too-many-handshakes") == 41).await;
+    let e = silent[40].expect_err().await;
+    assert_eq!((e.req_id, e.code), (0, code(ErrorCode::TooManyConnections)));
+    assert_eq!(b.broker.stats().connections, 20);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn connections_per_address_are_limited() {
+    let b = TestBroker::with_config(|c| c.limits.max_connections_per_address = 3).await;
+    let busy = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 7));
+    let other = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 8));
+    // Handshakes and established connections both count.
+    let mut held = vec![
+        RawConn::connect_from(b.addr, busy)
+            .await
+            .hello("a", 0)
+            .await,
+        RawConn::connect_from(b.addr, busy)
+            .await
+            .hello("b", 0)
+            .await,
+        RawConn::connect_from(b.addr, busy).await,
+    ];
+    // The next one is refused at once, before it sends anything.
+    let mut refused = RawConn::connect_from(b.addr, busy).await;
+    let e = refused.expect_err().await;
+    assert_eq!((e.req_id, e.code), (0, code(ErrorCode::TooManyConnections)));
+    assert!(e.message.contains("address"), "{}", e.message);
+    refused.expect_closed().await;
+    wait_until("the refusal to be counted", || {
+        b.closes("too-many-from-address") == 1
+    })
+    .await;
+    // Another address is not affected.
+    let mut elsewhere = RawConn::connect_from(b.addr, other)
+        .await
+        .hello("c", 0)
+        .await;
+    elsewhere.send_bytes(&wire::ping(1)).await;
+    assert_eq!(elsewhere.recv().await, Some(Frame::Pong(1)));
+    // A connection closed gives its address's share back.
+    drop(held.remove(0));
+    wait_until("the closed connection to be counted", || {
+        b.closes("client-closed") == 1
+    })
+    .await;
+    let mut again = RawConn::connect_from(b.addr, busy)
+        .await
+        .hello("d", 0)
+        .await;
+    again.send_bytes(&wire::ping(2)).await;
+    assert_eq!(again.recv().await, Some(Frame::Pong(2)));
+    assert_eq!(b.closes("too-many-from-address"), 1);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_trickled_frame_is_closed_at_its_deadline() {
+    let b = TestBroker::with_config(|c| {
+        c.timeouts.frame = Duration::from_millis(300);
+        // 1 MiB/s: a 100-byte frame gets a tenth of a millisecond more.
+        c.limits.min_frame_rate = 1 << 20;
+    })
+    .await;
+    // Idle between frames, for longer than the frame deadline: not affected.
+    let mut idle = RawConn::handshake(b.addr, "idle", 0).await;
+    let trickler = RawConn::handshake(b.addr, "trickler", 0).await;
+    let frame = wire::publish(2, true, "trickle", &[7; 100]);
+    let (mut rd, mut wr) = trickler.stream.into_split();
+    let replies = tokio::spawn(async move {
+        let mut got = Vec::new();
+        let _ = rd.read_to_end(&mut got).await;
+        got
+    });
+    wr.write_all(&frame[..5]).await.unwrap();
+    // One byte every 100 ms: each resets the keep-alive (30 s here anyway), none may move the
+    // frame's deadline. The pace is what is tested, so it is a timer, not a wait for a condition.
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut sent = 5;
+    while sent < frame.len() - 1 && !replies.is_finished() {
+        tick.tick().await;
+        if wr.write_all(&frame[sent..=sent]).await.is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    assert!(sent < frame.len() - 1, "the frame was never cut off");
+    let got = tokio::time::timeout(brokerd_tests::DEADLINE, replies)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut got = bytes::BytesMut::from(&got[..]);
+    let Some(Frame::Err(e)) = brokerd_proto::decode(&mut got, usize::MAX).unwrap() else {
+        panic!("expected ERR, got {got:?}")
+    };
+    assert_eq!((e.req_id, e.code), (0, code(ErrorCode::KeepaliveTimeout)));
+    assert!(e.message.contains("frame"), "{}", e.message);
+    assert!(got.is_empty(), "nothing after the closing ERR");
+    wait_until("the frame timeout to be counted", || {
+        b.closes("frame-timeout") == 1
+    })
+    .await;
+    assert_eq!(b.closes("keepalive-timeout"), 0);
+    idle.send_bytes(&wire::ping(3)).await;
+    assert_eq!(idle.recv().await, Some(Frame::Pong(3)));
     b.stop().await;
 }

@@ -25,8 +25,14 @@ pub enum CloseReason {
     HandshakeTimeout,
     /// The client stopped answering keep-alive pings.
     KeepaliveTimeout,
-    /// The server was at its connection limit.
+    /// The server was at its connection limit when the `HELLO` completed.
     TooManyConnections,
+    /// The server had as many connections still in their handshake as it allows.
+    TooManyHandshakes,
+    /// The peer's address already had as many connections as one address may hold.
+    TooManyFromAddress,
+    /// A frame that had started to arrive was not completed within its deadline.
+    FrameTimeout,
     /// The server is shutting down.
     ServerShutdown,
 }
@@ -43,12 +49,15 @@ impl CloseReason {
             CloseReason::HandshakeTimeout => "handshake-timeout",
             CloseReason::KeepaliveTimeout => "keepalive-timeout",
             CloseReason::TooManyConnections => "too-many-connections",
+            CloseReason::TooManyHandshakes => "too-many-handshakes",
+            CloseReason::TooManyFromAddress => "too-many-from-address",
+            CloseReason::FrameTimeout => "frame-timeout",
             CloseReason::ServerShutdown => "server-shutdown",
         }
     }
 
     /// Every name [`CloseReason::name`] can return, for metrics that list zeros too.
-    pub const NAMES: [&'static str; 9] = [
+    pub const NAMES: [&'static str; 12] = [
         "client-closed",
         "io-error",
         "protocol-error",
@@ -57,6 +66,9 @@ impl CloseReason {
         "handshake-timeout",
         "keepalive-timeout",
         "too-many-connections",
+        "too-many-handshakes",
+        "too-many-from-address",
+        "frame-timeout",
         "server-shutdown",
     ];
 
@@ -89,6 +101,19 @@ impl CloseReason {
                 ErrorCode::TooManyConnections,
                 "server is at its connection limit".into(),
             )),
+            CloseReason::TooManyHandshakes => Some((
+                ErrorCode::TooManyConnections,
+                "server has too many connections in their handshake; retry later".into(),
+            )),
+            CloseReason::TooManyFromAddress => Some((
+                ErrorCode::TooManyConnections,
+                "too many connections from this address".into(),
+            )),
+            // The protocol's read-side liveness code: the peer stopped making progress.
+            CloseReason::FrameTimeout => Some((
+                ErrorCode::KeepaliveTimeout,
+                "frame timeout: a frame was not completed within its deadline".into(),
+            )),
             CloseReason::ServerShutdown => {
                 Some((ErrorCode::ShuttingDown, "server is shutting down".into()))
             }
@@ -109,6 +134,51 @@ impl fmt::Display for CloseReason {
                 "slow-consumer: {pending_msgs} messages, {pending_bytes} bytes pending"
             ),
             other => f.write_str(other.name()),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn every() -> Vec<CloseReason> {
+        vec![
+            CloseReason::ClientClosed,
+            CloseReason::Io("reset".into()),
+            CloseReason::Protocol(ErrorCode::MalformedFrame),
+            CloseReason::SlowConsumer {
+                pending_msgs: 1,
+                pending_bytes: 2,
+            },
+            CloseReason::WriteTimeout,
+            CloseReason::HandshakeTimeout,
+            CloseReason::KeepaliveTimeout,
+            CloseReason::TooManyConnections,
+            CloseReason::TooManyHandshakes,
+            CloseReason::TooManyFromAddress,
+            CloseReason::FrameTimeout,
+            CloseReason::ServerShutdown,
+        ]
+    }
+
+    #[test]
+    fn names_lists_every_name_once_in_order() {
+        let names: Vec<&str> = every().iter().map(CloseReason::name).collect();
+        assert_eq!(names, CloseReason::NAMES);
+    }
+
+    #[test]
+    fn refusals_and_timeouts_send_a_closing_error() {
+        for r in [
+            CloseReason::TooManyHandshakes,
+            CloseReason::TooManyFromAddress,
+            CloseReason::FrameTimeout,
+        ] {
+            let (code, message) = r.error().unwrap();
+            assert!(code.closes_connection(), "{r}");
+            assert!(!message.is_empty(), "{r}");
         }
     }
 }

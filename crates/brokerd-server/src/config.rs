@@ -13,6 +13,10 @@ use std::path::Path;
 use std::time::Duration;
 use thiserror::Error;
 
+/// File descriptors kept beyond connections and handshakes, for the listener, stdio, the runtime,
+/// and connections refused while their `ERR` is written.
+pub const FD_HEADROOM: u64 = 64;
+
 /// Why a configuration could not be loaded.
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -64,8 +68,16 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// Most simultaneous client connections.
+    /// Most simultaneous client connections that have completed their handshake.
     pub max_connections: usize,
+    /// Most connections accepted but still before their `HELLO` is accepted; they do not count
+    /// against `max_connections` until then.
+    pub max_handshakes: usize,
+    /// Most connections, in their handshake or established, from one source IP address.
+    pub max_connections_per_address: usize,
+    /// The slowest rate, in bytes per second, at which a client may send a frame it has
+    /// started: each frame has `timeouts.frame` plus its length at this rate to arrive.
+    pub min_frame_rate: u64,
     /// Largest frame in bytes, length prefix excluded.
     pub max_frame: usize,
     /// Largest message payload in bytes.
@@ -105,6 +117,10 @@ pub struct TimeoutsConfig {
     /// How long a new connection has to send `HELLO`.
     #[serde(with = "duration")]
     pub handshake: Duration,
+    /// The base time a frame has to arrive in full once its first byte has arrived; each byte
+    /// the frame announces adds `1 / limits.min_frame_rate` seconds.
+    #[serde(with = "duration")]
+    pub frame: Duration,
     /// How long a connection may stay quiet before the server pings it.
     #[serde(with = "duration")]
     pub ping_interval: Duration,
@@ -143,6 +159,9 @@ impl Default for LimitsConfig {
         let l = Limits::default();
         LimitsConfig {
             max_connections: 10_000,
+            max_handshakes: 1_000,
+            max_connections_per_address: 1_000,
+            min_frame_rate: 64 * 1024,
             max_frame: l.max_frame,
             max_payload: l.max_payload,
             max_topic_len: l.topic.max_len,
@@ -169,6 +188,7 @@ impl Default for TimeoutsConfig {
     fn default() -> TimeoutsConfig {
         TimeoutsConfig {
             handshake: Duration::from_secs(5),
+            frame: Duration::from_secs(10),
             ping_interval: Duration::from_secs(30),
             max_pings_outstanding: 2,
             shutdown_grace: Duration::from_secs(10),
@@ -232,6 +252,18 @@ impl Config {
         if l.max_connections == 0 {
             return invalid("limits.max_connections", "must be at least 1");
         }
+        if l.max_handshakes == 0 {
+            return invalid("limits.max_handshakes", "must be at least 1");
+        }
+        if l.max_connections_per_address == 0 {
+            return invalid("limits.max_connections_per_address", "must be at least 1");
+        }
+        if l.min_frame_rate == 0 {
+            return invalid(
+                "limits.min_frame_rate",
+                "must be at least 1 byte per second",
+            );
+        }
         if l.max_payload == 0 || l.max_payload > u32::MAX as usize - 65_536 {
             return invalid("limits.max_payload", "must be between 1 and 4294901759");
         }
@@ -273,6 +305,9 @@ impl Config {
         if t.handshake.is_zero() {
             return invalid("timeouts.handshake", "must be greater than zero");
         }
+        if t.frame.is_zero() {
+            return invalid("timeouts.frame", "must be greater than zero");
+        }
         if t.ping_interval.is_zero() {
             return invalid("timeouts.ping_interval", "must be greater than zero");
         }
@@ -280,6 +315,24 @@ impl Config {
             return invalid("timeouts.max_pings_outstanding", "must be at least 1");
         }
         Ok(())
+    }
+
+    /// How long a frame announcing `len` bytes (length prefix excluded) may take to arrive in
+    /// full, counted from its first byte: `timeouts.frame` plus `len` at `limits.min_frame_rate`.
+    pub fn frame_allowance(&self, len: usize) -> Duration {
+        let rate = self.limits.min_frame_rate.max(1);
+        let nanos = (len as u128 * 1_000_000_000) / u128::from(rate);
+        self.timeouts.frame.saturating_add(Duration::from_nanos(
+            u64::try_from(nanos).unwrap_or(u64::MAX),
+        ))
+    }
+
+    /// File descriptors the limits can ask for at once: every connection and handshake, the
+    /// refusals being written, and the listener, logs and runtime.
+    pub fn fds_needed(&self) -> u64 {
+        (self.limits.max_connections as u64)
+            .saturating_add(self.limits.max_handshakes as u64)
+            .saturating_add(FD_HEADROOM)
     }
 
     /// The routing limits for [`brokerd_core::Broker`].
@@ -403,5 +456,25 @@ mod tests {
         assert!(e.to_string().contains("handshake"), "{e}");
         let e = Config::from_toml("[limits]\nmax_payload = 2000000\n", "t").unwrap_err();
         assert!(e.to_string().contains("limits.max_frame"), "{e}");
+        let e = Config::from_toml("[limits]\nmax_handshakes = 0\n", "t").unwrap_err();
+        assert!(e.to_string().contains("limits.max_handshakes"), "{e}");
+        let e = Config::from_toml("[limits]\nmax_connections_per_address = 0\n", "t").unwrap_err();
+        assert!(e.to_string().contains("max_connections_per_address"), "{e}");
+        let e = Config::from_toml("[limits]\nmin_frame_rate = 0\n", "t").unwrap_err();
+        assert!(e.to_string().contains("limits.min_frame_rate"), "{e}");
+        let e = Config::from_toml("[timeouts]\nframe = \"0s\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("timeouts.frame"), "{e}");
+    }
+
+    #[test]
+    fn frame_allowance_grows_with_the_frame() {
+        let mut c = Config::default();
+        c.timeouts.frame = Duration::from_secs(10);
+        c.limits.min_frame_rate = 1024;
+        assert_eq!(c.frame_allowance(0), Duration::from_secs(10));
+        assert_eq!(c.frame_allowance(2048), Duration::from_secs(12));
+        assert_eq!(c.frame_allowance(512), Duration::from_millis(10_500));
+        c.limits.min_frame_rate = 1;
+        assert!(c.frame_allowance(u32::MAX as usize) > Duration::from_secs(u32::MAX as u64));
     }
 }

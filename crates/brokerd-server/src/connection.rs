@@ -6,7 +6,14 @@
 //! the writer task ([`crate::writer`]) is the only code that writes to the socket once the
 //! handshake is done. When reading ends, the task closes the outbox with its reason, waits for the
 //! writer, removes the client from the broker and logs the close reason once.
+//!
+//! The connection holds a [`Ticket`] from accept to its end: a handshake slot until its `HELLO`
+//! is accepted, then a `max_connections` slot. Client-supplied text reaches a log line only
+//! through [`Escaped`].
 
+use crate::admission::Ticket;
+use crate::config::Config;
+use crate::escape::Escaped;
 use crate::monitor;
 use crate::server::Shared;
 use crate::writer;
@@ -46,6 +53,8 @@ const LARGE_FRAME: usize = 16 * 1024;
 /// which a reader gives up its worker before acting on its next frame, so that one connection's
 /// expensive matches delay the others by a bounded amount: about a millisecond of walking.
 const WORK_BUDGET: usize = 16 * 1024;
+/// How often a reader waiting for the memory budget looks again.
+const MEMORY_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 /// Longest text of an `ERR` frame: what quotes a client's input quotes at most a prefix of it.
 const MAX_ERR_TEXT: usize = 256;
 
@@ -59,32 +68,49 @@ enum ReadEnd {
     WriterGone,
 }
 
-/// Serves one accepted connection to its end.
+/// Serves one accepted connection to its end. `ticket` is the connection's admission, held (and
+/// so counted) until this returns.
 pub(crate) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
+    mut ticket: Ticket,
     reading: TaskTrackerToken,
 ) {
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let eviction = ticket.eviction();
     let hello = tokio::select! {
         r = tokio::time::timeout(shared.config.timeouts.handshake, read_hello(&mut rd, &mut buf, &shared)) => match r {
             Ok(r) => r,
             Err(_) => Err(CloseReason::HandshakeTimeout),
         },
+        _ = eviction.cancelled() => Err(CloseReason::TooManyHandshakes),
         _ = shared.shutdown.cancelled() => Err(CloseReason::ServerShutdown),
     };
     let hello = match hello {
         Ok(h) => h,
         Err(reason) => {
             reject(&mut wr, &reason, &shared).await;
-            debug!(%peer, reason = %reason, "connection closed before handshake");
+            let text = reason.to_string();
+            debug!(%peer, reason = %Escaped(&text), "connection closed before handshake");
             shared.broker.record_close(&reason);
             return;
         }
     };
+    // Escaped once: the name is the client's to choose, and goes into every line about it.
+    let log_name = Escaped(&hello.name).to_string();
+    if let Err(reason) = ticket.establish() {
+        reject(&mut wr, &reason, &shared).await;
+        shared.broker.record_close(&reason);
+        if reason == CloseReason::TooManyConnections
+            && let Some(suppressed) = shared.refusals.should_log()
+        {
+            warn!(client = %log_name, %peer, reason = %reason, limit = shared.config.limits.max_connections, suppressed, "connection refused");
+        }
+        return;
+    }
     let client = shared.broker.connect(
         hello.name.clone(),
         peer.to_string(),
@@ -106,7 +132,7 @@ pub(crate) async fn serve(
         server_id: shared.server_id.clone(),
     });
     client.outbox.push_frame(welcome.to_bytes());
-    debug!(client = %client.name, %peer, id = client.id, "client connected");
+    debug!(client = %log_name, %peer, id = client.id, "client connected");
 
     let conn = CancellationToken::new();
     let writer = tokio::spawn(writer::run(
@@ -128,16 +154,22 @@ pub(crate) async fn serve(
         .close_reason()
         .unwrap_or(CloseReason::ServerShutdown);
     shared.broker.disconnect(&client, &reason);
-    log_close(&client, &reason);
+    log_close(&client, &log_name, &reason);
+    drop(ticket);
 }
 
-fn log_close(client: &Client, reason: &CloseReason) {
+/// Logs a connection's end once; `log_name` is its name already escaped.
+fn log_close(client: &Client, log_name: &str, reason: &CloseReason) {
+    // An I/O error's text comes from the OS, but escaping it costs nothing and keeps the rule
+    // simple: no text reaches a log line raw unless this server wrote it.
+    let text = reason.to_string();
+    let shown = Escaped(&text);
     match reason {
         CloseReason::ClientClosed | CloseReason::ServerShutdown => {
-            info!(client = %client.name, peer = %client.peer, id = client.id, reason = %reason, "connection closed")
+            info!(client = %log_name, peer = %client.peer, id = client.id, reason = %shown, "connection closed")
         }
         _ => {
-            warn!(client = %client.name, peer = %client.peer, id = client.id, reason = %reason, "connection closed")
+            warn!(client = %log_name, peer = %client.peer, id = client.id, reason = %shown, "connection closed")
         }
     }
 }
@@ -371,8 +403,13 @@ async fn read_loop(
     let mut chunk = READ_CHUNK;
     let mut last_read_len = 0;
     let mut last_read = Instant::now();
+    // When the latest read completed: the arrival of a frame begun in it.
+    let mut read_at = last_read;
     let keepalive = tokio::time::sleep_until(last_read + interval);
     tokio::pin!(keepalive);
+    let mut frame_deadline = FrameDeadline::default();
+    let frame_timer = tokio::time::sleep_until(last_read);
+    tokio::pin!(frame_timer);
     // Set for good once the connection publishes a body that is queued as a slice of the read
     // buffer: its chunk then stays small (see `READ_CHUNK_MAX`).
     let mut shares_buffer = false;
@@ -395,7 +432,10 @@ async fn read_loop(
                     Err(e) => return ReadEnd::Close(reader.decode_error(&e)),
                 }
             }
-            buf.advance(routed);
+            if routed > 0 {
+                buf.advance(routed);
+                frame_deadline.started = None;
+            }
             if reader.paused {
                 break;
             }
@@ -405,6 +445,7 @@ async fn read_loop(
             }
             match decode(buf, max_frame) {
                 Ok(Some(frame)) => {
+                    frame_deadline.started = None;
                     if let Frame::Pub(p) = &frame
                         && p.body.len() >= DETACH_BELOW
                     {
@@ -422,6 +463,12 @@ async fn read_loop(
             }
         }
         reader.routes.take_work();
+        // Only a read that leaves part of a frame behind pays for the frame deadline.
+        if buf.is_empty() {
+            frame_deadline.started = None;
+        } else if let Some(at) = frame_deadline.partial(buf, read_at, &shared.config) {
+            frame_timer.as_mut().reset(at);
+        }
         // Waking a subscriber's writer from here puts it in this worker's LIFO slot, which no
         // other worker may steal: without a yield the writers would only ever run on this core,
         // between this reader's reads. Yielding lets another worker take this reader instead.
@@ -456,15 +503,27 @@ async fn read_loop(
             // Act on the frames already buffered before reading more.
             continue;
         }
-        // Over the memory budget, a reader about to give a large frame a buffer of its own
-        // waits until the budget has room again; its frame deadline still runs.
+        // Over the memory budget, a reader whose frame is longer than a read chunk (it needs a
+        // larger buffer, or one of its own) waits until the budget has room again; its frame
+        // deadline still runs. Every other reader goes on within the buffer it has, so that
+        // frames that fit, which complete as soon as they are read, never wait.
         charged.set(read_held(buf));
-        if budget.over() && large_frame_allocation(buf, chunk).is_some() {
+        while budget.over()
+            && (buf.len() + READ_MIN_FREE > chunk
+                || large_frame(buf).is_some_and(|need| need > READ_CHUNK))
+        {
             tokio::select! {
                 biased;
                 _ = shared.shutdown.cancelled() => return ReadEnd::Shutdown,
                 _ = conn.cancelled() => return ReadEnd::WriterGone,
-                _ = wait_for_memory(&budget) => {}
+                _ = &mut frame_timer, if frame_deadline.armed.is_some() => {
+                    match frame_deadline.fired(buf, Instant::now(), &shared.config) {
+                        Fired::Expired => return ReadEnd::Close(CloseReason::FrameTimeout),
+                        Fired::Rearm(at) => frame_timer.as_mut().reset(at),
+                        Fired::Idle => {}
+                    }
+                }
+                _ = tokio::time::sleep(MEMORY_POLL) => {}
             }
         }
         make_room(buf, chunk);
@@ -483,6 +542,7 @@ async fn read_loop(
                         chunk *= 2;
                     }
                     last_read = Instant::now();
+                    read_at = last_read;
                     pings_outstanding = 0;
                 }
                 Err(e) => return ReadEnd::Close(CloseReason::Io(e.to_string())),
@@ -499,6 +559,13 @@ async fn read_loop(
                     last_read = Instant::now();
                 }
                 keepalive.as_mut().reset(last_read + interval);
+            }
+            _ = &mut frame_timer, if frame_deadline.armed.is_some() => {
+                match frame_deadline.fired(buf, Instant::now(), &shared.config) {
+                    Fired::Expired => return ReadEnd::Close(CloseReason::FrameTimeout),
+                    Fired::Rearm(at) => frame_timer.as_mut().reset(at),
+                    Fired::Idle => {}
+                }
             }
         }
     }
@@ -520,8 +587,8 @@ fn large_frame_allocation(buf: &BytesMut, chunk: usize) -> Option<usize> {
     (buf.capacity() < need || buf.capacity() > need + chunk).then_some(need)
 }
 
-/// What a read buffer holds, for the memory budget: the bytes not yet acted on, or a large
-/// frame's own buffer whole.
+/// What a read buffer holds, for the memory budget: the bytes not yet acted on, or, for a buffer
+/// grown past the read chunk (a large frame's), all it allocated.
 fn read_held(buf: &BytesMut) -> usize {
     if buf.capacity() > READ_CHUNK_MAX {
         buf.capacity()
@@ -551,10 +618,67 @@ impl Drop for Charge<'_> {
     }
 }
 
-/// Returns once the memory budget is no longer over.
-async fn wait_for_memory(budget: &brokerd_core::MemoryBudget) {
-    while budget.over() {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+/// The deadline of the frame whose start the read buffer holds: `timeouts.frame` plus its
+/// announced length at `limits.min_frame_rate`, from the read that brought its first byte. Bytes
+/// arriving later do not move it, so a peer trickling a frame cannot hold its connection open.
+#[derive(Debug, Default)]
+struct FrameDeadline {
+    /// When the first byte of the incomplete frame arrived; `None` when the buffer holds no
+    /// incomplete frame.
+    started: Option<Instant>,
+    /// What the timer is set to, `None` when it is off. It may be later than the current
+    /// frame's deadline: the timer is only moved earlier between firings, so that a publisher
+    /// whose reads often end mid-frame does not reset a timer on every read; when it fires, the
+    /// current frame's deadline is checked and the timer set to it.
+    armed: Option<Instant>,
+}
+
+/// What a firing of the frame timer means.
+#[derive(Debug, PartialEq, Eq)]
+enum Fired {
+    /// The incomplete frame is past its deadline.
+    Expired,
+    /// The incomplete frame has until then.
+    Rearm(Instant),
+    /// No frame is incomplete; the timer is off.
+    Idle,
+}
+
+impl FrameDeadline {
+    /// Notes that `buf` (not empty) holds an incomplete frame after a read completed at
+    /// `read_at`; returns the instant to set the timer to, if it must move.
+    fn partial(&mut self, buf: &[u8], read_at: Instant, config: &Config) -> Option<Instant> {
+        let started = *self.started.get_or_insert(read_at);
+        let due = started + config.frame_allowance(announced(buf));
+        match self.armed {
+            Some(armed) if armed <= due => None,
+            _ => {
+                self.armed = Some(due);
+                Some(due)
+            }
+        }
+    }
+
+    /// The timer fired at `now`.
+    fn fired(&mut self, buf: &[u8], now: Instant, config: &Config) -> Fired {
+        self.armed = None;
+        let Some(started) = self.started.filter(|_| !buf.is_empty()) else {
+            return Fired::Idle;
+        };
+        let due = started + config.frame_allowance(announced(buf));
+        if now >= due {
+            return Fired::Expired;
+        }
+        self.armed = Some(due);
+        Fired::Rearm(due)
+    }
+}
+
+/// The length an incomplete frame announces (0 until its length prefix has arrived).
+fn announced(buf: &[u8]) -> usize {
+    match buf {
+        [a, b, c, d, ..] => u32::from_be_bytes([*a, *b, *c, *d]) as usize,
+        _ => 0,
     }
 }
 
@@ -573,5 +697,80 @@ fn make_room(buf: &mut BytesMut, chunk: usize) {
     }
     if buf.capacity() - buf.len() < READ_MIN_FREE {
         buf.reserve(chunk);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn config() -> Config {
+        let mut c = Config::default();
+        c.timeouts.frame = Duration::from_secs(10);
+        c.limits.min_frame_rate = 1000;
+        c
+    }
+
+    #[test]
+    fn the_deadline_counts_from_the_first_byte_and_scales_with_the_length() {
+        let c = config();
+        let t0 = Instant::now();
+        let mut d = FrameDeadline::default();
+        // 2,000 bytes announced: 10 s plus 2 s.
+        let frame = [0, 0, 7, 208, 2, 0];
+        assert_eq!(
+            d.partial(&frame, t0, &c),
+            Some(t0 + Duration::from_secs(12))
+        );
+        // More bytes of the same frame later: the deadline stays where it was.
+        let later = t0 + Duration::from_secs(5);
+        assert_eq!(d.partial(&frame, later, &c), None);
+        assert_eq!(
+            d.fired(&frame, t0 + Duration::from_secs(11), &c),
+            Fired::Rearm(t0 + Duration::from_secs(12))
+        );
+        assert_eq!(
+            d.fired(&frame, t0 + Duration::from_secs(12), &c),
+            Fired::Expired
+        );
+    }
+
+    #[test]
+    fn a_length_prefix_still_arriving_gets_the_base_time() {
+        let c = config();
+        let t0 = Instant::now();
+        let mut d = FrameDeadline::default();
+        assert_eq!(
+            d.partial(&[0, 0], t0, &c),
+            Some(t0 + Duration::from_secs(10))
+        );
+        // The prefix completes: the longer deadline is picked up when the timer fires.
+        let frame = [0, 0, 3, 232, 2];
+        assert_eq!(d.partial(&frame, t0, &c), None);
+        assert_eq!(
+            d.fired(&frame, t0 + Duration::from_secs(10), &c),
+            Fired::Rearm(t0 + Duration::from_secs(11))
+        );
+    }
+
+    #[test]
+    fn a_new_frame_gets_a_new_deadline_and_an_earlier_one_moves_the_timer() {
+        let c = config();
+        let t0 = Instant::now();
+        let mut d = FrameDeadline::default();
+        let big = [0, 0, 0x27, 0x10, 2]; // 10,000 bytes: 20 s
+        assert_eq!(d.partial(&big, t0, &c), Some(t0 + Duration::from_secs(20)));
+        // The big frame completes; a small one starts a second later and is due earlier.
+        d.started = None;
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(
+            d.partial(&[0, 0, 0, 10, 2], t1, &c),
+            Some(t1 + Duration::from_millis(10_010))
+        );
+        // Nothing incomplete when the timer fires: it goes off.
+        d.started = None;
+        assert_eq!(d.fired(&[], t1 + Duration::from_secs(10), &c), Fired::Idle);
+        assert_eq!(d.armed, None);
     }
 }

@@ -4,12 +4,16 @@
 //! Layout:
 //! - [`config`]: defaults, TOML file, validation.
 //! - [`server`]: listener, accept loop, graceful shutdown.
-//! - `connection`: one connection's handshake, reader loop and keep-alive.
+//! - `admission`: the handshake, connection and per-address limits a connection is admitted by.
+//! - `connection`: one connection's handshake, reader loop, keep-alive and frame deadline.
+//! - `escape`: client-supplied text made safe for a log line.
 //! - `writer`: one connection's socket writer task.
 //! - `monitor`: the statistics a client asks for on `$SYS.req.stats`.
 
+mod admission;
 pub mod config;
 mod connection;
+mod escape;
 mod monitor;
 pub mod server;
 mod writer;

@@ -1,5 +1,7 @@
-//! The `brokerd` binary: flags, logging, signals, then [`brokerd_server::Server`].
+//! The `brokerd` binary: flags, logging, the file descriptor limit, signals, then
+//! [`brokerd_server::Server`].
 
+use brokerd_server::config::FD_HEADROOM;
 use brokerd_server::{Config, Server};
 use clap::Parser;
 use std::io::IsTerminal;
@@ -70,6 +72,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    raise_fd_limit(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -87,6 +90,38 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` as far as the hard limit allows (a default soft limit of
+/// 1,024 would stop accepts far below `limits.max_connections`), and warns when even that cannot
+/// hold what the configured limits may open at once.
+fn raise_fd_limit(config: &Config) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(soft) => match fd_limit_warning(config, soft) {
+            Some(warning) => {
+                tracing::warn!(limit = soft, needed = config.fds_needed(), "{warning}")
+            }
+            None => tracing::debug!(limit = soft, "file descriptor limit"),
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the file descriptor limit (RLIMIT_NOFILE)")
+        }
+    }
+}
+
+/// The warning to log when a soft file descriptor limit of `soft` cannot hold every connection
+/// and handshake the configuration allows, plus [`FD_HEADROOM`]; `None` when it can.
+fn fd_limit_warning(config: &Config, soft: u64) -> Option<String> {
+    let needed = config.fds_needed();
+    (soft < needed).then(|| {
+        format!(
+            "file descriptor limit {soft} is below the {needed} that limits.max_connections ({}) \
+             plus limits.max_handshakes ({}) plus {FD_HEADROOM} need: once it is reached, accepts \
+             fail (\"accept failed\" in this log); raise the hard limit (LimitNOFILE=, ulimit -Hn) or \
+             lower the limits",
+            config.limits.max_connections, config.limits.max_handshakes
+        )
+    })
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
@@ -123,4 +158,46 @@ async fn wait_for_signal() {
 #[cfg(not(unix))]
 async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warns_only_when_the_limits_do_not_fit() {
+        let mut c = Config::default();
+        c.limits.max_connections = 10_000;
+        c.limits.max_handshakes = 1_000;
+        let needed = 11_000 + FD_HEADROOM;
+        assert_eq!(c.fds_needed(), needed);
+        assert_eq!(fd_limit_warning(&c, needed), None);
+        assert_eq!(fd_limit_warning(&c, u64::MAX), None);
+        let warning = fd_limit_warning(&c, 1024);
+        let warning = warning.as_deref().unwrap_or_default();
+        assert!(
+            warning.contains("1024") && warning.contains(&needed.to_string()),
+            "{warning}"
+        );
+        assert!(
+            warning.contains("limits.max_connections (10000)"),
+            "{warning}"
+        );
+    }
+
+    #[test]
+    fn the_soft_limit_is_raised_to_the_hard_limit() {
+        let Ok(soft) = rlimit::increase_nofile_limit(u64::MAX) else {
+            return;
+        };
+        // Elsewhere (macOS) the kernel may cap the soft limit below the hard one.
+        #[cfg(target_os = "linux")]
+        {
+            let Ok((now, hard)) = rlimit::getrlimit(rlimit::Resource::NOFILE) else {
+                return;
+            };
+            assert_eq!(now, soft);
+            assert_eq!(soft, hard);
+        }
+    }
 }

@@ -51,6 +51,7 @@ fn build(shared: &Shared) -> Vec<u8> {
         "uptime_s": shared.started.elapsed().as_secs_f64(),
         "connections": s.connections,
         "total_connections": s.total_connections,
+        "handshakes": shared.gate.handshakes(),
         "subscriptions": s.subscriptions,
         "msgs_in": s.msgs_in,
         "bytes_in": s.bytes_in,

@@ -6,7 +6,13 @@
 //! stop every reader (each finishes routing the frames it already read); close every outbox with
 //! "drain", so writers write what is queued followed by `ERR shutting-down`; wait for the writers
 //! up to the grace period; then abort what is left.
+//!
+//! The accept loop admits each connection through [`Gate`] (handshake and per-address limits)
+//! before spawning its task; a refused connection gets its `ERR` from a short task of its own.
+//! Refusals and evictions are logged at most once a second ([`RefusalLog`]) and each is
+//! counted under its close reason.
 
+use crate::admission::Gate;
 use crate::config::Config;
 use crate::connection;
 use brokerd_core::{Broker, CloseReason, Pressure};
@@ -14,7 +20,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -33,8 +39,10 @@ pub(crate) struct Shared {
     pub(crate) shutdown: CancellationToken,
     /// Cancelled when the grace period is over: abort writes.
     pub(crate) hard_stop: CancellationToken,
-    /// Connections open now, handshake or not.
-    pub(crate) open: AtomicUsize,
+    /// The connection counts and limits every connection is admitted through.
+    pub(crate) gate: Arc<Gate>,
+    /// Throttles the log lines of refused connections.
+    pub(crate) refusals: RefusalLog,
     /// When the server was bound, for the uptime in its statistics.
     pub(crate) started: std::time::Instant,
     /// The last statistics answer, reused for requests close behind it.
@@ -73,6 +81,11 @@ impl Server {
         let listener = TcpListener::from_std(socket.into())?;
         let broker = Arc::new(Broker::new(config.broker_limits()));
         let server_id = server_id();
+        let gate = Arc::new(Gate::new(
+            config.limits.max_handshakes,
+            config.limits.max_connections,
+            config.limits.max_connections_per_address,
+        ));
         Ok(Server {
             listener,
             shared: Arc::new(Shared {
@@ -81,7 +94,8 @@ impl Server {
                 server_id,
                 shutdown: CancellationToken::new(),
                 hard_stop: CancellationToken::new(),
-                open: AtomicUsize::new(0),
+                gate,
+                refusals: RefusalLog::default(),
                 started: std::time::Instant::now(),
                 stats_cache: crate::monitor::StatsCache::default(),
             }),
@@ -198,22 +212,69 @@ fn accept(
     readers: &TaskTracker,
 ) {
     let shared = shared.clone();
-    if shared.open.load(Ordering::Relaxed) >= shared.config.limits.max_connections {
-        tasks.spawn(async move {
-            let (_rd, mut wr) = stream.into_split();
-            let reason = CloseReason::TooManyConnections;
-            connection::reject(&mut wr, &reason, &shared).await;
-            shared.broker.record_close(&reason);
-            warn!(%peer, "connection refused: at the connection limit");
-        });
-        return;
+    match shared.gate.admit(peer.ip()) {
+        Ok(admitted) => {
+            if admitted.evicted_one
+                && let Some(suppressed) = shared.refusals.should_log()
+            {
+                warn!(%peer, reason = %CloseReason::TooManyHandshakes, limit = shared.config.limits.max_handshakes, connections = shared.gate.established(), suppressed, "oldest handshake evicted to admit a new connection");
+            }
+            let reading = readers.token();
+            tasks.spawn(connection::serve(
+                stream,
+                peer,
+                shared,
+                admitted.ticket,
+                reading,
+            ));
+        }
+        Err(reason) => {
+            if let Some(suppressed) = shared.refusals.should_log() {
+                warn!(%peer, reason = %reason, limit = shared.config.limits.max_connections_per_address, suppressed, "connection refused");
+            }
+            // Refused before reading anything: the ERR goes into an empty socket buffer, so
+            // this task ends at once unless the peer has vanished.
+            tasks.spawn(async move {
+                let (_rd, mut wr) = stream.into_split();
+                connection::reject(&mut wr, &reason, &shared).await;
+                shared.broker.record_close(&reason);
+            });
+        }
     }
-    shared.open.fetch_add(1, Ordering::Relaxed);
-    let reading = readers.token();
-    tasks.spawn(async move {
-        connection::serve(stream, peer, shared.clone(), reading).await;
-        shared.open.fetch_sub(1, Ordering::Relaxed);
-    });
+}
+
+/// Throttles the lines logged for refused and evicted connections to one a second, so that a
+/// flood of refusals does not become a flood of log lines; each line says how many it left out.
+#[derive(Debug, Default)]
+pub(crate) struct RefusalLog {
+    /// Milliseconds since [`RefusalLog::epoch`] at the last line logged, plus one (0: never).
+    last: AtomicU64,
+    /// Refusals not logged since the last line.
+    suppressed: AtomicU64,
+    epoch: std::sync::OnceLock<std::time::Instant>,
+}
+
+impl RefusalLog {
+    /// Whether to log this refusal; if so, how many were left unlogged since the last line.
+    pub(crate) fn should_log(&self) -> Option<u64> {
+        let epoch = *self.epoch.get_or_init(std::time::Instant::now);
+        self.should_log_at(u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1)
+    }
+
+    /// [`RefusalLog::should_log`] at `now`, in milliseconds since the epoch plus one.
+    fn should_log_at(&self, now: u64) -> Option<u64> {
+        let last = self.last.load(Ordering::Relaxed);
+        if (last == 0 || now.saturating_sub(last) >= 1000)
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
 }
 
 /// A process-unique id: start time and pid, in hex.
@@ -223,4 +284,20 @@ fn server_id() -> String {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
     format!("{:x}-{:x}", nanos, std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_lines_are_throttled_and_count_what_they_leave_out() {
+        let log = RefusalLog::default();
+        assert_eq!(log.should_log_at(1), Some(0));
+        assert_eq!(log.should_log_at(2), None);
+        assert_eq!(log.should_log_at(1000), None);
+        assert_eq!(log.should_log_at(1001), Some(2));
+        assert_eq!(log.should_log_at(1500), None);
+        assert_eq!(log.should_log_at(5000), Some(1));
+    }
 }

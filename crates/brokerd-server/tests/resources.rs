@@ -438,7 +438,11 @@ fn ten_thousand_subscribed_connections_all_receive_one_publish() {
     }
     let b = Brokerd::start(
         "scale",
-        &format!("[limits]\nmax_connections = {}\n", n + 10),
+        &format!(
+            "[limits]\nmax_connections = {}\nmax_connections_per_address = {}\n",
+            n + 10,
+            n + 10
+        ),
     );
     let baseline = b.rss();
     const THREADS: usize = 4;
