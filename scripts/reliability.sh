@@ -22,7 +22,7 @@ run() {
     echo "== $*" | tee -a "$log"
     local start=$SECONDS status=0
     "$@" > "$step" 2>&1 || status=$?
-    grep -oE '(stalled subscriber|churn:|scale:|sigterm under|shutdown under|hostile:|SKIPPED).*|test result.*|panicked.*|DONE.*|corpus:.*' \
+    grep -oE '(stalled subscriber|churn:|scale:|sigterm under|shutdown under|hostile:|crowds:|crowds-binary:|SKIPPED).*|test result.*|panicked.*|DONE.*|corpus:.*' \
         "$step" | tee -a "$log" || true
     echo "   exit $status after $((SECONDS - start)) s" | tee -a "$log"
     if (( status != 0 )); then
@@ -46,6 +46,19 @@ run env BROKERD_CHURN_CYCLES=100000 \
     cargo test --release --locked -p brokerd-tests --test churn -- --nocapture
 run env BROKERD_CHURN_CYCLES=10000 BROKERD_CHURN_UNIQUE_TOPICS=1 \
     cargo test --release --locked -p brokerd-tests --test churn -- --nocapture
+
+# Routing under crowds and attackers (issue 9), in process at full scale, each with a canary:
+# 10,000 subscriptions closed at once, a 65,536-member queue group on '>', 32,768 wildcard
+# filters walked by every publish, unread replies, and the memory budget. (The fleet of 10,000
+# runs against the binary below: in one process it would need 20,000 descriptors.)
+run env BROKERD_DISCONNECT_SUBS=10000 BROKERD_CACHE_TOPICS=10000 BROKERD_GROUP_SUBS=65536 \
+    BROKERD_WALK_DEPTH=15 BROKERD_WALK_PUBLISHES=1000 \
+    cargo test --release --locked -p brokerd-tests --test crowds -- --nocapture --test-threads=1
+
+# The same against the release binary, with its resident memory: a fleet of 10,000 dropping and
+# reconnecting on one wildcard, the queue-group cache attack, and memory after a load.
+run env BROKERD_FLEET=10000 BROKERD_GROUP_SUBS=65536 BROKERD_GROUP_TOPICS=16384 \
+    cargo test --release --locked -p brokerd-server --test crowds -- --nocapture --test-threads=1
 
 # The default suites of issue 4, release build, for their printed figures.
 run cargo test --release --locked -p brokerd-tests --test hostile --test shutdown_load \
