@@ -21,17 +21,30 @@ use std::time::{Duration, Instant};
 /// runtime of their own, so that the load the test itself drives does not delay them.
 struct Canary {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<(u64, Vec<Instant>)>,
+    thread: std::thread::JoinHandle<(Vec<Instant>, Vec<Instant>)>,
 }
 
-/// What the canary saw.
+/// What the canary saw: when each message was published, and when it arrived.
 #[derive(Debug)]
 struct CanaryReport {
-    sent: u64,
+    sent: Vec<Instant>,
     arrivals: Vec<Instant>,
 }
 
 impl CanaryReport {
+    /// The 99th percentile and the largest of the canary's publish-to-delivery latencies.
+    fn latency(&self) -> (Duration, Duration) {
+        let mut l: Vec<Duration> = self
+            .sent
+            .iter()
+            .zip(&self.arrivals)
+            .map(|(s, a)| *a - *s)
+            .collect();
+        l.sort();
+        let p99 = l.get(l.len() * 99 / 100).copied().unwrap_or_default();
+        (p99, l.last().copied().unwrap_or_default())
+    }
+
     /// The longest time without a canary message, anywhere in the run.
     fn largest_gap(&self) -> Duration {
         self.arrivals
@@ -54,11 +67,12 @@ impl CanaryReport {
 
 impl std::fmt::Display for CanaryReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (p99, max) = self.latency();
         write!(
             f,
-            "canary {} of {} received, largest gap {:?}",
+            "canary {} of {} received, largest gap {:?}, latency p99 {p99:?} max {max:?}",
             self.arrivals.len(),
-            self.sent,
+            self.sent.len(),
             self.largest_gap()
         )
     }
@@ -87,7 +101,7 @@ impl Canary {
         addr: String,
         stop: Arc<AtomicBool>,
         ready: tokio::sync::oneshot::Sender<()>,
-    ) -> (u64, Vec<Instant>) {
+    ) -> (Vec<Instant>, Vec<Instant>) {
         let sub = Client::connect(&addr, ConnectOptions::new("canary-sub"))
             .await
             .unwrap();
@@ -112,14 +126,15 @@ impl Canary {
         });
         let _ = ready.send(());
         let mut tick = tokio::time::interval(Duration::from_millis(20));
-        let mut i = 0u64;
+        let mut sent = Vec::new();
         // Bounded: at most ten minutes of ticks.
-        while !stop.load(Ordering::Relaxed) && i < 30_000 {
+        while !stop.load(Ordering::Relaxed) && sent.len() < 30_000 {
             tick.tick().await;
+            let i = sent.len();
+            sent.push(Instant::now());
             // Attackers subscribed to `>` count too.
             let delivered = publ.publish_acked("canary.tick", i.to_string()).await;
             assert!(delivered.unwrap() >= 1, "canary publish {i}");
-            i += 1;
         }
         publ.publish_acked("canary.tick", u64::MAX.to_string())
             .await
@@ -128,7 +143,7 @@ impl Canary {
             .await
             .expect("canary subscriber stops")
             .expect("canary subscriber");
-        (i, arrivals)
+        (sent, arrivals)
     }
 
     async fn finish(self) -> CanaryReport {
@@ -140,8 +155,8 @@ impl Canary {
             .expect("the canary did not fail");
         let r = CanaryReport { sent, arrivals };
         assert_eq!(
-            r.sent,
-            r.arrivals.len() as u64,
+            r.sent.len(),
+            r.arrivals.len(),
             "the canary lost messages: {r}"
         );
         r

@@ -1,8 +1,13 @@
-//! Helpers shared by the tests that run the `brokerd` binary as a child process.
+//! Helpers shared by the tests that run the `brokerd` binary as a child process: the address it
+//! listens on here, and in [`harness`] the process itself and blocking protocol clients.
 
 use std::io::{BufRead, Read};
 use std::net::SocketAddr;
 use std::time::Duration;
+
+// Each test file uses a different part of it (`binary.rs` none).
+#[allow(dead_code)]
+pub mod harness;
 
 /// The log filter these tests start `brokerd` with: warnings, plus the server's own lines
 /// (listening, shutting down) but not one line per connection.
