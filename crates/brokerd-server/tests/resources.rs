@@ -15,9 +15,7 @@
 mod common;
 
 use brokerd_proto::Frame;
-use common::harness::{
-    Brokerd, Conn, DEADLINE, MIB, fd_limit_at_least, mib, scale, wait_until, wire,
-};
+use common::harness::{Brokerd, Conn, MIB, fd_limit_at_least, mib, scale, wait_until, wire};
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
