@@ -220,6 +220,11 @@ pub mod wire {
     pub fn ping(token: u32) -> Vec<u8> {
         frame(0x05, &token.to_be_bytes())
     }
+
+    /// `PONG` answering the server's `PING` `token`.
+    pub fn pong(token: u32) -> Vec<u8> {
+        frame(0x06, &token.to_be_bytes())
+    }
 }
 
 /// A blocking protocol connection.
@@ -261,12 +266,18 @@ impl Conn {
         self.s.write_all(bytes).unwrap();
     }
 
-    /// The next frame, or `None` once the server has closed.
+    /// The next frame, or `None` once the server has closed. The server's `PING`s are answered
+    /// here, as any client's would be, so a connection that only reads is not closed as idle.
     pub fn recv(&mut self) -> Option<Frame> {
         let mut chunk = [0u8; 64 * 1024];
         loop {
-            if let Some(f) = decode(&mut self.buf, usize::MAX).unwrap() {
-                return Some(f);
+            match decode(&mut self.buf, usize::MAX).unwrap() {
+                Some(Frame::Ping(token)) => {
+                    self.send(&wire::pong(token));
+                    continue;
+                }
+                Some(f) => return Some(f),
+                None => {}
             }
             match self.s.read(&mut chunk) {
                 Ok(0) => return None,
@@ -327,6 +338,14 @@ impl Stats {
     /// The live subscriptions the broker counts, this connection's inbox included.
     pub fn subscriptions(&mut self) -> u64 {
         self.get()["subscriptions"].as_u64().expect("a count")
+    }
+
+    /// Waits until the broker reports `n` live subscriptions; a snapshot may be up to 100 ms
+    /// behind.
+    pub fn wait_subscriptions(&mut self, n: u64) {
+        wait_until(&format!("the broker to report {n} subscriptions"), || {
+            self.subscriptions() == n
+        });
     }
 }
 
