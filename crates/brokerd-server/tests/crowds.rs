@@ -5,10 +5,10 @@
 //!
 //! The in-process versions are in `tests/tests/crowds.rs`; these run the binary as a child
 //! process so that its resident memory is its own and a fleet of 10,000 needs 10,000 descriptors
-//! in each process rather than 20,000 in one. The default scale runs in seconds;
-//! `scripts/reliability.sh` raises it (`BROKERD_FLEET`, `BROKERD_GROUP_SUBS`,
-//! `BROKERD_GROUP_TOPICS`, `BROKERD_LOAD_MIB`). Each test prints its figures on one line starting
-//! with `crowds-binary:`; none asserts a time, only counts and bounds.
+//! in each process rather than 20,000 in one. The default scale runs in seconds; the environment
+//! raises it (`BROKERD_FLEET`, `BROKERD_GROUP_SUBS`, `BROKERD_GROUP_TOPICS`, `BROKERD_LOAD_MIB`,
+//! `BROKERD_LOAD_HALF_FRAMES`), as `scripts/reliability.sh` does. Each test prints its figures on
+//! lines starting with `crowds-binary:`; none asserts a time, only counts and bounds.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -455,13 +455,14 @@ fn a_queue_group_crowd_on_everything_keeps_memory_bounded_and_stats_answered() {
     drop((crowd, publisher, stats));
 }
 
-// Measured on the release binary (mimalloc 2.3 as built by libmimalloc-sys 0.1.49): the broker
-// gives its charge back within 0.1 s, but RSS stays at the loaded figure for the whole minute.
-// mimalloc purges a freed span only once its purge delay (MIMALLOC_PURGE_DELAY, 10 ms) has passed
-// AND the segment is touched again by an allocation, a collect or an abandonment; the idle
-// segments never are. With MIMALLOC_PURGE_DELAY=0 in the broker's environment the purge happens
-// at the free and RSS is back within 0.1 s. Ignored until the binary's allocator settings are
-// decided; run it with `--include-ignored`.
+// Measured on the release binary, whose allocator is mimalloc 3.3.2 (libmimalloc-sys 0.1.49
+// builds its v3 sources unless the `v2` feature is on): the broker gives its charge back within
+// 0.1 s, but RSS stays at the loaded figure for the whole minute. mimalloc v3 returns freed pages
+// to its arenas and schedules their purge `purge_delay` (1,000 ms) later, but only
+// `_mi_arenas_collect` carries a scheduled purge out, and that runs when a later page is freed
+// or abandoned or a heap is collected: an idle broker does neither. With MIMALLOC_PURGE_DELAY=0
+// in the broker's environment a freed page is purged at once and RSS is back within 0.1 s.
+// Ignored until the binary's allocator settings are decided; run it with `--include-ignored`.
 #[test]
 #[ignore = "RSS does not return under mimalloc's default purge delay; passes with MIMALLOC_PURGE_DELAY=0"]
 fn resident_memory_returns_after_the_load_leaves() {
