@@ -8,7 +8,7 @@
 use crate::close::CloseReason;
 use crate::memory::MemoryBudget;
 use crate::outbox::{Outbox, OutboxLimits, OutboxStats, Push};
-use crate::sublist::{Matches, Sublist, SublistStats, View};
+use crate::sublist::{Matches, Slot, Sublist, SublistStats, View};
 use crate::subscription::{SubRef, Subscription};
 use brokerd_proto::topic::{is_reserved, validate_topic};
 use brokerd_proto::{
@@ -35,6 +35,53 @@ pub struct RouteCache {
     /// Routing work done since [`RouteCache::take_work`] last reset it: one unit per publish,
     /// plus one per trie position a match-cache miss visited.
     work: usize,
+    /// Views of the slots this connection published to last.
+    views: ViewCache,
+}
+
+/// A connection's views of recently reached slots, each kept while its slot's version stays the
+/// same: a repeated publish reads its subscribers with one atomic load, where asking the slot
+/// would take its lock. Direct-mapped by the slot's address; an entry holds its slot, so the
+/// address cannot be reused while it is cached.
+#[derive(Default)]
+struct ViewCache {
+    ways: [Option<HeldView>; ViewCache::WAYS],
+}
+
+struct HeldView {
+    slot: Arc<Slot<SubRef>>,
+    version: u64,
+    view: Arc<View<SubRef>>,
+}
+
+impl ViewCache {
+    const WAYS: usize = 4;
+
+    /// The current view of `slot`.
+    fn get(&mut self, slot: &Arc<Slot<SubRef>>) -> &View<SubRef> {
+        let way = (Arc::as_ptr(slot) as usize >> 6) % ViewCache::WAYS;
+        let current = slot.version();
+        let held = &mut self.ways[way];
+        let fresh = held
+            .as_ref()
+            .is_some_and(|h| Arc::ptr_eq(&h.slot, slot) && h.version == current);
+        if !fresh {
+            let (version, view) = slot.view();
+            *held = Some(HeldView {
+                slot: slot.clone(),
+                version,
+                view,
+            });
+        }
+        match held {
+            Some(h) => &h.view,
+            None => unreachable!("filled above"),
+        }
+    }
+
+    fn clear(&mut self) {
+        self.ways = Default::default();
+    }
 }
 
 impl RouteCache {
@@ -54,6 +101,7 @@ impl RouteCache {
             last_topic: String::new(),
             last: None,
             work: 0,
+            views: ViewCache::default(),
         }
     }
 
@@ -509,8 +557,7 @@ impl Broker {
         self.sublist.remove(&sub.filter, &SubRef(sub.clone()));
     }
 
-    /// Drops `routes` if any subscription changed since it was filled, so that a quiet
-    /// connection's memo does not keep departed subscribers (and their queues) alive.
+    /// Drops `routes` if the trie's shape changed since it was filled.
     pub fn refresh_routes(&self, routes: &mut RouteCache) {
         let generation = self.sublist.generation();
         if routes.generation != generation {
@@ -518,6 +565,13 @@ impl Broker {
             routes.last = None;
             routes.generation = generation;
         }
+    }
+
+    /// Drops the views `routes` holds, so that a quiet connection does not keep departed
+    /// subscribers (and their queues) alive in a view it will not use again; called by the
+    /// connection task when it has been quiet for a keep-alive interval.
+    pub fn forget_views(&self, routes: &mut RouteCache) {
+        routes.views.clear();
     }
 
     /// Routes one published body to every matching subscription and returns how many queued it.
@@ -602,10 +656,13 @@ impl Broker {
         };
         match matches.slots() {
             [] => Ok(self.deliver(from, body, &[])),
-            // The common case reads the slot's view without touching its reference count.
-            [one] => Ok(one.with_view(|v| self.deliver(from, body, &[v]))),
+            // The common case: the view this connection holds, if its slot has not changed.
+            [one] => {
+                let view = routes.views.get(one);
+                Ok(self.deliver(from, body, &[view]))
+            }
             many => {
-                let held: Vec<Arc<View<SubRef>>> = many.iter().map(|s| s.view_arc()).collect();
+                let held: Vec<Arc<View<SubRef>>> = many.iter().map(|s| s.view().1).collect();
                 let views: Vec<&View<SubRef>> = held.iter().map(|v| &**v).collect();
                 Ok(self.deliver(from, body, &views))
             }

@@ -10,7 +10,7 @@
 //! does. Readers holding large partial frames stop reading until the total is back under. Nothing here waits or logs; the server's monitor task
 //! reports each episode once.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// The smallest threshold shedding goes down to: queues holding less are never shed for the
 /// budget's sake (their own limits still apply).
@@ -20,11 +20,21 @@ pub const MIN_SHED_ABOVE: usize = 64 * 1024;
 /// everything else is shed.
 pub const HARD_FLOOR: usize = 16 * 1024;
 
+/// A value alone on its cache line: `used` is written by every core as queues fill and drain,
+/// and the flags every push reads must not share its line.
+#[derive(Debug)]
+#[repr(align(64))]
+struct Line<T>(T);
+
 /// A broker-wide memory bound.
 #[derive(Debug)]
 pub struct MemoryBudget {
     limit: usize,
-    used: AtomicUsize,
+    used: Line<AtomicUsize>,
+    /// Whether `used` is over `limit`: set and cleared as charges and credits cross it (and
+    /// corrected by every [`MemoryBudget::tick`]), so that a push in calm times reads one
+    /// line that is rarely written instead of the busy counter.
+    over: Line<AtomicBool>,
     shed_above: AtomicUsize,
 }
 
@@ -54,7 +64,8 @@ impl MemoryBudget {
     pub fn new(limit: usize) -> MemoryBudget {
         MemoryBudget {
             limit,
-            used: AtomicUsize::new(0),
+            used: Line(AtomicUsize::new(0)),
+            over: Line(AtomicBool::new(false)),
             shed_above: AtomicUsize::new(usize::MAX),
         }
     }
@@ -71,20 +82,26 @@ impl MemoryBudget {
 
     /// Bytes charged now.
     pub fn used(&self) -> usize {
-        self.used.load(Ordering::Relaxed)
+        self.used.0.load(Ordering::Relaxed)
     }
 
     /// Adds `n` bytes.
     pub fn charge(&self, n: usize) {
         if n > 0 {
-            self.used.fetch_add(n, Ordering::Relaxed);
+            let now = self.used.0.fetch_add(n, Ordering::Relaxed) + n;
+            if now > self.limit && !self.over.0.load(Ordering::Relaxed) {
+                self.over.0.store(true, Ordering::Relaxed);
+            }
         }
     }
 
     /// Gives back `n` bytes charged earlier.
     pub fn credit(&self, n: usize) {
         if n > 0 {
-            self.used.fetch_sub(n, Ordering::Relaxed);
+            let now = self.used.0.fetch_sub(n, Ordering::Relaxed) - n;
+            if now <= self.limit && self.over.0.load(Ordering::Relaxed) {
+                self.over.0.store(false, Ordering::Relaxed);
+            }
         }
     }
 
@@ -99,7 +116,7 @@ impl MemoryBudget {
 
     /// Whether the total is over the limit.
     pub fn over(&self) -> bool {
-        self.used() > self.limit
+        self.over.0.load(Ordering::Relaxed) && self.used() > self.limit
     }
 
     /// The hard margin: past `limit + limit / 8`, every delivery to a queue holding more than
@@ -115,6 +132,9 @@ impl MemoryBudget {
 
     /// Whether a queue that would hold `held` bytes must refuse a delivery for the budget's sake.
     pub fn sheds(&self, held: usize) -> bool {
+        if !self.over.0.load(Ordering::Relaxed) {
+            return false;
+        }
         let used = self.used();
         used > self.limit
             && (held > self.shed_above() || (held > HARD_FLOOR && used > self.hard_limit()))
@@ -124,6 +144,8 @@ impl MemoryBudget {
     /// the budget is over, raises it back once under, and says what changed.
     pub fn tick(&self) -> Pressure {
         let used = self.used();
+        // A charge and a credit racing across the limit may leave the flag wrong; not for long.
+        self.over.0.store(used > self.limit, Ordering::Relaxed);
         let shed = self.shed_above();
         if used > self.limit {
             if shed == usize::MAX {

@@ -24,7 +24,6 @@
 //! trie then the cache (`Sublist::cache`); see `docs/architecture.md`.
 
 use crate::memory::MemoryBudget;
-use arc_swap::ArcSwapOption;
 use foldhash::fast::RandomState;
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
@@ -271,64 +270,82 @@ impl<T: Clone + Eq + Hash> Entries<T> {
 
 /// The subscriptions of one filter, shared by the trie and by every match result that reaches
 /// it. Changed under its own lock; publishers read its [`View`], rebuilt after a change by the
-/// first publish that needs it.
+/// first publish that needs it, and may keep a view for as long as the slot's
+/// [`version`](Slot::version) stays the same.
 pub struct Slot<T> {
-    entries: Mutex<Entries<T>>,
-    view: ArcSwapOption<View<T>>,
+    inner: Mutex<SlotInner<T>>,
+    /// Bumped by every change, under the lock.
+    version: AtomicU64,
+}
+
+struct SlotInner<T> {
+    entries: Entries<T>,
+    /// The view of `entries`, until they change.
+    view: Option<Arc<View<T>>>,
 }
 
 impl<T: Clone + Eq + Hash> Slot<T> {
     fn new() -> Slot<T> {
         Slot {
-            entries: Mutex::new(Entries::Empty),
-            view: ArcSwapOption::empty(),
+            inner: Mutex::new(SlotInner {
+                entries: Entries::Empty,
+                view: None,
+            }),
+            version: AtomicU64::new(0),
         }
     }
 
+    /// A number that changes whenever the slot's subscriptions do: a view obtained with some
+    /// version is current while the slot keeps it.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
     /// Calls `f` with the slot's current subscriptions.
+    pub fn with_view<R>(&self, f: impl FnOnce(&View<T>) -> R) -> R {
+        f(&self.view().1)
+    }
+
+    /// The slot's current subscriptions and the version they are current for.
     ///
     /// After a change, the first call rebuilds the view under the slot's lock: its cost is the
     /// slot's size, paid at most once per change and never more often than publishes reach the
     /// slot, which then deliver to that many subscriptions anyway.
-    pub fn with_view<R>(&self, f: impl FnOnce(&View<T>) -> R) -> R {
-        let guard = self.view.load();
-        if let Some(v) = guard.as_ref() {
-            return f(v);
-        }
-        drop(guard);
-        f(&self.view_arc())
+    pub fn view(&self) -> (u64, Arc<View<T>>) {
+        let mut inner = self.inner.lock();
+        let version = self.version.load(Ordering::Relaxed);
+        let view = match &inner.view {
+            Some(v) => v.clone(),
+            None => {
+                let v = Arc::new(inner.entries.view());
+                inner.view = Some(v.clone());
+                v
+            }
+        };
+        (version, view)
     }
 
-    /// The slot's current subscriptions, as a handle a caller may keep.
-    pub fn view_arc(&self) -> Arc<View<T>> {
-        if let Some(v) = self.view.load_full() {
-            return v;
-        }
-        let entries = self.entries.lock();
-        // A change made while this waited for the lock has cleared the view again; one built
-        // since is current, since every change clears it under this lock.
-        if let Some(v) = self.view.load_full() {
-            return v;
-        }
-        let v = Arc::new(entries.view());
-        self.view.store(Some(v.clone()));
-        v
+    /// Marks a change made under the lock: the view goes (releasing the subscriptions it held)
+    /// and the version moves.
+    fn changed(&self, inner: &mut SlotInner<T>) {
+        inner.view = None;
+        self.version.fetch_add(1, Ordering::Release);
     }
 
     fn push(&self, item: T, group: GroupName) {
-        let mut entries = self.entries.lock();
-        entries.push(item, group);
-        self.view.store(None);
+        let mut inner = self.inner.lock();
+        inner.entries.push(item, group);
+        self.changed(&mut inner);
     }
 
     /// Removes one entry holding `item`: whether there was one, and whether the slot is now empty.
     fn remove(&self, item: &T) -> (bool, bool) {
-        let mut entries = self.entries.lock();
-        let found = entries.remove(item);
+        let mut inner = self.inner.lock();
+        let found = inner.entries.remove(item);
         if found {
-            self.view.store(None);
+            self.changed(&mut inner);
         }
-        (found, entries.len() == 0)
+        (found, inner.entries.len() == 0)
     }
 }
 
@@ -848,6 +865,23 @@ mod tests {
         // Per-subscription memory depends on it (docs/performance.md).
         assert!(std::mem::size_of::<Node<Arc<u8>>>() <= 64);
         assert!(std::mem::size_of::<Slot<Arc<u8>>>() + 16 <= 64);
+    }
+
+    #[test]
+    fn a_slot_version_moves_with_every_change() {
+        let s = Sublist::new(16);
+        s.insert(&f("a.*"), 1);
+        let r = s.matches("a.b");
+        let slot = &r.slots()[0];
+        let (v1, view1) = slot.view();
+        assert_eq!(slot.version(), v1);
+        assert_eq!(&*view1.plain, &[1]);
+        s.insert(&f("a.*"), 2);
+        assert_ne!(slot.version(), v1);
+        let (v2, view2) = slot.view();
+        assert_eq!(view2.len(), 2);
+        assert!(s.remove(&f("a.*"), &1));
+        assert_ne!(slot.version(), v2);
     }
 
     #[test]

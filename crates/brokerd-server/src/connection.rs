@@ -549,6 +549,7 @@ async fn read_loop(
             },
             _ = &mut keepalive => {
                 shared.broker.refresh_routes(&mut reader.routes);
+                shared.broker.forget_views(&mut reader.routes);
                 let due = last_read + interval;
                 if Instant::now() >= due {
                     if pings_outstanding >= max_pings {
