@@ -189,7 +189,6 @@ async fn watch_memory(shared: Arc<Shared>) {
             _ = shared.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        prompt_allocator_purge();
         match budget.tick() {
             Pressure::Started { used, shed_above } => warn!(
                 used,
@@ -203,21 +202,6 @@ async fn watch_memory(shared: Arc<Shared>) {
             Pressure::Calm | Pressure::Continues => {}
         }
     }
-}
-
-/// Size of the block [`prompt_allocator_purge`] allocates and frees: large enough to get pages of
-/// its own from the allocator, and never touched, so it costs no resident memory.
-const PURGE_PROMPT: usize = 4 * 1024 * 1024;
-
-/// Gives the allocator an occasion to return freed memory to the operating system. mimalloc
-/// (the binary's allocator) schedules the return of freed pages for a second later but carries it
-/// out only when a later page is freed: a broker that falls idle after a load would keep its peak
-/// resident memory indefinitely (measured: 290 MiB for 60 s after a 290 MiB load, against 10 MiB
-/// once prompted). Freeing one large block a tick is such an occasion; with another allocator it
-/// is a harmless allocation.
-fn prompt_allocator_purge() {
-    let block: Vec<u8> = Vec::with_capacity(PURGE_PROMPT);
-    drop(std::hint::black_box(block));
 }
 
 fn accept(
