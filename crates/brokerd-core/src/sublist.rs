@@ -419,11 +419,17 @@ struct Trie<T> {
     nodes: usize,
 }
 
-/// One cached result: the slots its topic reaches, as of wildcard generation `wild`.
+/// One cached result: the slots its topic reaches, as of wildcard generation `wild`. Two words,
+/// so that a large cache's table stays small; its cost is computed again from the topic and the
+/// result when needed.
 struct Cached<T> {
     result: Matches<T>,
     wild: u64,
-    cost: usize,
+}
+
+/// What a cache entry for `topic` reaching `slots` slots is counted as.
+fn entry_cost(topic: &str, slots: usize) -> usize {
+    ENTRY_OVERHEAD + topic.len() + slots * size_of::<usize>()
 }
 
 struct Cache<T> {
@@ -556,8 +562,9 @@ impl<T: Clone + Eq + Hash> Sublist<T> {
     fn uncache(&self, topic: &str) {
         let mut cache = self.cache.write();
         if let Some(old) = cache.map.remove(topic) {
-            cache.bytes -= old.cost;
-            self.budget.credit(old.cost);
+            let cost = entry_cost(topic, old.result.slots.len());
+            cache.bytes -= cost;
+            self.budget.credit(cost);
         }
     }
 
@@ -611,7 +618,7 @@ impl<T: Clone + Eq + Hash> Sublist<T> {
         collect(&trie.root, &tokens, &mut slots, work);
         drop(trie);
         self.misses.fetch_add(1, Ordering::Relaxed);
-        let cost = ENTRY_OVERHEAD + topic.len() + slots.len() * size_of::<usize>();
+        let cost = entry_cost(topic, slots.len());
         let result = Arc::new(MatchResult {
             slots: slots.into_boxed_slice(),
         });
@@ -623,7 +630,7 @@ impl<T: Clone + Eq + Hash> Sublist<T> {
             if self.structure.load(Ordering::Acquire) == structure {
                 let before = cache.bytes;
                 if let Some(old) = cache.map.remove(topic) {
-                    cache.bytes -= old.cost;
+                    cache.bytes -= entry_cost(topic, old.result.slots.len());
                 }
                 if cache.map.len() >= self.max_entries || cache.bytes + cost > self.max_bytes {
                     evict(&mut cache, self.max_entries, self.max_bytes - cost, wild);
@@ -635,7 +642,6 @@ impl<T: Clone + Eq + Hash> Sublist<T> {
                     Cached {
                         result: result.clone(),
                         wild,
-                        cost,
                     },
                 );
             }
@@ -674,10 +680,10 @@ impl<T: Clone + Eq + Hash> Sublist<T> {
 fn evict<T>(cache: &mut Cache<T>, max_entries: usize, max_bytes: usize, wild: u64) {
     let mut n = (max_entries / 8).max(1);
     let mut bytes = cache.bytes;
-    cache.map.retain(|_, c| {
+    cache.map.retain(|topic, c| {
         if c.wild != wild || n > 0 || bytes > max_bytes {
             n = n.saturating_sub(1);
-            bytes -= c.cost;
+            bytes -= entry_cost(topic, c.result.slots.len());
             false
         } else {
             true
