@@ -49,9 +49,9 @@ const YIELD_AFTER: usize = 4 * 1024;
 /// A frame at least this large gets a buffer of its own exact size, so that a shared body does
 /// not pin a larger allocation.
 const LARGE_FRAME: usize = 16 * 1024;
-/// Routing work (one unit per publish, one per trie position a match-cache miss visits) after
-/// which a reader gives up its worker before acting on its next frame, so that one connection's
-/// expensive matches delay the others by a bounded amount: about a millisecond of walking.
+/// Routing work (one unit per trie position a match-cache miss visits) after which a reader gives
+/// up its worker before acting on its next frame, so that one connection's expensive matches
+/// delay the others by a bounded amount: about a millisecond of walking.
 const WORK_BUDGET: usize = 16 * 1024;
 /// How often a reader waiting for the memory budget looks again.
 const MEMORY_POLL: std::time::Duration = std::time::Duration::from_millis(20);
