@@ -2,6 +2,8 @@
 //! [`brokerd_server::Server`].
 
 use brokerd_server::config::FD_HEADROOM;
+mod allocator;
+
 use brokerd_server::{Config, Server};
 use clap::Parser;
 use std::io::IsTerminal;
@@ -75,6 +77,7 @@ fn main() -> ExitCode {
     raise_fd_limit(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_park(allocator::on_park)
         .build()
     {
         Ok(r) => r,

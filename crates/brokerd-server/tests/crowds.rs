@@ -455,16 +455,11 @@ fn a_queue_group_crowd_on_everything_keeps_memory_bounded_and_stats_answered() {
     drop((crowd, publisher, stats));
 }
 
-// Measured on the release binary, whose allocator is mimalloc 3.3.2 (libmimalloc-sys 0.1.49
-// builds its v3 sources unless the `v2` feature is on): the broker gives its charge back within
-// 0.1 s, but RSS stays at the loaded figure for the whole minute. mimalloc v3 returns freed pages
-// to its arenas and schedules their purge `purge_delay` (1,000 ms) later, but only
-// `_mi_arenas_collect` carries a scheduled purge out, and that runs when a later page is freed
-// or abandoned or a heap is collected: an idle broker does neither. With MIMALLOC_PURGE_DELAY=0
-// in the broker's environment a freed page is purged at once and RSS is back within 0.1 s.
-// Ignored until the binary's allocator settings are decided; run it with `--include-ignored`.
+// The release binary's allocator is mimalloc 3 (libmimalloc-sys 0.1.49 builds its v3 sources),
+// which returns a freed page to the operating system only once some thread later frees a page
+// or collects its heap; without the broker's collect-on-park hook (`src/allocator.rs`) RSS stayed
+// at the loaded figure for the whole minute.
 #[test]
-#[ignore = "RSS does not return under mimalloc's default purge delay; passes with MIMALLOC_PURGE_DELAY=0"]
 fn resident_memory_returns_after_the_load_leaves() {
     // Within this much of the baseline counts as returned; waited for at most `GIVE_BACK`.
     const SLACK: u64 = 64 * MIB;
