@@ -461,6 +461,8 @@ fn a_queue_group_crowd_on_everything_keeps_memory_bounded_and_stats_answered() {
 // at the loaded figure for the whole minute.
 #[test]
 fn resident_memory_returns_after_the_load_leaves() {
+    // How often RSS is sampled while the load leaves: the series is part of the report.
+    const RSS_SAMPLE: Duration = Duration::from_millis(100);
     // Within this much of the baseline counts as returned; waited for at most `GIVE_BACK`.
     const SLACK: u64 = 64 * MIB;
     const GIVE_BACK: Duration = Duration::from_secs(60);
@@ -559,7 +561,7 @@ fn resident_memory_returns_after_the_load_leaves() {
         if at >= GIVE_BACK {
             break None;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(RSS_SAMPLE);
     };
     let leave_end = Instant::now();
     let peak = b.peak_rss();
