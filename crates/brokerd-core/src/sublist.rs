@@ -20,7 +20,7 @@
 //!
 //! Called by connection reader tasks (match on publish, insert on subscribe, remove on
 //! unsubscribe and disconnect). Runtime-free. Locks, always taken in this order and never held
-//! across another's work: the trie (`Sublist::trie`), then one slot's (`Slot::entries`), or the
+//! across another's work: the trie (`Sublist::trie`), then one slot's (`Slot::inner`), or the
 //! trie then the cache (`Sublist::cache`); see `docs/architecture.md`.
 
 use crate::memory::MemoryBudget;
