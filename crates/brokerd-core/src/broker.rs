@@ -67,17 +67,17 @@ impl ViewCache {
             .as_ref()
             .is_some_and(|h| Arc::ptr_eq(&h.slot, slot) && h.version == current);
         if !fresh {
+            *held = None;
+        }
+        let held = held.get_or_insert_with(|| {
             let (version, view) = slot.view();
-            *held = Some(HeldView {
+            HeldView {
                 slot: slot.clone(),
                 version,
                 view,
-            });
-        }
-        match held {
-            Some(h) => &h.view,
-            None => unreachable!("filled above"),
-        }
+            }
+        });
+        &held.view
     }
 
     fn clear(&mut self) {
