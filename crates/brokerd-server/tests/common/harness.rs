@@ -93,6 +93,16 @@ impl Brokerd {
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
     }
 
+    /// CPU time the broker has used so far, user and system, from `/proc/PID/stat` (in clock
+    /// ticks of 10 ms: `CLK_TCK` is 100 on Linux).
+    pub fn cpu_time(&self) -> Duration {
+        let s = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let f: Vec<&str> = s.rsplit(')').next().unwrap().split_whitespace().collect();
+        let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        Duration::from_millis(ticks * 10)
+    }
+
     /// Resident memory now, in bytes.
     pub fn rss(&self) -> u64 {
         self.status("VmRSS:") * 1024
