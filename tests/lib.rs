@@ -84,6 +84,7 @@ impl TestBroker {
             no_echo: false,
             overflow: None,
             name: name.into(),
+            credentials: None,
         }))
         .await;
         match c.recv().await {

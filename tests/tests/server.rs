@@ -110,6 +110,7 @@ async fn bad_frames_get_errors_and_close_only_their_own_connection() {
         no_echo: false,
         overflow: None,
         name: "future".into(),
+        credentials: None,
     }))
     .await;
     assert_eq!(
@@ -164,6 +165,7 @@ async fn bad_frames_get_errors_and_close_only_their_own_connection() {
         no_echo: false,
         overflow: None,
         name: "again".into(),
+        credentials: None,
     }))
     .await;
     assert_eq!(

@@ -100,11 +100,17 @@ pub enum ErrorCode {
     ReservedTopic = 18,
     /// The `HELLO` carried an option value the server does not know. Closes.
     InvalidOption = 19,
+    /// The server requires credentials and the `HELLO` carried none, or they were not accepted.
+    /// Closes.
+    AuthenticationFailed = 20,
+    /// The connection's user may not publish to that topic, subscribe to that filter, join that
+    /// queue group or use that reply-to. The frame is rejected.
+    PermissionDenied = 21,
 }
 
 impl ErrorCode {
     /// Every code, in numeric order.
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 21] = [
         ErrorCode::UnsupportedVersion,
         ErrorCode::MalformedFrame,
         ErrorCode::UnknownFrameType,
@@ -124,6 +130,8 @@ impl ErrorCode {
         ErrorCode::KeepaliveTimeout,
         ErrorCode::ReservedTopic,
         ErrorCode::InvalidOption,
+        ErrorCode::AuthenticationFailed,
+        ErrorCode::PermissionDenied,
     ];
 
     /// The code for a number, if this version defines it.
@@ -142,6 +150,7 @@ impl ErrorCode {
                 | ErrorCode::UnknownSubscription
                 | ErrorCode::TooManySubscriptions
                 | ErrorCode::ReservedTopic
+                | ErrorCode::PermissionDenied
         )
     }
 
@@ -167,6 +176,8 @@ impl ErrorCode {
             ErrorCode::KeepaliveTimeout => "keepalive-timeout",
             ErrorCode::ReservedTopic => "reserved-topic",
             ErrorCode::InvalidOption => "invalid-option",
+            ErrorCode::AuthenticationFailed => "authentication-failed",
+            ErrorCode::PermissionDenied => "permission-denied",
         }
     }
 }
@@ -188,6 +199,6 @@ mod tests {
             assert_eq!(ErrorCode::from_u16(*c as u16), Some(*c));
         }
         assert_eq!(ErrorCode::from_u16(0), None);
-        assert_eq!(ErrorCode::from_u16(20), None);
+        assert_eq!(ErrorCode::from_u16(22), None);
     }
 }

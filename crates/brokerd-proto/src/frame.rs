@@ -104,6 +104,12 @@ impl OverflowPolicy {
 
 /// `HELLO` flag: do not deliver this connection's own publications back to it.
 pub const HELLO_NO_ECHO: u8 = 0x01;
+/// `HELLO` flag: credentials follow the name.
+pub const HELLO_AUTH: u8 = 0x02;
+/// `HELLO` credentials kind: a shared token.
+pub const AUTH_TOKEN: u8 = 1;
+/// `HELLO` credentials kind: a user name and a password.
+pub const AUTH_PASSWORD: u8 = 2;
 /// `PUB` flag: answer with an `ACK` carrying the delivered count.
 pub const PUB_ACK: u8 = 0x01;
 /// `SUB` flag: a queue group name follows the filter.
@@ -122,6 +128,45 @@ pub struct Hello {
     pub overflow: Option<OverflowPolicy>,
     /// Free-form client name, used in logs.
     pub name: String,
+    /// What the client proves its identity with, if anything.
+    pub credentials: Option<Credentials>,
+}
+
+/// What a client proves its identity with in `HELLO`. `Debug` never shows a secret.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// The server's shared token.
+    Token(String),
+    /// A configured user and its password.
+    Password {
+        /// The user name.
+        user: String,
+        /// The password, in clear: the connection's transport is what protects it.
+        password: String,
+    },
+}
+
+impl Credentials {
+    /// The user name claimed, if any; a token names no user.
+    pub fn user(&self) -> Option<&str> {
+        match self {
+            Credentials::Token(_) => None,
+            Credentials::Password { user, .. } => Some(user),
+        }
+    }
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::Token(_) => f.write_str("Token(<redacted>)"),
+            Credentials::Password { user, .. } => f
+                .debug_struct("Password")
+                .field("user", user)
+                .field("password", &"<redacted>")
+                .finish(),
+        }
+    }
 }
 
 /// `WELCOME`: the server accepts the handshake and states its limits.
@@ -289,9 +334,25 @@ impl Frame {
             Frame::Hello(h) => {
                 dst.put_u32(h.req_id);
                 dst.put_u16(h.version);
-                dst.put_u8(if h.no_echo { HELLO_NO_ECHO } else { 0 });
+                let mut flags = if h.no_echo { HELLO_NO_ECHO } else { 0 };
+                if h.credentials.is_some() {
+                    flags |= HELLO_AUTH;
+                }
+                dst.put_u8(flags);
                 dst.put_u8(h.overflow.map_or(0, OverflowPolicy::to_u8));
                 put_str16(dst, &h.name);
+                match &h.credentials {
+                    None => {}
+                    Some(Credentials::Token(token)) => {
+                        dst.put_u8(AUTH_TOKEN);
+                        put_str16(dst, token);
+                    }
+                    Some(Credentials::Password { user, password }) => {
+                        dst.put_u8(AUTH_PASSWORD);
+                        put_str16(dst, user);
+                        put_str16(dst, password);
+                    }
+                }
             }
             Frame::Pub(p) => {
                 dst.put_u32(p.req_id);
@@ -621,10 +682,26 @@ fn parse(mut raw: Bytes) -> Result<Frame, DecodeError> {
             let flags = f.u8("truncated flags")?;
             let overflow = f.u8("truncated overflow policy")?;
             let name = f.string("truncated name")?;
+            let credentials = if flags & HELLO_AUTH != 0 {
+                match f.u8("truncated credentials kind")? {
+                    AUTH_TOKEN => Some(Credentials::Token(f.string("truncated token")?)),
+                    AUTH_PASSWORD => Some(Credentials::Password {
+                        user: f.string("truncated user")?,
+                        password: f.string("truncated password")?,
+                    }),
+                    _ => {
+                        return Err(DecodeError::InvalidOption {
+                            what: "undefined credentials kind",
+                        });
+                    }
+                }
+            } else {
+                None
+            };
             f.end()?;
             // Structure first, then meaning: a well-formed HELLO asking for something this
             // version does not define is an option error, not a malformed frame.
-            if flags & !HELLO_NO_ECHO != 0 {
+            if flags & !(HELLO_NO_ECHO | HELLO_AUTH) != 0 {
                 return Err(DecodeError::InvalidOption {
                     what: "undefined flag",
                 });
@@ -643,6 +720,7 @@ fn parse(mut raw: Bytes) -> Result<Frame, DecodeError> {
                 no_echo: flags & HELLO_NO_ECHO != 0,
                 overflow,
                 name,
+                credentials,
             })
         }
         0x02 => {
@@ -776,6 +854,26 @@ mod tests {
             no_echo: true,
             overflow: Some(OverflowPolicy::DropOld),
             name: "n".into(),
+            credentials: None,
+        }));
+        round_trip(Frame::Hello(Hello {
+            req_id: 1,
+            version: 1,
+            no_echo: false,
+            overflow: None,
+            name: "n".into(),
+            credentials: Some(Credentials::Token("t".into())),
+        }));
+        round_trip(Frame::Hello(Hello {
+            req_id: 1,
+            version: 1,
+            no_echo: true,
+            overflow: None,
+            name: String::new(),
+            credentials: Some(Credentials::Password {
+                user: "u".into(),
+                password: "p".into(),
+            }),
         }));
         round_trip(Frame::Pub(Publish {
             req_id: 2,

@@ -20,7 +20,7 @@ pub mod topic;
 pub use body::{Body, BodyBuilder, BodyRef, Headers};
 pub use error::{DecodeError, ErrorCode};
 pub use frame::{
-    ErrorFrame, Frame, FrameType, Hello, Lost, MSG_HEADER_LEN, Msg, OverflowPolicy,
+    Credentials, ErrorFrame, Frame, FrameType, Hello, Lost, MSG_HEADER_LEN, Msg, OverflowPolicy,
     PROTOCOL_VERSION, PubRef, Publish, Subscribe, Unsubscribe, Welcome, decode, encode_msg_header,
     encode_pub, peek_pub, take_msg,
 };

@@ -11,8 +11,8 @@
 
 use brokerd_proto::topic::{validate_filter, validate_topic};
 use brokerd_proto::{
-    Body, BodyBuilder, DecodeError, ErrorFrame, Filter, Frame, Headers, Hello, Lost, Msg,
-    OverflowPolicy, Publish, Subscribe, Topic, TopicLimits, Unsubscribe, Welcome, decode,
+    Body, BodyBuilder, Credentials, DecodeError, ErrorFrame, Filter, Frame, Headers, Hello, Lost,
+    Msg, OverflowPolicy, Publish, Subscribe, Topic, TopicLimits, Unsubscribe, Welcome, decode,
     encode_msg_header, encode_pub,
 };
 use bytes::BytesMut;
@@ -85,6 +85,16 @@ fn policy() -> impl Strategy<Value = OverflowPolicy> {
     ]
 }
 
+/// No credentials, a token, or a user and password.
+fn credentials() -> impl Strategy<Value = Option<Credentials>> {
+    prop_oneof![
+        Just(None),
+        text().prop_map(|t| Some(Credentials::Token(t))),
+        (text(), text())
+            .prop_map(|(user, password)| Some(Credentials::Password { user, password })),
+    ]
+}
+
 /// A frame of any of the twelve types, with arbitrary field values.
 fn frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
@@ -93,15 +103,17 @@ fn frame() -> impl Strategy<Value = Frame> {
             any::<u16>(),
             any::<bool>(),
             prop::option::of(policy()),
-            text()
+            text(),
+            credentials()
         )
-            .prop_map(|(req_id, version, no_echo, overflow, name)| {
+            .prop_map(|(req_id, version, no_echo, overflow, name, credentials)| {
                 Frame::Hello(Hello {
                     req_id,
                     version,
                     no_echo,
                     overflow,
                     name,
+                    credentials,
                 })
             }),
         (any::<u32>(), any::<bool>(), body_fields()).prop_map(|(req_id, ack, b)| {

@@ -11,8 +11,8 @@
 
 use brokerd_proto::body::BodyBuilder;
 use brokerd_proto::{
-    Body, ErrorCode, ErrorFrame, Filter, Frame, Headers, Hello, Lost, MSG_HEADER_LEN, Msg,
-    OverflowPolicy, Publish, Subscribe, Unsubscribe, Welcome, decode, encode_msg_header,
+    Body, Credentials, ErrorCode, ErrorFrame, Filter, Frame, Headers, Hello, Lost, MSG_HEADER_LEN,
+    Msg, OverflowPolicy, Publish, Subscribe, Unsubscribe, Welcome, decode, encode_msg_header,
     encode_pub,
 };
 use bytes::BytesMut;
@@ -65,6 +65,7 @@ fn expected() -> Vec<(&'static str, Frame)> {
                 no_echo: false,
                 overflow: None,
                 name: "demo".into(),
+                credentials: None,
             }),
         ),
         (
@@ -75,6 +76,7 @@ fn expected() -> Vec<(&'static str, Frame)> {
                 no_echo: true,
                 overflow: Some(OverflowPolicy::DropOld),
                 name: "sensor-7".into(),
+                credentials: None,
             }),
         ),
         (
@@ -85,6 +87,32 @@ fn expected() -> Vec<(&'static str, Frame)> {
                 no_echo: false,
                 overflow: Some(OverflowPolicy::Disconnect),
                 name: String::new(),
+                credentials: None,
+            }),
+        ),
+        (
+            "hello_token",
+            Frame::Hello(Hello {
+                req_id: 1,
+                version: 1,
+                no_echo: false,
+                overflow: None,
+                name: "svc".into(),
+                credentials: Some(Credentials::Token("s3cret".into())),
+            }),
+        ),
+        (
+            "hello_password",
+            Frame::Hello(Hello {
+                req_id: 1,
+                version: 1,
+                no_echo: true,
+                overflow: Some(OverflowPolicy::DropNew),
+                name: String::new(),
+                credentials: Some(Credentials::Password {
+                    user: "orders".into(),
+                    password: "pw".into(),
+                }),
             }),
         ),
         (
