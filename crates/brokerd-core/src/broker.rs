@@ -8,6 +8,7 @@
 use crate::close::CloseReason;
 use crate::memory::MemoryBudget;
 use crate::outbox::{Outbox, OutboxLimits, OutboxStats, Push};
+use crate::permissions::{Denial, Identity, Permissions};
 use crate::sublist::{Matches, Slot, Sublist, SublistStats, View};
 use crate::subscription::{SubRef, Subscription};
 use brokerd_proto::topic::{is_reserved, validate_topic};
@@ -21,11 +22,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use thiserror::Error;
 
+/// Lets the subscriber that was just queued a request answer it, if its user may answer
+/// requests; a no-op for everyone else.
+#[inline]
+fn grant(sub: &SubRef, reply: &str) {
+    if let Some(permits) = sub.outbox.responses() {
+        permits.grant(reply, std::time::Instant::now());
+    }
+}
+
 /// One connection's private memo of recent routes, so that publishing a topic again costs a hash
 /// lookup in memory only its own task touches. A route is the list of subscription slots the
 /// topic reaches, whose members change in place; the memo is dropped only when the trie's shape
 /// changes (a filter gains its first subscription; the sublist's shared cache refills it).
-#[derive(Default)]
 pub struct RouteCache {
     generation: u64,
     map: HashMap<Box<str>, Matches<SubRef>, foldhash::fast::RandomState>,
@@ -38,6 +47,11 @@ pub struct RouteCache {
     work: usize,
     /// Views of the slots this connection published to last.
     views: ViewCache,
+    /// Whether this connection's publish rules allow the last topic, and its memo of other
+    /// topics' answers; used only for an identity with publish rules. Rules do not change with
+    /// the trie, so this memo outlives the routes.
+    last_allowed: Result<(), Denial>,
+    allowed: HashMap<Box<str>, Result<(), Denial>, foldhash::fast::RandomState>,
 }
 
 /// A connection's views of recently reached slots, each kept while its slot's version stays the
@@ -85,6 +99,12 @@ impl ViewCache {
     }
 }
 
+impl Default for RouteCache {
+    fn default() -> RouteCache {
+        RouteCache::new()
+    }
+}
+
 impl RouteCache {
     /// Topics remembered per connection before the memo stops adding.
     pub const CAPACITY: usize = 256;
@@ -103,6 +123,8 @@ impl RouteCache {
             last: None,
             work: 0,
             views: ViewCache::default(),
+            last_allowed: Ok(()),
+            allowed: HashMap::default(),
         }
     }
 
@@ -228,6 +250,17 @@ pub enum SubscribeError {
     /// The queue group name is empty, too long or contains whitespace.
     #[error("invalid queue group name {0:?}")]
     InvalidQueue(String),
+    /// The connection's user may not subscribe to this filter or join this group.
+    #[error("subscribe to '{filter}' not permitted: {denial}")]
+    Denied {
+        /// The filter asked for.
+        filter: String,
+        /// The rule that refused it.
+        denial: Denial,
+    },
+    /// The connection's user holds its maximum number of subscriptions.
+    #[error("user already holds its maximum of {0} subscriptions")]
+    UserQuota(usize),
 }
 
 impl SubscribeError {
@@ -238,7 +271,10 @@ impl SubscribeError {
                 ErrorCode::InvalidFilter
             }
             SubscribeError::Duplicate(_) => ErrorCode::DuplicateSubscription,
-            SubscribeError::TooMany(_) => ErrorCode::TooManySubscriptions,
+            SubscribeError::TooMany(_) | SubscribeError::UserQuota(_) => {
+                ErrorCode::TooManySubscriptions
+            }
+            SubscribeError::Denied { .. } => ErrorCode::PermissionDenied,
         }
     }
 }
@@ -263,6 +299,22 @@ pub enum PublishError {
     /// The topic is in the broker's reserved `$` space.
     #[error("topics starting with '$' are reserved for the broker")]
     Reserved,
+    /// The connection's user may not publish to this topic.
+    #[error("publish to '{topic}' not permitted: {denial}")]
+    Denied {
+        /// The topic.
+        topic: String,
+        /// The rule that refused it.
+        denial: Denial,
+    },
+    /// The connection's user may not name this reply-to.
+    #[error("reply-to '{reply}' not permitted: {denial}")]
+    DeniedReply {
+        /// The reply-to.
+        reply: String,
+        /// The rule that refused it.
+        denial: Denial,
+    },
     /// The payload is over the limit.
     #[error("payload of {len} bytes exceeds the maximum of {max}")]
     PayloadTooLarge {
@@ -281,6 +333,9 @@ impl PublishError {
                 ErrorCode::InvalidTopic
             }
             PublishError::Reserved => ErrorCode::ReservedTopic,
+            PublishError::Denied { .. } | PublishError::DeniedReply { .. } => {
+                ErrorCode::PermissionDenied
+            }
             PublishError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
         }
     }
@@ -316,6 +371,8 @@ pub struct Client {
     pub outbox: Arc<Outbox>,
     /// Traffic counters.
     pub counters: ClientCounters,
+    /// Who it authenticated as and what it may do.
+    pub identity: Identity,
     subs: Mutex<BTreeSet<BySid>>,
 }
 
@@ -441,7 +498,7 @@ impl Broker {
         &self.budget
     }
 
-    /// Registers a client that completed its handshake.
+    /// Registers a client that completed its handshake, with no restrictions.
     pub fn connect(
         &self,
         name: String,
@@ -449,20 +506,38 @@ impl Broker {
         policy: Option<OverflowPolicy>,
         no_echo: bool,
     ) -> Arc<Client> {
+        self.connect_as(name, peer, policy, no_echo, Identity::default())
+    }
+
+    /// Registers a client that completed its handshake as `identity`. The caller has counted
+    /// the connection against the identity's quota, if any; [`Broker::disconnect`] does not
+    /// give it back (the connection's task does, when it ends).
+    pub fn connect_as(
+        &self,
+        name: String,
+        peer: String,
+        policy: Option<OverflowPolicy>,
+        no_echo: bool,
+        identity: Identity,
+    ) -> Arc<Client> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let outbox = Arc::new(Outbox::with_budget(
+        let mut outbox = Outbox::with_budget(
             id,
             policy.unwrap_or(self.limits.default_policy),
             self.limits.outbox,
             self.budget.clone(),
-        ));
+        );
+        if let Some(policy) = identity.permissions.as_ref().and_then(|p| p.responses) {
+            outbox = outbox.with_responses(policy);
+        }
         let client = Arc::new(Client {
             id,
             name,
             peer,
             no_echo,
-            outbox,
+            outbox: Arc::new(outbox),
             counters: ClientCounters::default(),
+            identity,
             subs: Mutex::new(BTreeSet::new()),
         });
         self.clients.lock().insert(id, client.clone());
@@ -503,6 +578,13 @@ impl Broker {
                 Some(q.into())
             }
         };
+        if let Some(p) = &client.identity.permissions {
+            p.may_subscribe(filter.as_str(), queue.as_deref())
+                .map_err(|denial| SubscribeError::Denied {
+                    filter: filter.to_string(),
+                    denial,
+                })?;
+        }
         let sub = Arc::new(Subscription::new(sid, filter, queue, client.outbox.clone()));
         let replaced = {
             let mut subs = client.subs.lock();
@@ -517,6 +599,13 @@ impl Broker {
                     subs.insert(old);
                 }
                 return Err(SubscribeError::TooMany(self.limits.max_subs));
+            }
+            // A replaced subscription's count passes to its successor.
+            if replaced.is_none()
+                && let Some(q) = &client.identity.quota
+                && !q.try_subscribe()
+            {
+                return Err(SubscribeError::UserQuota(q.max_subscriptions));
             }
             subs.insert(BySid(sub.clone()));
             replaced.map(|old| old.0)
@@ -553,6 +642,9 @@ impl Broker {
             let mut subs = client.subs.lock();
             if subs.get(&sub.sid).is_some_and(|s| Arc::ptr_eq(&s.0, sub)) {
                 subs.remove(&sub.sid);
+                if let Some(q) = &client.identity.quota {
+                    q.unsubscribed(1);
+                }
             }
         }
         self.sublist.remove(&sub.filter, &SubRef(sub.clone()));
@@ -636,12 +728,36 @@ impl Broker {
                     m
                 }
             };
+            if let Some(p) = from.identity.permissions.as_deref()
+                && !p.publish_is_open()
+            {
+                routes.last_allowed = match routes.allowed.get(topic) {
+                    Some(a) => a.clone(),
+                    None => {
+                        let a = p.may_publish(topic);
+                        if routes.allowed.len() < RouteCache::CAPACITY {
+                            routes.allowed.insert(topic.into(), a.clone());
+                        }
+                        a
+                    }
+                };
+            }
             routes.last_topic.clear();
             routes.last_topic.push_str(topic);
             routes.last = Some(matches);
         }
+        if let Some(p) = from.identity.permissions.as_deref() {
+            self.check_publish(from, p, body, routes)?;
+        }
         if let Some(reply) = body.reply {
             validate_topic(reply, &self.limits.topic).map_err(PublishError::InvalidReply)?;
+            if let Some(p) = from.identity.permissions.as_deref() {
+                p.may_reply_to(reply)
+                    .map_err(|denial| PublishError::DeniedReply {
+                        reply: reply.to_string(),
+                        denial,
+                    })?;
+            }
         }
         // Only this connection's task writes its counters: a load and a store, no locked add.
         let c = &from.counters;
@@ -667,6 +783,32 @@ impl Broker {
                 Ok(self.deliver(from, body, &views))
             }
         }
+    }
+
+    /// Refuses a publish its sender's rules deny, unless the sender holds a permit to answer a
+    /// request on that topic (which it then uses).
+    fn check_publish(
+        &self,
+        from: &Client,
+        p: &Permissions,
+        body: &Publication<'_>,
+        routes: &RouteCache,
+    ) -> Result<(), PublishError> {
+        if p.publish_is_open() {
+            return Ok(());
+        }
+        let Err(denial) = &routes.last_allowed else {
+            return Ok(());
+        };
+        if let Some(permits) = from.outbox.responses()
+            && permits.take(&routes.last_topic, std::time::Instant::now())
+        {
+            return Ok(());
+        }
+        Err(PublishError::Denied {
+            topic: String::from_utf8_lossy(body.topic).into_owned(),
+            denial: denial.clone(),
+        })
     }
 
     /// Queues `body` for every subscription in `views`, and one member of each queue group;
@@ -695,6 +837,11 @@ impl Broker {
                     continue;
                 }
                 let push = sub.outbox.push_msg(sub, raw);
+                if push.delivered()
+                    && let Some(reply) = body.reply
+                {
+                    grant(sub, reply);
+                }
                 self.settle(sub, push, &mut delivered);
             }
             grouped_slots += usize::from(!view.groups.is_empty());
@@ -702,7 +849,7 @@ impl Broker {
         if grouped_slots == 1 {
             for view in views.iter() {
                 for group in view.groups.iter() {
-                    self.deliver_to_group(from, &group.members, raw, &mut delivered);
+                    self.deliver_to_group(from, &group.members, raw, body.reply, &mut delivered);
                 }
             }
         } else if grouped_slots > 1 {
@@ -718,7 +865,7 @@ impl Broker {
                 }
             }
             for (_, members) in &groups {
-                self.deliver_to_group(from, members, raw, &mut delivered);
+                self.deliver_to_group(from, members, raw, body.reply, &mut delivered);
             }
         }
         delivered
@@ -785,6 +932,7 @@ impl Broker {
         from: &Client,
         members: &[SubRef],
         raw: &Bytes,
+        reply: Option<&str>,
         delivered: &mut u32,
     ) {
         let eligible = |s: &SubRef| !(from.no_echo && s.client_id() == from.id);
@@ -804,6 +952,11 @@ impl Broker {
                 }
                 Some(Push::Skipped) => {}
                 Some(push) => {
+                    if push.delivered()
+                        && let Some(reply) = reply
+                    {
+                        grant(sub, reply);
+                    }
                     self.settle(sub, push, delivered);
                     return;
                 }
@@ -811,6 +964,11 @@ impl Broker {
         }
         if let Some(sub) = first_full {
             let push = sub.outbox.push_msg(sub, raw);
+            if push.delivered()
+                && let Some(reply) = reply
+            {
+                grant(sub, reply);
+            }
             self.settle(sub, push, delivered);
         }
     }
@@ -846,6 +1004,9 @@ impl Broker {
             .into_iter()
             .map(|s| s.0)
             .collect();
+        if let Some(q) = &client.identity.quota {
+            q.unsubscribed(subs.len());
+        }
         for sub in subs {
             client.outbox.set_allowance(&sub, 0);
             self.sublist.remove(&sub.filter.clone(), &SubRef(sub));

@@ -35,6 +35,10 @@ pub enum CloseReason {
     FrameTimeout,
     /// The server is shutting down.
     ServerShutdown,
+    /// The `HELLO` carried no credentials or rejected ones; the text is what the client is told.
+    AuthenticationFailed(&'static str),
+    /// The client's user already held as many connections as it may.
+    TooManyForUser,
 }
 
 impl CloseReason {
@@ -53,11 +57,13 @@ impl CloseReason {
             CloseReason::TooManyFromAddress => "too-many-from-address",
             CloseReason::FrameTimeout => "frame-timeout",
             CloseReason::ServerShutdown => "server-shutdown",
+            CloseReason::AuthenticationFailed(_) => "authentication-failed",
+            CloseReason::TooManyForUser => "too-many-for-user",
         }
     }
 
     /// Every name [`CloseReason::name`] can return, for metrics that list zeros too.
-    pub const NAMES: [&'static str; 12] = [
+    pub const NAMES: [&'static str; 14] = [
         "client-closed",
         "io-error",
         "protocol-error",
@@ -70,6 +76,8 @@ impl CloseReason {
         "too-many-from-address",
         "frame-timeout",
         "server-shutdown",
+        "authentication-failed",
+        "too-many-for-user",
     ];
 
     /// The `ERR` the server sends before closing for this reason, if any.
@@ -117,6 +125,13 @@ impl CloseReason {
             CloseReason::ServerShutdown => {
                 Some((ErrorCode::ShuttingDown, "server is shutting down".into()))
             }
+            CloseReason::AuthenticationFailed(text) => {
+                Some((ErrorCode::AuthenticationFailed, (*text).into()))
+            }
+            CloseReason::TooManyForUser => Some((
+                ErrorCode::TooManyConnections,
+                "the user already holds as many connections as it may".into(),
+            )),
         }
     }
 }
@@ -160,6 +175,8 @@ mod tests {
             CloseReason::TooManyFromAddress,
             CloseReason::FrameTimeout,
             CloseReason::ServerShutdown,
+            CloseReason::AuthenticationFailed("authentication failed"),
+            CloseReason::TooManyForUser,
         ]
     }
 
@@ -175,6 +192,8 @@ mod tests {
             CloseReason::TooManyHandshakes,
             CloseReason::TooManyFromAddress,
             CloseReason::FrameTimeout,
+            CloseReason::AuthenticationFailed("authentication failed"),
+            CloseReason::TooManyForUser,
         ] {
             let (code, message) = r.error().unwrap();
             assert!(code.closes_connection(), "{r}");

@@ -7,11 +7,13 @@
 //! - [`broker`]: the registry of clients, subscribe/unsubscribe/publish, limits and statistics.
 //! - [`close`]: the typed reason every connection ends with.
 //! - [`memory`]: the broker-wide memory budget.
+//! - [`permissions`]: what an authenticated identity may publish, subscribe and answer.
 
 pub mod broker;
 pub mod close;
 pub mod memory;
 pub mod outbox;
+pub mod permissions;
 pub mod sublist;
 pub mod subscription;
 
@@ -22,5 +24,8 @@ pub use broker::{
 pub use close::CloseReason;
 pub use memory::{MemoryBudget, Pressure};
 pub use outbox::{Item, Outbox, OutboxLimits, OutboxStats, Push, Take};
+pub use permissions::{
+    Denial, Identity, Permissions, Quota, ResponsePermits, ResponsePolicy, Rules,
+};
 pub use sublist::{Sublist, SublistStats};
 pub use subscription::{SubRef, Subscription};

@@ -20,6 +20,7 @@
 
 use crate::close::CloseReason;
 use crate::memory::MemoryBudget;
+use crate::permissions::{ResponsePermits, ResponsePolicy};
 use crate::subscription::Subscription;
 use brokerd_proto::{MSG_HEADER_LEN, OverflowPolicy};
 use bytes::Bytes;
@@ -215,6 +216,8 @@ pub struct Outbox {
     owner: u64,
     policy: OverflowPolicy,
     limits: OutboxLimits,
+    /// Permits to answer requests queued here, for a user allowed to answer its requests.
+    responses: Option<Box<ResponsePermits>>,
 }
 
 impl Outbox {
@@ -251,7 +254,19 @@ impl Outbox {
             }),
             policy,
             limits,
+            responses: None,
         }
+    }
+
+    /// The same outbox, granting a permit to answer each request queued in it under `policy`.
+    pub fn with_responses(mut self, policy: ResponsePolicy) -> Outbox {
+        self.responses = Some(Box::new(ResponsePermits::new(policy)));
+        self
+    }
+
+    /// Its permits to answer requests, if its user may answer requests.
+    pub fn responses(&self) -> Option<&ResponsePermits> {
+        self.responses.as_deref()
     }
 
     /// The id of the connection it belongs to.
