@@ -62,6 +62,84 @@ pub struct Config {
     pub timeouts: TimeoutsConfig,
     /// Routing.
     pub routing: RoutingConfig,
+    /// Authentication and permissions.
+    pub auth: AuthConfig,
+}
+
+/// `[auth]`: who may connect and what each user may do (`docs/security.md`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// A shared token: a client presenting it may do everything. Never printed.
+    #[serde(skip_serializing)]
+    pub token: Option<String>,
+    /// Accept clients without credentials on a non-loopback address when no authentication is
+    /// configured. Without it, brokerd refuses to start that way.
+    pub allow_anonymous: bool,
+    /// Named users, each with an argon2id password hash and its permissions.
+    pub users: Vec<UserConfig>,
+}
+
+// By hand, so that the token never reaches a log or a panic message.
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("allow_anonymous", &self.allow_anonymous)
+            .field("users", &self.users)
+            .finish()
+    }
+}
+
+/// `[[auth.users]]`: one user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct UserConfig {
+    /// The name a client gives with its password.
+    pub name: String,
+    /// An argon2id hash in PHC form, as `brokerd hash-password` prints it.
+    pub password_hash: String,
+    /// May read `$` topics and see every connection in the statistics.
+    pub admin: bool,
+    /// Topics it may publish to.
+    pub publish: RulesConfig,
+    /// Filters it may subscribe to, and reply-to topics it may name.
+    pub subscribe: RulesConfig,
+    /// When set, the only queue groups it may join.
+    pub queue_groups: Option<Vec<String>>,
+    /// May answer requests it receives, even where it may not publish otherwise: `true`, or a
+    /// table `{ max = 1, expires = "1m" }`.
+    pub allow_responses: Option<AllowResponses>,
+    /// Most connections at once (0: no limit).
+    pub max_connections: usize,
+    /// Most subscriptions across its connections (0: no limit).
+    pub max_subscriptions: usize,
+}
+
+/// Allow and deny filters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RulesConfig {
+    /// When set, only what these filters cover is allowed.
+    pub allow: Option<Vec<String>>,
+    /// Never allowed; wins over `allow`.
+    pub deny: Vec<String>,
+}
+
+/// `allow_responses`: a flag, or the limits of each permit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AllowResponses {
+    /// `true` for one answer within a minute; `false` for none.
+    Flag(bool),
+    /// How many answers, and for how long after the request arrived.
+    Limits {
+        /// Publishes allowed per request.
+        max: u32,
+        /// How long a permit lasts.
+        #[serde(with = "duration")]
+        expires: Duration,
+    },
 }
 
 /// `[limits]`.
@@ -150,6 +228,7 @@ impl Default for Config {
             outbound: OutboundConfig::default(),
             timeouts: TimeoutsConfig::default(),
             routing: RoutingConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -314,6 +393,20 @@ impl Config {
         if t.max_pings_outstanding == 0 {
             return invalid("timeouts.max_pings_outstanding", "must be at least 1");
         }
+        self.auth.validate()?;
+        if !self.listen.ip().is_loopback() && !self.auth.required() && !self.auth.allow_anonymous {
+            return Err(ConfigError::Invalid {
+                key: "listen",
+                message: format!(
+                    "{} is reachable from other hosts and no authentication is configured, so \
+                     anyone who reaches it could read and publish every message; set a token \
+                     (--auth-token, BROKERD_AUTH_TOKEN or auth.token) or users ([[auth.users]]), \
+                     or accept an open broker explicitly with --allow-anonymous \
+                     (BROKERD_ALLOW_ANONYMOUS=true or auth.allow_anonymous = true)",
+                    self.listen
+                ),
+            });
+        }
         Ok(())
     }
 
@@ -381,6 +474,66 @@ fn machine_memory() -> Option<usize> {
     match (total, cgroup) {
         (Some(t), Some(c)) => Some(t.min(c)),
         (t, c) => t.or(c),
+    }
+}
+
+impl AuthConfig {
+    /// Whether clients must authenticate.
+    pub fn required(&self) -> bool {
+        self.token.is_some() || !self.users.is_empty()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
+        if self.token.as_deref() == Some("") {
+            return invalid("auth.token", "must not be empty".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for u in &self.users {
+            if u.name.is_empty() || u.name.len() > 256 || u.name.chars().any(char::is_control) {
+                return invalid(
+                    "auth.users",
+                    format!(
+                        "user name {:?} must be 1 to 256 bytes without control characters",
+                        u.name
+                    ),
+                );
+            }
+            if !names.insert(u.name.as_str()) {
+                return invalid("auth.users", format!("user {:?} is defined twice", u.name));
+            }
+            if let Err(e) = crate::auth::check_hash(&u.password_hash) {
+                return invalid(
+                    "auth.users.password_hash",
+                    format!(
+                        "user {:?}: {e}; make one with `brokerd hash-password`",
+                        u.name
+                    ),
+                );
+            }
+            for (key, rules) in [
+                ("auth.users.publish", &u.publish),
+                ("auth.users.subscribe", &u.subscribe),
+            ] {
+                for f in rules.allow.iter().flatten().chain(&rules.deny) {
+                    if let Err(e) = brokerd_proto::Filter::new(f) {
+                        return invalid(key, format!("user {:?}: filter {f:?}: {e}", u.name));
+                    }
+                }
+            }
+            if let Some(AllowResponses::Limits { max, expires }) = &u.allow_responses
+                && (*max == 0 || expires.is_zero())
+            {
+                return invalid(
+                    "auth.users.allow_responses",
+                    format!(
+                        "user {:?}: max and expires must be greater than zero",
+                        u.name
+                    ),
+                );
+            }
+        }
+        Ok(())
     }
 }
 

@@ -12,12 +12,15 @@
 //! through [`Escaped`].
 
 use crate::admission::Ticket;
+use crate::auth::AuthError;
 use crate::config::Config;
 use crate::escape::Escaped;
 use crate::monitor;
 use crate::server::Shared;
 use crate::writer;
-use brokerd_core::{Client, CloseReason, DETACH_BELOW, Publication, PublishError, RouteCache};
+use brokerd_core::{
+    Client, CloseReason, DETACH_BELOW, Identity, Publication, PublishError, Quota, RouteCache,
+};
 use brokerd_proto::{
     DecodeError, ErrorCode, ErrorFrame, Frame, FrameType, Hello, PROTOCOL_VERSION, Publish,
     Welcome, decode, peek_pub, topic::STATS_REQUEST,
@@ -81,15 +84,21 @@ pub(crate) async fn serve(
     let (mut rd, mut wr) = stream.into_split();
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let eviction = ticket.eviction();
+    // The whole handshake, authentication included, has the handshake timeout.
+    let handshake = async {
+        let hello = read_hello(&mut rd, &mut buf, &shared).await?;
+        let identity = authenticate(&hello, peer, &shared).await?;
+        Ok((hello, identity))
+    };
     let hello = tokio::select! {
-        r = tokio::time::timeout(shared.config.timeouts.handshake, read_hello(&mut rd, &mut buf, &shared)) => match r {
+        r = tokio::time::timeout(shared.config.timeouts.handshake, handshake) => match r {
             Ok(r) => r,
             Err(_) => Err(CloseReason::HandshakeTimeout),
         },
         _ = eviction.cancelled() => Err(CloseReason::TooManyHandshakes),
         _ = shared.shutdown.cancelled() => Err(CloseReason::ServerShutdown),
     };
-    let hello = match hello {
+    let (hello, identity) = match hello {
         Ok(h) => h,
         Err(reason) => {
             reject(&mut wr, &reason, &shared).await;
@@ -111,11 +120,26 @@ pub(crate) async fn serve(
         }
         return;
     }
-    let client = shared.broker.connect(
+    // Counted against its user's quota until this task ends.
+    let quota = identity.quota.clone();
+    if let Some(q) = &quota
+        && !q.try_connect()
+    {
+        let reason = CloseReason::TooManyForUser;
+        reject(&mut wr, &reason, &shared).await;
+        shared.broker.record_close(&reason);
+        if let Some(suppressed) = shared.refusals.should_log() {
+            warn!(client = %log_name, %peer, user = %Escaped(identity.user.as_deref().unwrap_or("")), reason = %reason, limit = q.max_connections, suppressed, "connection refused");
+        }
+        return;
+    }
+    let _quota = QuotaGuard(quota);
+    let client = shared.broker.connect_as(
         hello.name.clone(),
         peer.to_string(),
         hello.overflow,
         hello.no_echo,
+        identity,
     );
     let limits = shared.broker.limits();
     let welcome = Frame::Welcome(Welcome {
@@ -156,6 +180,50 @@ pub(crate) async fn serve(
     shared.broker.disconnect(&client, &reason);
     log_close(&client, &log_name, &reason);
     drop(ticket);
+}
+
+/// Gives a connection's place in its user's quota back when the connection task ends.
+struct QuotaGuard(Option<Arc<Quota>>);
+
+impl Drop for QuotaGuard {
+    fn drop(&mut self) {
+        if let Some(q) = &self.0 {
+            q.disconnected();
+        }
+    }
+}
+
+/// Checks the `HELLO`'s credentials, after the wait its address's recent failures impose. A
+/// failure ends the handshake with one generic `ERR`.
+async fn authenticate(
+    hello: &Hello,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> Result<Identity, CloseReason> {
+    if shared.auth.required() {
+        let wait = shared.auth.penalty(peer.ip(), std::time::Instant::now());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+    match shared.auth.authenticate(hello.credentials.as_ref()).await {
+        Ok(identity) => {
+            shared.auth.succeeded(peer.ip());
+            Ok(identity)
+        }
+        Err(e) => {
+            let failures = shared.auth.failed(peer.ip(), std::time::Instant::now());
+            if let Some(suppressed) = shared.auth_failures.should_log() {
+                let user = hello
+                    .credentials
+                    .as_ref()
+                    .and_then(|c| c.user())
+                    .unwrap_or("");
+                warn!(%peer, user = %Escaped(user), client = %Escaped(&hello.name), missing = (e == AuthError::Missing), failures, suppressed, "authentication failed");
+            }
+            Err(CloseReason::AuthenticationFailed(e.client_message()))
+        }
+    }
 }
 
 /// Logs a connection's end once; `log_name` is its name already escaped.
@@ -317,10 +385,15 @@ impl Reader<'_> {
                 format!("{STATS_REQUEST} answers on the request's reply-to, and this one has none"),
             );
         };
-        let answered = self
-            .shared
-            .broker
-            .answer(self.client, reply, || monitor::stats_json(self.shared));
+        let shared = self.shared;
+        let answered = match (&self.client.identity.user, self.client.identity.is_admin()) {
+            (Some(user), false) => shared.broker.answer(self.client, reply, || {
+                monitor::user_stats_json(shared, user)
+            }),
+            _ => shared
+                .broker
+                .answer(self.client, reply, || monitor::stats_json(shared)),
+        };
         match answered {
             Ok(delivered) if ack => self.reply(Frame::Ack { req_id, delivered }),
             Ok(_) => {}

@@ -3,6 +3,7 @@
 //!
 //! Layout:
 //! - [`config`]: defaults, TOML file, validation.
+//! - [`auth`]: credentials checked at the handshake, and the identity they give.
 //! - [`server`]: listener, accept loop, graceful shutdown.
 //! - `admission`: the handshake, connection and per-address limits a connection is admitted by.
 //! - `connection`: one connection's handshake, reader loop, keep-alive and frame deadline.
@@ -11,6 +12,7 @@
 //! - `monitor`: the statistics a client asks for on `$SYS.req.stats`.
 
 mod admission;
+pub mod auth;
 pub mod config;
 mod connection;
 mod escape;

@@ -32,10 +32,30 @@ struct Args {
     /// Print the configuration in force, as TOML, and exit.
     #[arg(long)]
     print_config: bool,
+    /// Require clients to present this token (prefer BROKERD_AUTH_TOKEN: a flag shows in
+    /// process listings).
+    #[arg(long, env = "BROKERD_AUTH_TOKEN", hide_env_values = true)]
+    auth_token: Option<String>,
+    /// Accept clients without credentials on an address other hosts can reach, when no
+    /// authentication is configured.
+    #[arg(long, env = "BROKERD_ALLOW_ANONYMOUS")]
+    allow_anonymous: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Read a password from the terminal (asked twice) or from standard input (one line), and
+    /// print its argon2id hash for `password_hash` in [[auth.users]].
+    HashPassword,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::HashPassword) = args.command {
+        return hash_password();
+    }
     let mut config = match &args.config {
         Some(path) => match Config::from_file(path) {
             Ok(c) => c,
@@ -51,6 +71,17 @@ fn main() -> ExitCode {
     }
     if let Some(level) = args.log_level {
         config.log_level = level;
+    }
+    if let Some(token) = args.auth_token {
+        config.auth.token = Some(token);
+    }
+    if args.allow_anonymous {
+        config.auth.allow_anonymous = true;
+    }
+    // Flags and environment may have changed what the file said.
+    if let Err(e) = config.validate() {
+        eprintln!("brokerd: {e}");
+        return ExitCode::from(2);
     }
     if args.print_config {
         print!("{}", config.to_toml());
@@ -90,6 +121,46 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("brokerd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `brokerd hash-password`: the hash goes to stdout, prompts and errors to stderr.
+fn hash_password() -> ExitCode {
+    let password = if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password("password: ");
+        let second = rpassword::prompt_password("again: ");
+        match (first, second) {
+            (Ok(a), Ok(b)) if a == b => a,
+            (Ok(_), Ok(_)) => {
+                eprintln!("brokerd: the passwords differ");
+                return ExitCode::from(2);
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("brokerd: cannot read the password: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        let mut line = String::new();
+        if let Err(e) = std::io::stdin().read_line(&mut line) {
+            eprintln!("brokerd: cannot read the password: {e}");
+            return ExitCode::FAILURE;
+        }
+        line.trim_end_matches(['\n', '\r']).to_string()
+    };
+    if password.is_empty() {
+        eprintln!("brokerd: the password is empty");
+        return ExitCode::from(2);
+    }
+    match brokerd_server::auth::hash_password(&password) {
+        Ok(hash) => {
+            println!("{hash}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("brokerd: cannot hash the password: {e}");
             ExitCode::FAILURE
         }
     }

@@ -3,10 +3,12 @@
 //! `docs/operations.md`, "Monitoring".
 
 use crate::server::Shared;
-use brokerd_core::ClientStats;
+use brokerd_core::{Client, ClientStats};
 use parking_lot::Mutex;
 use serde_json::{Map, Value, json};
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// At most this many connections are listed, the ones with the most dropped deliveries first,
@@ -24,7 +26,15 @@ const SLACK: usize = 256;
 /// The last snapshot, serialized, and when it was taken. A leaf lock: held only to read or
 /// replace the pair, never while a snapshot is built.
 #[derive(Default)]
-pub(crate) struct StatsCache(Mutex<Option<(Instant, Arc<[u8]>)>>);
+pub(crate) struct StatsCache(
+    Mutex<Option<Snapshot>>,
+    /// Each user's own answer, for users without the admin role: one entry per configured user
+    /// at most.
+    Mutex<HashMap<Arc<str>, Snapshot>>,
+);
+
+/// A serialized answer and when it was built.
+type Snapshot = (Instant, Arc<[u8]>);
 
 /// The statistics of `shared`'s broker, serialized: a snapshot at most [`REUSE_FOR`] old.
 pub(crate) fn stats_json(shared: &Shared) -> Arc<[u8]> {
@@ -36,6 +46,60 @@ pub(crate) fn stats_json(shared: &Shared) -> Arc<[u8]> {
     let json: Arc<[u8]> = build(shared).into();
     *shared.stats_cache.0.lock() = Some((Instant::now(), json.clone()));
     json
+}
+
+/// What a user without the admin role may see: its own connections, and nothing about anyone
+/// else's. A snapshot at most [`REUSE_FOR`] old, so that a user repeating the request cannot make
+/// the broker visit every connection more than that often.
+pub(crate) fn user_stats_json(shared: &Shared, user: &Arc<str>) -> Arc<[u8]> {
+    if let Some((at, json)) = shared.stats_cache.1.lock().get(user)
+        && at.elapsed() < REUSE_FOR
+    {
+        return json.clone();
+    }
+    let own: Vec<Arc<Client>> = shared
+        .broker
+        .clients()
+        .into_iter()
+        .filter(|c| c.identity.user.as_ref() == Some(user))
+        .collect();
+    let mut budget = shared.broker.limits().max_payload.saturating_sub(SLACK * 2);
+    let mut listed = Vec::new();
+    for c in own.iter().take(MAX_LISTED) {
+        let row = row(&client_stats(c));
+        let len = serde_json::to_vec(&row).map_or(usize::MAX, |v| v.len() + 1);
+        if len > budget {
+            break;
+        }
+        budget -= len;
+        listed.push(row);
+    }
+    let value = json!({
+        "server_id": shared.server_id,
+        "version": env!("CARGO_PKG_VERSION"),
+        "user": &**user,
+        "connections": own.len(),
+        "clients_listed": listed.len(),
+        "clients": listed,
+    });
+    let json: Arc<[u8]> = serde_json::to_vec(&value).unwrap_or_default().into();
+    shared
+        .stats_cache
+        .1
+        .lock()
+        .insert(user.clone(), (Instant::now(), json.clone()));
+    json
+}
+
+/// One connection's figures, as [`brokerd_core::Broker::stats_and_clients`] gives them.
+fn client_stats(c: &Arc<Client>) -> ClientStats {
+    ClientStats {
+        client: c.clone(),
+        subscriptions: c.subscription_count(),
+        msgs_in: c.counters.msgs_in.load(Ordering::Relaxed),
+        bytes_in: c.counters.bytes_in.load(Ordering::Relaxed),
+        outbox: c.outbox.stats(),
+    }
 }
 
 fn build(shared: &Shared) -> Vec<u8> {
@@ -113,6 +177,7 @@ fn row(c: &ClientStats) -> Value {
         "id": c.client.id,
         "name": c.client.name,
         "peer": c.client.peer,
+        "user": c.client.identity.user.as_deref(),
         "subscriptions": c.subscriptions,
         "msgs_in": c.msgs_in,
         "bytes_in": c.bytes_in,

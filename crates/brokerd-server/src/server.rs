@@ -43,6 +43,10 @@ pub(crate) struct Shared {
     pub(crate) gate: Arc<Gate>,
     /// Throttles the log lines of refused connections.
     pub(crate) refusals: RefusalLog,
+    /// Checks the credentials of each `HELLO`.
+    pub(crate) auth: crate::auth::Authenticator,
+    /// Throttles the log lines of failed logins.
+    pub(crate) auth_failures: RefusalLog,
     /// When the server was bound, for the uptime in its statistics.
     pub(crate) started: std::time::Instant,
     /// The last statistics answer, reused for requests close behind it.
@@ -80,6 +84,7 @@ impl Server {
         socket.listen(BACKLOG)?;
         let listener = TcpListener::from_std(socket.into())?;
         let broker = Arc::new(Broker::new(config.broker_limits()));
+        let auth = crate::auth::Authenticator::new(&config.auth);
         let server_id = server_id();
         let gate = Arc::new(Gate::new(
             config.limits.max_handshakes,
@@ -96,6 +101,8 @@ impl Server {
                 hard_stop: CancellationToken::new(),
                 gate,
                 refusals: RefusalLog::default(),
+                auth,
+                auth_failures: RefusalLog::default(),
                 started: std::time::Instant::now(),
                 stats_cache: crate::monitor::StatsCache::default(),
             }),

@@ -44,11 +44,77 @@ fn print_config_shows_the_defaults() {
 #[test]
 fn flags_override_the_file() {
     let out = Command::new(BIN)
-        .args(["--print-config", "--listen", "0.0.0.0:9999"])
+        .args(["--print-config", "--listen", "127.0.0.2:9999"])
         .output()
         .unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("listen = \"0.0.0.0:9999\""), "{text}");
+    assert!(text.contains("listen = \"127.0.0.2:9999\""), "{text}");
+}
+
+#[test]
+fn an_open_broker_on_a_reachable_address_is_refused_unless_asked_for() {
+    let out = Command::new(BIN)
+        .args(["--print-config", "--listen", "0.0.0.0:9999"])
+        .env_remove("BROKERD_AUTH_TOKEN")
+        .env_remove("BROKERD_ALLOW_ANONYMOUS")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("--allow-anonymous") && err.contains("BROKERD_AUTH_TOKEN"),
+        "{err}"
+    );
+    for (flag, env) in [
+        (
+            Some("--allow-anonymous"),
+            ("BROKERD_ALLOW_ANONYMOUS", "false"),
+        ),
+        (None, ("BROKERD_ALLOW_ANONYMOUS", "true")),
+        (None, ("BROKERD_AUTH_TOKEN", "secret-token")),
+    ] {
+        let out = Command::new(BIN)
+            .args(["--print-config", "--listen", "0.0.0.0:9999"])
+            .args(flag)
+            .env(env.0, env.1)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{flag:?} {env:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(!text.contains("secret-token"), "the token is never printed");
+    }
+}
+
+#[test]
+fn hash_password_reads_stdin_and_prints_a_hash_the_server_accepts() {
+    use std::io::Write;
+    let mut child = Command::new(BIN)
+        .arg("hash-password")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"correct horse\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let hash = String::from_utf8(out.stdout).unwrap();
+    let hash = hash.trim();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    assert!(!hash.contains("correct horse"));
+    let text = format!("[[auth.users]]\nname = \"u\"\npassword_hash = \"{hash}\"\n");
+    brokerd_server::Config::from_toml(&text, "t").unwrap();
+    // An empty password is refused.
+    let out = Command::new(BIN)
+        .arg("hash-password")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
 }
 
 #[test]
@@ -87,6 +153,7 @@ fn sigterm_shuts_down_gracefully_with_exit_0() {
         no_echo: false,
         overflow: None,
         name: "binary-test".into(),
+        credentials: None,
     });
     stream.write_all(&hello.to_bytes()).unwrap();
     let mut buf = BytesMut::new();
