@@ -16,7 +16,7 @@ mod report;
 
 use crate::Global;
 use anyhow::{Context, Result, bail};
-use brokerd_client::{Client, ConnectOptions, Subscription};
+use brokerd_client::{Client, Subscription};
 use clap::{Args, Subcommand};
 use report::{CpuClock, Report};
 use std::sync::Arc;
@@ -272,7 +272,7 @@ pub(crate) async fn cmd_bench(global: &Global, args: BenchArgs) -> Result<()> {
 async fn connect(global: &Global, role: &str) -> Result<Client> {
     Client::connect(
         global.server.as_str(),
-        ConnectOptions::new(format!("{}-{role}", global.name)),
+        global.options(format!("{}-{role}", global.name)),
     )
     .await
     .with_context(|| format!("cannot connect to {}", global.server))

@@ -13,11 +13,11 @@
 // The workspace warns on unwrap/expect; unit tests may use them.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use brokerd_client::{Client, ConnectOptions, Headers, Message, Subscription};
 use clap::{Args, Parser, Subcommand};
 use std::fmt::Write as _;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, IsTerminal, Write};
 use std::process::ExitCode;
 use tokio::io::AsyncBufReadExt;
 
@@ -55,6 +55,60 @@ struct Global {
     /// Client name shown in the broker's logs.
     #[arg(long, global = true, default_value = "brokerctl")]
     name: String,
+    /// The broker's shared token (prefer BROKERD_TOKEN: a flag shows in process listings).
+    #[arg(long, global = true, env = "BROKERD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Authenticate as this user; the password comes from --password, BROKERD_PASSWORD, or a
+    /// prompt on the terminal.
+    #[arg(long, global = true, env = "BROKERD_USER", conflicts_with = "token")]
+    user: Option<String>,
+    /// The user's password (prefer BROKERD_PASSWORD or the prompt: a flag shows in process
+    /// listings).
+    #[arg(
+        long,
+        global = true,
+        env = "BROKERD_PASSWORD",
+        hide_env_values = true,
+        requires = "user"
+    )]
+    password: Option<String>,
+    /// Prefix of the inbox replies to `req` arrive on, for a user allowed only its own inbox.
+    #[arg(
+        long,
+        global = true,
+        env = "BROKERD_INBOX_PREFIX",
+        default_value = "_INBOX"
+    )]
+    inbox_prefix: String,
+}
+
+impl Global {
+    /// Asks for the password on the terminal if a user was named without one.
+    fn resolve_password(&mut self) -> Result<()> {
+        if self.user.is_some() && self.password.is_none() {
+            if !std::io::stdin().is_terminal() {
+                bail!(
+                    "--user needs a password: set BROKERD_PASSWORD, or run on a terminal to be asked"
+                );
+            }
+            let prompt = format!("password for {}: ", self.user.as_deref().unwrap_or(""));
+            self.password =
+                Some(rpassword::prompt_password(prompt).context("cannot read the password")?);
+        }
+        Ok(())
+    }
+
+    /// Connection options with this client `name` and the credentials given.
+    fn options(&self, name: impl Into<String>) -> ConnectOptions {
+        let options = ConnectOptions::new(name).inbox_prefix(self.inbox_prefix.clone());
+        match (&self.token, &self.user) {
+            (Some(token), _) => options.token(token.clone()),
+            (None, Some(user)) => {
+                options.user_password(user.clone(), self.password.clone().unwrap_or_default())
+            }
+            (None, None) => options,
+        }
+    }
 }
 
 /// The subcommands, one function each.
@@ -113,7 +167,10 @@ struct SubArgs {
 
 fn main() -> ExitCode {
     // Parsing comes before the runtime so usage errors exit 2 (clap's code) without starting one.
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Err(e) = cli.global.resolve_password() {
+        return fail(&e);
+    }
     let threads = match &cli.command {
         Command::Bench(b) => b.threads(),
         _ => 1,
@@ -179,12 +236,9 @@ async fn run(cli: Cli) -> Result<()> {
 
 /// Connects to the broker named by the global options.
 async fn connect(global: &Global) -> Result<Client> {
-    Client::connect(
-        global.server.as_str(),
-        ConnectOptions::new(global.name.clone()),
-    )
-    .await
-    .with_context(|| format!("cannot connect to {}", global.server))
+    Client::connect(global.server.as_str(), global.options(global.name.clone()))
+        .await
+        .with_context(|| format!("cannot connect to {}", global.server))
 }
 
 /// `brokerctl pub`: publishes, then closes the connection, which returns only once the broker has

@@ -13,8 +13,8 @@ use brokerd_proto::body::BodyBuilder;
 use brokerd_proto::frame::{encode_pub, take_msg};
 use brokerd_proto::topic::validate_topic;
 use brokerd_proto::{
-    ErrorCode, Filter, Frame, Headers, Hello, Msg, OverflowPolicy, PROTOCOL_VERSION, Subscribe,
-    TopicLimits, Unsubscribe, Welcome, decode,
+    Credentials, ErrorCode, Filter, Frame, Headers, Hello, Msg, OverflowPolicy, PROTOCOL_VERSION,
+    Subscribe, TopicLimits, Unsubscribe, Welcome, decode,
 };
 use bytes::BytesMut;
 use parking_lot::Mutex;
@@ -42,6 +42,11 @@ pub struct ConnectOptions {
     pub write_buffer: usize,
     /// How long connecting and the handshake may take.
     pub connect_timeout: Duration,
+    /// What to prove the client's identity with, for a server that requires it.
+    pub credentials: Option<Credentials>,
+    /// Replies to this client's requests arrive on `PREFIX.<random>.<n>`; a user whose
+    /// permissions allow only its own inbox (`_INBOX.orders.>`) sets its prefix here.
+    pub inbox_prefix: String,
 }
 
 impl ConnectOptions {
@@ -56,6 +61,31 @@ impl ConnectOptions {
     /// Sets the overflow policy to ask for.
     pub fn overflow(mut self, policy: OverflowPolicy) -> ConnectOptions {
         self.overflow = Some(policy);
+        self
+    }
+
+    /// Authenticates with the server's shared token.
+    pub fn token(mut self, token: impl Into<String>) -> ConnectOptions {
+        self.credentials = Some(Credentials::Token(token.into()));
+        self
+    }
+
+    /// Authenticates as a configured user.
+    pub fn user_password(
+        mut self,
+        user: impl Into<String>,
+        password: impl Into<String>,
+    ) -> ConnectOptions {
+        self.credentials = Some(Credentials::Password {
+            user: user.into(),
+            password: password.into(),
+        });
+        self
+    }
+
+    /// Sets the prefix of this client's reply inbox (default `_INBOX`).
+    pub fn inbox_prefix(mut self, prefix: impl Into<String>) -> ConnectOptions {
+        self.inbox_prefix = prefix.into();
         self
     }
 
@@ -81,6 +111,8 @@ impl Default for ConnectOptions {
             subscription_capacity: 8192,
             write_buffer: 4 * 1024 * 1024,
             connect_timeout: Duration::from_secs(10),
+            credentials: None,
+            inbox_prefix: "_INBOX".into(),
         }
     }
 }
@@ -214,6 +246,7 @@ impl Client {
             no_echo: options.no_echo,
             overflow: options.overflow,
             name: options.name.clone(),
+            credentials: options.credentials.clone(),
         });
         wr.write_all(&hello.to_bytes()).await?;
         let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -608,7 +641,7 @@ impl Inner {
         let prefix = self
             .inbox
             .get_or_try_init(|| async {
-                let prefix = format!("_INBOX.{}", unique_token());
+                let prefix = format!("{}.{}", self.options.inbox_prefix, unique_token());
                 let sid = self.next_id();
                 let req_id = self.next_id();
                 self.inbox_sid.store(sid, Ordering::Relaxed);

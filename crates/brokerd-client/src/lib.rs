@@ -23,7 +23,7 @@ pub mod client;
 pub mod error;
 pub mod subscription;
 
-pub use brokerd_proto::{Filter, Headers, OverflowPolicy, Topic};
+pub use brokerd_proto::{Credentials, Filter, Headers, OverflowPolicy, Topic};
 pub use client::{Client, ConnectOptions, ServerInfo};
 pub use error::Error;
 pub use subscription::{Message, Subscription};
