@@ -39,6 +39,11 @@ pub enum CloseReason {
     AuthenticationFailed(&'static str),
     /// The client's user already held as many connections as it may.
     TooManyForUser,
+    /// The client spoke plain brokerd to the TLS port, or TLS to a plain port; the text says
+    /// which, and is what the client is told.
+    WrongTransport(&'static str),
+    /// The TLS handshake failed (no or an untrusted client certificate, no common version...).
+    TlsFailed(String),
 }
 
 impl CloseReason {
@@ -59,11 +64,13 @@ impl CloseReason {
             CloseReason::ServerShutdown => "server-shutdown",
             CloseReason::AuthenticationFailed(_) => "authentication-failed",
             CloseReason::TooManyForUser => "too-many-for-user",
+            CloseReason::WrongTransport(_) => "wrong-transport",
+            CloseReason::TlsFailed(_) => "tls-failed",
         }
     }
 
     /// Every name [`CloseReason::name`] can return, for metrics that list zeros too.
-    pub const NAMES: [&'static str; 14] = [
+    pub const NAMES: [&'static str; 16] = [
         "client-closed",
         "io-error",
         "protocol-error",
@@ -78,6 +85,8 @@ impl CloseReason {
         "server-shutdown",
         "authentication-failed",
         "too-many-for-user",
+        "wrong-transport",
+        "tls-failed",
     ];
 
     /// The `ERR` the server sends before closing for this reason, if any.
@@ -128,6 +137,10 @@ impl CloseReason {
             CloseReason::AuthenticationFailed(text) => {
                 Some((ErrorCode::AuthenticationFailed, (*text).into()))
             }
+            CloseReason::WrongTransport(text) => {
+                Some((ErrorCode::HandshakeRequired, (*text).into()))
+            }
+            CloseReason::TlsFailed(_) => None,
             CloseReason::TooManyForUser => Some((
                 ErrorCode::TooManyConnections,
                 "the user already holds as many connections as it may".into(),
@@ -141,6 +154,8 @@ impl fmt::Display for CloseReason {
         match self {
             CloseReason::Io(e) => write!(f, "io-error: {e}"),
             CloseReason::Protocol(code) => write!(f, "protocol-error: {code}"),
+            CloseReason::WrongTransport(text) => write!(f, "wrong-transport: {text}"),
+            CloseReason::TlsFailed(e) => write!(f, "tls-failed: {e}"),
             CloseReason::SlowConsumer {
                 pending_msgs,
                 pending_bytes,
@@ -177,6 +192,8 @@ mod tests {
             CloseReason::ServerShutdown,
             CloseReason::AuthenticationFailed("authentication failed"),
             CloseReason::TooManyForUser,
+            CloseReason::WrongTransport("wrong"),
+            CloseReason::TlsFailed("bad certificate".into()),
         ]
     }
 

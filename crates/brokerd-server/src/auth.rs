@@ -82,6 +82,8 @@ struct User {
 pub struct Authenticator {
     token: Option<[u8; 64]>,
     users: HashMap<String, User>,
+    /// Users by the certificate DNS name that identifies them under mutual TLS.
+    by_certificate: HashMap<String, String>,
     /// Verified when the user is unknown, so that it costs what a known user costs.
     dummy: String,
     verifying: Arc<Semaphore>,
@@ -183,9 +185,15 @@ impl Authenticator {
         } else {
             hash_password("brokerd: no such user").unwrap_or_default()
         };
+        let by_certificate = config
+            .users
+            .iter()
+            .filter_map(|u| Some((u.certificate.clone()?, u.name.clone())))
+            .collect();
         Authenticator {
             token: config.token.as_deref().map(digest),
             users,
+            by_certificate,
             dummy,
             verifying: Arc::new(Semaphore::new(VERIFY_SLOTS)),
             failures: Mutex::new(HashMap::new()),
@@ -206,12 +214,19 @@ impl Authenticator {
     pub async fn authenticate(
         &self,
         credentials: Option<&Credentials>,
+        certificate_names: &[String],
     ) -> Result<Identity, AuthError> {
         if !self.required() {
             return Ok(Identity::default());
         }
         match credentials {
-            None => Err(AuthError::Missing),
+            // A verified client certificate naming a user is that user.
+            None => certificate_names
+                .iter()
+                .find_map(|n| self.by_certificate.get(n))
+                .and_then(|user| self.users.get(user))
+                .map(|u| u.identity.clone())
+                .ok_or(AuthError::Missing),
             Some(Credentials::Token(token)) => match &self.token {
                 Some(expected) if bool::from(digest(token).ct_eq(expected)) => {
                     Ok(Identity::default())
@@ -321,40 +336,54 @@ mod tests {
         }
     }
 
+    impl Authenticator {
+        async fn authenticate_plain(
+            &self,
+            credentials: Option<&Credentials>,
+        ) -> Result<Identity, AuthError> {
+            self.authenticate(credentials, &[]).await
+        }
+    }
+
     #[tokio::test]
     async fn each_mode_is_accepted_and_rejected() {
         let a = Authenticator::new(&config());
         let token = a
-            .authenticate(Some(&Credentials::Token("s3cret-token".into())))
+            .authenticate_plain(Some(&Credentials::Token("s3cret-token".into())))
             .await
             .unwrap();
         assert!(token.is_admin());
         for wrong in ["s3cret-toke", "s3cret-token!", ""] {
             assert_eq!(
-                a.authenticate(Some(&Credentials::Token(wrong.into())))
+                a.authenticate_plain(Some(&Credentials::Token(wrong.into())))
                     .await
                     .unwrap_err(),
                 AuthError::Rejected
             );
         }
         let user = a
-            .authenticate(Some(&password("orders", "pw")))
+            .authenticate_plain(Some(&password("orders", "pw")))
             .await
             .unwrap();
         assert_eq!(user.user.as_deref(), Some("orders"));
         assert!(!user.is_admin());
         for (u, p) in [("orders", "PW"), ("nobody", "pw"), ("", "")] {
             assert_eq!(
-                a.authenticate(Some(&password(u, p))).await.unwrap_err(),
+                a.authenticate_plain(Some(&password(u, p)))
+                    .await
+                    .unwrap_err(),
                 AuthError::Rejected
             );
         }
-        assert_eq!(a.authenticate(None).await.unwrap_err(), AuthError::Missing);
+        assert_eq!(
+            a.authenticate_plain(None).await.unwrap_err(),
+            AuthError::Missing
+        );
         // Without authentication configured, anything goes.
         let open = Authenticator::new(&AuthConfig::default());
-        assert!(open.authenticate(None).await.unwrap().is_admin());
+        assert!(open.authenticate_plain(None).await.unwrap().is_admin());
         assert!(
-            open.authenticate(Some(&Credentials::Token("x".into())))
+            open.authenticate_plain(Some(&Credentials::Token("x".into())))
                 .await
                 .unwrap()
                 .is_admin()

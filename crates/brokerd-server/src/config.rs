@@ -64,6 +64,31 @@ pub struct Config {
     pub routing: RoutingConfig,
     /// Authentication and permissions.
     pub auth: AuthConfig,
+    /// TLS on the client listener.
+    pub tls: TlsConfig,
+}
+
+/// `[tls]`: TLS for clients (`docs/security.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// The server's certificate chain, PEM. With `key`, turns TLS on.
+    pub cert: Option<std::path::PathBuf>,
+    /// The server's private key, PEM.
+    pub key: Option<std::path::PathBuf>,
+    /// Client certificates must be signed by one of these CAs (PEM): mutual TLS. A client whose
+    /// certificate names a user's `certificate` is that user without a password.
+    pub client_ca: Option<std::path::PathBuf>,
+    /// Where TLS clients connect, beside the plain `listen`. Unset: `listen` itself speaks TLS
+    /// only.
+    pub listen: Option<SocketAddr>,
+}
+
+impl TlsConfig {
+    /// Whether TLS is configured.
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some()
+    }
 }
 
 /// `[auth]`: who may connect and what each user may do (`docs/security.md`).
@@ -114,6 +139,9 @@ pub struct UserConfig {
     pub max_connections: usize,
     /// Most subscriptions across its connections (0: no limit).
     pub max_subscriptions: usize,
+    /// A DNS name in a client certificate's subject alternative names that makes a mutual-TLS
+    /// client this user, with no password.
+    pub certificate: Option<String>,
 }
 
 /// Allow and deny filters.
@@ -229,6 +257,7 @@ impl Default for Config {
             timeouts: TimeoutsConfig::default(),
             routing: RoutingConfig::default(),
             auth: AuthConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -394,16 +423,44 @@ impl Config {
             return invalid("timeouts.max_pings_outstanding", "must be at least 1");
         }
         self.auth.validate()?;
-        if !self.listen.ip().is_loopback() && !self.auth.required() && !self.auth.allow_anonymous {
+        let tls = &self.tls;
+        if tls.cert.is_some() != tls.key.is_some() {
+            return invalid("tls.cert", "tls.cert and tls.key go together");
+        }
+        if (tls.client_ca.is_some() || tls.listen.is_some()) && !tls.enabled() {
+            return invalid(
+                "tls.client_ca",
+                "tls.client_ca and tls.listen need tls.cert and tls.key",
+            );
+        }
+        if self.auth.users.iter().any(|u| u.certificate.is_some()) && tls.client_ca.is_none() {
+            return invalid(
+                "auth.users.certificate",
+                "mapping a certificate to a user needs tls.client_ca (mutual TLS)",
+            );
+        }
+        // A listener other hosts can reach must authenticate its clients, unless told otherwise.
+        // TLS with a client CA authenticates by certificate; plain TCP only by credentials.
+        let plain = (!(tls.enabled() && tls.listen.is_none())).then_some(self.listen);
+        let secured = tls.listen.or((tls.enabled()).then_some(self.listen));
+        let open = |addr: SocketAddr, by_certificate: bool| {
+            !addr.ip().is_loopback()
+                && !self.auth.required()
+                && !by_certificate
+                && !self.auth.allow_anonymous
+        };
+        let exposed = plain
+            .filter(|a| open(*a, false))
+            .or(secured.filter(|a| open(*a, tls.client_ca.is_some())));
+        if let Some(addr) = exposed {
             return Err(ConfigError::Invalid {
                 key: "listen",
                 message: format!(
-                    "{} is reachable from other hosts and no authentication is configured, so \
+                    "{addr} is reachable from other hosts and no authentication is configured, so \
                      anyone who reaches it could read and publish every message; set a token \
                      (--auth-token, BROKERD_AUTH_TOKEN or auth.token) or users ([[auth.users]]), \
                      or accept an open broker explicitly with --allow-anonymous \
-                     (BROKERD_ALLOW_ANONYMOUS=true or auth.allow_anonymous = true)",
-                    self.listen
+                     (BROKERD_ALLOW_ANONYMOUS=true or auth.allow_anonymous = true)"
                 ),
             });
         }

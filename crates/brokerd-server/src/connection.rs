@@ -28,9 +28,8 @@ use brokerd_proto::{
 use bytes::{Buf, BytesMut};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::task_tracker::TaskTrackerToken;
@@ -77,21 +76,110 @@ pub(crate) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    mut ticket: Ticket,
+    ticket: Ticket,
     reading: TaskTrackerToken,
+    secure: bool,
 ) {
     let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
+    // The whole handshake, TLS and authentication included, has the handshake timeout.
+    let deadline = Instant::now() + shared.config.timeouts.handshake;
+    let tls = match (&shared.tls, secure) {
+        (Some(tls), true) => tls,
+        _ => {
+            let (rd, wr) = stream.into_split();
+            return serve_halves(rd, wr, peer, shared, ticket, reading, deadline, Vec::new()).await;
+        }
+    };
+    let eviction = ticket.eviction();
+    let accepted = tokio::select! {
+        r = tokio::time::timeout_at(deadline, accept_tls(stream, tls)) => match r {
+            Ok(r) => r,
+            Err(_) => Err(CloseReason::HandshakeTimeout),
+        },
+        _ = eviction.cancelled() => Err(CloseReason::TooManyHandshakes),
+        _ = shared.shutdown.cancelled() => Err(CloseReason::ServerShutdown),
+    };
+    match accepted {
+        Ok(stream) => {
+            let names = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(crate::tls::certificate_names)
+                .unwrap_or_default();
+            let (rd, wr) = tokio::io::split(stream);
+            serve_halves(rd, wr, peer, shared, ticket, reading, deadline, names).await;
+        }
+        Err(reason) => {
+            if matches!(
+                reason,
+                CloseReason::WrongTransport(_) | CloseReason::TlsFailed(_)
+            ) && let Some(suppressed) = shared.refusals.should_log()
+            {
+                let text = reason.to_string();
+                warn!(%peer, reason = %Escaped(&text), suppressed, "TLS connection refused");
+            }
+            shared.broker.record_close(&reason);
+        }
+    }
+}
+
+/// The TLS handshake on a connection to the TLS listener. A client that starts with anything
+/// but a TLS ClientHello is told in plain brokerd frames that this port needs TLS.
+async fn accept_tls(
+    stream: TcpStream,
+    tls: &crate::tls::TlsState,
+) -> Result<tokio_rustls::server::TlsStream<TcpStream>, CloseReason> {
+    let mut first = [0u8; 1];
+    match stream.peek(&mut first).await {
+        Ok(0) => return Err(CloseReason::ClientClosed),
+        Ok(_) => {}
+        Err(e) => return Err(CloseReason::Io(e.to_string())),
+    }
+    if first[0] != crate::tls::TLS_HANDSHAKE {
+        let reason = CloseReason::WrongTransport(
+            "this port requires TLS: connect with TLS, or to the server's plain port",
+        );
+        let (_rd, mut wr) = stream.into_split();
+        write_refusal(&mut wr, &reason, CLOSE_WRITE_TIMEOUT).await;
+        return Err(reason);
+    }
+    tls.acceptor()
+        .accept(stream)
+        .await
+        .map_err(|e| CloseReason::TlsFailed(e.to_string()))
+}
+
+/// How long the `ERR` to a client on the wrong transport may take to write.
+const CLOSE_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The connection after its transport is set up: the brokerd handshake, then reading until it
+/// ends. `deadline` ends the handshake; `certificate_names` are the DNS names of a verified client
+/// certificate, if any.
+#[allow(clippy::too_many_arguments)]
+async fn serve_halves<R, W>(
+    mut rd: R,
+    mut wr: W,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    mut ticket: Ticket,
+    reading: TaskTrackerToken,
+    deadline: Instant,
+    certificate_names: Vec<String>,
+) where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let eviction = ticket.eviction();
-    // The whole handshake, authentication included, has the handshake timeout.
     let handshake = async {
         let hello = read_hello(&mut rd, &mut buf, &shared).await?;
-        let identity = authenticate(&hello, peer, &shared).await?;
+        let identity = authenticate(&hello, peer, &shared, &certificate_names).await?;
         Ok((hello, identity))
     };
     let hello = tokio::select! {
-        r = tokio::time::timeout(shared.config.timeouts.handshake, handshake) => match r {
+        r = tokio::time::timeout_at(deadline, handshake) => match r {
             Ok(r) => r,
             Err(_) => Err(CloseReason::HandshakeTimeout),
         },
@@ -199,6 +287,7 @@ async fn authenticate(
     hello: &Hello,
     peer: SocketAddr,
     shared: &Shared,
+    certificate_names: &[String],
 ) -> Result<Identity, CloseReason> {
     if shared.auth.required() {
         let wait = shared.auth.penalty(peer.ip(), std::time::Instant::now());
@@ -206,7 +295,11 @@ async fn authenticate(
             tokio::time::sleep(wait).await;
         }
     }
-    match shared.auth.authenticate(hello.credentials.as_ref()).await {
+    match shared
+        .auth
+        .authenticate(hello.credentials.as_ref(), certificate_names)
+        .await
+    {
         Ok(identity) => {
             shared.auth.succeeded(peer.ip());
             Ok(identity)
@@ -243,7 +336,20 @@ fn log_close(client: &Client, log_name: &str, reason: &CloseReason) {
 }
 
 /// Sends the `ERR` for a connection refused before its handshake completed, then closes.
-pub(crate) async fn reject(wr: &mut OwnedWriteHalf, reason: &CloseReason, shared: &Shared) {
+pub(crate) async fn reject<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    reason: &CloseReason,
+    shared: &Shared,
+) {
+    write_refusal(wr, reason, shared.config.outbound.write_deadline).await;
+}
+
+/// Writes the `ERR` for `reason`, if it has one, within `limit`, then shuts the socket down.
+async fn write_refusal<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    reason: &CloseReason,
+    limit: std::time::Duration,
+) {
     let err = match reason {
         CloseReason::Protocol(code) => Some((*code, protocol_message(*code))),
         other => other.error(),
@@ -255,10 +361,9 @@ pub(crate) async fn reject(wr: &mut OwnedWriteHalf, reason: &CloseReason, shared
             message,
         })
         .to_bytes();
-        let _ =
-            tokio::time::timeout(shared.config.outbound.write_deadline, wr.write_all(&frame)).await;
+        let _ = tokio::time::timeout(limit, wr.write_all(&frame)).await;
     }
-    let _ = wr.shutdown().await;
+    let _ = tokio::time::timeout(limit, wr.shutdown()).await;
 }
 
 fn protocol_message(code: ErrorCode) -> String {
@@ -274,12 +379,18 @@ fn protocol_message(code: ErrorCode) -> String {
     }
 }
 
-async fn read_hello(
-    rd: &mut OwnedReadHalf,
+async fn read_hello<R: AsyncRead + Unpin>(
+    rd: &mut R,
     buf: &mut BytesMut,
     shared: &Shared,
 ) -> Result<Hello, CloseReason> {
     loop {
+        // A TLS ClientHello (a handshake record, version 3.x) on a plain port.
+        if buf.len() >= 2 && buf[0] == crate::tls::TLS_HANDSHAKE && buf[1] == 3 {
+            return Err(CloseReason::WrongTransport(
+                "this port speaks plain brokerd, not TLS: connect without TLS, or to the server's TLS port",
+            ));
+        }
         // A later version may lay HELLO out differently: once its version field has arrived, a
         // version this server does not speak is refused as such, however the rest would parse.
         if other_version(buf) {
@@ -449,8 +560,8 @@ impl Reader<'_> {
     }
 }
 
-async fn read_loop(
-    rd: &mut OwnedReadHalf,
+async fn read_loop<R: AsyncRead + Unpin>(
+    rd: &mut R,
     buf: &mut BytesMut,
     client: &Client,
     shared: &Shared,

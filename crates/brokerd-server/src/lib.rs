@@ -8,6 +8,7 @@
 //! - `admission`: the handshake, connection and per-address limits a connection is admitted by.
 //! - `connection`: one connection's handshake, reader loop, keep-alive and frame deadline.
 //! - `escape`: client-supplied text made safe for a log line.
+//! - [`tls`]: TLS on the client listener, certificate reloads, mutual TLS.
 //! - `writer`: one connection's socket writer task.
 //! - `monitor`: the statistics a client asks for on `$SYS.req.stats`.
 
@@ -18,6 +19,7 @@ mod connection;
 mod escape;
 mod monitor;
 pub mod server;
+pub mod tls;
 mod writer;
 
 pub use config::{Config, ConfigError};

@@ -40,6 +40,22 @@ struct Args {
     /// authentication is configured.
     #[arg(long, env = "BROKERD_ALLOW_ANONYMOUS")]
     allow_anonymous: bool,
+    /// Serve TLS with this certificate chain (PEM); with --tls-key.
+    #[arg(
+        long,
+        env = "BROKERD_TLS_CERT",
+        value_name = "PEM",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// The TLS certificate's private key (PEM).
+    #[arg(
+        long,
+        env = "BROKERD_TLS_KEY",
+        value_name = "PEM",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -77,6 +93,10 @@ fn main() -> ExitCode {
     }
     if args.allow_anonymous {
         config.auth.allow_anonymous = true;
+    }
+    if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
+        config.tls.cert = Some(cert);
+        config.tls.key = Some(key);
     }
     // Flags and environment may have changed what the file said.
     if let Err(e) = config.validate() {

@@ -45,6 +45,8 @@ pub(crate) struct Shared {
     pub(crate) refusals: RefusalLog,
     /// Checks the credentials of each `HELLO`.
     pub(crate) auth: crate::auth::Authenticator,
+    /// TLS, when configured.
+    pub(crate) tls: Option<crate::tls::TlsState>,
     /// Throttles the log lines of failed logins.
     pub(crate) auth_failures: RefusalLog,
     /// When the server was bound, for the uptime in its statistics.
@@ -67,22 +69,34 @@ impl ShutdownHandle {
 /// A bound, not yet running broker.
 pub struct Server {
     listener: TcpListener,
+    /// The TLS listener beside the plain one (`tls.listen`), if any.
+    tls_listener: Option<TcpListener>,
     shared: Arc<Shared>,
 }
 
+/// Binds a listening socket on `addr`.
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
 impl Server {
-    /// Binds `config.listen` and prepares the broker.
+    /// Binds `config.listen` (and `tls.listen`) and prepares the broker.
     ///
     /// # Errors
-    /// The address cannot be bound.
+    /// An address cannot be bound, or the TLS files cannot be loaded.
     pub async fn bind(config: Config) -> io::Result<Server> {
-        let addr = config.listen;
-        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-        socket.set_reuse_address(true)?;
-        socket.set_nonblocking(true)?;
-        socket.bind(&addr.into())?;
-        socket.listen(BACKLOG)?;
-        let listener = TcpListener::from_std(socket.into())?;
+        let tls = crate::tls::TlsState::load(&config.tls)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let listener = listen(config.listen)?;
+        let tls_listener = match config.tls.listen {
+            Some(addr) if tls.is_some() => Some(listen(addr)?),
+            _ => None,
+        };
         let broker = Arc::new(Broker::new(config.broker_limits()));
         let auth = crate::auth::Authenticator::new(&config.auth);
         let server_id = server_id();
@@ -93,6 +107,7 @@ impl Server {
         ));
         Ok(Server {
             listener,
+            tls_listener,
             shared: Arc::new(Shared {
                 broker,
                 config: Arc::new(config),
@@ -102,6 +117,7 @@ impl Server {
                 gate,
                 refusals: RefusalLog::default(),
                 auth,
+                tls,
                 auth_failures: RefusalLog::default(),
                 started: std::time::Instant::now(),
                 stats_cache: crate::monitor::StatsCache::default(),
@@ -115,6 +131,17 @@ impl Server {
     /// The socket cannot report its address.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The TLS listener's address, when TLS listens beside the plain listener.
+    ///
+    /// # Errors
+    /// The socket cannot report its address.
+    pub fn tls_addr(&self) -> io::Result<Option<SocketAddr>> {
+        self.tls_listener
+            .as_ref()
+            .map(TcpListener::local_addr)
+            .transpose()
     }
 
     /// The broker's routing state, for statistics.
@@ -137,18 +164,38 @@ impl Server {
     /// # Errors
     /// None today; the signature leaves room for fatal listener errors.
     pub async fn run(self) -> io::Result<()> {
-        let Server { listener, shared } = self;
+        let Server {
+            listener,
+            tls_listener,
+            shared,
+        } = self;
         let tasks = TaskTracker::new();
         let readers = TaskTracker::new();
-        info!(addr = %listener.local_addr()?, server_id = %shared.server_id, "brokerd listening");
+        // The plain listener speaks TLS when TLS is on and has no listener of its own.
+        let main_secure = shared.tls.is_some() && tls_listener.is_none();
+        info!(addr = %listener.local_addr()?, tls = main_secure, server_id = %shared.server_id, "brokerd listening");
+        if let Some(l) = &tls_listener {
+            info!(addr = %l.local_addr()?, tls = true, "brokerd listening");
+        }
         tasks.spawn(watch_memory(shared.clone()));
+        if shared.tls.is_some() {
+            tasks.spawn(watch_certificates(shared.clone()));
+        }
         loop {
             let accepted = tokio::select! {
                 _ = shared.shutdown.cancelled() => break,
-                r = listener.accept() => r,
+                r = listener.accept() => r.map(|(s, p)| (s, p, main_secure)),
+                Some(r) = async {
+                    match &tls_listener {
+                        Some(l) => Some(l.accept().await),
+                        None => None,
+                    }
+                } => r.map(|(s, p)| (s, p, true)),
             };
             match accepted {
-                Ok((stream, peer)) => accept(stream, peer, &shared, &tasks, &readers),
+                Ok((stream, peer, secure)) => {
+                    accept(stream, peer, secure, &shared, &tasks, &readers)
+                }
                 Err(e) => {
                     // Out of file descriptors and similar: back off rather than spin.
                     warn!(error = %e, "accept failed");
@@ -157,6 +204,7 @@ impl Server {
             }
         }
         drop(listener);
+        drop(tls_listener);
         let grace = shared.config.timeouts.shutdown_grace;
         let deadline = tokio::time::Instant::now() + grace;
         info!(grace = ?grace, "shutting down: no longer accepting");
@@ -179,6 +227,27 @@ impl Server {
         }
         info!("shutdown complete");
         Ok(())
+    }
+}
+
+/// Reloads the TLS certificate and key when their files change, until shutdown; a file that
+/// fails to load is logged and the certificate in force stays.
+async fn watch_certificates(shared: Arc<Shared>) {
+    let Some(tls) = &shared.tls else { return };
+    let mut tick = tokio::time::interval(crate::tls::RELOAD_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match tls.reload_if_changed() {
+            Ok(true) => info!("TLS certificate reloaded"),
+            Ok(false) => {}
+            Err(e) => {
+                warn!(error = %e, "TLS certificate changed but cannot be loaded; keeping the one in force")
+            }
+        }
     }
 }
 
@@ -214,6 +283,7 @@ async fn watch_memory(shared: Arc<Shared>) {
 fn accept(
     stream: TcpStream,
     peer: SocketAddr,
+    secure: bool,
     shared: &Arc<Shared>,
     tasks: &TaskTracker,
     readers: &TaskTracker,
@@ -233,6 +303,7 @@ fn accept(
                 shared,
                 admitted.ticket,
                 reading,
+                secure,
             ));
         }
         Err(reason) => {

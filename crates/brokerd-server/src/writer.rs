@@ -18,8 +18,7 @@ use std::io::IoSlice;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 /// Bodies up to this size are copied next to their header instead of taking their own iovec.
@@ -128,8 +127,8 @@ fn encode(batch: &mut VecDeque<Item>, scratch: &mut BytesMut, out: &mut Chain) -
 
 /// Writes the connection's outbox to `wr` until the connection closes; returns nothing, the
 /// close reason is the outbox's.
-pub(crate) async fn run(
-    mut wr: OwnedWriteHalf,
+pub(crate) async fn run<W: AsyncWrite + Unpin>(
+    mut wr: W,
     client: Arc<Client>,
     write_deadline: Duration,
     hard_stop: CancellationToken,
