@@ -60,17 +60,11 @@ struct Global {
     token: Option<String>,
     /// Authenticate as this user; the password comes from --password, BROKERD_PASSWORD, or a
     /// prompt on the terminal.
-    #[arg(long, global = true, env = "BROKERD_USER", conflicts_with = "token")]
+    #[arg(long, global = true, env = "BROKERD_USER")]
     user: Option<String>,
     /// The user's password (prefer BROKERD_PASSWORD or the prompt: a flag shows in process
     /// listings).
-    #[arg(
-        long,
-        global = true,
-        env = "BROKERD_PASSWORD",
-        hide_env_values = true,
-        requires = "user"
-    )]
+    #[arg(long, global = true, env = "BROKERD_PASSWORD", hide_env_values = true)]
     password: Option<String>,
     /// Prefix of the inbox replies to `req` arrive on, for a user allowed only its own inbox.
     #[arg(
@@ -80,11 +74,60 @@ struct Global {
         default_value = "_INBOX"
     )]
     inbox_prefix: String,
+    /// Connect over TLS, trusting the CA certificates in this PEM file.
+    #[arg(long, global = true, env = "BROKERD_TLS_CA", value_name = "PEM")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// The name the server's certificate must hold [default: the host of --server].
+    #[arg(
+        long,
+        global = true,
+        env = "BROKERD_TLS_SERVER_NAME",
+        requires = "tls_ca"
+    )]
+    tls_server_name: Option<String>,
+    /// A client certificate chain (PEM) for a server that asks for one (mutual TLS).
+    #[arg(long, global = true, env = "BROKERD_TLS_CERT", value_name = "PEM")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, env = "BROKERD_TLS_KEY", value_name = "PEM")]
+    tls_key: Option<std::path::PathBuf>,
+    /// The TLS options built from the flags above, once.
+    #[arg(skip)]
+    tls: Option<brokerd_client::TlsOptions>,
 }
 
 impl Global {
+    /// Builds the TLS options once, so that every connection (a bench opens several) shares
+    /// them.
+    fn resolve_tls(&mut self) -> Result<()> {
+        let Some(ca) = &self.tls_ca else {
+            if self.tls_cert.is_some() || self.tls_key.is_some() || self.tls_server_name.is_some() {
+                bail!("--tls-cert, --tls-key and --tls-server-name need --tls-ca");
+            }
+            return Ok(());
+        };
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            bail!("--tls-cert and --tls-key go together");
+        }
+        let name = match &self.tls_server_name {
+            Some(n) => n.clone(),
+            None => server_host(&self.server).to_string(),
+        };
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                brokerd_client::TlsOptions::with_client_certificate(ca, &name, cert, key)
+            }
+            _ => brokerd_client::TlsOptions::new(ca, &name),
+        };
+        self.tls = Some(tls.context("cannot set up TLS")?);
+        Ok(())
+    }
+
     /// Asks for the password on the terminal if a user was named without one.
     fn resolve_password(&mut self) -> Result<()> {
+        if self.token.is_some() && self.user.is_some() {
+            bail!("--token and --user are two ways to authenticate: give one");
+        }
         if self.user.is_some() && self.password.is_none() {
             if !std::io::stdin().is_terminal() {
                 bail!(
@@ -100,7 +143,10 @@ impl Global {
 
     /// Connection options with this client `name` and the credentials given.
     fn options(&self, name: impl Into<String>) -> ConnectOptions {
-        let options = ConnectOptions::new(name).inbox_prefix(self.inbox_prefix.clone());
+        let mut options = ConnectOptions::new(name).inbox_prefix(self.inbox_prefix.clone());
+        if let Some(tls) = &self.tls {
+            options = options.tls(tls.clone());
+        }
         match (&self.token, &self.user) {
             (Some(token), _) => options.token(token.clone()),
             (None, Some(user)) => {
@@ -168,7 +214,11 @@ struct SubArgs {
 fn main() -> ExitCode {
     // Parsing comes before the runtime so usage errors exit 2 (clap's code) without starting one.
     let mut cli = Cli::parse();
-    if let Err(e) = cli.global.resolve_password() {
+    if let Err(e) = cli
+        .global
+        .resolve_password()
+        .and_then(|()| cli.global.resolve_tls())
+    {
         return fail(&e);
     }
     let threads = match &cli.command {
@@ -190,6 +240,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
     }
+}
+
+/// The host part of `HOST:PORT` (brackets removed from an IPv6 address).
+fn server_host(server: &str) -> &str {
+    let host = server.rsplit_once(':').map_or(server, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 /// Reports `e` on stderr and returns exit code 1.

@@ -515,3 +515,52 @@ async fn stats_shows_the_traffic_and_the_connections() {
     drop(sub);
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_a_user_through_brokerctl() {
+    use brokerd_server::config::{RulesConfig, UserConfig};
+    use brokerd_tests::pki::{TestCa, temp_dir};
+    let dir = temp_dir("brokerctl-tls");
+    let ca = TestCa::new(&dir, "main");
+    let server = ca.issue("server", &["localhost", "127.0.0.1"]);
+    let broker = Broker::start_with(|c| {
+        c.tls.cert = Some(server.cert.clone());
+        c.tls.key = Some(server.key.clone());
+        c.auth.users = vec![UserConfig {
+            name: "orders".into(),
+            password_hash: brokerd_server::auth::hash_password("pw").unwrap(),
+            publish: RulesConfig {
+                allow: Some(vec!["orders.>".into()]),
+                deny: vec![],
+            },
+            ..UserConfig::default()
+        }];
+    })
+    .await;
+    let ca_path = ca.cert.to_str().unwrap();
+    let ctl = |args: &[&str], password: &str| {
+        let mut cmd = broker.ctl(&[&["--tls-ca", ca_path, "--user", "orders"], args].concat());
+        cmd.env("BROKERD_PASSWORD", password);
+        cmd
+    };
+    // The server name defaults to the host of --server (127.0.0.1, in the certificate).
+    let ok = run(ctl(&["pub", "orders.created", "x", "--ack"], "pw"), None).await;
+    assert!(ok.status.success(), "{}", ok.stderr);
+    let denied = run(ctl(&["pub", "payments.x", "x", "--ack"], "pw"), None).await;
+    assert!(!denied.status.success());
+    assert!(denied.stderr.contains("not permitted"), "{}", denied.stderr);
+    let wrong = run(ctl(&["pub", "orders.created", "x", "--ack"], "nope"), None).await;
+    assert!(!wrong.status.success());
+    assert!(
+        wrong.stderr.contains("authentication failed"),
+        "{}",
+        wrong.stderr
+    );
+    // Without --tls-ca, the TLS port says what it needs.
+    let mut plain = broker.ctl(&["--user", "orders", "pub", "orders.created", "x", "--ack"]);
+    plain.env("BROKERD_PASSWORD", "pw");
+    let plain = run(plain, None).await;
+    assert!(!plain.status.success());
+    assert!(plain.stderr.contains("requires TLS"), "{}", plain.stderr);
+    broker.stop().await;
+}

@@ -9,6 +9,7 @@
 use crate::channel;
 use crate::error::Error;
 use crate::subscription::{Message, SubShared, Subscription};
+use crate::tls::TlsOptions;
 use brokerd_proto::body::BodyBuilder;
 use brokerd_proto::frame::{encode_pub, take_msg};
 use brokerd_proto::topic::validate_topic;
@@ -22,8 +23,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::sync::{Notify, oneshot};
 
@@ -47,6 +47,8 @@ pub struct ConnectOptions {
     /// Replies to this client's requests arrive on `PREFIX.<random>.<n>`; a user whose
     /// permissions allow only its own inbox (`_INBOX.orders.>`) sets its prefix here.
     pub inbox_prefix: String,
+    /// Connect over TLS with these options; `None` for plain TCP.
+    pub tls: Option<TlsOptions>,
 }
 
 impl ConnectOptions {
@@ -83,6 +85,12 @@ impl ConnectOptions {
         self
     }
 
+    /// Connects over TLS.
+    pub fn tls(mut self, tls: TlsOptions) -> ConnectOptions {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Sets the prefix of this client's reply inbox (default `_INBOX`).
     pub fn inbox_prefix(mut self, prefix: impl Into<String>) -> ConnectOptions {
         self.inbox_prefix = prefix.into();
@@ -113,6 +121,7 @@ impl Default for ConnectOptions {
             connect_timeout: Duration::from_secs(10),
             credentials: None,
             inbox_prefix: "_INBOX".into(),
+            tls: None,
         }
     }
 }
@@ -239,7 +248,21 @@ impl Client {
     ) -> Result<Client, Error> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
-        let (mut rd, mut wr) = stream.into_split();
+        let (mut rd, mut wr): (ReadHalf, WriteHalf) = match &options.tls {
+            None => {
+                let (rd, wr) = stream.into_split();
+                (Box::new(rd), Box::new(wr))
+            }
+            Some(tls) => {
+                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                let stream = connector
+                    .connect(tls.server_name.clone(), stream)
+                    .await
+                    .map_err(tls_error)?;
+                let (rd, wr) = tokio::io::split(stream);
+                (Box::new(rd), Box::new(wr))
+            }
+        };
         let hello = Frame::Hello(Hello {
             req_id: 0,
             version: PROTOCOL_VERSION,
@@ -799,7 +822,23 @@ impl Inner {
     }
 }
 
-async fn write_task(inner: Arc<Inner>, mut wr: OwnedWriteHalf) {
+/// The connection's read side, plain or TLS.
+type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+/// The connection's write side, plain or TLS.
+type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// A failed TLS handshake, with a hint when the server answered in plain brokerd frames.
+fn tls_error(e: std::io::Error) -> Error {
+    let text = e.to_string();
+    if text.contains("InvalidContentType") || text.contains("corrupt message") {
+        return Error::Tls(format!(
+            "{text}: the server did not answer with TLS; is this its plain port?"
+        ));
+    }
+    Error::Tls(text)
+}
+
+async fn write_task(inner: Arc<Inner>, mut wr: WriteHalf) {
     let mut out = BytesMut::with_capacity(64 * 1024);
     loop {
         let closed = {
@@ -829,7 +868,7 @@ async fn write_task(inner: Arc<Inner>, mut wr: OwnedWriteHalf) {
 const READ_CHUNK: usize = 64 * 1024;
 const READ_CHUNK_MAX: usize = 256 * 1024;
 
-async fn read_task(inner: Arc<Inner>, mut rd: OwnedReadHalf, mut buf: BytesMut) {
+async fn read_task(inner: Arc<Inner>, mut rd: ReadHalf, mut buf: BytesMut) {
     let mut last = None;
     let mut chunk = READ_CHUNK;
     let reason = loop {

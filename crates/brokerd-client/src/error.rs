@@ -40,6 +40,10 @@ pub enum Error {
     /// The connection is closed; the text says why, as far as the client knows.
     #[error("connection closed: {0}")]
     Closed(String),
+    /// The TLS handshake failed; the text says why, with a hint when the server spoke plain
+    /// brokerd.
+    #[error("tls: {0}")]
+    Tls(String),
     /// The server, or a responder, did not answer in time.
     #[error("timed out")]
     Timeout,

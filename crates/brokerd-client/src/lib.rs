@@ -4,6 +4,7 @@
 //! - [`client`]: [`Client`]: connect, publish, subscribe, flush, close.
 //! - [`subscription`]: [`Subscription`], a `Stream` of [`Message`]s for one filter.
 //! - [`error`]: the [`Error`] type.
+//! - [`tls`]: [`TlsOptions`]: the CA, server name and client certificate for TLS.
 //! - `channel`: the bounded queue between the connection's reader and each subscription.
 //!
 //! ```no_run
@@ -22,8 +23,10 @@ mod channel;
 pub mod client;
 pub mod error;
 pub mod subscription;
+pub mod tls;
 
 pub use brokerd_proto::{Credentials, Filter, Headers, OverflowPolicy, Topic};
 pub use client::{Client, ConnectOptions, ServerInfo};
 pub use error::Error;
 pub use subscription::{Message, Subscription};
+pub use tls::{TlsOptions, TlsOptionsError};

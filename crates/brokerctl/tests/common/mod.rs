@@ -28,10 +28,16 @@ pub struct Broker {
 impl Broker {
     /// Starts a broker with the default configuration on an ephemeral port.
     pub async fn start() -> Broker {
-        let cfg = Config {
+        Broker::start_with(|_| {}).await
+    }
+
+    /// Starts a broker with the defaults changed by `f`, on an ephemeral port.
+    pub async fn start_with(f: impl FnOnce(&mut Config)) -> Broker {
+        let mut cfg = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             ..Config::default()
         };
+        f(&mut cfg);
         let server = Server::bind(cfg).await.unwrap();
         let addr = server.local_addr().unwrap();
         let broker = server.broker();
