@@ -9,9 +9,12 @@
 //!   wire protocol do not depend on how `brokerd-proto` lays out its structs.
 //! - [`wait_until`], [`Rng`], [`raise_fd_limit`]: deadlines, deterministic randomness, file
 //!   descriptors.
+//! - [`pki`]: certificates made for TLS tests.
 
 // A test harness: failing loudly at the failing step is its job.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod pki;
 
 use brokerd_client::{Client, ConnectOptions};
 use brokerd_proto::{ErrorFrame, Frame, Hello, PROTOCOL_VERSION, decode};
@@ -31,6 +34,8 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 pub struct TestBroker {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where its TLS listener listens, when `tls.listen` is set.
+    pub tls_addr: Option<SocketAddr>,
     /// Its routing state, for statistics.
     pub broker: Arc<brokerd_core::Broker>,
     handle: ShutdownHandle,
@@ -52,11 +57,13 @@ impl TestBroker {
         f(&mut config);
         let server = Server::bind(config).await.expect("bind 127.0.0.1:0");
         let addr = server.local_addr().expect("local addr");
+        let tls_addr = server.tls_addr().expect("TLS addr");
         let broker = server.broker();
         let handle = server.shutdown_handle();
         let join = tokio::spawn(server.run());
         TestBroker {
             addr,
+            tls_addr,
             broker,
             handle,
             join,
