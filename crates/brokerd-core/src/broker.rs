@@ -22,6 +22,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use thiserror::Error;
 
+/// At most `max` bytes of `s`, cut at a character boundary: what an `ERR` quotes of a
+/// client's text.
+fn prefix(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// Lets the subscriber that was just queued a request answer it, if its user may answer
 /// requests; a no-op for everyone else.
 #[inline]
@@ -52,6 +62,10 @@ pub struct RouteCache {
     /// the trie, so this memo outlives the routes.
     last_allowed: Result<(), Denial>,
     allowed: HashMap<Box<str>, Result<(), Denial>, foldhash::fast::RandomState>,
+    /// The connection's permissions as of `permissions_version`: re-read when a reload changes
+    /// them, never locked on a publish.
+    permissions: Option<Arc<Permissions>>,
+    permissions_version: u64,
 }
 
 /// A connection's views of recently reached slots, each kept while its slot's version stays the
@@ -125,6 +139,8 @@ impl RouteCache {
             views: ViewCache::default(),
             last_allowed: Ok(()),
             allowed: HashMap::default(),
+            permissions: None,
+            permissions_version: u64::MAX,
         }
     }
 
@@ -371,8 +387,13 @@ pub struct Client {
     pub outbox: Arc<Outbox>,
     /// Traffic counters.
     pub counters: ClientCounters,
-    /// Who it authenticated as and what it may do.
+    /// Who it authenticated as (its `permissions` are the ones it started with; see
+    /// [`Client::permissions`] for the ones in force).
     pub identity: Identity,
+    /// What it may do now: a reload may change it ([`Broker::set_permissions`]).
+    permissions: parking_lot::RwLock<Option<Arc<Permissions>>>,
+    /// Bumped with every change of `permissions`, so that its reader notices with one load.
+    permissions_version: AtomicU64,
     subs: Mutex<BTreeSet<BySid>>,
 }
 
@@ -422,6 +443,16 @@ impl Client {
     /// Live subscriptions.
     pub fn subscription_count(&self) -> usize {
         self.subs.lock().len()
+    }
+
+    /// What it may do now; `None` for everything.
+    pub fn permissions(&self) -> Option<Arc<Permissions>> {
+        self.permissions.read().clone()
+    }
+
+    /// Whether it may read `$` topics and see every connection in the statistics.
+    pub fn is_admin(&self) -> bool {
+        self.permissions.read().as_ref().is_none_or(|p| p.admin)
     }
 }
 
@@ -537,6 +568,8 @@ impl Broker {
             no_echo,
             outbox: Arc::new(outbox),
             counters: ClientCounters::default(),
+            permissions: parking_lot::RwLock::new(identity.permissions.clone()),
+            permissions_version: AtomicU64::new(0),
             identity,
             subs: Mutex::new(BTreeSet::new()),
         });
@@ -578,7 +611,7 @@ impl Broker {
                 Some(q.into())
             }
         };
-        if let Some(p) = &client.identity.permissions {
+        if let Some(p) = client.permissions() {
             p.may_subscribe(filter.as_str(), queue.as_deref())
                 .map_err(|denial| SubscribeError::Denied {
                     filter: filter.to_string(),
@@ -650,6 +683,42 @@ impl Broker {
         self.sublist.remove(&sub.filter, &SubRef(sub.clone()));
     }
 
+    /// Gives `client` new permissions (a configuration reload). Its next publish uses them; each
+    /// of its subscriptions they no longer allow ends at once, and the client is told with an
+    /// `ERR permission-denied` (`req_id` 0) naming the subscription. Returns how many ended.
+    pub fn set_permissions(&self, client: &Client, permissions: Option<Arc<Permissions>>) -> usize {
+        *client.permissions.write() = permissions.clone();
+        client.permissions_version.fetch_add(1, Ordering::AcqRel);
+        let Some(p) = permissions else {
+            return 0;
+        };
+        let subs: Vec<Arc<Subscription>> = client.subs.lock().iter().map(|s| s.0.clone()).collect();
+        let mut ended = 0;
+        for sub in subs {
+            let Err(denial) = p.may_subscribe(sub.filter.as_str(), sub.queue().map(|q| &**q))
+            else {
+                continue;
+            };
+            if sub.is_dead() {
+                continue;
+            }
+            client.outbox.set_allowance(&sub, 0);
+            self.finish(client, &sub);
+            ended += 1;
+            let notice = brokerd_proto::Frame::Err(brokerd_proto::ErrorFrame {
+                req_id: 0,
+                code: ErrorCode::PermissionDenied as u16,
+                message: format!(
+                    "subscription {} to '{}' ended: the configuration no longer permits it ({denial})",
+                    sub.sid,
+                    prefix(sub.filter.as_str(), 128)
+                ),
+            });
+            client.outbox.push_frame(notice.to_bytes());
+        }
+        ended
+    }
+
     /// Drops `routes` if the trie's shape changed since it was filled.
     pub fn refresh_routes(&self, routes: &mut RouteCache) {
         let generation = self.sublist.generation();
@@ -697,6 +766,14 @@ impl Broker {
             });
         }
         self.refresh_routes(routes);
+        let version = from.permissions_version.load(Ordering::Acquire);
+        if version != routes.permissions_version {
+            routes.permissions = from.permissions();
+            routes.permissions_version = version;
+            routes.allowed.clear();
+            // The last topic's answer is recomputed below.
+            routes.last = None;
+        }
         // The last topic costs one comparison of bytes; any other recent one a hash lookup.
         let is_last = routes.last.is_some() && routes.last_topic.as_bytes() == body.topic;
         if !is_last {
@@ -728,7 +805,7 @@ impl Broker {
                     m
                 }
             };
-            if let Some(p) = from.identity.permissions.as_deref()
+            if let Some(p) = routes.permissions.as_deref()
                 && !p.publish_is_open()
             {
                 routes.last_allowed = match routes.allowed.get(topic) {
@@ -746,12 +823,12 @@ impl Broker {
             routes.last_topic.push_str(topic);
             routes.last = Some(matches);
         }
-        if let Some(p) = from.identity.permissions.as_deref() {
+        if let Some(p) = routes.permissions.as_deref() {
             self.check_publish(from, p, body, routes)?;
         }
         if let Some(reply) = body.reply {
             validate_topic(reply, &self.limits.topic).map_err(PublishError::InvalidReply)?;
-            if let Some(p) = from.identity.permissions.as_deref() {
+            if let Some(p) = routes.permissions.as_deref() {
                 p.may_reply_to(reply)
                     .map_err(|denial| PublishError::DeniedReply {
                         reply: reply.to_string(),

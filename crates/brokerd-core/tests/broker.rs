@@ -525,3 +525,69 @@ fn queue_group_never_falls_back_to_a_member_that_is_closing() {
         assert_eq!(b.stats().dropped, n);
     }
 }
+
+/// A user connected with rules; a reload narrows them: its publishes follow the new rules at
+/// once (the connection's memo notices the change), and a subscription they no longer allow ends
+/// with a notice to its owner, while the others keep receiving.
+#[test]
+fn changed_permissions_apply_to_a_live_connection() {
+    use brokerd_core::{Identity, Permissions, Rules};
+    use brokerd_proto::{Filter, Frame, decode};
+    let rules = |allow: &[&str]| Rules {
+        allow: Some(allow.iter().map(|f| Filter::new(f).unwrap()).collect()),
+        deny: Vec::new(),
+    };
+    let perms = |allow: &[&str]| {
+        Arc::new(Permissions {
+            publish: rules(allow),
+            subscribe: rules(allow),
+            ..Permissions::default()
+        })
+    };
+    let b = broker();
+    let identity = Identity {
+        user: Some("svc".into()),
+        permissions: Some(perms(&["a.>", "b.>"])),
+        quota: None,
+    };
+    let svc = b.connect_as("svc".into(), "127.0.0.1:1".into(), None, false, identity);
+    let other = connect(&b, "other");
+    b.subscribe(&svc, 1, "a.*").unwrap();
+    b.subscribe(&svc, 2, "b.*").unwrap();
+    let mut routes = brokerd_core::RouteCache::new();
+    let publish_b = |routes: &mut brokerd_core::RouteCache| {
+        let body = body("b.x", b"x");
+        b.publish_cached(&svc, &brokerd_core::Publication::from(&body), routes)
+    };
+    assert_eq!(publish_b(&mut routes), Ok(1));
+    drain(&svc);
+
+    assert_eq!(b.set_permissions(&svc, Some(perms(&["a.>"]))), 1);
+    // The same topic, from the same memo, is now refused.
+    assert!(matches!(
+        publish_b(&mut routes),
+        Err(PublishError::Denied { .. })
+    ));
+    // The notice names the subscription; `b.*` no longer matches, `a.*` still does.
+    let notices: Vec<String> = drain_items(&svc)
+        .into_iter()
+        .filter_map(|item| match item {
+            Item::Frame(bytes) => match decode(&mut bytes.as_ref().into(), usize::MAX) {
+                Ok(Some(Frame::Err(e))) => {
+                    assert_eq!(e.code, ErrorCode::PermissionDenied as u16);
+                    Some(e.message)
+                }
+                other => panic!("expected ERR, got {other:?}"),
+            },
+            _ => None,
+        })
+        .collect();
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    assert!(
+        notices[0].contains("subscription 2 to 'b.*'"),
+        "{notices:?}"
+    );
+    assert_eq!(publish(&b, &other, "b.y"), 0);
+    assert_eq!(publish(&b, &other, "a.y"), 1);
+    assert_eq!(svc.subscription_count(), 1);
+}

@@ -502,7 +502,7 @@ impl Reader<'_> {
             );
         };
         let shared = self.shared;
-        let answered = match (&self.client.identity.user, self.client.identity.is_admin()) {
+        let answered = match (&self.client.identity.user, self.client.is_admin()) {
             (Some(user), false) => shared.broker.answer(self.client, reply, || {
                 monitor::user_stats_json(shared, user)
             }),
