@@ -11,6 +11,7 @@ use crate::outbox::{Outbox, OutboxLimits, OutboxStats, Push};
 use crate::permissions::{Denial, Identity, Permissions};
 use crate::sublist::{Matches, Slot, Sublist, SublistStats, View};
 use crate::subscription::{SubRef, Subscription};
+use arc_swap::ArcSwap;
 use brokerd_proto::topic::{is_reserved, validate_topic};
 use brokerd_proto::{
     Body, BodyBuilder, BodyRef, ErrorCode, Filter, OverflowPolicy, TopicError, TopicLimits,
@@ -493,7 +494,8 @@ struct Retired {
 
 /// The routing state of one broker.
 pub struct Broker {
-    limits: Limits,
+    /// Replaced whole by [`Broker::set_limits`]; every check loads the current one.
+    limits: ArcSwap<Limits>,
     sublist: Sublist<SubRef>,
     clients: Mutex<HashMap<u64, Arc<Client>>>,
     next_id: AtomicU64,
@@ -512,7 +514,7 @@ impl Broker {
                 budget.clone(),
             ),
             budget,
-            limits,
+            limits: ArcSwap::from_pointee(limits),
             clients: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             retired: Mutex::new(Retired::default()),
@@ -520,8 +522,16 @@ impl Broker {
     }
 
     /// The limits in force.
-    pub fn limits(&self) -> &Limits {
-        &self.limits
+    pub fn limits(&self) -> Arc<Limits> {
+        self.limits.load_full()
+    }
+
+    /// Replaces the limits a configuration reload changed. Payload, topic and subscription
+    /// limits apply at once to every connection; outbound queue limits and the default overflow
+    /// policy to connections made from now on. The match cache and the memory budget keep the
+    /// sizes they were built with.
+    pub fn set_limits(&self, limits: Limits) {
+        self.limits.store(Arc::new(limits));
     }
 
     /// The broker's memory budget, shared by every outbox, reader and the match cache.
@@ -552,10 +562,11 @@ impl Broker {
         identity: Identity,
     ) -> Arc<Client> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let limits = self.limits.load();
         let mut outbox = Outbox::with_budget(
             id,
-            policy.unwrap_or(self.limits.default_policy),
-            self.limits.outbox,
+            policy.unwrap_or(limits.default_policy),
+            limits.outbox,
             self.budget.clone(),
         );
         if let Some(policy) = identity.permissions.as_ref().and_then(|p| p.responses) {
@@ -597,13 +608,13 @@ impl Broker {
         filter: &str,
         queue: Option<&str>,
     ) -> Result<(), SubscribeError> {
-        let filter = Filter::with_limits(filter, &self.limits.topic)
+        let filter = Filter::with_limits(filter, &self.limits.load().topic)
             .map_err(SubscribeError::InvalidFilter)?;
         let queue: Option<Arc<str>> = match queue {
             None => None,
             Some(q) => {
                 if q.is_empty()
-                    || q.len() > self.limits.topic.max_len
+                    || q.len() > self.limits.load().topic.max_len
                     || q.chars().any(char::is_whitespace)
                 {
                     return Err(SubscribeError::InvalidQueue(q.to_string()));
@@ -627,18 +638,18 @@ impl Broker {
                 Some(_) => return Err(SubscribeError::Duplicate(sid)),
                 None => None,
             };
-            if subs.len() >= self.limits.max_subs {
+            if subs.len() >= self.limits.load().max_subs {
                 if let Some(old) = replaced {
                     subs.insert(old);
                 }
-                return Err(SubscribeError::TooMany(self.limits.max_subs));
+                return Err(SubscribeError::TooMany(self.limits.load().max_subs));
             }
             // A replaced subscription's count passes to its successor.
             if replaced.is_none()
                 && let Some(q) = &client.identity.quota
                 && !q.try_subscribe()
             {
-                return Err(SubscribeError::UserQuota(q.max_subscriptions));
+                return Err(SubscribeError::UserQuota(q.max_subscriptions()));
             }
             subs.insert(BySid(sub.clone()));
             replaced.map(|old| old.0)
@@ -759,10 +770,11 @@ impl Broker {
         routes: &mut RouteCache,
     ) -> Result<u32, PublishError> {
         let payload = body.payload_len;
-        if payload > self.limits.max_payload {
+        let max_payload = self.limits.load().max_payload;
+        if payload > max_payload {
             return Err(PublishError::PayloadTooLarge {
                 len: payload,
-                max: self.limits.max_payload,
+                max: max_payload,
             });
         }
         self.refresh_routes(routes);
@@ -787,7 +799,7 @@ impl Broker {
                     let m = match self.sublist.cached(topic) {
                         Some(m) => m,
                         None => {
-                            validate_topic(topic, &self.limits.topic)
+                            validate_topic(topic, &self.limits.load().topic)
                                 .map_err(PublishError::InvalidTopic)?;
                             if is_reserved(topic) {
                                 return Err(PublishError::Reserved);
@@ -827,7 +839,7 @@ impl Broker {
             self.check_publish(from, p, body, routes)?;
         }
         if let Some(reply) = body.reply {
-            validate_topic(reply, &self.limits.topic).map_err(PublishError::InvalidReply)?;
+            validate_topic(reply, &self.limits.load().topic).map_err(PublishError::InvalidReply)?;
             if let Some(p) = routes.permissions.as_deref() {
                 p.may_reply_to(reply)
                     .map_err(|denial| PublishError::DeniedReply {
@@ -965,7 +977,7 @@ impl Broker {
         topic: &str,
         payload: impl FnOnce() -> P,
     ) -> Result<u32, PublishError> {
-        validate_topic(topic, &self.limits.topic).map_err(PublishError::InvalidReply)?;
+        validate_topic(topic, &self.limits.load().topic).map_err(PublishError::InvalidReply)?;
         let targets: Vec<SubRef> = to
             .subs
             .lock()
@@ -978,10 +990,10 @@ impl Broker {
         }
         let payload = payload();
         let payload = payload.as_ref();
-        if payload.len() > self.limits.max_payload {
+        if payload.len() > self.limits.load().max_payload {
             return Err(PublishError::PayloadTooLarge {
                 len: payload.len(),
-                max: self.limits.max_payload,
+                max: self.limits.load().max_payload,
             });
         }
         let body = BodyBuilder {

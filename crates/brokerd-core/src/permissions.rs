@@ -213,10 +213,10 @@ impl Permissions {
 /// Counts shared by every connection of one user, against the user's quotas.
 #[derive(Debug)]
 pub struct Quota {
-    /// Most connections at once; `usize::MAX` for no limit.
-    pub max_connections: usize,
+    /// Most connections at once; `usize::MAX` for no limit. Changed by a reload.
+    max_connections: AtomicUsize,
     /// Most subscriptions across its connections; `usize::MAX` for no limit.
-    pub max_subscriptions: usize,
+    max_subscriptions: AtomicUsize,
     connections: AtomicUsize,
     subscriptions: AtomicUsize,
 }
@@ -225,11 +225,30 @@ impl Quota {
     /// A quota with these limits and nothing counted.
     pub fn new(max_connections: usize, max_subscriptions: usize) -> Quota {
         Quota {
-            max_connections,
-            max_subscriptions,
+            max_connections: AtomicUsize::new(max_connections),
+            max_subscriptions: AtomicUsize::new(max_subscriptions),
             connections: AtomicUsize::new(0),
             subscriptions: AtomicUsize::new(0),
         }
+    }
+
+    /// Most connections at once; `usize::MAX` for no limit.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections.load(Ordering::Relaxed)
+    }
+
+    /// Most subscriptions across the user's connections; `usize::MAX` for no limit.
+    pub fn max_subscriptions(&self) -> usize {
+        self.max_subscriptions.load(Ordering::Relaxed)
+    }
+
+    /// Changes the limits, keeping the counts (a configuration reload). Lower limits turn away
+    /// new connections and subscriptions, never existing ones.
+    pub fn set_limits(&self, max_connections: usize, max_subscriptions: usize) {
+        self.max_connections
+            .store(max_connections, Ordering::Relaxed);
+        self.max_subscriptions
+            .store(max_subscriptions, Ordering::Relaxed);
     }
 
     fn try_take(counter: &AtomicUsize, max: usize) -> bool {
@@ -242,7 +261,7 @@ impl Quota {
 
     /// Counts one more connection, unless that would pass the limit.
     pub fn try_connect(&self) -> bool {
-        Quota::try_take(&self.connections, self.max_connections)
+        Quota::try_take(&self.connections, self.max_connections())
     }
 
     /// Counts a connection gone.
@@ -252,7 +271,7 @@ impl Quota {
 
     /// Counts one more subscription, unless that would pass the limit.
     pub fn try_subscribe(&self) -> bool {
-        Quota::try_take(&self.subscriptions, self.max_subscriptions)
+        Quota::try_take(&self.subscriptions, self.max_subscriptions())
     }
 
     /// Counts `n` subscriptions gone.
