@@ -50,10 +50,15 @@ pub enum ConfigError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Address to listen on.
+    /// Address to listen on: an IP address and port, or a host name and port (the first
+    /// address the name resolves to).
+    #[serde(with = "address")]
     pub listen: SocketAddr,
-    /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a `RUST_LOG`-style directive).
+    /// Log filter: `off`, `error`, `warn`, `info`, `debug`, `trace`, or `RUST_LOG`-style
+    /// directives whose levels are among those (`info,brokerd_server=debug`).
     pub log_level: String,
+    /// Log lines as text for people (`text`) or one JSON object per line (`json`).
+    pub log_format: LogFormat,
     /// Size and count limits.
     pub limits: LimitsConfig,
     /// Per-connection outbound queues.
@@ -66,6 +71,17 @@ pub struct Config {
     pub auth: AuthConfig,
     /// TLS on the client listener.
     pub tls: TlsConfig,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line of text per event; colour only on a terminal, and never with `NO_COLOR` set.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
 }
 
 /// `[tls]`: TLS for clients (`docs/security.md`).
@@ -81,6 +97,7 @@ pub struct TlsConfig {
     pub client_ca: Option<std::path::PathBuf>,
     /// Where TLS clients connect, beside the plain `listen`. Unset: `listen` itself speaks TLS
     /// only.
+    #[serde(with = "optional_address")]
     pub listen: Option<SocketAddr>,
 }
 
@@ -252,6 +269,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7654)),
             log_level: "info".into(),
+            log_format: LogFormat::Text,
             limits: LimitsConfig::default(),
             outbound: OutboundConfig::default(),
             timeouts: TimeoutsConfig::default(),
@@ -356,6 +374,7 @@ impl Config {
                 message: message.to_string(),
             })
         };
+        check_log_level(&self.log_level)?;
         let l = &self.limits;
         if l.max_connections == 0 {
             return invalid("limits.max_connections", "must be at least 1");
@@ -375,11 +394,30 @@ impl Config {
         if l.max_payload == 0 || l.max_payload > u32::MAX as usize - 65_536 {
             return invalid("limits.max_payload", "must be between 1 and 4294901759");
         }
-        if l.max_frame < l.max_payload + 1024 || l.max_frame > u32::MAX as usize {
-            return invalid(
-                "limits.max_frame",
-                "must be at least limits.max_payload + 1024 and fit in 32 bits",
-            );
+        if l.max_frame > u32::MAX as usize {
+            return invalid("limits.max_frame", "must be at most 4294967295");
+        }
+        if l.max_frame < l.max_payload + 1024 {
+            // Name the key the user most likely changed, and both values.
+            let defaults = LimitsConfig::default();
+            let key = if l.max_payload != defaults.max_payload && l.max_frame == defaults.max_frame
+            {
+                "limits.max_payload"
+            } else {
+                "limits.max_frame"
+            };
+            return Err(ConfigError::Invalid {
+                key,
+                message: format!(
+                    "limits.max_payload is {} and limits.max_frame is {}, but a frame must hold \
+                     the largest payload plus 1024 bytes of headers: set limits.max_frame to at \
+                     least {} (or lower limits.max_payload to at most {})",
+                    l.max_payload,
+                    l.max_frame,
+                    l.max_payload + 1024,
+                    l.max_frame.saturating_sub(1024)
+                ),
+            });
         }
         if l.max_topic_len == 0 || l.max_topic_len > u16::MAX as usize {
             return invalid("limits.max_topic_len", "must be between 1 and 65535");
@@ -594,6 +632,97 @@ impl AuthConfig {
     }
 }
 
+/// The log levels a filter may name.
+const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// Checks a `log_level`: a level, or comma-separated `target=level` directives (a bare level
+/// among them sets the default). Anything else, such as `verbose`, is refused, because the log
+/// filter would take it as the name of a module and log nothing else.
+///
+/// # Errors
+/// The directive that is not understood, and the levels there are.
+pub fn check_log_level(filter: &str) -> Result<(), ConfigError> {
+    let level_ok = |l: &str| LOG_LEVELS.contains(&l.to_ascii_lowercase().as_str());
+    let bad = filter.split(',').map(str::trim).find(|d| {
+        let level = d.rsplit_once('=').map_or(
+            *d,
+            |(target, level)| {
+                if target.is_empty() { "" } else { level }
+            },
+        );
+        !level_ok(level)
+    });
+    match bad {
+        None if !filter.trim().is_empty() => Ok(()),
+        other => Err(ConfigError::Invalid {
+            key: "log_level",
+            message: format!(
+                "{:?} is not a log level; use one of {} or directives such as \
+                 \"info,brokerd_server=debug\"",
+                other.unwrap_or(filter),
+                LOG_LEVELS.join(", ")
+            ),
+        }),
+    }
+}
+
+/// Reads `host:port` or `ip:port` as one socket address: an address as written, or else the
+/// first one the host name resolves to.
+///
+/// # Errors
+/// No port, or the name does not resolve.
+pub fn resolve_address(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    if text
+        .rsplit_once(':')
+        .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+    {
+        return Err(format!(
+            "{text:?} is not an address: use host:port or ip:port, e.g. \"127.0.0.1:7654\" or \"localhost:7654\""
+        ));
+    }
+    use std::net::ToSocketAddrs;
+    match text.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("host name in {text:?} resolves to no address")),
+        Err(e) => Err(format!("cannot resolve {text:?}: {e}")),
+    }
+}
+
+mod address {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(a: &SocketAddr, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&a.to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+        let text = String::deserialize(d)?;
+        resolve_address(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+mod optional_address {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(a: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match a {
+            Some(a) => s.serialize_str(&a.to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(d)?;
+        resolve_address(&text)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 mod duration {
     use super::*;
 
@@ -665,7 +794,23 @@ mod tests {
         let e = Config::from_toml("[timeouts]\nhandshake = \"soon\"\n", "t").unwrap_err();
         assert!(e.to_string().contains("handshake"), "{e}");
         let e = Config::from_toml("[limits]\nmax_payload = 2000000\n", "t").unwrap_err();
-        assert!(e.to_string().contains("limits.max_frame"), "{e}");
+        let text = e.to_string();
+        assert!(text.contains("`limits.max_payload`"), "{e}");
+        assert!(
+            text.contains("2000000") && text.contains("1114112") && text.contains("2001024"),
+            "{e}"
+        );
+        let e = Config::from_toml("[limits]\nmax_frame = 2000\n", "t").unwrap_err();
+        assert!(e.to_string().contains("`limits.max_frame`"), "{e}");
+        let e = Config::from_toml("log_level = \"verbose\"\n", "t").unwrap_err();
+        assert!(
+            e.to_string().contains("verbose") && e.to_string().contains("trace"),
+            "{e}"
+        );
+        let e = Config::from_toml("log_format = \"xml\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("log_format"), "{e}");
+        let e = Config::from_toml("listen = \"localhost\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("host:port"), "{e}");
         let e = Config::from_toml("[limits]\nmax_handshakes = 0\n", "t").unwrap_err();
         assert!(e.to_string().contains("limits.max_handshakes"), "{e}");
         let e = Config::from_toml("[limits]\nmax_connections_per_address = 0\n", "t").unwrap_err();
@@ -674,6 +819,32 @@ mod tests {
         assert!(e.to_string().contains("limits.min_frame_rate"), "{e}");
         let e = Config::from_toml("[timeouts]\nframe = \"0s\"\n", "t").unwrap_err();
         assert!(e.to_string().contains("timeouts.frame"), "{e}");
+    }
+
+    #[test]
+    fn log_levels_and_directives() {
+        for ok in [
+            "info",
+            "DEBUG",
+            "off",
+            "warn,brokerd_server=trace",
+            "brokerd_core=debug",
+        ] {
+            check_log_level(ok).unwrap();
+        }
+        for bad in ["verbose", "", "info,loud", "brokerd=chatty", "=info"] {
+            assert!(check_log_level(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn listen_takes_host_names() {
+        let c = Config::from_toml("listen = \"localhost:7700\"\n", "t").unwrap();
+        assert!(c.listen.ip().is_loopback());
+        assert_eq!(c.listen.port(), 7700);
+        let c = Config::from_toml("listen = \"[::1]:7701\"\n", "t").unwrap();
+        assert_eq!(c.listen.to_string(), "[::1]:7701");
+        assert!(resolve_address("no-such-host.invalid:1").is_err());
     }
 
     #[test]
