@@ -30,9 +30,11 @@ use tokio_util::sync::CancellationToken;
 /// The limits and the live counts. Shared by the accept loop and every connection task.
 #[derive(Debug)]
 pub(crate) struct Gate {
-    max_handshakes: usize,
-    max_connections: usize,
-    max_per_address: usize,
+    /// The three limits, changed by a configuration reload ([`Gate::set_limits`]); a lower
+    /// limit turns new connections away, never ones already admitted.
+    max_handshakes: AtomicUsize,
+    max_connections: AtomicUsize,
+    max_per_address: AtomicUsize,
     /// Connections holding a `max_connections` slot.
     established: AtomicUsize,
     /// A leaf lock: held only to look at or change the maps, never across an `.await`.
@@ -92,12 +94,26 @@ impl Gate {
         max_per_address: usize,
     ) -> Gate {
         Gate {
-            max_handshakes,
-            max_connections,
-            max_per_address,
+            max_handshakes: AtomicUsize::new(max_handshakes),
+            max_connections: AtomicUsize::new(max_connections),
+            max_per_address: AtomicUsize::new(max_per_address),
             established: AtomicUsize::new(0),
             state: Mutex::new(State::default()),
         }
+    }
+
+    /// Replaces the limits, as a configuration reload does.
+    pub(crate) fn set_limits(
+        &self,
+        max_handshakes: usize,
+        max_connections: usize,
+        max_per_address: usize,
+    ) {
+        self.max_handshakes.store(max_handshakes, Ordering::Relaxed);
+        self.max_connections
+            .store(max_connections, Ordering::Relaxed);
+        self.max_per_address
+            .store(max_per_address, Ordering::Relaxed);
     }
 
     /// Admits a new connection from `addr` as a handshake, evicting the oldest handshake if
@@ -111,11 +127,12 @@ impl Gate {
         let addr = addr.to_canonical();
         let mut state = self.state.lock();
         let count = state.per_address.get(&addr).copied().unwrap_or(0);
-        if count >= self.max_per_address {
+        if count >= self.max_per_address.load(Ordering::Relaxed) {
             return Err(CloseReason::TooManyFromAddress);
         }
         let mut evicted_one = false;
-        while state.pending.len() >= self.max_handshakes {
+        let max_handshakes = self.max_handshakes.load(Ordering::Relaxed);
+        while state.pending.len() >= max_handshakes {
             let Some((_, oldest)) = state.pending.pop_first() else {
                 break;
             };
@@ -180,8 +197,11 @@ impl Ticket {
         if evicted {
             return Err(CloseReason::TooManyHandshakes);
         }
-        take_slot(&self.gate.established, self.gate.max_connections)
-            .ok_or(CloseReason::TooManyConnections)?;
+        take_slot(
+            &self.gate.established,
+            self.gate.max_connections.load(Ordering::Relaxed),
+        )
+        .ok_or(CloseReason::TooManyConnections)?;
         self.stage = Stage::Established;
         Ok(())
     }

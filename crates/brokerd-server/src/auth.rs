@@ -165,6 +165,36 @@ fn identity(u: &UserConfig) -> Identity {
 impl Authenticator {
     /// The authenticator for a validated `[auth]`.
     pub fn new(config: &AuthConfig) -> Authenticator {
+        Authenticator::build(config, None)
+    }
+
+    /// The authenticator for a reloaded `[auth]`. It takes over `old`'s remembered failures
+    /// and verification slots, and for each user in both, the user's counts of connections and
+    /// subscriptions (under the new limits), so a reload neither forgives an address nor resets
+    /// a quota.
+    pub fn reloaded(config: &AuthConfig, old: &Authenticator) -> Authenticator {
+        let dummy = (!old.dummy.is_empty()).then(|| old.dummy.clone());
+        let mut new = Authenticator::build(config, dummy);
+        new.verifying = old.verifying.clone();
+        *new.failures.get_mut() = old.failures.lock().clone();
+        for (name, user) in &mut new.users {
+            let (Some(old_user), Some(quota)) = (old.users.get(name), &user.identity.quota) else {
+                continue;
+            };
+            if let Some(kept) = &old_user.identity.quota {
+                kept.set_limits(quota.max_connections(), quota.max_subscriptions());
+                user.identity.quota = Some(kept.clone());
+            }
+        }
+        new
+    }
+
+    /// The identity of configured user `name`, if there is one.
+    pub fn user(&self, name: &str) -> Option<&Identity> {
+        self.users.get(name).map(|u| &u.identity)
+    }
+
+    fn build(config: &AuthConfig, dummy: Option<String>) -> Authenticator {
         let users = config
             .users
             .iter()
@@ -183,7 +213,7 @@ impl Authenticator {
         let dummy = if config.users.is_empty() {
             String::new()
         } else {
-            hash_password("brokerd: no such user").unwrap_or_default()
+            dummy.unwrap_or_else(|| hash_password("brokerd: no such user").unwrap_or_default())
         };
         let by_certificate = config
             .users

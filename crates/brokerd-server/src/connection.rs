@@ -82,7 +82,7 @@ pub(crate) async fn serve(
 ) {
     let _ = stream.set_nodelay(true);
     // The whole handshake, TLS and authentication included, has the handshake timeout.
-    let deadline = Instant::now() + shared.config.timeouts.handshake;
+    let deadline = Instant::now() + shared.config.load().timeouts.handshake;
     let tls = match (&shared.tls, secure) {
         (Some(tls), true) => tls,
         _ => {
@@ -209,7 +209,7 @@ async fn serve_halves<R, W>(
         if reason == CloseReason::TooManyConnections
             && let Some(suppressed) = shared.refusals.should_log()
         {
-            warn!(client = %log_name, %peer, reason = %reason, limit = shared.config.limits.max_connections, suppressed, "connection refused");
+            warn!(client = %log_name, %peer, reason = %reason, limit = shared.config.load().limits.max_connections, suppressed, "connection refused");
         }
         return;
     }
@@ -222,7 +222,7 @@ async fn serve_halves<R, W>(
         reject(&mut wr, &reason, &shared).await;
         shared.broker.record_close(&reason);
         if let Some(suppressed) = shared.refusals.should_log() {
-            warn!(client = %log_name, %peer, user = %Escaped(identity.user.as_deref().unwrap_or("")), reason = %reason, limit = q.max_connections, suppressed, "connection refused");
+            warn!(client = %log_name, %peer, user = %Escaped(identity.user.as_deref().unwrap_or("")), reason = %reason, limit = q.max_connections(), suppressed, "connection refused");
         }
         return;
     }
@@ -255,7 +255,7 @@ async fn serve_halves<R, W>(
     let writer = tokio::spawn(writer::run(
         wr,
         client.clone(),
-        shared.config.outbound.write_deadline,
+        shared.config.load().outbound.write_deadline,
         shared.hard_stop.clone(),
         conn.clone(),
     ));
@@ -294,23 +294,23 @@ async fn authenticate(
     shared: &Shared,
     certificate_names: &[String],
 ) -> Result<Identity, CloseReason> {
-    if shared.auth.required() {
-        let wait = shared.auth.penalty(peer.ip(), std::time::Instant::now());
+    let auth = shared.auth.load_full();
+    if auth.required() {
+        let wait = auth.penalty(peer.ip(), std::time::Instant::now());
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
     }
-    match shared
-        .auth
+    match auth
         .authenticate(hello.credentials.as_ref(), certificate_names)
         .await
     {
         Ok(identity) => {
-            shared.auth.succeeded(peer.ip());
+            auth.succeeded(peer.ip());
             Ok(identity)
         }
         Err(e) => {
-            let failures = shared.auth.failed(peer.ip(), std::time::Instant::now());
+            let failures = auth.failed(peer.ip(), std::time::Instant::now());
             if let Some(suppressed) = shared.auth_failures.should_log() {
                 let user = hello
                     .credentials
@@ -331,6 +331,9 @@ fn log_close(client: &Client, log_name: &str, reason: &CloseReason) {
     let text = reason.to_string();
     let shown = Escaped(&text);
     match reason {
+        CloseReason::ClientClosed if client.name == crate::HEALTH_CHECK_NAME => {
+            debug!(client = %log_name, peer = %client.peer, id = client.id, reason = %shown, "connection closed")
+        }
         CloseReason::ClientClosed | CloseReason::ServerShutdown => {
             info!(client = %log_name, peer = %client.peer, id = client.id, reason = %shown, "connection closed")
         }
@@ -346,7 +349,7 @@ pub(crate) async fn reject<W: AsyncWrite + Unpin>(
     reason: &CloseReason,
     shared: &Shared,
 ) {
-    write_refusal(wr, reason, shared.config.outbound.write_deadline).await;
+    write_refusal(wr, reason, shared.config.load().outbound.write_deadline).await;
 }
 
 /// Writes the `ERR` for `reason`, if it has one, within `limit`, then shuts the socket down.
@@ -401,7 +404,7 @@ async fn read_hello<R: AsyncRead + Unpin>(
         if other_version(buf) {
             return Err(CloseReason::Protocol(ErrorCode::UnsupportedVersion));
         }
-        match decode(buf, shared.config.limits.max_frame) {
+        match decode(buf, shared.config.load().limits.max_frame) {
             Ok(Some(Frame::Hello(h))) => {
                 if h.version != PROTOCOL_VERSION {
                     return Err(CloseReason::Protocol(ErrorCode::UnsupportedVersion));
@@ -585,9 +588,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
         budget: &budget,
         bytes: 0,
     };
-    let max_frame = shared.config.limits.max_frame;
-    let interval = shared.config.timeouts.ping_interval;
-    let max_pings = shared.config.timeouts.max_pings_outstanding;
+    let max_frame = shared.config.load().limits.max_frame;
+    let interval = shared.config.load().timeouts.ping_interval;
+    let max_pings = shared.config.load().timeouts.max_pings_outstanding;
     let mut pings_outstanding = 0u32;
     let mut chunk = READ_CHUNK;
     let mut last_read_len = 0;
@@ -655,7 +658,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         // Only a read that leaves part of a frame behind pays for the frame deadline.
         if buf.is_empty() {
             frame_deadline.started = None;
-        } else if let Some(at) = frame_deadline.partial(buf, read_at, &shared.config) {
+        } else if let Some(at) = frame_deadline.partial(buf, read_at, &shared.config.load()) {
             frame_timer.as_mut().reset(at);
         }
         // Waking a subscriber's writer from here puts it in this worker's LIFO slot, which no
@@ -678,7 +681,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 biased;
                 _ = shared.shutdown.cancelled() => return ReadEnd::Shutdown,
                 _ = conn.cancelled() => return ReadEnd::WriterGone,
-                r = tokio::time::timeout(shared.config.outbound.write_deadline, room) => {
+                r = tokio::time::timeout(shared.config.load().outbound.write_deadline, room) => {
                     if r.is_err() {
                         let st = client.outbox.stats();
                         return ReadEnd::Close(CloseReason::SlowConsumer {
@@ -706,7 +709,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 _ = shared.shutdown.cancelled() => return ReadEnd::Shutdown,
                 _ = conn.cancelled() => return ReadEnd::WriterGone,
                 _ = &mut frame_timer, if frame_deadline.armed.is_some() => {
-                    match frame_deadline.fired(buf, Instant::now(), &shared.config) {
+                    match frame_deadline.fired(buf, Instant::now(), &shared.config.load()) {
                         Fired::Expired => return ReadEnd::Close(CloseReason::FrameTimeout),
                         Fired::Rearm(at) => frame_timer.as_mut().reset(at),
                         Fired::Idle => {}
@@ -756,7 +759,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 keepalive.as_mut().reset(last_read + interval);
             }
             _ = &mut frame_timer, if frame_deadline.armed.is_some() => {
-                match frame_deadline.fired(buf, Instant::now(), &shared.config) {
+                match frame_deadline.fired(buf, Instant::now(), &shared.config.load()) {
                     Fired::Expired => return ReadEnd::Close(CloseReason::FrameTimeout),
                     Fired::Rearm(at) => frame_timer.as_mut().reset(at),
                     Fired::Idle => {}

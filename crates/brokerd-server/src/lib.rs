@@ -5,6 +5,7 @@
 //! - [`config`]: defaults, TOML file, validation.
 //! - [`auth`]: credentials checked at the handshake, and the identity they give.
 //! - [`server`]: listener, accept loop, graceful shutdown.
+//! - [`reload`]: a new configuration applied to a running server (SIGHUP).
 //! - `admission`: the handshake, connection and per-address limits a connection is admitted by.
 //! - `connection`: one connection's handshake, reader loop, keep-alive and frame deadline.
 //! - `escape`: client-supplied text made safe for a log line.
@@ -18,9 +19,16 @@ pub mod config;
 mod connection;
 mod escape;
 mod monitor;
+pub mod reload;
 pub mod server;
 pub mod tls;
 mod writer;
 
 pub use config::{Config, ConfigError};
+
+/// The client name `brokerd --health` connects with; the broker logs the clean close of a
+/// connection by this name at debug level rather than info, so that a health check every few
+/// seconds does not fill the log. Any other close by this name is logged as usual.
+pub const HEALTH_CHECK_NAME: &str = "brokerd-health";
+pub use reload::{ReloadHandle, Reloaded};
 pub use server::{Server, ShutdownHandle};

@@ -15,6 +15,7 @@
 use crate::admission::Gate;
 use crate::config::Config;
 use crate::connection;
+use arc_swap::ArcSwap;
 use brokerd_core::{Broker, CloseReason, Pressure};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io;
@@ -33,7 +34,8 @@ const BACKLOG: i32 = 1024;
 /// State every connection task shares.
 pub(crate) struct Shared {
     pub(crate) broker: Arc<Broker>,
-    pub(crate) config: Arc<Config>,
+    /// The configuration in force; a reload replaces it ([`ReloadHandle`]).
+    pub(crate) config: ArcSwap<Config>,
     pub(crate) server_id: String,
     /// Cancelled when shutdown starts: stop accepting and reading.
     pub(crate) shutdown: CancellationToken,
@@ -44,7 +46,7 @@ pub(crate) struct Shared {
     /// Throttles the log lines of refused connections.
     pub(crate) refusals: RefusalLog,
     /// Checks the credentials of each `HELLO`.
-    pub(crate) auth: crate::auth::Authenticator,
+    pub(crate) auth: ArcSwap<crate::auth::Authenticator>,
     /// TLS, when configured.
     pub(crate) tls: Option<crate::tls::TlsState>,
     /// Throttles the log lines of failed logins.
@@ -110,13 +112,13 @@ impl Server {
             tls_listener,
             shared: Arc::new(Shared {
                 broker,
-                config: Arc::new(config),
+                config: ArcSwap::from_pointee(config),
                 server_id,
                 shutdown: CancellationToken::new(),
                 hard_stop: CancellationToken::new(),
                 gate,
                 refusals: RefusalLog::default(),
-                auth,
+                auth: ArcSwap::from_pointee(auth),
                 tls,
                 auth_failures: RefusalLog::default(),
                 started: std::time::Instant::now(),
@@ -152,6 +154,11 @@ impl Server {
     /// The id this server announces in `WELCOME`.
     pub fn server_id(&self) -> &str {
         &self.shared.server_id
+    }
+
+    /// A handle that applies a new configuration while the server runs.
+    pub fn reload_handle(&self) -> crate::reload::ReloadHandle {
+        crate::reload::ReloadHandle(self.shared.clone())
     }
 
     /// A handle that starts the graceful shutdown.
@@ -205,27 +212,48 @@ impl Server {
         }
         drop(listener);
         drop(tls_listener);
-        let grace = shared.config.timeouts.shutdown_grace;
+        let grace = shared.config.load().timeouts.shutdown_grace;
         let deadline = tokio::time::Instant::now() + grace;
         info!(grace = ?grace, "shutting down: no longer accepting");
         readers.close();
         let _ = tokio::time::timeout_at(deadline, readers.wait()).await;
-        for client in shared.broker.clients() {
+        // Every reader has stopped, so nothing is queued from here on: what is pending now is
+        // what the drain has to write.
+        let clients = shared.broker.clients();
+        let pending = |clients: &[Arc<brokerd_core::Client>]| -> u64 {
+            clients
+                .iter()
+                .map(|c| c.outbox.stats().pending_msgs as u64)
+                .sum()
+        };
+        let queued = pending(&clients);
+        for client in &clients {
             client.outbox.close(CloseReason::ServerShutdown, true);
         }
         tasks.close();
+        let mut abandoned = 0;
         if tokio::time::timeout_at(deadline, tasks.wait())
             .await
             .is_err()
         {
-            warn!("grace period over: closing connections with messages still queued");
+            abandoned = pending(&clients);
+            warn!(
+                abandoned,
+                "grace period over: closing connections with messages still queued"
+            );
             shared.hard_stop.cancel();
             for client in shared.broker.clients() {
                 client.outbox.close(CloseReason::ServerShutdown, false);
             }
             let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
         }
-        info!("shutdown complete");
+        info!(
+            written = queued.saturating_sub(abandoned),
+            abandoned,
+            connections = clients.len(),
+            "shutdown complete: {} queued messages written, {abandoned} abandoned",
+            queued.saturating_sub(abandoned)
+        );
         Ok(())
     }
 }
@@ -294,7 +322,7 @@ fn accept(
             if admitted.evicted_one
                 && let Some(suppressed) = shared.refusals.should_log()
             {
-                warn!(%peer, reason = %CloseReason::TooManyHandshakes, limit = shared.config.limits.max_handshakes, connections = shared.gate.established(), suppressed, "oldest handshake evicted to admit a new connection");
+                warn!(%peer, reason = %CloseReason::TooManyHandshakes, limit = shared.config.load().limits.max_handshakes, connections = shared.gate.established(), suppressed, "oldest handshake evicted to admit a new connection");
             }
             let reading = readers.token();
             tasks.spawn(connection::serve(
@@ -308,7 +336,7 @@ fn accept(
         }
         Err(reason) => {
             if let Some(suppressed) = shared.refusals.should_log() {
-                warn!(%peer, reason = %reason, limit = shared.config.limits.max_connections_per_address, suppressed, "connection refused");
+                warn!(%peer, reason = %reason, limit = shared.config.load().limits.max_connections_per_address, suppressed, "connection refused");
             }
             // Refused before reading anything: the ERR goes into an empty socket buffer, so
             // this task ends at once unless the peer has vanished.
