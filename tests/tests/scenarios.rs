@@ -148,3 +148,78 @@ async fn wildcard_subscribers_receive_2_2_and_5() {
     assert_eq!(counts, vec![2, 2, 2, 2, 1]);
     b.stop().await;
 }
+
+#[allow(dead_code, missing_docs)]
+#[path = "../../crates/brokerd-client/examples/work_queue.rs"]
+mod work_queue;
+
+#[allow(dead_code, missing_docs)]
+#[path = "../../crates/brokerd-client/examples/rpc.rs"]
+mod rpc;
+
+/// Every example, run one after the other while a `brokerctl sub '>'`-style subscriber shares
+/// the broker (as the README's own walk-through leaves one running): each still sees exactly what
+/// it saw alone, and each delivered count is one more, the catch-all's.
+#[tokio::test]
+async fn examples_work_while_a_catch_all_subscriber_shares_the_broker() {
+    let b = TestBroker::start().await;
+    let watcher = b.client("catch-all").await;
+    let mut everything = watcher.subscribe(">").await.unwrap();
+    let seen = tokio::spawn(async move {
+        let mut n = 0u64;
+        while everything.next().await.is_some() {
+            n += 1;
+        }
+        n
+    });
+
+    let report = user_registration::run(&b.addr()).await.unwrap();
+    assert_eq!(report.delivered, vec![4, 4, 4]);
+    assert!(report.received.iter().all(|(_, users)| users.len() == 3));
+
+    let report = order_flow::run(&b.addr()).await.unwrap();
+    let counts: Vec<u32> = report.delivered.iter().map(|(_, n)| *n).collect();
+    assert_eq!(counts, vec![4, 3, 3]);
+
+    let report = wildcards::run(&b.addr()).await.unwrap();
+    let counts: Vec<u32> = report.delivered.iter().map(|(_, n)| *n).collect();
+    assert_eq!(counts, vec![3, 3, 3, 3, 2]);
+    let audit = &report.received[2].1;
+    assert_eq!(audit.len(), wildcards::TOPICS.len());
+
+    let report = dashboard::run(&b.addr(), Duration::from_millis(20))
+        .await
+        .unwrap();
+    let admin = &report["admin-dashboard"];
+    assert_eq!(
+        admin.rounds.len() as u64,
+        dashboard::ROUNDS * dashboard::METRICS.len() as u64
+    );
+
+    let report = work_queue::run(&b.addr()).await.unwrap();
+    let mut all: Vec<u32> = report
+        .workers
+        .iter()
+        .flat_map(|(_, ids)| ids.clone())
+        .collect();
+    all.sort_unstable();
+    assert_eq!(all, (0..work_queue::JOBS).collect::<Vec<_>>());
+    assert_eq!(report.audited.len(), work_queue::JOBS as usize);
+
+    let report = rpc::run(&b.addr()).await.unwrap();
+    assert_eq!(report[0], ("mug".to_string(), Ok(1299)));
+    assert_eq!(report[1], ("cap".to_string(), Ok(1799)));
+    assert_eq!(
+        report[2],
+        ("umbrella".to_string(), Err("unknown sku".to_string()))
+    );
+    // The catch-all received the refund request, so no one was "no responders" for it.
+    match &report[3] {
+        (what, Err(e)) if what == "refund" => assert!(e.contains("no answer"), "{e}"),
+        other => panic!("unexpected refund outcome {other:?}"),
+    }
+
+    watcher.close().await.unwrap();
+    assert!(seen.await.unwrap() > u64::from(work_queue::JOBS));
+    b.stop().await;
+}

@@ -104,7 +104,11 @@ pub async fn run(addr: &str) -> anyhow::Result<Report> {
         let n = shop
             .publish_acked(topic, serde_json::to_vec(&event)?)
             .await?;
-        println!("[shop] {topic}: delivered to {n} subscribers");
+        // Every matching subscription on the broker counts, this example's and any other's.
+        let ours = SERVICES.iter().filter(|(_, t)| t.contains(&topic)).count();
+        println!(
+            "[shop] {topic}: delivered to {n} subscriptions ({ours} of them this example's services)"
+        );
         report.delivered.push((topic.to_string(), n));
     }
     shop.close().await?;

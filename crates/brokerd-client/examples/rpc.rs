@@ -1,5 +1,8 @@
 //! Request/reply: a pricing service answers `price.quote` requests; a shop client asks for quotes
-//! with a timeout, and also asks `price.refund`, which nobody serves, and is told so at once.
+//! with a timeout, and also asks `price.refund`, which nobody serves, and is told so at once. (When
+//! another subscriber shares the broker and its filter covers `price.refund`, such as
+//! `brokerctl sub '>'`, the request reaches it, nobody answers, and the shop's request times out
+//! instead.)
 //!
 //! `cargo run -p brokerd-client --example rpc` against a broker at `BROKERD_SERVER` (default
 //! `127.0.0.1:7654`). The end-to-end tests run [`run`] too.
@@ -10,6 +13,9 @@ use std::time::Duration;
 
 /// The catalogue the pricing service knows, in cents.
 pub const PRICES: [(&str, u64); 3] = [("mug", 1299), ("tee", 2499), ("cap", 1799)];
+
+/// How long the shop waits for an answer to `price.refund`.
+pub const REFUND_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Each request and what came back: a price in cents or an error.
 pub type Report = Vec<(String, Result<u64, String>)>;
@@ -52,13 +58,18 @@ pub async fn run(addr: &str) -> anyhow::Result<Report> {
         println!("[shop] {sku}: {outcome:?}");
         report.push((sku.to_string(), outcome));
     }
-    match shop
-        .request("price.refund", "{}", Duration::from_secs(5))
-        .await
-    {
+    match shop.request("price.refund", "{}", REFUND_TIMEOUT).await {
         Err(e @ Error::NoResponders(_)) => {
             println!("[shop] price.refund: {e}");
             report.push(("refund".into(), Err(e.to_string())));
+        }
+        Err(Error::Timeout) => {
+            let outcome = format!(
+                "no answer within {} s (another subscriber received the request)",
+                REFUND_TIMEOUT.as_secs()
+            );
+            println!("[shop] price.refund: {outcome}");
+            report.push(("refund".into(), Err(outcome)));
         }
         other => anyhow::bail!("expected no responders for price.refund, got {other:?}"),
     }

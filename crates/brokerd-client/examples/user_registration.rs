@@ -20,7 +20,8 @@ pub const USERS: [(&str, &str); 3] = [
 pub struct Report {
     /// `(service, users it received)`.
     pub received: Vec<(String, Vec<String>)>,
-    /// Delivered count for each publish.
+    /// Delivered count for each publish: this example's services plus any other matching
+    /// subscription on the broker.
     pub delivered: Vec<u32>,
 }
 
@@ -58,7 +59,12 @@ pub async fn run(addr: &str) -> anyhow::Result<Report> {
         let n = publisher
             .publish_acked("user.created", serde_json::to_vec(&event)?)
             .await?;
-        println!("[registration] user.created for {name}: delivered to {n} subscribers");
+        // The count covers every subscription on the broker, this example's services and any
+        // other subscriber that shares the broker (`brokerctl sub '>'`, say).
+        println!(
+            "[registration] user.created for {name}: delivered to {n} subscriptions ({} of them this example's services)",
+            services.len()
+        );
         report.delivered.push(n);
     }
     publisher.close().await?;

@@ -5,7 +5,7 @@
 //! `cargo run -p brokerd-client --example wildcards` against a broker at `BROKERD_SERVER`
 //! (default `127.0.0.1:7654`). The end-to-end tests run [`run`] too.
 
-use brokerd_client::{Client, ConnectOptions};
+use brokerd_client::{Client, ConnectOptions, Filter};
 
 /// The topics published, in order.
 pub const TOPICS: [&str; 5] = [
@@ -59,7 +59,14 @@ pub async fn run(addr: &str) -> anyhow::Result<Report> {
         let n = publisher
             .publish_acked(topic, format!("{topic} happened"))
             .await?;
-        println!("[event-source] {topic}: delivered to {n} subscribers");
+        // Every matching subscription on the broker counts, this example's and any other's.
+        let ours = SUBSCRIBERS
+            .iter()
+            .filter(|(_, f)| Filter::new(f).is_ok_and(|f| f.matches(topic)))
+            .count();
+        println!(
+            "[event-source] {topic}: delivered to {n} subscriptions ({ours} of them this example's)"
+        );
         report.delivered.push((topic.to_string(), n));
     }
     publisher.close().await?;

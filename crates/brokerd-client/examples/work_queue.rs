@@ -44,8 +44,9 @@ pub async fn run(addr: &str) -> anyhow::Result<Report> {
         let delivered = producer
             .publish_acked("jobs.resize", id.to_string())
             .await?;
-        // One worker of the group plus the auditor: a group counts once.
-        anyhow::ensure!(delivered == 2, "job {id} reached {delivered} subscriptions");
+        // One worker of the group plus the auditor (a group counts once), plus any other
+        // subscriber sharing the broker.
+        anyhow::ensure!(delivered >= 2, "job {id} reached {delivered} subscriptions");
     }
     producer.close().await?;
     println!("[producer] published {JOBS} jobs to jobs.resize");
