@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, ToSocketAddrs};
+use tokio::net::TcpStream;
 use tokio::sync::{Notify, oneshot};
 
 /// Options for [`Client::connect`].
@@ -49,6 +49,102 @@ pub struct ConnectOptions {
     pub inbox_prefix: String,
     /// Connect over TLS with these options; `None` for plain TCP.
     pub tls: Option<TlsOptions>,
+    /// Reconnect when the connection is lost; `None` (the default): the client closes.
+    pub reconnect: Option<Reconnect>,
+    /// Further servers to try, in turn after the one given to [`Client::connect`], when
+    /// reconnecting.
+    pub servers: Vec<String>,
+}
+
+/// How a client reconnects (see [`ConnectOptions::reconnect`]).
+///
+/// After a connection is lost, the client dials its servers in turn: the first attempt at once,
+/// then after `initial_delay`, doubling up to `max_delay`, each delay shortened by a random
+/// fraction of up to a half so that a fleet does not come back in lockstep. On success it makes
+/// every live subscription again (queue groups included, and the request inbox), then sends the
+/// publishes buffered meanwhile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Reconnect {
+    /// Attempts before giving up and closing; `None` for no limit.
+    pub max_attempts: Option<u32>,
+    /// The delay after the first failed attempt.
+    pub initial_delay: Duration,
+    /// The longest delay between attempts.
+    pub max_delay: Duration,
+    /// Bytes of publishes (without acknowledgement) buffered while disconnected; a publish
+    /// beyond this fails with [`Error::Disconnected`].
+    pub buffer_bytes: usize,
+}
+
+impl Default for Reconnect {
+    fn default() -> Reconnect {
+        Reconnect {
+            max_attempts: None,
+            initial_delay: Duration::from_millis(50),
+            max_delay: Duration::from_secs(2),
+            buffer_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+impl Reconnect {
+    /// Gives up after `n` attempts in a row.
+    pub fn max_attempts(mut self, n: u32) -> Reconnect {
+        self.max_attempts = Some(n);
+        self
+    }
+
+    /// Sets the first and the longest delay between attempts.
+    pub fn delays(mut self, initial: Duration, max: Duration) -> Reconnect {
+        self.initial_delay = initial;
+        self.max_delay = max.max(initial);
+        self
+    }
+
+    /// Sets how many bytes of publishes are buffered while disconnected.
+    pub fn buffer_bytes(mut self, n: usize) -> Reconnect {
+        self.buffer_bytes = n;
+        self
+    }
+
+    /// The delay before attempt `attempt` (0: the first, at once), with `jitter` in [0, 1).
+    fn delay(&self, attempt: u32, jitter: f64) -> Duration {
+        if attempt == 0 {
+            return Duration::ZERO;
+        }
+        let base = self
+            .initial_delay
+            .saturating_mul(1u32 << (attempt - 1).min(20))
+            .min(self.max_delay);
+        base.mul_f64(1.0 - jitter / 2.0)
+    }
+}
+
+/// What happened to a client's connection; see [`Client::events`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// The server said it is shutting down; with reconnection on, the client reconnects.
+    ServerShuttingDown,
+    /// The connection was lost, and the client is reconnecting. Calls waiting for the server
+    /// failed with [`Error::Disconnected`].
+    Disconnected {
+        /// Why, as far as the client knows.
+        reason: String,
+    },
+    /// Connected again, subscriptions made again.
+    Reconnected {
+        /// The server it reached.
+        server: String,
+        /// Attempts it took.
+        attempts: u32,
+    },
+    /// The client closed for good.
+    Closed {
+        /// Why.
+        reason: String,
+    },
 }
 
 impl ConnectOptions {
@@ -103,6 +199,21 @@ impl ConnectOptions {
         self
     }
 
+    /// Reconnects, as `policy` says, when the connection is lost.
+    pub fn reconnect(mut self, policy: Reconnect) -> ConnectOptions {
+        self.reconnect = Some(policy);
+        self
+    }
+
+    /// Adds servers to try in turn when reconnecting.
+    pub fn servers<S: Into<String>>(
+        mut self,
+        servers: impl IntoIterator<Item = S>,
+    ) -> ConnectOptions {
+        self.servers.extend(servers.into_iter().map(Into::into));
+        self
+    }
+
     /// Sets the per-subscription buffer.
     pub fn subscription_capacity(mut self, n: usize) -> ConnectOptions {
         self.subscription_capacity = n.max(1);
@@ -122,6 +233,8 @@ impl Default for ConnectOptions {
             credentials: None,
             inbox_prefix: "_INBOX".into(),
             tls: None,
+            reconnect: None,
+            servers: Vec::new(),
         }
     }
 }
@@ -139,7 +252,11 @@ enum Reply {
 
 struct WriteState {
     buf: BytesMut,
+    /// Set once the client has closed for good.
     closed: Option<String>,
+    /// Whether a connection is up; while it is not (reconnecting), only publishes without an
+    /// acknowledgement are buffered, up to [`Reconnect::buffer_bytes`].
+    connected: bool,
     /// The topic published last, known to be valid (empty before the first): publishing it
     /// again skips the check.
     valid_topic: String,
@@ -160,6 +277,9 @@ impl WriteState {
 struct SubEntry {
     tx: channel::Sender,
     shared: Arc<SubShared>,
+    /// What it was made with, to make it again after a reconnect.
+    filter: String,
+    queue: Option<String>,
 }
 
 /// State shared by the [`Client`] handles, its subscriptions and its two tasks.
@@ -180,15 +300,37 @@ pub(crate) struct Inner {
     replies: Mutex<HashMap<u32, oneshot::Sender<Message>>>,
     /// Set by `shutdown`: the reader stops delivering, even through its cached sender.
     shut: std::sync::atomic::AtomicBool,
-    info: Welcome,
+    /// The current connection's `WELCOME`.
+    info: Mutex<Arc<Welcome>>,
+    /// Its `max_payload`, read by every publish.
+    max_payload: AtomicU32,
+    /// The largest frame read from the server: its `max_frame`, plus the few bytes by which a
+    /// `MSG` header is longer than the `PUB` it came from.
+    max_frame_in: std::sync::atomic::AtomicUsize,
+    /// Why the last connection was lost, for calls that waited on it.
+    lost: Mutex<String>,
+    /// Subscriptions being made again after a reconnect: request id to subscription id, so
+    /// that a refusal ends the subscription.
+    resubs: Mutex<HashMap<u32, u32>>,
+    /// Connection events, for [`Client::events`].
+    events: tokio::sync::broadcast::Sender<Event>,
+    /// The address given to [`Client::connect`].
+    server: String,
     options: ConnectOptions,
 }
+
+/// Extra bytes allowed in a frame from the server over its `max_frame` (a `MSG` carries a
+/// subscription id and sequence where the `PUB` had a request id and flags).
+const MSG_SLACK: usize = 64;
+
+/// The largest frame accepted before a `WELCOME` says how large frames may be.
+const HANDSHAKE_FRAME: usize = 64 * 1024;
 
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
             .field("name", &self.options.name)
-            .field("server_id", &self.info.server_id)
+            .field("server_id", &self.info.lock().server_id)
             .finish()
     }
 }
@@ -231,83 +373,35 @@ impl Client {
     /// # Ok(()) }
     /// ```
     pub async fn connect(
-        addr: impl ToSocketAddrs,
+        addr: impl std::fmt::Display,
         options: ConnectOptions,
     ) -> Result<Client, Error> {
-        tokio::time::timeout(
-            options.connect_timeout,
-            Client::connect_inner(addr, options),
-        )
-        .await
-        .map_err(|_| Error::Timeout)?
-    }
-
-    async fn connect_inner(
-        addr: impl ToSocketAddrs,
-        options: ConnectOptions,
-    ) -> Result<Client, Error> {
-        let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        let (mut rd, mut wr): (ReadHalf, WriteHalf) = match &options.tls {
-            None => {
-                let (rd, wr) = stream.into_split();
-                (Box::new(rd), Box::new(wr))
-            }
-            Some(tls) => {
-                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-                // rustls reads 4 KiB per call: the buffer makes that one system call per
-                // 64 KiB, for one copy of the ciphertext.
-                let stream = connector
-                    .connect(
-                        tls.server_name.clone(),
-                        tokio::io::BufReader::with_capacity(64 * 1024, stream),
-                    )
-                    .await
-                    .map_err(tls_error)?;
-                let (rd, wr) = tokio::io::split(stream);
-                (Box::new(rd), Box::new(wr))
-            }
-        };
-        let hello = Frame::Hello(Hello {
-            req_id: 0,
-            version: PROTOCOL_VERSION,
-            no_echo: options.no_echo,
-            overflow: options.overflow,
-            name: options.name.clone(),
-            credentials: options.credentials.clone(),
-        });
-        wr.write_all(&hello.to_bytes()).await?;
-        let mut buf = BytesMut::with_capacity(64 * 1024);
-        let info = loop {
-            match decode(&mut buf, usize::MAX)? {
-                Some(Frame::Welcome(w)) => break w,
-                Some(Frame::Err(e)) => {
-                    return Err(Error::Server {
-                        code: e.code,
-                        message: e.message,
-                    });
-                }
-                Some(_) => return Err(Error::Unexpected("expected WELCOME")),
-                None => {}
-            }
-            if rd.read_buf(&mut buf).await? == 0 {
-                return Err(Error::Closed(
-                    "server closed the connection during the handshake".into(),
-                ));
-            }
-        };
-        let inner = Inner::new(info, options);
-        tokio::spawn(write_task(inner.clone(), wr));
-        tokio::spawn(read_task(inner.clone(), rd, buf));
+        // Kept as text, so that reconnecting resolves a host name again.
+        let server = addr.to_string();
+        let (rd, wr, buf, info) = dial(&server, &options).await?;
+        let inner = Inner::new(info, options, server);
+        tokio::spawn(supervise(inner.clone(), rd, wr, buf));
         Ok(Client {
             _closer: Arc::new(Handle(inner.clone())),
             inner,
         })
     }
 
-    /// What the server announced: its id, version, limits and the overflow policy in force.
-    pub fn server_info(&self) -> &ServerInfo {
-        &self.inner.info
+    /// Connection events: lost, reconnected, the server shutting down, closed for good. The
+    /// receiver holds the last 64; one that falls further behind skips the oldest.
+    pub fn events(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    /// Whether a connection is up now (false while reconnecting, and once closed).
+    pub fn is_connected(&self) -> bool {
+        self.inner.write.lock().connected
+    }
+
+    /// What the server announced: its id, version, limits and the overflow policy in force
+    /// (after a reconnect, the new server's).
+    pub fn server_info(&self) -> Arc<ServerInfo> {
+        self.inner.info.lock().clone()
     }
 
     /// Publishes `payload` to `topic`, without waiting for the server.
@@ -442,6 +536,8 @@ impl Client {
             SubEntry {
                 tx,
                 shared: shared.clone(),
+                filter: filter.to_string(),
+                queue: queue.map(str::to_string),
             },
         );
         let req_id = self.inner.next_id();
@@ -520,7 +616,7 @@ impl Client {
         }
         match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(msg)) => Ok(msg),
-            Ok(Err(_)) => Err(Error::Closed(self.inner.closed_reason())),
+            Ok(Err(_)) => Err(self.inner.lost_error()),
             Err(_) => Err(Error::Timeout),
         }
     }
@@ -546,11 +642,12 @@ impl Client {
 }
 
 impl Inner {
-    fn new(info: Welcome, options: ConnectOptions) -> Arc<Inner> {
+    fn new(info: Welcome, options: ConnectOptions, server: String) -> Arc<Inner> {
         Arc::new(Inner {
             write: Mutex::new(WriteState {
                 buf: BytesMut::with_capacity(64 * 1024),
                 closed: None,
+                connected: true,
                 valid_topic: String::new(),
             }),
             data: Notify::new(),
@@ -562,9 +659,41 @@ impl Inner {
             inbox_sid: AtomicU32::new(0),
             replies: Mutex::new(HashMap::new()),
             shut: std::sync::atomic::AtomicBool::new(false),
-            info,
+            max_payload: AtomicU32::new(info.max_payload),
+            max_frame_in: std::sync::atomic::AtomicUsize::new(
+                (info.max_frame as usize).saturating_add(MSG_SLACK),
+            ),
+            info: Mutex::new(Arc::new(info)),
+            lost: Mutex::new(String::new()),
+            resubs: Mutex::new(HashMap::new()),
+            events: tokio::sync::broadcast::channel(64).0,
+            server,
             options,
         })
+    }
+
+    /// Puts a new connection's `WELCOME` in force.
+    fn set_info(&self, info: Welcome) {
+        self.max_payload.store(info.max_payload, Ordering::Relaxed);
+        self.max_frame_in.store(
+            (info.max_frame as usize).saturating_add(MSG_SLACK),
+            Ordering::Relaxed,
+        );
+        *self.info.lock() = Arc::new(info);
+    }
+
+    /// The error for a call whose connection went away while it waited.
+    fn lost_error(&self) -> Error {
+        let w = self.write.lock();
+        match &w.closed {
+            Some(reason) => Error::Closed(reason.clone()),
+            None => Error::Disconnected(self.lost.lock().clone()),
+        }
+    }
+
+    fn emit(&self, event: Event) {
+        // Nobody listening is fine.
+        let _ = self.events.send(event);
     }
 
     /// State for a connection that does not exist, for unit tests of the parts around it.
@@ -585,12 +714,13 @@ impl Inner {
                 server_id: "test".into(),
             },
             ConnectOptions::default(),
+            "test".into(),
         )
     }
 
     /// Refuses a payload over the limit the server announced.
     fn check_payload(&self, payload: &[u8]) -> Result<(), Error> {
-        let max = self.info.max_payload as usize;
+        let max = self.max_payload.load(Ordering::Relaxed) as usize;
         if payload.len() > max {
             return Err(Error::PayloadTooLarge {
                 len: payload.len(),
@@ -614,7 +744,7 @@ impl Inner {
             headers: None,
             payload,
         };
-        if w.closed.is_some() || w.buf.len() >= self.options.write_buffer {
+        if w.closed.is_some() || !w.connected || w.buf.len() >= self.options.write_buffer {
             return Ok(false);
         }
         let was_empty = w.buf.is_empty();
@@ -651,7 +781,7 @@ impl Inner {
         let id = self.next_id();
         let rx = ack.then(|| self.expect(id));
         let _pending = ack.then(|| Forget(&self.pending, id));
-        if let Err(e) = self.send(|buf| encode_pub(buf, id, ack, &body)).await {
+        if let Err(e) = self.send(!ack, |buf| encode_pub(buf, id, ack, &body)).await {
             self.pending.lock().remove(&id);
             return Err(e);
         }
@@ -703,7 +833,7 @@ impl Inner {
         match rx.await {
             Ok(Reply::Err(code, message)) => Err(Error::Server { code, message }),
             Ok(r) => Ok(r),
-            Err(_) => Err(Error::Closed(self.closed_reason())),
+            Err(_) => Err(self.lost_error()),
         }
     }
 
@@ -711,7 +841,7 @@ impl Inner {
     async fn request(&self, id: u32, frame: Frame) -> Result<(), Error> {
         let rx = self.expect(id);
         let _pending = Forget(&self.pending, id);
-        if let Err(e) = self.send(|buf| frame.encode(buf)).await {
+        if let Err(e) = self.send(false, |buf| frame.encode(buf)).await {
             self.pending.lock().remove(&id);
             return Err(e);
         }
@@ -736,8 +866,12 @@ impl Inner {
         self.subs.lock().remove(&sid);
     }
 
-    /// Queues an `UNSUB` without waiting (used from `Drop`).
+    /// Queues an `UNSUB` without waiting (used from `Drop`). While disconnected there is
+    /// nothing to end: the subscription is not made again.
     pub(crate) fn send_unsub_nowait(&self, sid: u32) {
+        if !self.write.lock().connected {
+            return;
+        }
         let id = self.next_id();
         let frame = Frame::Unsub(Unsubscribe {
             req_id: id,
@@ -745,14 +879,6 @@ impl Inner {
             max: 0,
         });
         self.append(|buf| frame.encode(buf));
-    }
-
-    fn closed_reason(&self) -> String {
-        self.write
-            .lock()
-            .closed
-            .clone()
-            .unwrap_or_else(|| "connection lost".into())
     }
 
     /// Appends to the write buffer without waiting for space; returns false once closed.
@@ -770,13 +896,39 @@ impl Inner {
         true
     }
 
-    /// Appends to the write buffer, first waiting while it is over its limit.
-    async fn send(&self, encode: impl FnOnce(&mut BytesMut)) -> Result<(), Error> {
+    /// Appends to the write buffer, first waiting while it is over its limit. While
+    /// disconnected, a frame that may wait for the next connection (`bufferable`: a publish
+    /// without acknowledgement) is buffered up to [`Reconnect::buffer_bytes`]; anything else
+    /// fails at once with [`Error::Disconnected`].
+    async fn send(
+        &self,
+        bufferable: bool,
+        encode: impl FnOnce(&mut BytesMut),
+    ) -> Result<(), Error> {
         // The common case, room in the buffer, appends without preparing to wait.
         {
             let mut w = self.write.lock();
             if let Some(reason) = &w.closed {
                 return Err(Error::Closed(reason.clone()));
+            }
+            if !w.connected {
+                let limit = self
+                    .options
+                    .reconnect
+                    .as_ref()
+                    .map_or(0, |r| r.buffer_bytes);
+                if !bufferable {
+                    return Err(Error::Disconnected(self.lost.lock().clone()));
+                }
+                let before = w.buf.len();
+                encode(&mut w.buf);
+                if w.buf.len() > limit {
+                    w.buf.truncate(before);
+                    return Err(Error::Disconnected(format!(
+                        "reconnecting, and the {limit} bytes buffered meanwhile are full"
+                    )));
+                }
+                return Ok(());
             }
             if w.buf.len() < self.options.write_buffer {
                 let was_empty = w.buf.is_empty();
@@ -797,17 +949,72 @@ impl Inner {
                 if let Some(reason) = &w.closed {
                     return Err(Error::Closed(reason.clone()));
                 }
-                if w.buf.len() < self.options.write_buffer {
+                if w.buf.len() < self.options.write_buffer || !w.connected {
                     break;
                 }
             }
             space.await;
         }
-        if self.append(encode) {
-            Ok(())
-        } else {
-            Err(Error::Closed(self.closed_reason()))
+        Box::pin(self.send(bufferable, encode)).await
+    }
+
+    /// The connection is lost and the client is reconnecting: calls waiting for the server fail
+    /// with [`Error::Disconnected`]; what was buffered for the lost connection goes with it;
+    /// subscriptions stay, to be made again.
+    fn disconnected(&self, reason: &str) {
+        *self.lost.lock() = reason.to_string();
+        {
+            let mut w = self.write.lock();
+            w.connected = false;
+            w.buf.clear();
         }
+        self.pending.lock().clear();
+        self.replies.lock().clear();
+        self.resubs.lock().clear();
+        self.space.notify_waiters();
+        self.emit(Event::Disconnected {
+            reason: reason.to_string(),
+        });
+    }
+
+    /// A new connection is up: its `WELCOME` is in force, every live subscription (and the
+    /// request inbox) is made again first, then the publishes buffered meanwhile follow.
+    fn reconnected(&self, info: Welcome) {
+        self.set_info(info);
+        let mut first = BytesMut::new();
+        {
+            let subs = self.subs.lock();
+            let mut resubs = self.resubs.lock();
+            for (sid, entry) in subs.iter() {
+                let req_id = self.next_id();
+                resubs.insert(req_id, *sid);
+                entry.shared.resubscribed.fetch_add(1, Ordering::Relaxed);
+                Frame::Sub(Subscribe {
+                    req_id,
+                    sid: *sid,
+                    filter: entry.filter.clone(),
+                    queue: entry.queue.clone(),
+                })
+                .encode(&mut first);
+            }
+        }
+        let inbox_sid = self.inbox_sid.load(Ordering::Relaxed);
+        if let (Some(prefix), true) = (self.inbox.get(), inbox_sid != 0) {
+            Frame::Sub(Subscribe {
+                req_id: self.next_id(),
+                sid: inbox_sid,
+                filter: format!("{prefix}.*"),
+                queue: None,
+            })
+            .encode(&mut first);
+        }
+        {
+            let mut w = self.write.lock();
+            first.extend_from_slice(&w.buf);
+            w.buf = first;
+            w.connected = true;
+        }
+        self.data.notify_one();
     }
 
     /// Marks the connection closed, fails waiting calls and ends every subscription stream.
@@ -815,6 +1022,7 @@ impl Inner {
         self.shut.store(true, Ordering::Release);
         {
             let mut w = self.write.lock();
+            w.connected = false;
             if w.closed.is_none() {
                 w.closed = Some(reason.to_string());
             }
@@ -843,7 +1051,20 @@ fn tls_error(e: std::io::Error) -> Error {
     Error::Tls(text)
 }
 
-async fn write_task(inner: Arc<Inner>, mut wr: WriteHalf) {
+/// How one connection ended.
+struct Ended {
+    reason: String,
+    /// The code of the closing `ERR` the server sent, if it sent one.
+    code: Option<u16>,
+}
+
+impl Ended {
+    fn io(reason: String) -> Ended {
+        Ended { reason, code: None }
+    }
+}
+
+async fn write_task(inner: Arc<Inner>, mut wr: WriteHalf) -> Ended {
     let mut out = BytesMut::with_capacity(64 * 1024);
     loop {
         let closed = {
@@ -854,18 +1075,171 @@ async fn write_task(inner: Arc<Inner>, mut wr: WriteHalf) {
         inner.space.notify_waiters();
         if !out.is_empty() {
             if let Err(e) = wr.write_all(&out).await {
-                inner.shutdown(&format!("write failed: {e}"));
-                return;
+                return Ended::io(format!("write failed: {e}"));
             }
             out.clear();
             continue;
         }
         if closed {
             let _ = wr.shutdown().await;
-            return;
+            return Ended::io("closed by the client".into());
         }
         inner.data.notified().await;
     }
+}
+
+/// Runs one connection after another: reader and writer until either ends, then, if the
+/// client reconnects, new connections until one succeeds or the attempts run out.
+async fn supervise(inner: Arc<Inner>, mut rd: ReadHalf, mut wr: WriteHalf, mut buf: BytesMut) {
+    let mut server = inner.server.clone();
+    loop {
+        let mut reader = tokio::spawn(read_task(inner.clone(), rd, buf));
+        let mut writer = tokio::spawn(write_task(inner.clone(), wr));
+        let ended = tokio::select! {
+            r = &mut reader => { writer.abort(); r }
+            w = &mut writer => { reader.abort(); w }
+        };
+        let ended = ended.unwrap_or_else(|e| Ended::io(format!("connection task failed: {e}")));
+        let shutting_down = ended.code == Some(ErrorCode::ShuttingDown as u16);
+        if shutting_down {
+            inner.emit(Event::ServerShuttingDown);
+        }
+        let refused = ended.code == Some(ErrorCode::AuthenticationFailed as u16);
+        let policy = match &inner.options.reconnect {
+            Some(p) if !inner.shut.load(Ordering::Acquire) && !refused => p.clone(),
+            _ => {
+                inner.shutdown(&ended.reason);
+                inner.emit(Event::Closed {
+                    reason: ended.reason,
+                });
+                return;
+            }
+        };
+        inner.disconnected(&ended.reason);
+        tracing::warn!(server = %server, reason = %ended.reason, "connection lost; reconnecting");
+        let servers: Vec<String> = std::iter::once(inner.server.clone())
+            .chain(inner.options.servers.iter().cloned())
+            .collect();
+        // Start with the server after the one just lost (the same one when there is one).
+        let start = servers
+            .iter()
+            .position(|s| *s == server)
+            .map_or(0, |i| i + 1);
+        let mut attempt = 0u32;
+        let next = loop {
+            if policy.max_attempts.is_some_and(|max| attempt >= max) {
+                break None;
+            }
+            tokio::time::sleep(policy.delay(attempt, jitter())).await;
+            if inner.shut.load(Ordering::Acquire) {
+                break None;
+            }
+            let candidate = &servers[(start + attempt as usize) % servers.len()];
+            attempt += 1;
+            match dial(candidate, &inner.options).await {
+                Ok(conn) => break Some((candidate.clone(), conn)),
+                Err(e) => {
+                    tracing::debug!(server = %candidate, attempt, error = %e, "reconnect attempt failed")
+                }
+            }
+        };
+        let Some((reached, (r, w, b, info))) = next else {
+            let reason = if inner.shut.load(Ordering::Acquire) {
+                "closed by the client".to_string()
+            } else {
+                format!(
+                    "could not reconnect in {attempt} attempts; last lost: {}",
+                    ended.reason
+                )
+            };
+            inner.shutdown(&reason);
+            inner.emit(Event::Closed { reason });
+            return;
+        };
+        inner.reconnected(info);
+        tracing::info!(server = %reached, attempts = attempt, "reconnected");
+        inner.emit(Event::Reconnected {
+            server: reached.clone(),
+            attempts: attempt,
+        });
+        server = reached;
+        (rd, wr, buf) = (r, w, b);
+    }
+}
+
+/// A random fraction in [0, 1), for reconnect jitter.
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(u64::from(std::process::id()));
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Connects to `server` and completes the handshake, within `options.connect_timeout`.
+async fn dial(
+    server: &str,
+    options: &ConnectOptions,
+) -> Result<(ReadHalf, WriteHalf, BytesMut, Welcome), Error> {
+    tokio::time::timeout(options.connect_timeout, dial_inner(server, options))
+        .await
+        .map_err(|_| Error::Timeout)?
+}
+
+async fn dial_inner(
+    server: &str,
+    options: &ConnectOptions,
+) -> Result<(ReadHalf, WriteHalf, BytesMut, Welcome), Error> {
+    let stream = TcpStream::connect(server).await?;
+    stream.set_nodelay(true)?;
+    let (mut rd, mut wr): (ReadHalf, WriteHalf) = match &options.tls {
+        None => {
+            let (rd, wr) = stream.into_split();
+            (Box::new(rd), Box::new(wr))
+        }
+        Some(tls) => {
+            let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+            // rustls reads 4 KiB per call: the buffer makes that one system call per 64 KiB,
+            // for one copy of the ciphertext.
+            let stream = connector
+                .connect(
+                    tls.server_name.clone(),
+                    tokio::io::BufReader::with_capacity(64 * 1024, stream),
+                )
+                .await
+                .map_err(tls_error)?;
+            let (rd, wr) = tokio::io::split(stream);
+            (Box::new(rd), Box::new(wr))
+        }
+    };
+    let hello = Frame::Hello(Hello {
+        req_id: 0,
+        version: PROTOCOL_VERSION,
+        no_echo: options.no_echo,
+        overflow: options.overflow,
+        name: options.name.clone(),
+        credentials: options.credentials.clone(),
+    });
+    wr.write_all(&hello.to_bytes()).await?;
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let info = loop {
+        match decode(&mut buf, HANDSHAKE_FRAME)? {
+            Some(Frame::Welcome(w)) => break w,
+            Some(Frame::Err(e)) => {
+                return Err(Error::Server {
+                    code: e.code,
+                    message: e.message,
+                });
+            }
+            Some(_) => return Err(Error::Unexpected("expected WELCOME")),
+            None => {}
+        }
+        if rd.read_buf(&mut buf).await? == 0 {
+            return Err(Error::Closed(
+                "server closed the connection during the handshake".into(),
+            ));
+        }
+    };
+    Ok((rd, wr, buf, info))
 }
 
 /// Read buffer growth of a new connection, and what it grows to for a connection whose reads
@@ -873,29 +1247,28 @@ async fn write_task(inner: Arc<Inner>, mut wr: WriteHalf) {
 const READ_CHUNK: usize = 64 * 1024;
 const READ_CHUNK_MAX: usize = 256 * 1024;
 
-async fn read_task(inner: Arc<Inner>, mut rd: ReadHalf, mut buf: BytesMut) {
+async fn read_task(inner: Arc<Inner>, mut rd: ReadHalf, mut buf: BytesMut) -> Ended {
     let mut last = None;
     let mut chunk = READ_CHUNK;
-    let reason = loop {
+    loop {
         match read_frames(&inner, &mut buf, &mut last).await {
             Ok(()) => {}
-            Err(reason) => break reason,
+            Err(ended) => return ended,
         }
         if buf.capacity() - buf.len() < 4096 {
             buf.reserve(chunk);
         }
         let free = buf.capacity() - buf.len();
         match rd.read_buf(&mut buf).await {
-            Ok(0) => break "server closed the connection".to_string(),
+            Ok(0) => return Ended::io("server closed the connection".into()),
             Ok(n) => {
                 if n == free && chunk < READ_CHUNK_MAX {
                     chunk *= 2;
                 }
             }
-            Err(e) => break format!("read failed: {e}"),
+            Err(e) => return Ended::io(format!("read failed: {e}")),
         }
-    };
-    inner.shutdown(&reason);
+    }
 }
 
 /// The subscription that received the previous message, and the messages for it not yet handed
@@ -949,12 +1322,13 @@ enum Gathered {
 /// for its subscription. Synchronous, so that the run of messages a subscriber mostly reads stays
 /// out of the reader task's future: only the frame that ends the run crosses an `.await`.
 fn gather(inner: &Arc<Inner>, buf: &mut BytesMut, last: &mut Option<Delivery>) -> Gathered {
+    let limit = inner.max_frame_in.load(Ordering::Relaxed);
     loop {
         // The frame a subscriber mostly reads is taken without building a `Frame`.
-        let (sid, seq, body) = match take_msg(buf, usize::MAX) {
+        let (sid, seq, body) = match take_msg(buf, limit) {
             Some(Ok(m)) => m,
             Some(Err(e)) => return Gathered::Undecodable(e.to_string()),
-            None => match decode(buf, usize::MAX) {
+            None => match decode(buf, limit) {
                 Ok(Some(Frame::Msg(Msg { sid, seq, body }))) => (sid, seq, body),
                 Ok(Some(frame)) => return Gathered::Control(frame),
                 Ok(None) => return Gathered::Drained,
@@ -994,7 +1368,7 @@ async fn read_frames(
     inner: &Arc<Inner>,
     buf: &mut BytesMut,
     last: &mut Option<Delivery>,
-) -> Result<(), String> {
+) -> Result<(), Ended> {
     loop {
         let gathered = gather(inner, buf, last);
         deliver(inner, last).await;
@@ -1026,15 +1400,17 @@ async fn read_frames(
             Gathered::Closed => {
                 // What was read before the close was handed over above; nothing after it.
                 *last = None;
-                return Err("connection closed".into());
+                return Err(Ended::io("connection closed".into()));
             }
-            Gathered::Undecodable(e) => return Err(format!("undecodable frame from server: {e}")),
+            Gathered::Undecodable(e) => {
+                return Err(Ended::io(format!("undecodable frame from server: {e}")));
+            }
         }
     }
 }
 
 /// Acts on a frame other than `MSG`; `Err` carries why the connection must end.
-fn control(inner: &Inner, frame: Frame) -> Result<(), String> {
+fn control(inner: &Inner, frame: Frame) -> Result<(), Ended> {
     let reply = match frame {
         Frame::Msg(_) => return Ok(()),
         Frame::Lost(l) => {
@@ -1052,14 +1428,26 @@ fn control(inner: &Inner, frame: Frame) -> Result<(), String> {
             inner.append(|b| Frame::Pong(t).encode(b));
             return Ok(());
         }
-        Frame::Ok(id) => (id, Reply::Ok),
+        Frame::Ok(id) => {
+            inner.resubs.lock().remove(&id);
+            (id, Reply::Ok)
+        }
         Frame::Pong(id) => (id, Reply::Pong),
         Frame::Ack { req_id, delivered } => (req_id, Reply::Ack(delivered)),
         Frame::Err(e) => {
+            if let Some(sid) = inner.resubs.lock().remove(&e.req_id) {
+                // A subscription the new connection refused (its rules changed, say) ends.
+                tracing::warn!(sid, code = e.code, message = %e.message, "subscription not made again after reconnecting");
+                inner.forget(sid);
+                return Ok(());
+            }
             if e.req_id == 0 || !inner.pending.lock().contains_key(&e.req_id) {
                 let fatal = ErrorCode::from_u16(e.code).is_none_or(|c| c.closes_connection());
                 if fatal {
-                    return Err(format!("server error {}: {}", e.code, e.message));
+                    return Err(Ended {
+                        reason: format!("server error {}: {}", e.code, e.message),
+                        code: Some(e.code),
+                    });
                 }
                 tracing::warn!(code = e.code, message = %e.message, req_id = e.req_id, "server error");
                 return Ok(());
@@ -1067,7 +1455,7 @@ fn control(inner: &Inner, frame: Frame) -> Result<(), String> {
             (e.req_id, Reply::Err(e.code, e.message))
         }
         Frame::Hello(_) | Frame::Pub(_) | Frame::Sub(_) | Frame::Unsub(_) | Frame::Welcome(_) => {
-            return Err("server sent a client frame".into());
+            return Err(Ended::io("server sent a client frame".into()));
         }
     };
     if let Some(tx) = inner.pending.lock().remove(&reply.0) {

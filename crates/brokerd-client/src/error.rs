@@ -40,6 +40,11 @@ pub enum Error {
     /// The connection is closed; the text says why, as far as the client knows.
     #[error("connection closed: {0}")]
     Closed(String),
+    /// The connection was lost and the client is reconnecting: a call that needed the server
+    /// failed at once rather than wait, or a publish found the reconnect buffer full. The text
+    /// says why the connection was lost.
+    #[error("disconnected: {0}")]
+    Disconnected(String),
     /// The TLS handshake failed; the text says why, with a hint when the server spoke plain
     /// brokerd.
     #[error("tls: {0}")]

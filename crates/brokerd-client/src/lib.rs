@@ -26,7 +26,7 @@ pub mod subscription;
 pub mod tls;
 
 pub use brokerd_proto::{Credentials, Filter, Headers, OverflowPolicy, Topic};
-pub use client::{Client, ConnectOptions, ServerInfo};
+pub use client::{Client, ConnectOptions, Event, Reconnect, ServerInfo};
 pub use error::Error;
 pub use subscription::{Message, Subscription};
 pub use tls::{TlsOptions, TlsOptionsError};

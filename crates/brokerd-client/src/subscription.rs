@@ -71,6 +71,8 @@ impl Message {
     }
 
     /// Its sequence number within the subscription, from 1; a gap means messages were dropped.
+    /// After a reconnect the subscription is new on the server and counts from 1 again
+    /// ([`crate::Subscription::resubscribed`]).
     pub fn seq(&self) -> u64 {
         self.seq
     }
@@ -104,6 +106,8 @@ impl std::fmt::Debug for Message {
 pub(crate) struct SubShared {
     /// Messages the server reported dropped (sum of `LOST` notices).
     pub(crate) missed: AtomicU64,
+    /// Times it was made again on a new connection after a reconnect.
+    pub(crate) resubscribed: AtomicU64,
 }
 
 /// A live subscription: a [`Stream`] of the messages matching its filter.
@@ -147,6 +151,14 @@ impl Subscription {
     /// The filter it was made with.
     pub fn filter(&self) -> &str {
         &self.filter
+    }
+
+    /// How many times the subscription was made again on a new connection. Each time, the
+    /// server starts its sequence numbers at 1 again: what was published while the client was
+    /// disconnected is not delivered, so a message with `seq() == 1` after the first tells a
+    /// subscriber that it may have missed some.
+    pub fn resubscribed(&self) -> u64 {
+        self.shared.resubscribed.load(Ordering::Relaxed)
     }
 
     /// How many messages the server reported it dropped for this subscription so far.
