@@ -3,17 +3,18 @@
 //! Each named vector in the file must decode to exactly the [`Frame`] this file expects under that
 //! name, and encoding that frame must give exactly the vector's bytes. A vector with no expected
 //! frame here, or an expected frame with no vector in the file, fails the test, so the file and the
-//! code cannot drift apart. It also checks that the ERR code table and the filter table of
-//! `docs/protocol.md` agree with [`ErrorCode`] and [`Filter::matches`]. Codec properties live in
-//! `properties.rs`.
+//! code cannot drift apart. Every frame type and every [`ErrorCode`] must have a vector, and
+//! `fuzz/corpus/decode/` must hold each vector's bytes under its name. It also checks that the
+//! ERR code table and the filter table of `docs/protocol.md` agree with [`ErrorCode`] and
+//! [`Filter::matches`]. Codec properties live in `properties.rs`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use brokerd_proto::body::BodyBuilder;
 use brokerd_proto::{
-    Body, Credentials, ErrorCode, ErrorFrame, Filter, Frame, Headers, Hello, Lost, MSG_HEADER_LEN,
-    Msg, OverflowPolicy, Publish, Subscribe, Unsubscribe, Welcome, decode, encode_msg_header,
-    encode_pub,
+    Body, Credentials, ErrorCode, ErrorFrame, Filter, Frame, FrameType, Headers, Hello, Lost,
+    MSG_HEADER_LEN, Msg, OverflowPolicy, Publish, Subscribe, Unsubscribe, Welcome, decode,
+    encode_msg_header, encode_pub,
 };
 use bytes::BytesMut;
 use std::collections::BTreeMap;
@@ -24,6 +25,9 @@ const VECTORS_PATH: &str = concat!(
 );
 
 const PROTOCOL_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/protocol.md");
+
+/// The fuzz target's seed corpus, which holds each vector under its name.
+const CORPUS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/corpus/decode");
 
 /// The default maximum frame size announced in `WELCOME`.
 const MAX_FRAME: usize = 1_114_112;
@@ -54,9 +58,149 @@ fn full_body() -> Body {
     )
 }
 
+/// The `ERR` vectors, one per code: name, request id, code and message. Those whose code closes
+/// the connection carry request id 0, except the second `HELLO`'s `ERR 9`, as the server sends
+/// them.
+const ERR_VECTORS: [(&str, u32, ErrorCode, &str); 21] = [
+    (
+        "err_unsupported_version",
+        0,
+        ErrorCode::UnsupportedVersion,
+        "version 2",
+    ),
+    (
+        "err_malformed_frame",
+        0,
+        ErrorCode::MalformedFrame,
+        "trailing bytes",
+    ),
+    (
+        "err_unknown_frame_type",
+        0,
+        ErrorCode::UnknownFrameType,
+        "type 0x7f",
+    ),
+    (
+        "err_frame_too_large",
+        0,
+        ErrorCode::FrameTooLarge,
+        "frame too large",
+    ),
+    (
+        "err_payload_too_large",
+        11,
+        ErrorCode::PayloadTooLarge,
+        "payload too large",
+    ),
+    (
+        "err_invalid_topic",
+        12,
+        ErrorCode::InvalidTopic,
+        "bad topic",
+    ),
+    (
+        "err_invalid_filter",
+        7,
+        ErrorCode::InvalidFilter,
+        "bad filter",
+    ),
+    (
+        "err_handshake_required",
+        0,
+        ErrorCode::HandshakeRequired,
+        "hello first",
+    ),
+    (
+        "err_duplicate_handshake",
+        5,
+        ErrorCode::DuplicateHandshake,
+        "hello twice",
+    ),
+    (
+        "err_duplicate_subscription",
+        14,
+        ErrorCode::DuplicateSubscription,
+        "sid in use",
+    ),
+    (
+        "err_unknown_subscription",
+        15,
+        ErrorCode::UnknownSubscription,
+        "no such sid",
+    ),
+    (
+        "err_too_many_subscriptions",
+        16,
+        ErrorCode::TooManySubscriptions,
+        "too many subs",
+    ),
+    (
+        "err_slow_consumer",
+        0,
+        ErrorCode::SlowConsumer,
+        "slow consumer",
+    ),
+    (
+        "err_too_many_connections",
+        0,
+        ErrorCode::TooManyConnections,
+        "server full",
+    ),
+    (
+        "err_handshake_timeout",
+        0,
+        ErrorCode::HandshakeTimeout,
+        "no hello",
+    ),
+    (
+        "err_shutting_down",
+        0,
+        ErrorCode::ShuttingDown,
+        "shutting down",
+    ),
+    (
+        "err_keepalive_timeout",
+        0,
+        ErrorCode::KeepaliveTimeout,
+        "no pong",
+    ),
+    (
+        "err_reserved_topic",
+        17,
+        ErrorCode::ReservedTopic,
+        "reserved topic",
+    ),
+    (
+        "err_invalid_option",
+        0,
+        ErrorCode::InvalidOption,
+        "bad option",
+    ),
+    (
+        "err_authentication_failed",
+        0,
+        ErrorCode::AuthenticationFailed,
+        "",
+    ),
+    (
+        "err_permission_denied",
+        18,
+        ErrorCode::PermissionDenied,
+        "not permitted",
+    ),
+];
+
 /// The frame each vector must decode to, keyed by the vector's name.
 fn expected() -> Vec<(&'static str, Frame)> {
-    vec![
+    let errs = ERR_VECTORS.iter().map(|&(name, req_id, code, message)| {
+        let frame = Frame::Err(ErrorFrame {
+            req_id,
+            code: code as u16,
+            message: message.into(),
+        });
+        (name, frame)
+    });
+    let mut all = vec![
         (
             "hello_default_policy",
             Frame::Hello(Hello {
@@ -217,22 +361,6 @@ fn expected() -> Vec<(&'static str, Frame)> {
             },
         ),
         (
-            "err_invalid_filter",
-            Frame::Err(ErrorFrame {
-                req_id: 7,
-                code: 7,
-                message: "bad filter".into(),
-            }),
-        ),
-        (
-            "err_slow_consumer",
-            Frame::Err(ErrorFrame {
-                req_id: 0,
-                code: 13,
-                message: "slow consumer".into(),
-            }),
-        ),
-        (
             "msg_plain",
             Frame::Msg(Msg {
                 sid: 1,
@@ -256,7 +384,9 @@ fn expected() -> Vec<(&'static str, Frame)> {
                 missed: 4_294_967_296,
             }),
         ),
-    ]
+    ];
+    all.extend(errs);
+    all
 }
 
 /// Parses the vector file into name -> bytes, failing on any malformed or duplicate line.
@@ -314,6 +444,55 @@ fn file_and_code_name_the_same_vectors() {
         only_file.is_empty() && only_code.is_empty(),
         "vectors with no expected frame: {only_file:?}; expected frames with no vector: {only_code:?}"
     );
+}
+
+#[test]
+fn every_frame_type_and_every_error_code_has_a_vector() {
+    let frames: Vec<Frame> = expected().into_iter().map(|(_, f)| f).collect();
+    for ty in [
+        FrameType::Hello,
+        FrameType::Pub,
+        FrameType::Sub,
+        FrameType::Unsub,
+        FrameType::Ping,
+        FrameType::Pong,
+        FrameType::Welcome,
+        FrameType::Ok,
+        FrameType::Ack,
+        FrameType::Err,
+        FrameType::Msg,
+        FrameType::Lost,
+    ] {
+        assert!(
+            frames.iter().any(|f| f.frame_type() == ty),
+            "no vector for {ty:?}"
+        );
+    }
+    for code in ErrorCode::ALL {
+        let errs: Vec<&ErrorFrame> = frames
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Err(e) if e.code == code as u16 => Some(e),
+                _ => None,
+            })
+            .collect();
+        assert!(!errs.is_empty(), "no ERR vector for {code}");
+        // As the server sends them: a closing ERR names no request, except a second HELLO's.
+        for e in errs {
+            let names_request = e.req_id != 0;
+            let expected = !code.closes_connection() || code == ErrorCode::DuplicateHandshake;
+            assert_eq!(names_request, expected, "{code}: req_id {}", e.req_id);
+        }
+    }
+}
+
+#[test]
+fn the_fuzz_corpus_holds_every_vector() {
+    for (name, bytes) in load() {
+        let path = format!("{CORPUS_DIR}/{name}");
+        let seed = std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+        assert_eq!(seed, bytes, "{path} differs from the vector {name}");
+    }
 }
 
 #[test]
