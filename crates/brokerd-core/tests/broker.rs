@@ -3,9 +3,10 @@
 //! Covers: the delivered count `publish` returns; routing in four scenarios (one topic fanned
 //! out to three subscribers, an order flow across four services, `*`/`>` wildcards, and a topic
 //! nobody subscribes to); every refusal of `subscribe`, `unsubscribe` and `publish`, with nothing
-//! routed on refusal; `no_echo`; auto-unsubscribe; and disconnect clearing subscriptions and
-//! counting its close reason. Each client's outbox is drained with `poll_take` on a noop waker,
-//! the way the writer task would, so no runtime is involved.
+//! routed on refusal; `no_echo`; auto-unsubscribe; queue groups (full members, each member's
+//! sequence numbers, no-echo); and disconnect clearing subscriptions and counting its close
+//! reason. Each client's outbox is drained with `poll_take` on a noop waker, the way the writer
+//! task would, so no runtime is involved.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -490,6 +491,101 @@ fn queue_group_skips_full_members_and_counts_a_drop_only_when_all_are_full() {
         })
         .sum();
     assert_eq!(lost, 1);
+}
+
+/// A group member's sequence numbers count the messages the group gave it (queued, or dropped
+/// when every member was full), not every message its filter matched.
+#[test]
+fn a_group_members_sequence_counts_only_what_the_group_gave_it() {
+    let mut limits = Limits::default();
+    limits.outbox.max_msgs = 2;
+    let b = Broker::new(limits);
+    let w1 = connect(&b, "w1");
+    let w2 = connect(&b, "w2");
+    b.subscribe_queue(&w1, 1, "jobs", Some("workers")).unwrap();
+    b.subscribe_queue(&w2, 1, "jobs", Some("workers")).unwrap();
+    let p = connect(&b, "p");
+    let mut given = [Vec::new(), Vec::new()];
+    for _ in 0..10 {
+        assert_eq!(publish(&b, &p, "jobs"), 1);
+        for (w, seqs) in [&w1, &w2].iter().zip(&mut given) {
+            seqs.extend(drain(w).iter().map(|g| g.seq));
+        }
+    }
+    // Between them they took all ten, each numbering its own share from 1 without gaps.
+    assert_eq!(given[0].len() + given[1].len(), 10);
+    for seqs in &given {
+        assert_eq!(*seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    }
+
+    // Fill both (two each), then one more: dropped by one member, which numbered it.
+    let before = [given[0].len() as u64, given[1].len() as u64];
+    for _ in 0..4 {
+        assert_eq!(publish(&b, &p, "jobs"), 1);
+    }
+    assert_eq!(publish(&b, &p, "jobs"), 0);
+    let items = [drain_items(&w1), drain_items(&w2)];
+    let lost: Vec<u64> = items
+        .iter()
+        .map(|it| {
+            it.iter()
+                .map(|i| match i {
+                    Item::Lost { missed, .. } => *missed,
+                    _ => 0,
+                })
+                .sum()
+        })
+        .collect();
+    assert_eq!(lost.iter().sum::<u64>(), 1);
+    for _ in 0..2 {
+        assert_eq!(publish(&b, &p, "jobs"), 1);
+    }
+    let next: Vec<Vec<u64>> = [&w1, &w2]
+        .iter()
+        .map(|w| drain(w).iter().map(|g| g.seq).collect())
+        .collect();
+    assert_eq!(next[0].len() + next[1].len(), 2);
+    for i in 0..2 {
+        // Two queued each, the drop if it was this member's, then whatever came next.
+        let numbered = before[i] + 2 + lost[i];
+        let expect: Vec<u64> = (numbered + 1..=numbered + next[i].len() as u64).collect();
+        assert_eq!(next[i], expect, "member {}", i + 1);
+    }
+}
+
+/// Under no-echo, the publisher's own member of a queue group is passed over and another member
+/// takes the message; with no other member, the group takes nothing and nothing is dropped.
+#[test]
+fn no_echo_passes_over_the_publishers_own_group_member() {
+    let b = broker();
+    let quiet = b.connect("quiet".into(), "p".into(), None, true);
+    let other = connect(&b, "other");
+    b.subscribe_queue(&quiet, 1, "jobs", Some("workers"))
+        .unwrap();
+    b.subscribe_queue(&other, 1, "jobs", Some("workers"))
+        .unwrap();
+    for _ in 0..20 {
+        assert_eq!(publish(&b, &quiet, "jobs"), 1);
+    }
+    assert!(drain(&quiet).is_empty());
+    let seqs: Vec<u64> = drain(&other).iter().map(|g| g.seq).collect();
+    assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
+
+    b.unsubscribe(&other, 1, 0).unwrap();
+    assert_eq!(publish(&b, &quiet, "jobs"), 0);
+    assert!(drain_items(&quiet).is_empty());
+    let st = b.stats();
+    assert_eq!((st.dropped, st.unrouted), (0, 0));
+    // Its own member was not numbered for the message it was not given.
+    assert_eq!(publish(&b, &other, "jobs"), 1);
+    assert_eq!(
+        drain(&quiet),
+        [Got {
+            sid: 1,
+            seq: 1,
+            topic: "jobs".into()
+        }]
+    );
 }
 
 #[test]
