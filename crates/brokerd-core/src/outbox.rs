@@ -948,6 +948,12 @@ mod tests {
         let s = sub(1, &ob);
         assert_eq!(ob.push_msg(&s, &small), Push::Queued);
         assert_eq!(ob.push_msg(&s, &big), Push::Dropped);
+
+        // Replies pending do not make the queue non-empty: no delivery is, so it takes one.
+        let ob = outbox(OverflowPolicy::DropNew, 4, 40);
+        let s = sub(1, &ob);
+        assert!(ob.push_frame(Bytes::from_static(&[0, 0, 0, 5, 0x82, 0, 0, 0, 1])));
+        assert_eq!(ob.push_msg(&s, &big), Push::Queued);
     }
 
     #[test]

@@ -223,7 +223,7 @@ pub struct LimitsConfig {
 pub struct OutboundConfig {
     /// Most messages pending per connection.
     pub max_pending_msgs: usize,
-    /// Most bytes pending per connection.
+    /// Most bytes pending per connection; at least `limits.max_payload`.
     pub max_pending_bytes: usize,
     /// Default overflow policy: `drop-new`, `drop-old` or `disconnect`.
     #[serde(with = "policy")]
@@ -443,6 +443,29 @@ impl Config {
                 "outbound.max_pending_bytes",
                 "must be between 1024 and 4294967295",
             );
+        }
+        // An empty queue takes one message of any size, so a smaller queue would not make a
+        // message undeliverable; it would only hold the largest messages one at a time, which is
+        // a mistake rather than a choice.
+        if o.max_pending_bytes < l.max_payload {
+            // Name the key the user most likely changed, and both values.
+            let key = if l.max_payload != LimitsConfig::default().max_payload
+                && o.max_pending_bytes == OutboundConfig::default().max_pending_bytes
+            {
+                "limits.max_payload"
+            } else {
+                "outbound.max_pending_bytes"
+            };
+            return Err(ConfigError::Invalid {
+                key,
+                message: format!(
+                    "outbound.max_pending_bytes is {} and limits.max_payload is {}, but a \
+                     connection's queue must hold at least one largest payload: set \
+                     outbound.max_pending_bytes to at least {} (or lower limits.max_payload to \
+                     at most {})",
+                    o.max_pending_bytes, l.max_payload, l.max_payload, o.max_pending_bytes
+                ),
+            });
         }
         if o.write_deadline.is_zero() {
             return invalid("outbound.write_deadline", "must be greater than zero");
@@ -802,6 +825,23 @@ mod tests {
         );
         let e = Config::from_toml("[limits]\nmax_frame = 2000\n", "t").unwrap_err();
         assert!(e.to_string().contains("`limits.max_frame`"), "{e}");
+        let e = Config::from_toml("[outbound]\nmax_pending_bytes = 65536\n", "t").unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("`outbound.max_pending_bytes`"), "{e}");
+        assert!(text.contains("65536") && text.contains("1048576"), "{e}");
+        let e = Config::from_toml(
+            "[limits]\nmax_payload = 100000000\nmax_frame = 100001024\n",
+            "t",
+        )
+        .unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("`limits.max_payload`"), "{e}");
+        assert!(
+            text.contains("67108864") && text.contains("100000000"),
+            "{e}"
+        );
+        // Equal is enough.
+        Config::from_toml("[outbound]\nmax_pending_bytes = 1048576\n", "t").unwrap();
         let e = Config::from_toml("log_level = \"verbose\"\n", "t").unwrap_err();
         assert!(
             e.to_string().contains("verbose") && e.to_string().contains("trace"),
