@@ -191,6 +191,59 @@ async fn bad_frames_get_errors_and_close_only_their_own_connection() {
     b.stop().await;
 }
 
+/// Before the handshake only HELLO is read: a PING, a PONG or a server-only frame gets `ERR 8`,
+/// an undefined type byte `ERR 3`. Every `ERR` that closes a connection carries `req_id` 0, even
+/// one refusing a HELLO, except a second HELLO's `ERR 9`, which names it.
+#[tokio::test]
+async fn closing_errors_name_no_request_except_a_second_hello() {
+    let b = TestBroker::start().await;
+    let server_only = vec![0, 0, 0, 5, 0x82, 0, 0, 0, 7];
+    let undefined = vec![0, 0, 0, 5, 0x7f, 0, 0, 0, 7];
+    let before = [
+        (wire::ping(7), ErrorCode::HandshakeRequired),
+        (wire::pong(7), ErrorCode::HandshakeRequired),
+        (wire::sub(7, 1, "a"), ErrorCode::HandshakeRequired),
+        (server_only.clone(), ErrorCode::HandshakeRequired),
+        (undefined.clone(), ErrorCode::UnknownFrameType),
+        (
+            wire::hello_version(7, PROTOCOL_VERSION + 1, "v", 0),
+            ErrorCode::UnsupportedVersion,
+        ),
+        (wire::hello(7, "x", 7), ErrorCode::InvalidOption),
+    ];
+    for (bytes, code) in before {
+        let mut c = RawConn::connect(b.addr).await;
+        c.send_bytes(&bytes).await;
+        let e = c.expect_err().await;
+        assert_eq!((e.req_id, e.code), (0, code as u16), "{bytes:02x?}");
+        c.expect_closed().await;
+    }
+    let after = [
+        (server_only, ErrorCode::UnknownFrameType),
+        (undefined, ErrorCode::UnknownFrameType),
+        (
+            vec![0, 0, 0, 8, 0x02, 0, 0, 0, 7, 0, 0, 0],
+            ErrorCode::MalformedFrame,
+        ),
+    ];
+    for (bytes, code) in after {
+        let mut c = b.raw("after").await;
+        c.send_bytes(&bytes).await;
+        let e = c.expect_err().await;
+        assert_eq!((e.req_id, e.code), (0, code as u16), "{bytes:02x?}");
+        c.expect_closed().await;
+    }
+    let mut c = b.raw("twice").await;
+    c.send_bytes(&wire::hello(9, "again", 0)).await;
+    let e = c.expect_err().await;
+    assert_eq!(
+        (e.req_id, e.code),
+        (9, ErrorCode::DuplicateHandshake as u16)
+    );
+    c.expect_closed().await;
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn request_errors_name_the_request_and_keep_the_connection() {
     let b = TestBroker::start().await;
