@@ -1,7 +1,8 @@
 //! Monitoring: a request on `$SYS.req.stats` is answered by the broker itself with its
 //! statistics as JSON, including what each connection dropped, so an operator can find a slow
-//! consumer with `brokerctl stats`. The answer goes to the asker alone, and asking opens no way
-//! around the reserved `$` space.
+//! consumer with `brokerctl stats`. The answer goes to the asker alone and counts as a delivery,
+//! the request and refused publishes count nowhere, and neither asking nor a `$` reply-to opens a
+//! way around the reserved `$` space.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -174,5 +175,86 @@ async fn a_reserved_reply_to_opens_no_way_into_the_reserved_space() {
     assert_eq!((err.req_id, err.code), (4, ErrorCode::ReservedTopic as u16));
     let s = stats(&b, ConnectOptions::new("ops")).await;
     assert_eq!(n(&s, "connections"), 2, "{s}");
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn the_request_and_refused_publishes_count_nowhere_and_the_answer_counts_as_a_delivery() {
+    let b = TestBroker::start().await;
+    let mut raw = b.raw("raw").await;
+    raw.send_bytes(&wire::publish(1, true, "$SYS.x", b"x"))
+        .await;
+    assert_eq!(raw.expect_err().await.code, ErrorCode::ReservedTopic as u16);
+    raw.send_bytes(&wire::publish(2, true, "bad..topic", b"x"))
+        .await;
+    assert_eq!(raw.expect_err().await.code, ErrorCode::InvalidTopic as u16);
+    raw.send_bytes(&wire::publish_with_reply(
+        3,
+        true,
+        STATS_REQUEST,
+        "bad..reply",
+        b"",
+    ))
+    .await;
+    assert_eq!(raw.expect_err().await.code, ErrorCode::InvalidTopic as u16);
+    let before = b.broker.stats();
+    assert_eq!(
+        (
+            before.msgs_in,
+            before.bytes_in,
+            before.unrouted,
+            before.deliveries
+        ),
+        (0, 0, 0, 0)
+    );
+    // An answered request: one delivery, and nothing published.
+    let s = stats(&b, ConnectOptions::new("ops")).await;
+    assert_eq!(n(&s, "msgs_in"), 0, "{s}");
+    let after = b.broker.stats();
+    assert_eq!(
+        (
+            after.msgs_in,
+            after.bytes_in,
+            after.unrouted,
+            after.deliveries
+        ),
+        (0, 0, 0, 1)
+    );
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_reserved_reply_to_on_an_ordinary_publish_is_routed_but_cannot_be_answered() {
+    let b = TestBroker::start().await;
+    let mut responder = b.raw("responder").await;
+    responder.send_bytes(&wire::sub(1, 1, "svc.time")).await;
+    assert_eq!(responder.recv().await, Some(Frame::Ok(1)));
+    let mut asker = b.raw("asker").await;
+    asker
+        .send_bytes(&wire::publish_with_reply(
+            2,
+            true,
+            "svc.time",
+            "$SYS.inbox.1",
+            b"now?",
+        ))
+        .await;
+    assert_eq!(
+        asker.recv().await,
+        Some(Frame::Ack {
+            req_id: 2,
+            delivered: 1
+        })
+    );
+    let Some(Frame::Msg(m)) = responder.recv().await else {
+        panic!("expected the request")
+    };
+    assert_eq!(m.body.reply(), Some("$SYS.inbox.1"));
+    // The reply-to is a topic no client may publish to.
+    responder
+        .send_bytes(&wire::publish(3, true, "$SYS.inbox.1", b"12:00"))
+        .await;
+    let e = responder.expect_err().await;
+    assert_eq!((e.req_id, e.code), (3, ErrorCode::ReservedTopic as u16));
     b.stop().await;
 }
