@@ -312,11 +312,23 @@ pub(crate) struct Inner {
     /// Subscriptions being made again after a reconnect: request id to subscription id, so
     /// that a refusal ends the subscription.
     resubs: Mutex<HashMap<u32, u32>>,
+    /// Refusals the server sent for frames nobody waits on (publishes without
+    /// acknowledgement), for [`Client::take_refusals`].
+    refusals: Mutex<Refusals>,
     /// Connection events, for [`Client::events`].
     events: tokio::sync::broadcast::Sender<Event>,
     /// The address given to [`Client::connect`].
     server: String,
     options: ConnectOptions,
+}
+
+/// Refusals kept for [`Client::take_refusals`]; older ones are counted, not kept.
+const MAX_REFUSALS: usize = 256;
+
+#[derive(Default)]
+struct Refusals {
+    kept: std::collections::VecDeque<Error>,
+    total: u64,
 }
 
 /// Extra bytes allowed in a frame from the server over its `max_frame` (a `MSG` carries a
@@ -391,6 +403,17 @@ impl Client {
     /// receiver holds the last 64; one that falls further behind skips the oldest.
     pub fn events(&self) -> tokio::sync::broadcast::Receiver<Event> {
         self.inner.events.subscribe()
+    }
+
+    /// The refusals the server sent for requests nobody waited on, oldest first, since the
+    /// last call: a publish without acknowledgement that the server refused (a reserved topic,
+    /// a permission, a limit lower than the client checked against) is reported here, as
+    /// [`Error::Server`]. At most the last 256 are kept; the second value counts them all.
+    /// Call [`Client::flush`] first to be sure every refusal for what was sent has arrived.
+    pub fn take_refusals(&self) -> (Vec<Error>, u64) {
+        let mut r = self.inner.refusals.lock();
+        let total = std::mem::take(&mut r.total);
+        (r.kept.drain(..).collect(), total)
     }
 
     /// Whether a connection is up now (false while reconnecting, and once closed).
@@ -666,6 +689,7 @@ impl Inner {
             info: Mutex::new(Arc::new(info)),
             lost: Mutex::new(String::new()),
             resubs: Mutex::new(HashMap::new()),
+            refusals: Mutex::new(Refusals::default()),
             events: tokio::sync::broadcast::channel(64).0,
             server,
             options,
@@ -766,7 +790,7 @@ impl Inner {
     ) -> Result<u32, Error> {
         validate_topic(topic, &TopicLimits::WIRE).map_err(Error::InvalidTopic)?;
         if let Some(r) = reply {
-            validate_topic(r, &TopicLimits::WIRE).map_err(Error::InvalidTopic)?;
+            validate_topic(r, &TopicLimits::WIRE).map_err(Error::InvalidReplyTo)?;
         }
         self.check_payload(payload)?;
         let body = BodyBuilder {
@@ -1449,7 +1473,16 @@ fn control(inner: &Inner, frame: Frame) -> Result<(), Ended> {
                         code: Some(e.code),
                     });
                 }
-                tracing::warn!(code = e.code, message = %e.message, req_id = e.req_id, "server error");
+                tracing::debug!(code = e.code, message = %e.message, req_id = e.req_id, "server refused a request nobody waits on");
+                let mut r = inner.refusals.lock();
+                if r.kept.len() == MAX_REFUSALS {
+                    r.kept.pop_front();
+                }
+                r.kept.push_back(Error::Server {
+                    code: e.code,
+                    message: e.message,
+                });
+                r.total += 1;
                 return Ok(());
             }
             (e.req_id, Reply::Err(e.code, e.message))

@@ -26,6 +26,9 @@ pub enum Error {
     /// The topic is not valid.
     #[error("invalid topic: {0}")]
     InvalidTopic(TopicError),
+    /// The reply-to topic is not valid.
+    #[error("invalid reply-to topic: {0}")]
+    InvalidReplyTo(TopicError),
     /// The filter is not valid.
     #[error("invalid filter: {0}")]
     InvalidFilter(TopicError),

@@ -60,6 +60,12 @@ impl Message {
         self.body.reply()
     }
 
+    /// Whether the publisher sent a header list (possibly empty): tells "no headers" from
+    /// "an empty list", which [`Message::headers`] cannot.
+    pub fn has_headers(&self) -> bool {
+        self.body.has_headers()
+    }
+
     /// The headers, in the order published.
     pub fn headers(&self) -> Headers {
         self.body.headers_owned()
