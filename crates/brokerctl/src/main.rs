@@ -179,8 +179,13 @@ enum Command {
 struct PubArgs {
     /// Topic to publish to.
     topic: String,
-    /// Payload; when absent, each line of stdin (without its newline) is one message.
+    /// Payload; when absent (and without --file), each line of stdin (without its newline) is
+    /// one message.
+    #[arg(conflicts_with = "file")]
     payload: Option<String>,
+    /// Publish the whole contents of this file as one message (`-` for all of stdin).
+    #[arg(long, value_name = "PATH")]
+    file: Option<std::path::PathBuf>,
     /// Publish each payload this many times.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     count: u64,
@@ -203,9 +208,19 @@ struct SubArgs {
     /// Exit after this many messages.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     count: Option<u64>,
-    /// Print one JSON object per line instead of `TOPIC [HEADERS] PAYLOAD`.
+    /// Print one JSON object per line instead of `TOPIC [HEADERS] PAYLOAD` (with the reply-to
+    /// and the time received always).
     #[arg(long)]
     json: bool,
+    /// Show each message's reply-to topic (`TOPIC (reply-to R) ...`).
+    #[arg(long)]
+    show_reply: bool,
+    /// Start each line with the time it was received (UTC, RFC 3339, milliseconds).
+    #[arg(long)]
+    timestamps: bool,
+    /// Exit when the connection is lost instead of reconnecting.
+    #[arg(long)]
+    no_reconnect: bool,
     /// Join this queue group: each message goes to one member of the group.
     #[arg(long, value_name = "GROUP")]
     queue: Option<String>,
@@ -309,14 +324,30 @@ async fn cmd_pub(global: &Global, args: PubArgs) -> Result<()> {
         headers: headers.as_ref(),
     };
     let mut published: u64 = 0;
-    match &args.payload {
-        Some(payload) => {
+    match (&args.payload, &args.file) {
+        (Some(payload), _) => {
             for _ in 0..args.count {
                 publisher.publish(payload.as_bytes()).await?;
                 published += 1;
             }
         }
-        None => {
+        (None, Some(path)) => {
+            let body = if path.as_os_str() == "-" {
+                let mut all = Vec::new();
+                tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut all)
+                    .await
+                    .context("cannot read stdin")?;
+                all
+            } else {
+                // A file given on the command line, read once before connecting's work starts.
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?
+            };
+            for _ in 0..args.count {
+                publisher.publish(&body).await?;
+                published += 1;
+            }
+        }
+        (None, None) => {
             let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
             let mut line = Vec::new();
             loop {
@@ -335,10 +366,30 @@ async fn cmd_pub(global: &Global, args: PubArgs) -> Result<()> {
             }
         }
     }
+    // The flush returns once the broker has processed every message, so every refusal of a
+    // publish sent without acknowledgement has arrived by then.
     client
-        .close()
+        .flush()
         .await
         .context("connection closed before the broker confirmed the messages")?;
+    let (refusals, refused) = client.take_refusals();
+    client.close().await.ok();
+    if refused > 0 {
+        for e in refusals.iter().take(5) {
+            note(format_args!("brokerctl: refused: {e}"));
+        }
+        if refused > 5 {
+            note(format_args!(
+                "brokerctl: ... and {} more refusals",
+                refused - 5
+            ));
+        }
+        bail!(
+            "the broker refused {refused} of {published} {} to {}",
+            plural(published, "message", "messages"),
+            args.topic
+        );
+    }
     note(format_args!(
         "published {published} {} to {}",
         plural(published, "message", "messages"),
@@ -363,7 +414,7 @@ impl Publisher<'_> {
                 .client
                 .publish_full_acked(topic, self.args.reply.as_deref(), self.headers, payload)
                 .await
-                .with_context(|| format!("cannot publish to {topic}"))?;
+                .map_err(|e| self.blame(e))?;
             note(format_args!(
                 "delivered to {n} {}",
                 plural(n.into(), "subscriber", "subscribers")
@@ -372,9 +423,20 @@ impl Publisher<'_> {
             self.client
                 .publish_full(topic, self.args.reply.as_deref(), self.headers, payload)
                 .await
-                .with_context(|| format!("cannot publish to {topic}"))?;
+                .map_err(|e| self.blame(e))?;
         }
         Ok(())
+    }
+
+    /// Names the argument an error is about: the reply-to, or the topic.
+    fn blame(&self, e: brokerd_client::Error) -> anyhow::Error {
+        let context = match (&e, &self.args.reply) {
+            (brokerd_client::Error::InvalidReplyTo(_), Some(reply)) => {
+                format!("cannot publish with --reply {reply}")
+            }
+            _ => format!("cannot publish to {}", self.args.topic),
+        };
+        anyhow::Error::new(e).context(context)
     }
 }
 
@@ -382,7 +444,7 @@ impl Publisher<'_> {
 enum SubEnd {
     /// `--count` messages were printed.
     Done,
-    /// Ctrl-C.
+    /// Ctrl-C or SIGTERM.
     Interrupted,
     /// The subscription stream ended: the connection closed or the broker ended it.
     StreamEnded,
@@ -390,34 +452,66 @@ enum SubEnd {
     BrokenPipe,
 }
 
-/// `brokerctl sub`: prints matching messages until `--count`, Ctrl-C, a closed stdout or the end
-/// of the connection, then reports messages the broker dropped for this subscription.
+/// Resolves on SIGTERM (Unix) or never.
+async fn terminated() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            term.recv().await;
+            return;
+        }
+    }
+    std::future::pending::<()>().await;
+}
+
+/// `brokerctl sub`: prints matching messages until `--count`, Ctrl-C, SIGTERM, a closed stdout
+/// or the end of the connection. It says on stderr when it has subscribed, when the broker
+/// reports dropped messages (as it happens), when the connection is lost and comes back (it
+/// reconnects unless `--no-reconnect`), and what was missed in all when it exits.
 async fn cmd_sub(global: &Global, args: SubArgs) -> Result<()> {
     // Installed before connecting, so Ctrl-C at any point after start-up exits cleanly instead of
     // killing the process: the listener is registered on its first poll, which `biased` makes
     // happen before the connection attempt.
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
+    let term = terminated();
+    tokio::pin!(term);
     let opened = tokio::select! {
         biased;
         r = &mut ctrl_c => {
             r.context("cannot listen for ctrl-c")?;
             return Ok(());
         }
-        r = open_subscription(global, &args.filter, args.queue.as_deref()) => r?,
+        _ = &mut term => return Ok(()),
+        r = open_subscription(global, &args.filter, args.queue.as_deref(), !args.no_reconnect) => r?,
     };
     let (client, mut sub) = opened;
-    let format = if args.json {
+    note(format_args!(
+        "subscribed to {}{} on {}",
+        args.filter,
+        args.queue
+            .as_ref()
+            .map_or(String::new(), |g| format!(" in queue group {g}")),
+        global.server
+    ));
+    let mut events = client.events();
+    let style = if args.json {
         Format::Json
     } else {
-        Format::Text
+        Format::Text {
+            reply: args.show_reply,
+            time: args.timestamps,
+        }
     };
     let mut out = BufWriter::new(io::stdout());
     let mut printed: u64 = 0;
+    let mut reported_missed = 0u64;
     let end = loop {
         if args.count.is_some_and(|n| printed >= n) {
             break SubEnd::Done;
         }
+        report_missed(&sub, &args.filter, &mut reported_missed);
         // Stdout is flushed only when no message is waiting, so a burst costs one write, yet
         // every message is visible as soon as the burst is over.
         let msg = match sub.try_next() {
@@ -432,6 +526,11 @@ async fn cmd_sub(global: &Global, args: SubArgs) -> Result<()> {
                         r.context("cannot listen for ctrl-c")?;
                         break SubEnd::Interrupted;
                     }
+                    _ = &mut term => break SubEnd::Interrupted,
+                    Ok(event) = events.recv() => {
+                        report_event(&event);
+                        continue;
+                    }
                     m = sub.next() => match m {
                         Some(m) => m,
                         None => break SubEnd::StreamEnded,
@@ -439,7 +538,7 @@ async fn cmd_sub(global: &Global, args: SubArgs) -> Result<()> {
                 }
             }
         };
-        if let Err(e) = write_message(&mut out, &msg, format) {
+        if let Err(e) = write_message(&mut out, &msg, style) {
             break pipe_or(e)?;
         }
         printed += 1;
@@ -451,10 +550,11 @@ async fn cmd_sub(global: &Global, args: SubArgs) -> Result<()> {
             Err(e) => pipe_or(e)?,
         },
     };
+    report_missed(&sub, &args.filter, &mut reported_missed);
     let missed = sub.missed();
     if missed > 0 {
         note(format_args!(
-            "missed {missed} {}",
+            "missed {missed} {} in all",
             plural(missed, "message", "messages")
         ));
     }
@@ -472,13 +572,50 @@ async fn cmd_sub(global: &Global, args: SubArgs) -> Result<()> {
     }
 }
 
-/// Connects and subscribes.
+/// Says on stderr how many more messages the broker reported dropped since the last report.
+fn report_missed(sub: &Subscription, filter: &str, reported: &mut u64) {
+    let missed = sub.missed();
+    if missed > *reported {
+        let new = missed - *reported;
+        note(format_args!(
+            "brokerctl: the broker dropped {new} {} for {filter} (slow subscriber; {missed} in all)",
+            plural(new, "message", "messages")
+        ));
+        *reported = missed;
+    }
+}
+
+/// Says on stderr what happened to the connection.
+fn report_event(event: &brokerd_client::Event) {
+    use brokerd_client::Event;
+    match event {
+        Event::ServerShuttingDown => note(format_args!("brokerctl: the broker is shutting down")),
+        Event::Disconnected { reason } => note(format_args!(
+            "brokerctl: connection lost ({reason}); reconnecting; messages published meanwhile are missed"
+        )),
+        Event::Reconnected { server, attempts } => note(format_args!(
+            "brokerctl: reconnected to {server} after {attempts} {}; subscribed again",
+            plural((*attempts).into(), "attempt", "attempts")
+        )),
+        Event::Closed { reason } => note(format_args!("brokerctl: connection closed: {reason}")),
+        _ => {}
+    }
+}
+
+/// Connects (reconnecting when asked) and subscribes.
 async fn open_subscription(
     global: &Global,
     filter: &str,
     queue: Option<&str>,
+    reconnect: bool,
 ) -> Result<(Client, Subscription)> {
-    let client = connect(global).await?;
+    let mut options = global.options(global.name.clone());
+    if reconnect {
+        options = options.reconnect(brokerd_client::Reconnect::default());
+    }
+    let client = Client::connect(global.server.as_str(), options)
+        .await
+        .with_context(|| format!("cannot connect to {}", global.server))?;
     let sub = match queue {
         Some(group) => client.subscribe_queue(filter, group).await,
         None => client.subscribe(filter).await,
@@ -499,32 +636,60 @@ fn pipe_or(e: io::Error) -> Result<SubEnd> {
 /// How `brokerctl sub` prints a message.
 #[derive(Debug, Clone, Copy)]
 enum Format {
-    /// `TOPIC [k=v, ...] PAYLOAD`, the header list only when there are headers.
-    Text,
+    /// `[TIME ]TOPIC [(reply-to R) ][[k=v, ...] ]PAYLOAD`.
+    Text {
+        /// Show the reply-to.
+        reply: bool,
+        /// Start with the time received.
+        time: bool,
+    },
     /// One JSON object per line.
     Json,
+}
+
+/// The time now, as RFC 3339 with milliseconds, UTC.
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
 /// Writes `msg` as one line.
 fn write_message(out: &mut impl Write, msg: &Message, format: Format) -> io::Result<()> {
     let line = match format {
-        Format::Text => text_line(msg.topic(), &msg.headers(), &msg.payload()),
+        Format::Text { reply, time } => {
+            let mut line = String::new();
+            if time {
+                line.push_str(&now_rfc3339());
+                line.push(' ');
+            }
+            line.push_str(&text_line(
+                msg.topic(),
+                reply.then(|| msg.reply()).flatten(),
+                &msg.headers(),
+                &msg.payload(),
+            ));
+            line
+        }
         Format::Json => json_line(
             msg.topic(),
             &msg.payload(),
             msg.seq(),
-            &msg.headers(),
+            msg.has_headers().then(|| msg.headers()).as_ref(),
             msg.reply(),
+            &now_rfc3339(),
         ),
     };
     out.write_all(line.as_bytes())
 }
 
-/// `TOPIC [k=v, ...] PAYLOAD\n`, the payload decoded as UTF-8 with invalid bytes replaced.
-fn text_line(topic: &str, headers: &Headers, payload: &[u8]) -> String {
+/// `TOPIC [(reply-to R) ][[k=v, ...] ]PAYLOAD\n`, the payload decoded as UTF-8 with invalid
+/// bytes replaced.
+fn text_line(topic: &str, reply: Option<&str>, headers: &Headers, payload: &[u8]) -> String {
     let mut line = String::with_capacity(topic.len() + payload.len() + 2);
     line.push_str(topic);
     line.push(' ');
+    if let Some(r) = reply {
+        let _ = write!(line, "(reply-to {r}) ");
+    }
     if !headers.is_empty() {
         line.push('[');
         for (i, (k, v)) in headers.iter().enumerate() {
@@ -541,71 +706,48 @@ fn text_line(topic: &str, headers: &Headers, payload: &[u8]) -> String {
 }
 
 /// One JSON object and a newline:
-/// `{"topic","payload","payload_encoding","seq","headers","reply"}`.
+/// `{"topic","payload","payload_encoding","seq","headers","reply","received"}`.
 ///
 /// The payload is a string when it is UTF-8 (`payload_encoding` `"utf-8"`), else lower-case hex
 /// (`"hex"`); the encoding field is what tells a payload `"cafe"` from the bytes `CA FE`.
-/// Headers are an object in published order; a repeated key appears repeatedly, which JSON
-/// allows but most parsers collapse to the last value. `reply` is `null` when absent.
+/// Headers are a list of `[key, value]` pairs in published order, so a repeated key keeps every
+/// value; `null` when the message has no header list, `[]` when it has an empty one. `reply` is
+/// `null` when absent; `received` is when this process read it.
 fn json_line(
     topic: &str,
     payload: &[u8],
     seq: u64,
-    headers: &Headers,
+    headers: Option<&Headers>,
     reply: Option<&str>,
+    received: &str,
 ) -> String {
-    let mut s = String::with_capacity(64 + topic.len() + 2 * payload.len());
-    s.push_str("{\"topic\":");
-    json_str(&mut s, topic);
-    s.push_str(",\"payload\":");
-    match std::str::from_utf8(payload) {
-        Ok(text) => {
-            json_str(&mut s, text);
-            s.push_str(",\"payload_encoding\":\"utf-8\"");
-        }
+    let (payload, encoding) = match std::str::from_utf8(payload) {
+        Ok(text) => (serde_json::Value::from(text), "utf-8"),
         Err(_) => {
-            s.push('"');
+            let mut hex = String::with_capacity(payload.len() * 2);
             for b in payload {
-                let _ = write!(s, "{b:02x}");
+                let _ = write!(hex, "{b:02x}");
             }
-            s.push_str("\",\"payload_encoding\":\"hex\"");
+            (serde_json::Value::from(hex), "hex")
         }
-    }
-    let _ = write!(s, ",\"seq\":{seq},\"headers\":{{");
-    for (i, (k, v)) in headers.iter().enumerate() {
-        if i > 0 {
-            s.push(',');
-        }
-        json_str(&mut s, k);
-        s.push(':');
-        json_str(&mut s, v);
-    }
-    s.push_str("},\"reply\":");
-    match reply {
-        Some(r) => json_str(&mut s, r),
-        None => s.push_str("null"),
-    }
-    s.push_str("}\n");
-    s
-}
-
-/// Appends `text` as a quoted JSON string.
-fn json_str(out: &mut String, text: &str) {
-    out.push('"');
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if u32::from(c) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", u32::from(c));
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
+    };
+    let headers = headers.map(|h| {
+        h.iter()
+            .map(|(k, v)| serde_json::json!([k, v]))
+            .collect::<Vec<_>>()
+    });
+    let value = serde_json::json!({
+        "topic": topic,
+        "payload": payload,
+        "payload_encoding": encoding,
+        "seq": seq,
+        "headers": headers,
+        "reply": reply,
+        "received": received,
+    });
+    let mut line = value.to_string();
+    line.push('\n');
+    line
 }
 
 /// `line` without its trailing `\n` or `\r\n`.
@@ -639,42 +781,61 @@ mod tests {
 
     #[test]
     fn text_line_without_headers() {
-        assert_eq!(text_line("a.b", &Headers::new(), b"hello"), "a.b hello\n");
+        assert_eq!(
+            text_line("a.b", None, &Headers::new(), b"hello"),
+            "a.b hello\n"
+        );
+        assert_eq!(
+            text_line("a.b", Some("_INBOX.x.1"), &Headers::new(), b"hi"),
+            "a.b (reply-to _INBOX.x.1) hi\n"
+        );
     }
 
     #[test]
     fn text_line_with_headers_and_invalid_utf8() {
         let h: Headers = [("k", "v"), ("trace", "1")].into_iter().collect();
         assert_eq!(
-            text_line("a", &h, b"x\xffy"),
+            text_line("a", None, &h, b"x\xffy"),
             "a [k=v, trace=1] x\u{fffd}y\n"
         );
     }
 
+    fn parse(line: &str) -> serde_json::Value {
+        assert!(line.ends_with('\n'));
+        serde_json::from_str(line).unwrap()
+    }
+
     #[test]
-    fn json_line_utf8_payload() {
-        let h: Headers = [("k", "v\"q")].into_iter().collect();
+    fn json_line_keeps_repeated_headers_and_tells_absent_from_empty() {
+        let h: Headers = [("k", "v\"q"), ("k", "second")].into_iter().collect();
+        let v = parse(&json_line("a.b", b"hi\n", 7, Some(&h), Some("r.1"), "t"));
+        assert_eq!(v["payload"], "hi\n");
+        assert_eq!(v["payload_encoding"], "utf-8");
+        assert_eq!(v["seq"], 7);
+        assert_eq!(v["reply"], "r.1");
+        assert_eq!(v["received"], "t");
         assert_eq!(
-            json_line("a.b", b"hi\n", 7, &h, Some("r.1")),
-            "{\"topic\":\"a.b\",\"payload\":\"hi\\n\",\"payload_encoding\":\"utf-8\",\"seq\":7,\
-             \"headers\":{\"k\":\"v\\\"q\"},\"reply\":\"r.1\"}\n"
+            v["headers"],
+            serde_json::json!([["k", "v\"q"], ["k", "second"]])
         );
+        let none = parse(&json_line("a", b"", 1, None, None, "t"));
+        assert!(none["headers"].is_null() && none["reply"].is_null());
+        let empty = parse(&json_line("a", b"", 1, Some(&Headers::new()), None, "t"));
+        assert_eq!(empty["headers"], serde_json::json!([]));
     }
 
     #[test]
     fn json_line_binary_payload_is_hex() {
-        assert_eq!(
-            json_line("a", &[0xca, 0xfe, 0x00], 1, &Headers::new(), None),
-            "{\"topic\":\"a\",\"payload\":\"cafe00\",\"payload_encoding\":\"hex\",\"seq\":1,\
-             \"headers\":{},\"reply\":null}\n"
-        );
+        let v = parse(&json_line("a", &[0xca, 0xfe, 0x00], 1, None, None, "t"));
+        assert_eq!(v["payload"], "cafe00");
+        assert_eq!(v["payload_encoding"], "hex");
     }
 
     #[test]
     fn json_escapes_control_characters() {
-        let mut s = String::new();
-        json_str(&mut s, "\u{1}\\\t");
-        assert_eq!(s, "\"\\u0001\\\\\\t\"");
+        let line = json_line("a", "\u{1}\\\t".as_bytes(), 1, None, None, "t");
+        assert!(!line[..line.len() - 1].contains('\n') && !line.contains('\u{1}'));
+        assert_eq!(parse(&line)["payload"], "\u{1}\\\t");
     }
 
     #[test]

@@ -133,7 +133,10 @@ async fn sub_prints_what_pub_publishes() {
     let sub = sub.finish().await;
     assert!(sub.status.success(), "sub failed: {}", sub.stderr);
     assert_eq!(sub.stdout, "user.created hello\nuser.created hello\n");
-    assert_eq!(sub.stderr, "");
+    assert_eq!(
+        sub.stderr,
+        format!("subscribed to user.created on {}\n", broker.addr)
+    );
     broker.stop().await;
 }
 
@@ -217,8 +220,10 @@ async fn headers_reply_and_json() {
     assert_eq!(v["payload"], "{\"id\":1}");
     assert_eq!(v["payload_encoding"], "utf-8");
     assert_eq!(v["seq"], 1);
-    assert_eq!(v["headers"]["trace"], "abc");
-    assert_eq!(v["headers"]["kind"], "new");
+    assert_eq!(
+        v["headers"],
+        serde_json::json!([["trace", "abc"], ["kind", "new"]])
+    );
     assert_eq!(v["reply"], "order.replies");
     broker.stop().await;
 }
@@ -277,7 +282,7 @@ async fn sub_exits_quietly_when_stdout_closes() {
         sub.status,
         sub.stderr
     );
-    assert_eq!(sub.stderr, "");
+    assert_eq!(sub.stderr, format!("subscribed to t on {}\n", broker.addr));
     broker.stop().await;
 }
 
@@ -307,19 +312,191 @@ async fn sub_exits_cleanly_on_ctrl_c() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sub_fails_when_the_broker_shuts_down() {
+async fn sub_without_reconnect_fails_when_the_broker_shuts_down() {
     let broker = Broker::start().await;
-    let sub = spawn(broker.ctl(&["sub", "t"]), None);
+    let sub = spawn(broker.ctl(&["sub", "t", "--no-reconnect"]), None);
     broker.wait_for_subscriptions(1).await;
     broker.stop().await;
 
     let sub = sub.finish().await;
     assert_eq!(sub.status.code(), Some(1), "stderr: {}", sub.stderr);
     assert!(
-        sub.stderr.starts_with("brokerctl: "),
+        sub.stderr
+            .lines()
+            .last()
+            .is_some_and(|l| l.starts_with("brokerctl: ")),
         "stderr: {}",
         sub.stderr
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sub_carries_on_across_a_broker_restart() {
+    let broker = Broker::start().await;
+    let addr = broker.addr;
+    let sub = spawn(broker.ctl(&["sub", "t", "--count", "2"]), None);
+    broker.wait_for_subscriptions(1).await;
+    let first = run(broker.ctl(&["pub", "t", "before", "--ack"]), None).await;
+    assert!(
+        first.stderr.contains("delivered to 1 subscriber"),
+        "{}",
+        first.stderr
+    );
+    broker.stop().await;
+
+    // The same port again: what a restarted service looks like to its clients.
+    let broker = Broker::start_with(|c| c.listen = addr).await;
+    broker.wait_for_subscriptions(1).await;
+    let second = run(broker.ctl(&["pub", "t", "after", "--ack"]), None).await;
+    assert!(
+        second.stderr.contains("delivered to 1 subscriber"),
+        "{}",
+        second.stderr
+    );
+
+    let sub = sub.finish().await;
+    assert!(sub.status.success(), "sub failed: {}", sub.stderr);
+    assert_eq!(sub.stdout, "t before\nt after\n");
+    assert!(
+        sub.stderr.contains("connection lost"),
+        "stderr: {}",
+        sub.stderr
+    );
+    assert!(
+        sub.stderr.contains("reconnected to"),
+        "stderr: {}",
+        sub.stderr
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pub_reports_what_the_broker_refused_without_ack() {
+    let broker = Broker::start().await;
+    // A reserved topic and one with more tokens than the broker allows: the client sends both
+    // (neither breaks the wire format), the broker refuses both.
+    let long = vec!["a"; 21].join(".");
+    for topic in ["$SYS.x", long.as_str()] {
+        let out = run(broker.ctl(&["pub", topic, "x"]), None).await;
+        assert_eq!(out.status.code(), Some(1), "{topic}: {}", out.stderr);
+        assert!(
+            out.stderr.contains("the broker refused 1 of 1 message"),
+            "{topic}: {}",
+            out.stderr
+        );
+        assert!(!out.stderr.contains("published"), "{topic}: {}", out.stderr);
+    }
+    // Some refused among many: the count says how many.
+    let out = run(broker.ctl(&["pub", "$SYS.y", "x", "--count", "3"]), None).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        out.stderr.contains("refused 3 of 3 messages"),
+        "{}",
+        out.stderr
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pub_blames_a_bad_reply_on_the_reply() {
+    let broker = Broker::start().await;
+    let out = run(broker.ctl(&["pub", "t", "x", "--reply", "a..b"]), None).await;
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("--reply a..b"), "{}", out.stderr);
+    assert!(
+        !out.stderr.contains("cannot publish to t"),
+        "{}",
+        out.stderr
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pub_file_and_stdin_whole_are_one_message() {
+    let broker = Broker::start().await;
+    let sub = spawn(broker.ctl(&["sub", "doc", "--count", "2", "--json"]), None);
+    broker.wait_for_subscriptions(1).await;
+
+    let dir = std::env::temp_dir().join(format!("brokerctl-file-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("body.bin");
+    let body: Vec<u8> = (0..=255u8).cycle().take(3000).collect();
+    std::fs::write(&path, &body).unwrap();
+    let from_file = run(
+        broker.ctl(&["pub", "doc", "--file", path.to_str().unwrap()]),
+        None,
+    )
+    .await;
+    assert!(from_file.status.success(), "{}", from_file.stderr);
+    let from_stdin = run(
+        broker.ctl(&["pub", "doc", "--file", "-"]),
+        Some(b"line one\nline two\n"),
+    )
+    .await;
+    assert!(from_stdin.status.success(), "{}", from_stdin.stderr);
+    assert!(
+        from_stdin.stderr.contains("published 1 message"),
+        "{}",
+        from_stdin.stderr
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let sub = sub.finish().await;
+    let lines: Vec<serde_json::Value> = sub
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{}", sub.stdout);
+    let hex: String = body.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(lines[0]["payload_encoding"], "hex");
+    assert_eq!(lines[0]["payload"], hex.as_str());
+    assert_eq!(lines[1]["payload"], "line one\nline two\n");
+    assert!(lines[1]["headers"].is_null());
+    assert!(
+        lines[1]["received"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z'))
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sub_shows_reply_to_and_time_when_asked() {
+    let broker = Broker::start().await;
+    let sub = spawn(
+        broker.ctl(&["sub", "q", "--count", "1", "--show-reply", "--timestamps"]),
+        None,
+    );
+    broker.wait_for_subscriptions(1).await;
+    let out = run(
+        broker.ctl(&["pub", "q", "ask", "--reply", "answers.1"]),
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{}", out.stderr);
+    let sub = sub.finish().await;
+    let (time, rest) = sub.stdout.split_once(' ').unwrap();
+    assert!(humantime::parse_rfc3339(time).is_ok(), "{}", sub.stdout);
+    assert_eq!(rest, "q (reply-to answers.1) ask\n");
+    broker.stop().await;
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sub_exits_cleanly_on_sigterm() {
+    let broker = Broker::start().await;
+    let sub = spawn(broker.ctl(&["sub", "t"]), None);
+    broker.wait_for_subscriptions(1).await;
+    let kill = Command::new("kill")
+        .args(["-TERM", &sub.child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(kill.success());
+    let sub = sub.finish().await;
+    assert!(sub.status.success(), "{:?} {}", sub.status, sub.stderr);
+    broker.wait_for_subscriptions(0).await;
+    broker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
