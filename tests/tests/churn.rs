@@ -79,7 +79,7 @@ async fn cycle(addr: SocketAddr, worker: usize, i: usize, unique_topics: bool) {
             .await
             .unwrap();
             let mut s = client.subscribe(&topic).await.unwrap();
-            assert_eq!(client.publish_acked(&topic, "hi").await.unwrap(), 1);
+            assert_eq!(client.publish(&topic, "hi").acked().await.unwrap(), 1);
             assert_eq!(&s.next().await.unwrap().payload()[..], b"hi");
             client.close().await.unwrap();
         }

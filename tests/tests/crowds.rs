@@ -133,10 +133,11 @@ impl Canary {
             let i = sent.len();
             sent.push(Instant::now());
             // Attackers subscribed to `>` count too.
-            let delivered = publ.publish_acked("canary.tick", i.to_string()).await;
+            let delivered = publ.publish("canary.tick", i.to_string()).acked().await;
             assert!(delivered.unwrap() >= 1, "canary publish {i}");
         }
-        publ.publish_acked("canary.tick", u64::MAX.to_string())
+        publ.publish("canary.tick", u64::MAX.to_string())
+            .acked()
             .await
             .unwrap();
         let arrivals = tokio::time::timeout(DEADLINE, subscriber)
@@ -186,7 +187,8 @@ async fn fill_cache(publisher: &Client, prefix: &str, n: usize) {
             .unwrap();
     }
     publisher
-        .publish_acked(&format!("{prefix}.last"), b"x")
+        .publish(&format!("{prefix}.last"), b"x")
+        .acked()
         .await
         .unwrap();
 }
@@ -234,7 +236,7 @@ async fn a_fleet_dropping_and_reconnecting_on_one_wildcard_keeps_routing() {
     let cached = b.broker.stats().sublist.cache_entries;
     assert!(cached >= topics, "{cached} topics cached");
     assert_eq!(
-        publisher.publish_acked("alerts.t1", b"x").await.unwrap() as usize,
+        publisher.publish("alerts.t1", b"x").acked().await.unwrap() as usize,
         fleet + 1
     );
     let misses = b.broker.stats().sublist.cache_misses;
@@ -248,7 +250,10 @@ async fn a_fleet_dropping_and_reconnecting_on_one_wildcard_keeps_routing() {
     })
     .await;
     let drop_end = Instant::now();
-    assert_eq!(publisher.publish_acked("alerts.t1", b"x").await.unwrap(), 1);
+    assert_eq!(
+        publisher.publish("alerts.t1", b"x").acked().await.unwrap(),
+        1
+    );
 
     // And comes back.
     let back_start = Instant::now();
@@ -256,7 +261,7 @@ async fn a_fleet_dropping_and_reconnecting_on_one_wildcard_keeps_routing() {
     let back_end = Instant::now();
     assert_eq!(b.broker.stats().subscriptions, base + fleet);
     assert_eq!(
-        publisher.publish_acked("alerts.t2", b"x").await.unwrap() as usize,
+        publisher.publish("alerts.t2", b"x").acked().await.unwrap() as usize,
         fleet + 1
     );
     // Nothing the fleet did touched the cached results: every alert topic is still a hit.
@@ -327,7 +332,7 @@ async fn closing_a_connection_with_many_subscriptions_costs_only_its_own() {
         after.cache_entries
     );
     assert_eq!(
-        publisher.publish_acked("load.t5", b"x").await.unwrap() as usize,
+        publisher.publish("load.t5", b"x").acked().await.unwrap() as usize,
         sharers.len()
     );
     let report = canary.finish().await;
@@ -380,7 +385,8 @@ async fn a_queue_group_crowd_keeps_the_match_cache_within_its_bytes() {
     }
     assert_eq!(
         publisher
-            .publish_acked("distinct.last", b"x")
+            .publish("distinct.last", b"x")
+            .acked()
             .await
             .unwrap(),
         1
@@ -627,7 +633,7 @@ async fn the_memory_budget_sheds_the_largest_queues_first() {
             peak = peak.max(b.broker.memory().used());
         }
     }
-    tokio::time::timeout(DEADLINE, publisher.publish_acked("stalled.0", b"x"))
+    tokio::time::timeout(DEADLINE, publisher.publish("stalled.0", b"x").acked())
         .await
         .expect("the publisher is not held up")
         .unwrap();

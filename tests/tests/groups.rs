@@ -209,8 +209,8 @@ async fn delivered_count_counts_a_group_once() {
         .await
         .unwrap();
     let p = b.client("pub").await;
-    assert_eq!(p.publish_acked("orders.new", "x").await.unwrap(), 3);
-    assert_eq!(p.publish_acked("orders.old", "x").await.unwrap(), 2);
+    assert_eq!(p.publish("orders.new", "x").acked().await.unwrap(), 3);
+    assert_eq!(p.publish("orders.old", "x").acked().await.unwrap(), 2);
     b.stop().await;
 }
 
@@ -325,14 +325,16 @@ async fn echo_off_skips_only_the_connections_own_publications() {
     let mut theirs = other.subscribe("chat.>").await.unwrap();
     assert_eq!(
         quiet
-            .publish_acked("chat.room", "from quiet")
+            .publish("chat.room", "from quiet")
+            .acked()
             .await
             .unwrap(),
         1
     );
     assert_eq!(
         other
-            .publish_acked("chat.room", "from other")
+            .publish("chat.room", "from other")
+            .acked()
             .await
             .unwrap(),
         2
@@ -356,7 +358,10 @@ async fn headers_and_reply_to_round_trip() {
         .insert("trace-id", "abc123")
         .insert("trace-id", "dup");
     let n = p
-        .publish_full_acked("h.x", Some("reply.here"), Some(&h), "{}")
+        .publish("h.x", "{}")
+        .reply_to("reply.here")
+        .headers(&h)
+        .acked()
         .await
         .unwrap();
     assert_eq!(n, 1);

@@ -255,7 +255,7 @@ async fn many_hostile_connections_get_their_errors_while_a_canary_keeps_working(
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) && i < 10_000_000 {
                 let payload = i.to_string();
-                let delivered = canary_pub.publish_acked("canary.ping", &payload).await;
+                let delivered = canary_pub.publish("canary.ping", &payload).acked().await;
                 assert_eq!(delivered.unwrap(), 1, "canary publish {i}");
                 let m = tokio::time::timeout(DEADLINE, stream.next())
                     .await

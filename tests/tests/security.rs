@@ -95,7 +95,7 @@ async fn as_user(b: &TestBroker, name: &str) -> Client {
     .unwrap_or_else(|e| panic!("{name} connects: {e}"))
 }
 
-fn server_code(e: &Error) -> Option<u16> {
+fn server_code(e: &Error) -> Option<ErrorCode> {
     match e {
         Error::Server { code, .. } => Some(*code),
         _ => None,
@@ -105,7 +105,7 @@ fn server_code(e: &Error) -> Option<u16> {
 fn assert_denied(r: Result<impl std::fmt::Debug, Error>, rule: &str) {
     match r {
         Err(Error::Server { code, message }) => {
-            assert_eq!(code, ErrorCode::PermissionDenied as u16, "{message}");
+            assert_eq!(code, ErrorCode::PermissionDenied, "{message}");
             assert!(message.contains(rule), "{message:?} should name {rule:?}");
         }
         other => panic!("expected permission-denied naming {rule:?}, got {other:?}"),
@@ -118,7 +118,7 @@ async fn a_token_is_accepted_and_anything_else_refused() {
     let ok = connect(&b, ConnectOptions::new("t").token(TOKEN))
         .await
         .unwrap();
-    assert_eq!(ok.publish_acked("any.topic", b"x").await.unwrap(), 0);
+    assert_eq!(ok.publish("any.topic", b"x").acked().await.unwrap(), 0);
     for wrong in [
         "",
         "a-long-shared-token-012345678",
@@ -129,26 +129,20 @@ async fn a_token_is_accepted_and_anything_else_refused() {
             .unwrap_err();
         assert_eq!(
             server_code(&e),
-            Some(ErrorCode::AuthenticationFailed as u16),
+            Some(ErrorCode::AuthenticationFailed),
             "{e}"
         );
         assert!(e.to_string().contains("authentication failed"), "{e}");
     }
     // No credentials: told what is needed, not left hanging.
     let e = connect(&b, ConnectOptions::new("t")).await.unwrap_err();
-    assert_eq!(
-        server_code(&e),
-        Some(ErrorCode::AuthenticationFailed as u16)
-    );
+    assert_eq!(server_code(&e), Some(ErrorCode::AuthenticationFailed));
     assert!(e.to_string().contains("requires authentication"), "{e}");
     // A user name against a token-only server fails the same way.
     let e = connect(&b, ConnectOptions::new("t").user_password("admin", "pw"))
         .await
         .unwrap_err();
-    assert_eq!(
-        server_code(&e),
-        Some(ErrorCode::AuthenticationFailed as u16)
-    );
+    assert_eq!(server_code(&e), Some(ErrorCode::AuthenticationFailed));
     assert_eq!(b.closes("authentication-failed"), 5);
     b.stop().await;
 }
@@ -158,7 +152,11 @@ async fn users_are_accepted_and_wrong_passwords_and_names_refused_alike() {
     let b = broker_with_users().await;
     let orders = as_user(&b, "orders").await;
     assert_eq!(
-        orders.publish_acked("orders.created", b"x").await.unwrap(),
+        orders
+            .publish("orders.created", b"x")
+            .acked()
+            .await
+            .unwrap(),
         0
     );
     let mut messages = Vec::new();
@@ -166,10 +164,7 @@ async fn users_are_accepted_and_wrong_passwords_and_names_refused_alike() {
         let e = connect(&b, ConnectOptions::new("x").user_password(u, p))
             .await
             .unwrap_err();
-        assert_eq!(
-            server_code(&e),
-            Some(ErrorCode::AuthenticationFailed as u16)
-        );
+        assert_eq!(server_code(&e), Some(ErrorCode::AuthenticationFailed));
         messages.push(e.to_string());
     }
     assert!(
@@ -206,7 +201,7 @@ async fn frames_sent_behind_a_failed_hello_are_discarded_and_the_connection_clos
     c.expect_closed().await;
     // Nothing was routed: the next message the watcher sees is this one.
     let admin = as_user(&b, "admin").await;
-    admin.publish_acked("orders.real", b"real").await.unwrap();
+    admin.publish("orders.real", b"real").acked().await.unwrap();
     assert_eq!(seen.next().await.unwrap().topic(), "orders.real");
     b.stop().await;
 }
@@ -221,21 +216,25 @@ async fn publish_and_subscribe_rules_deny_wins_and_nothing_is_delivered() {
     // Allowed, and its wildcard subscription inside the allow rule.
     let mut payments = orders.subscribe("payments.*").await.unwrap();
     assert_eq!(
-        orders.publish_acked("orders.created", b"1").await.unwrap(),
+        orders
+            .publish("orders.created", b"1")
+            .acked()
+            .await
+            .unwrap(),
         1
     );
     // Not covered by any allow rule; and denied although `orders.>` allows it.
     assert_denied(
-        orders.publish_acked("payments.completed", b"x").await,
+        orders.publish("payments.completed", b"x").acked().await,
         "payments.completed",
     );
     assert_denied(
-        orders.publish_acked("orders.secret.plan", b"x").await,
+        orders.publish("orders.secret.plan", b"x").acked().await,
         "orders.secret.>",
     );
     // The same denial again comes from the connection's memo, and says the same.
     assert_denied(
-        orders.publish_acked("orders.secret.plan", b"x").await,
+        orders.publish("orders.secret.plan", b"x").acked().await,
         "orders.secret.>",
     );
     // Subscriptions: outside the allow rules, overlapping a deny rule, and `$`.
@@ -259,7 +258,8 @@ async fn publish_and_subscribe_rules_deny_wins_and_nothing_is_delivered() {
     // Only the allowed publish reached anyone.
     assert_eq!(everything.next().await.unwrap().topic(), "orders.created");
     admin
-        .publish_acked("payments.completed", b"p")
+        .publish("payments.completed", b"p")
+        .acked()
         .await
         .unwrap();
     assert_eq!(payments.next().await.unwrap().topic(), "payments.completed");
@@ -277,20 +277,26 @@ async fn a_reply_to_must_be_one_the_sender_may_subscribe_to() {
     // Into someone else's inbox, or at the broker's own topics: refused, naming the reply-to.
     assert_denied(
         orders
-            .publish_full_acked("orders.q", Some("_INBOX.responder.1"), None, b"x")
+            .publish("orders.q", b"x")
+            .reply_to("_INBOX.responder.1")
+            .acked()
             .await,
         "_INBOX.responder.1",
     );
     assert_denied(
         orders
-            .publish_full_acked("orders.q", Some("$SYS.req.stats"), None, b"x")
+            .publish("orders.q", b"x")
+            .reply_to("$SYS.req.stats")
+            .acked()
             .await,
         "admin",
     );
     // Its own inbox is fine.
     assert_eq!(
         orders
-            .publish_full_acked("orders.q", Some("_INBOX.orders.7"), None, b"x")
+            .publish("orders.q", b"x")
+            .reply_to("_INBOX.orders.7")
+            .acked()
             .await
             .unwrap(),
         0
@@ -316,21 +322,28 @@ async fn a_responder_answers_each_request_once_and_nothing_else() {
     let req = requests.next().await.unwrap();
     let reply_to = req.reply().unwrap().to_string();
     assert_eq!(
-        responder.publish_acked(&reply_to, b"12:00").await.unwrap(),
+        responder
+            .publish(&reply_to, b"12:00")
+            .acked()
+            .await
+            .unwrap(),
         1
     );
     assert_eq!(&asker.await.unwrap().unwrap().payload()[..], b"12:00");
     // A second answer to the same request, and a publish anywhere else: refused.
     assert_denied(
-        responder.publish_acked(&reply_to, b"again").await,
+        responder.publish(&reply_to, b"again").acked().await,
         "no allow rule",
     );
     assert_denied(
-        responder.publish_acked("_INBOX.admin.x.1", b"forged").await,
+        responder
+            .publish("_INBOX.admin.x.1", b"forged")
+            .acked()
+            .await,
         "no allow rule",
     );
     assert_denied(
-        responder.publish_acked("svc.time", b"x").await,
+        responder.publish("svc.time", b"x").acked().await,
         "no allow rule",
     );
     b.stop().await;
@@ -383,17 +396,13 @@ async fn per_user_connection_and_subscription_quotas() {
     let e = connect(&b, ConnectOptions::new("x").user_password("limited", "pw"))
         .await
         .unwrap_err();
-    assert_eq!(
-        server_code(&e),
-        Some(ErrorCode::TooManyConnections as u16),
-        "{e}"
-    );
+    assert_eq!(server_code(&e), Some(ErrorCode::TooManyConnections), "{e}");
     let _a = limited.subscribe("a").await.unwrap();
     let mut b_sub = limited.subscribe("b").await.unwrap();
     let e = limited.subscribe("c").await.unwrap_err();
     assert_eq!(
         server_code(&e),
-        Some(ErrorCode::TooManySubscriptions as u16),
+        Some(ErrorCode::TooManySubscriptions),
         "{e}"
     );
     // Ending one gives its place back, and so does closing the connection.

@@ -39,7 +39,8 @@ async fn canary_round_trip(b: &TestBroker, n: u32) {
     let mut subn = s.subscribe("canary.>").await.unwrap();
     for i in 0..n {
         assert_eq!(
-            p.publish_acked("canary.ping", format!("{i}"))
+            p.publish("canary.ping", format!("{i}"))
+                .acked()
                 .await
                 .unwrap(),
             1
@@ -61,7 +62,7 @@ async fn graceful_shutdown_delivers_everything_already_queued() {
     for _ in 0..N - 1 {
         p.publish("load.data", &payload).await.unwrap();
     }
-    assert_eq!(p.publish_acked("load.data", &payload).await.unwrap(), 1);
+    assert_eq!(p.publish("load.data", &payload).acked().await.unwrap(), 1);
     // Far more than the socket buffers hold is now waiting in the outbox.
     b.begin_shutdown();
     let mut seqs = 0u64;
@@ -176,7 +177,7 @@ async fn bad_frames_get_errors_and_close_only_their_own_connection() {
 
     // Everyone else is unaffected.
     assert_eq!(
-        p.publish_acked("orders.new", "still here").await.unwrap(),
+        p.publish("orders.new", "still here").acked().await.unwrap(),
         1
     );
     assert_eq!(

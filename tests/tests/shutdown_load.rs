@@ -44,7 +44,7 @@ async fn acknowledged_messages_reach_every_connected_subscriber_before_exit() {
     for s in 0..SUBSCRIBERS {
         let client = Client::connect(
             b.addr,
-            ConnectOptions::new(format!("sub-{s}")).subscription_capacity(1 << 20),
+            ConnectOptions::new(format!("sub-{s}")).subscription_capacity(1 << 20, usize::MAX),
         )
         .await
         .unwrap();
@@ -80,7 +80,8 @@ async fn acknowledged_messages_reach_every_connected_subscriber_before_exit() {
             for i in 0..10_000_000u64 {
                 let sent = if i % 128 == 127 {
                     client
-                        .publish_acked(&topic, payload(p, i))
+                        .publish(&topic, payload(p, i))
+                        .acked()
                         .await
                         .map(|delivered| {
                             assert_eq!(delivered as usize, SUBSCRIBERS);

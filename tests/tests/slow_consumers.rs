@@ -62,7 +62,7 @@ async fn stalled_then_resumed(policy: OverflowPolicy, wire_policy: u8) {
 
     let healthy = brokerd_client::Client::connect(
         b.addr,
-        ConnectOptions::new("healthy").subscription_capacity(N as usize + 16),
+        ConnectOptions::new("healthy").subscription_capacity(N as usize + 16, usize::MAX),
     )
     .await
     .unwrap();
@@ -164,7 +164,8 @@ async fn stalled_then_resumed(policy: OverflowPolicy, wire_policy: u8) {
 
     // Caught up, the resumed subscriber gets new messages again, on both subscriptions.
     let delivered = publisher
-        .publish_acked("feed.data", payload(N))
+        .publish("feed.data", payload(N))
+        .acked()
         .await
         .unwrap();
     assert!(delivered >= 2, "delivered to {delivered} subscriptions");
@@ -242,7 +243,7 @@ async fn disconnect_policy_reports_pending_figures_and_counts_the_close_once() {
     b.wait_for_connections(1).await;
     assert_eq!(b.closes("slow-consumer"), 1);
     assert_eq!(b.closes("write-timeout"), 0);
-    assert_eq!(publisher.publish_acked("big", "x").await.unwrap(), 0);
+    assert_eq!(publisher.publish("big", "x").acked().await.unwrap(), 0);
     b.stop().await;
 }
 
@@ -277,6 +278,6 @@ async fn socket_not_drained_within_the_write_deadline_is_closed_and_counted() {
         }
     }
     assert_eq!(b.closes("slow-consumer"), 0);
-    assert_eq!(publisher.publish_acked("big", "x").await.unwrap(), 0);
+    assert_eq!(publisher.publish("big", "x").acked().await.unwrap(), 0);
     b.stop().await;
 }

@@ -36,7 +36,7 @@ async fn a_tls_listener_alone_and_beside_a_plain_one() {
         .await
         .unwrap();
     let mut sub = client.subscribe("secure.>").await.unwrap();
-    assert_eq!(client.publish_acked("secure.x", b"hi").await.unwrap(), 1);
+    assert_eq!(client.publish("secure.x", b"hi").acked().await.unwrap(), 1);
     assert_eq!(&sub.next().await.unwrap().payload()[..], b"hi");
     // A plain client is told, in a frame it can read, that this port needs TLS.
     let e = connect(b.addr, ConnectOptions::new("plain"))
@@ -44,7 +44,7 @@ async fn a_tls_listener_alone_and_beside_a_plain_one() {
         .unwrap_err();
     match &e {
         Error::Server { code, message } => {
-            assert_eq!(*code, ErrorCode::HandshakeRequired as u16);
+            assert_eq!(*code, ErrorCode::HandshakeRequired);
             assert!(message.contains("requires TLS"), "{message}");
         }
         other => panic!("expected the server's ERR, got {other:?}"),
@@ -65,7 +65,7 @@ async fn a_tls_listener_alone_and_beside_a_plain_one() {
         .unwrap();
     let plain = connect(b.addr, ConnectOptions::new("p")).await.unwrap();
     let mut sub = secure.subscribe("mixed").await.unwrap();
-    assert_eq!(plain.publish_acked("mixed", b"across").await.unwrap(), 1);
+    assert_eq!(plain.publish("mixed", b"across").acked().await.unwrap(), 1);
     assert_eq!(&sub.next().await.unwrap().payload()[..], b"across");
     // TLS to the plain port: the client's error says what is wrong.
     let e = connect(b.addr, ConnectOptions::new("t").tls(tls_to(&ca)))
@@ -121,8 +121,8 @@ async fn mutual_tls_maps_a_certificate_to_a_user_and_refuses_the_rest() {
     let c = connect(b.addr, ConnectOptions::new("o").tls(with_cert(&orders)))
         .await
         .unwrap();
-    assert_eq!(c.publish_acked("orders.created", b"x").await.unwrap(), 0);
-    let e = c.publish_acked("payments.x", b"x").await.unwrap_err();
+    assert_eq!(c.publish("orders.created", b"x").acked().await.unwrap(), 0);
+    let e = c.publish("payments.x", b"x").acked().await.unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::PermissionDenied), "{e}");
     // A trusted certificate naming no user: credentials are still required.
     let e = connect(b.addr, ConnectOptions::new("u").tls(with_cert(&unknown)))
@@ -198,6 +198,6 @@ async fn a_replaced_certificate_is_served_without_dropping_connections() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     // The connection made before the change still works.
-    assert_eq!(open.publish_acked("still.here", b"x").await.unwrap(), 0);
+    assert_eq!(open.publish("still.here", b"x").acked().await.unwrap(), 0);
     b.stop().await;
 }

@@ -408,22 +408,21 @@ struct Publisher<'a> {
 impl Publisher<'_> {
     /// Publishes one message as the arguments ask: acknowledged or not, with headers and reply-to.
     async fn publish(&self, payload: &[u8]) -> Result<()> {
-        let topic = self.args.topic.as_str();
+        let mut publish = self.client.publish(self.args.topic.as_str(), payload);
+        if let Some(reply) = self.args.reply.as_deref() {
+            publish = publish.reply_to(reply);
+        }
+        if let Some(headers) = self.headers {
+            publish = publish.headers(headers);
+        }
         if self.args.ack {
-            let n = self
-                .client
-                .publish_full_acked(topic, self.args.reply.as_deref(), self.headers, payload)
-                .await
-                .map_err(|e| self.blame(e))?;
+            let n = publish.acked().await.map_err(|e| self.blame(e))?;
             note(format_args!(
                 "delivered to {n} {}",
                 plural(n.into(), "subscriber", "subscribers")
             ));
         } else {
-            self.client
-                .publish_full(topic, self.args.reply.as_deref(), self.headers, payload)
-                .await
-                .map_err(|e| self.blame(e))?;
+            publish.await.map_err(|e| self.blame(e))?;
         }
         Ok(())
     }

@@ -102,7 +102,8 @@ pub async fn run(addr: &str) -> anyhow::Result<Report> {
     let mut report = Report::default();
     for (topic, event) in events {
         let n = shop
-            .publish_acked(topic, serde_json::to_vec(&event)?)
+            .publish(topic, serde_json::to_vec(&event)?)
+            .acked()
             .await?;
         // Every matching subscription on the broker counts, this example's and any other's.
         let ours = SERVICES.iter().filter(|(_, t)| t.contains(&topic)).count();

@@ -57,7 +57,8 @@ pub async fn run(addr: &str) -> anyhow::Result<Report> {
     for (i, (name, email)) in USERS.iter().enumerate() {
         let event = serde_json::json!({ "id": i + 1, "name": name, "email": email });
         let n = publisher
-            .publish_acked("user.created", serde_json::to_vec(&event)?)
+            .publish("user.created", serde_json::to_vec(&event)?)
+            .acked()
             .await?;
         // The count covers every subscription on the broker, this example's services and any
         // other subscriber that shares the broker (`brokerctl sub '>'`, say).

@@ -57,7 +57,8 @@ pub async fn run(addr: &str) -> anyhow::Result<Report> {
     let mut report = Report::default();
     for topic in TOPICS {
         let n = publisher
-            .publish_acked(topic, format!("{topic} happened"))
+            .publish(topic, format!("{topic} happened"))
+            .acked()
             .await?;
         // Every matching subscription on the broker counts, this example's and any other's.
         let ours = SUBSCRIBERS

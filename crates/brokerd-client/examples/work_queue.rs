@@ -42,7 +42,8 @@ pub async fn run(addr: &str) -> anyhow::Result<Report> {
     let producer = Client::connect(addr, ConnectOptions::new("job-producer")).await?;
     for id in 0..JOBS {
         let delivered = producer
-            .publish_acked("jobs.resize", id.to_string())
+            .publish("jobs.resize", id.to_string())
+            .acked()
             .await?;
         // One worker of the group plus the auditor (a group counts once), plus any other
         // subscriber sharing the broker.

@@ -4,6 +4,10 @@
 //! everything queued in one swap and then hands messages out without locking, so a burst of
 //! deliveries costs the consumer one lock and at most one wake-up, not one per message. The
 //! reader is woken only when it waited for room and the subscription has emptied the queue.
+//!
+//! The bound covers every message received and not yet handed out, in the shared queue and in
+//! the subscription's local batch alike: at most `capacity` messages and `max_bytes` bytes (one
+//! message of any size is taken when nothing is held, so a large message cannot wedge it).
 
 use crate::subscription::Message;
 use parking_lot::Mutex;
@@ -13,6 +17,12 @@ use std::task::{Context, Poll, Waker};
 
 struct State {
     queue: VecDeque<Message>,
+    /// Bytes of the messages in `queue`.
+    queue_bytes: usize,
+    /// Messages and bytes the receiver took in its last swap and has not yet finished handing
+    /// out (released when it comes back for more).
+    local_msgs: usize,
+    local_bytes: usize,
     senders: usize,
     receiver_closed: bool,
     receiver: Option<Waker>,
@@ -22,6 +32,39 @@ struct State {
 struct Shared {
     state: Mutex<State>,
     capacity: usize,
+    max_bytes: usize,
+}
+
+impl State {
+    /// How many of `batch`'s first messages fit, and their bytes.
+    fn room(&self, capacity: usize, max_bytes: usize, batch: &[Message]) -> (usize, usize) {
+        let held = self.queue.len() + self.local_msgs;
+        let mut bytes = self.queue_bytes + self.local_bytes;
+        let mut added = 0;
+        for (n, m) in batch.iter().enumerate() {
+            let size = size(m);
+            let msgs = held + n;
+            let fits = msgs == 0 || (msgs < capacity && bytes.saturating_add(size) <= max_bytes);
+            if !fits {
+                return (n, added);
+            }
+            bytes = bytes.saturating_add(size);
+            added += size;
+        }
+        (batch.len(), added)
+    }
+
+    /// Hands the whole queue to the receiver's (empty) local batch.
+    fn take_all(&mut self, local: &mut VecDeque<Message>) {
+        std::mem::swap(&mut self.queue, local);
+        self.local_msgs = local.len();
+        self.local_bytes = std::mem::take(&mut self.queue_bytes);
+    }
+}
+
+/// What a message counts for against the byte bound.
+fn size(m: &Message) -> usize {
+    m.body.len()
 }
 
 /// The reader's end. Cloning adds a sender; the queue ends when every sender is dropped.
@@ -34,17 +77,21 @@ pub(crate) struct Receiver {
     local: VecDeque<Message>,
 }
 
-/// A queue holding at most `capacity` messages.
-pub(crate) fn channel(capacity: usize) -> (Sender, Receiver) {
+/// A queue holding at most `capacity` messages and `max_bytes` bytes.
+pub(crate) fn channel(capacity: usize, max_bytes: usize) -> (Sender, Receiver) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             queue: VecDeque::new(),
+            queue_bytes: 0,
+            local_msgs: 0,
+            local_bytes: 0,
             senders: 1,
             receiver_closed: false,
             receiver: None,
             sender: None,
         }),
         capacity: capacity.max(1),
+        max_bytes: max_bytes.max(1),
     });
     (
         Sender(shared.clone()),
@@ -72,8 +119,8 @@ impl Sender {
                 batch.clear();
                 return Poll::Ready(Err(()));
             }
-            let room = self.0.capacity.saturating_sub(st.queue.len());
-            let n = room.min(batch.len());
+            let (n, bytes) = st.room(self.0.capacity, self.0.max_bytes, batch);
+            st.queue_bytes += bytes;
             st.queue.extend(batch.drain(..n));
             let w = if n > 0 { st.receiver.take() } else { None };
             if batch.is_empty() {
@@ -118,11 +165,8 @@ impl Receiver {
             return Poll::Ready(Some(m));
         }
         let mut st = self.shared.state.lock();
-        if !st.queue.is_empty() {
-            std::mem::swap(&mut st.queue, &mut self.local);
-            let w = st.sender.take();
+        if refill(&mut st, &mut self.local) {
             drop(st);
-            wake(w);
             return Poll::Ready(self.local.pop_front());
         }
         if st.senders == 0 || st.receiver_closed {
@@ -149,13 +193,8 @@ impl Receiver {
             return Some(m);
         }
         let mut st = self.shared.state.lock();
-        if st.queue.is_empty() {
-            return None;
-        }
-        std::mem::swap(&mut st.queue, &mut self.local);
-        let w = st.sender.take();
+        refill(&mut st, &mut self.local);
         drop(st);
-        wake(w);
         self.local.pop_front()
     }
 
@@ -167,6 +206,17 @@ impl Receiver {
         drop(st);
         wake(w);
     }
+}
+
+/// With the local batch handed out: releases its room, takes whatever is queued, and wakes a
+/// reader that waits for room. Whether anything was taken.
+fn refill(st: &mut State, local: &mut VecDeque<Message>) -> bool {
+    let freed = st.local_msgs > 0;
+    st.take_all(local);
+    if freed || !local.is_empty() {
+        wake(st.sender.take());
+    }
+    !local.is_empty()
 }
 
 impl Drop for Receiver {
@@ -207,16 +257,20 @@ mod tests {
 
     #[test]
     fn bounded_fifo_that_ends_when_senders_go() {
-        let (tx, mut rx) = channel(2);
+        let (tx, mut rx) = channel(2, usize::MAX);
         assert_eq!(offer(&tx, &[1, 2, 3]), (2, false));
         let mut cx = Context::from_waker(Waker::noop());
         assert_eq!(
             rx.poll_recv(&mut cx).map(|m| m.map(|m| m.seq())),
             Poll::Ready(Some(1))
         );
-        // The swap took both: the queue has room again while one is still local.
-        assert_eq!(offer(&tx, &[3]), (1, false));
+        // The swap took both, and one is still held locally: no room until it is read.
+        assert_eq!(offer(&tx, &[3]), (0, false));
         assert_eq!(rx.try_recv().map(|m| m.seq()), Some(2));
+        assert_eq!(offer(&tx, &[3]), (0, false));
+        // Coming back for more releases the local batch's room.
+        assert_eq!(rx.try_recv().map(|m| m.seq()), None);
+        assert_eq!(offer(&tx, &[3]), (1, false));
         assert_eq!(rx.try_recv().map(|m| m.seq()), Some(3));
         assert!(rx.poll_recv(&mut cx).is_pending());
         drop(tx);
@@ -228,7 +282,7 @@ mod tests {
 
     #[test]
     fn a_batch_larger_than_the_queue_waits_for_room_and_keeps_order() {
-        let (tx, mut rx) = channel(2);
+        let (tx, mut rx) = channel(2, usize::MAX);
         let mut batch: Vec<Message> = (1..=5).map(msg).collect();
         let mut cx = Context::from_waker(Waker::noop());
         let mut fut = std::pin::pin!(tx.send_all(&mut batch));
@@ -250,13 +304,46 @@ mod tests {
     }
 
     #[test]
+    fn the_byte_bound_counts_queued_and_local_messages_and_takes_one_large_one() {
+        let sized = |seq, n: usize| {
+            let mut m = msg(seq);
+            m.body = brokerd_proto::Body::parse(brokerd_proto::Body::encode(
+                "t",
+                None,
+                None,
+                &vec![0u8; n],
+            ))
+            .expect("valid body");
+            m
+        };
+        let one = size(&sized(0, 100));
+        let (tx, mut rx) = channel(100, 2 * one + one / 2);
+        let offer_sized = |seqs: &[u64], n: usize| {
+            let mut batch: Vec<Message> = seqs.iter().map(|&s| sized(s, n)).collect();
+            let mut cx = Context::from_waker(Waker::noop());
+            let before = batch.len();
+            let _ = std::pin::pin!(tx.send_all(&mut batch)).poll(&mut cx);
+            before - batch.len()
+        };
+        assert_eq!(offer_sized(&[1, 2, 3], 100), 2);
+        // Taken into the local batch, they still count.
+        assert_eq!(rx.try_recv().map(|m| m.seq()), Some(1));
+        assert_eq!(offer_sized(&[3], 100), 0);
+        assert_eq!(rx.try_recv().map(|m| m.seq()), Some(2));
+        assert_eq!(rx.try_recv().map(|m| m.seq()), None);
+        // Nothing held: one message over the whole bound still goes in, and alone.
+        assert_eq!(offer_sized(&[3, 4], 10 * one), 1);
+        assert_eq!(rx.try_recv().map(|m| m.seq()), Some(3));
+    }
+
+    #[test]
     fn closing_or_dropping_the_receiver_refuses_senders() {
-        let (tx, mut rx) = channel(4);
+        let (tx, mut rx) = channel(4, usize::MAX);
         assert_eq!(offer(&tx, &[1]), (1, false));
         rx.close();
         assert!(offer(&tx, &[2]).1);
         assert_eq!(rx.try_recv().map(|m| m.seq()), Some(1));
-        let (tx, rx) = channel(1);
+        let (tx, rx) = channel(1, usize::MAX);
         drop(rx);
         assert!(offer(&tx, &[1]).1);
     }

@@ -1,28 +1,18 @@
 //! The client's error type.
 
+use crate::event::CloseReason;
 use brokerd_proto::{DecodeError, ErrorCode, TopicError};
 use thiserror::Error;
 
 /// Everything a client call can fail with.
+///
+/// Three kinds: the caller's arguments ([`Error::InvalidTopic`], [`Error::PayloadTooLarge`],
+/// ...: nothing was sent), the server's answer ([`Error::Server`], [`Error::NoResponders`],
+/// [`Error::Timeout`]), and the connection ([`Error::Closed`], [`Error::Disconnected`],
+/// [`Error::Io`], ...).
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum Error {
-    /// The socket failed.
-    #[error("i/o error")]
-    Io(#[from] std::io::Error),
-    /// The server sent bytes that are not a valid frame.
-    #[error("protocol error")]
-    Protocol(#[from] DecodeError),
-    /// The server sent a frame that makes no sense at this point.
-    #[error("unexpected frame from server: {0}")]
-    Unexpected(&'static str),
-    /// The server refused the request.
-    #[error("server error {code}: {message}")]
-    Server {
-        /// Numeric error code (see `docs/protocol.md`).
-        code: u16,
-        /// The server's message.
-        message: String,
-    },
     /// The topic is not valid.
     #[error("invalid topic: {0}")]
     InvalidTopic(TopicError),
@@ -40,35 +30,105 @@ pub enum Error {
         /// The server's limit.
         max: usize,
     },
-    /// The connection is closed; the text says why, as far as the client knows.
+    /// A header key or value is longer than 65,535 bytes.
+    #[error("a header key or value is longer than 65535 bytes")]
+    HeaderTooLong,
+    /// A [`crate::ConnectOptions`] value cannot work; nothing was dialed.
+    #[error("invalid option {option}: {reason}")]
+    InvalidOption {
+        /// The option's builder method.
+        option: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The server refused the request with this code.
+    #[error("server error {} ({code:?}): {message}", *code as u16)]
+    Server {
+        /// The code (see `docs/protocol.md`, section "Error codes").
+        code: ErrorCode,
+        /// The server's message.
+        message: String,
+    },
+    /// The server refused the request with a code this client does not know (a newer
+    /// server).
+    #[error("server error {code}: {message}")]
+    ServerUnknown {
+        /// The code's number.
+        code: u16,
+        /// The server's message.
+        message: String,
+    },
+    /// A request matched no subscription, so nobody can answer it.
+    #[error("no responders for {0}")]
+    NoResponders(String),
+    /// The server, or a responder, did not answer in time.
+    #[error("timed out")]
+    Timeout,
+    /// [`crate::Message::respond`] on a message that carries no reply-to topic.
+    #[error("the message has no reply-to topic")]
+    NoReplyTo,
+    /// The connection is closed for good.
     #[error("connection closed: {0}")]
-    Closed(String),
-    /// The connection was lost and the client is reconnecting: a call that needed the server
-    /// failed at once rather than wait, or a publish found the reconnect buffer full. The text
-    /// says why the connection was lost.
-    #[error("disconnected: {0}")]
-    Disconnected(String),
+    Closed(CloseReason),
+    /// The connection was lost and the client is reconnecting: a call that needs the server
+    /// fails at once rather than wait.
+    #[error("disconnected, reconnecting: {0}")]
+    Disconnected(CloseReason),
+    /// Reconnecting, and the publishes buffered meanwhile fill
+    /// [`crate::Reconnect::buffer_bytes`]: this one was not buffered.
+    #[error("disconnected, and the {limit} bytes of publishes buffered meanwhile are full")]
+    ReconnectBufferFull {
+        /// The bound in bytes.
+        limit: usize,
+    },
+    /// The socket failed while connecting.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
     /// The TLS handshake failed; the text says why, with a hint when the server spoke plain
     /// brokerd.
     #[error("tls: {0}")]
     Tls(String),
-    /// The server, or a responder, did not answer in time.
-    #[error("timed out")]
-    Timeout,
-    /// A request matched no subscription, so nobody can answer it.
-    #[error("no responders for {0}")]
-    NoResponders(String),
-    /// [`crate::Message::respond`] on a message that carries no reply-to topic.
-    #[error("the message has no reply-to topic")]
-    NoReplyTo,
+    /// The server sent bytes that are not a valid frame during the handshake.
+    #[error("protocol error: {0}")]
+    Protocol(#[from] DecodeError),
+    /// The server sent a frame that makes no sense at this point.
+    #[error("unexpected frame from server: {0}")]
+    Unexpected(&'static str),
 }
 
 impl Error {
-    /// The server's error code, for [`Error::Server`].
+    /// The error for a server's `ERR` frame.
+    pub(crate) fn server(code: u16, message: String) -> Error {
+        match ErrorCode::from_u16(code) {
+            Some(code) => Error::Server { code, message },
+            None => Error::ServerUnknown { code, message },
+        }
+    }
+
+    /// The server's error code: for [`Error::Server`], and for a connection the server closed
+    /// with one.
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
-            Error::Server { code, .. } => ErrorCode::from_u16(*code),
+            Error::Server { code, .. } => Some(*code),
+            Error::Closed(reason) | Error::Disconnected(reason) => reason.code(),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_codes_are_typed_and_unknown_ones_kept() {
+        let e = Error::server(21, "no".into());
+        assert_eq!(e.code(), Some(ErrorCode::PermissionDenied));
+        assert_eq!(e.to_string(), "server error 21 (PermissionDenied): no");
+        let e = Error::server(999, "new".into());
+        assert!(matches!(e, Error::ServerUnknown { code: 999, .. }));
+        assert_eq!(e.code(), None);
+        let closed = Error::Closed(CloseReason::server_error(16, "bye".into()));
+        assert_eq!(closed.code(), Some(ErrorCode::ShuttingDown));
     }
 }

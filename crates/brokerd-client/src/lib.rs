@@ -1,32 +1,152 @@
-//! A thin async client for brokerd.
+//! A thin async client for the brokerd publish/subscribe broker, on tokio.
 //!
-//! Layout:
-//! - [`client`]: [`Client`]: connect, publish, subscribe, flush, close.
-//! - [`subscription`]: [`Subscription`], a `Stream` of [`Message`]s for one filter.
-//! - [`error`]: the [`Error`] type.
-//! - [`tls`]: [`TlsOptions`]: the CA, server name and client certificate for TLS.
-//! - `channel`: the bounded queue between the connection's reader and each subscription.
+//! Publishers and subscribers share only topic names: dot-separated tokens such as
+//! `order.created`. A subscription names a filter, where `*` matches one token and `>` every
+//! remaining token (`order.*`, `*.error`, `>`).
+//!
+//! # Connecting
+//!
+//! [`Client::connect`] dials a broker, completes the handshake and starts the connection's
+//! tasks. [`ConnectOptions`] names the client and carries everything else: credentials, TLS,
+//! the overflow policy, reconnection.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), brokerd_client::Error> {
 //! use brokerd_client::{Client, ConnectOptions};
+//! # async fn demo() -> Result<(), brokerd_client::Error> {
 //! let client = Client::connect("127.0.0.1:7654", ConnectOptions::new("welcome-email")).await?;
-//! let mut sub = client.subscribe("user.created").await?;
-//! let n = client.publish_acked("user.created", r#"{"id":1}"#).await?;
-//! assert_eq!(n, 1);
-//! let msg = sub.next().await.expect("connection open");
-//! println!("{} {:?}", msg.topic(), msg.payload());
+//! println!("connected to broker {}", client.server_info().server_id);
 //! # Ok(()) }
 //! ```
+//!
+//! A broker that requires authentication takes a token ([`ConnectOptions::token`]) or a user
+//! and password ([`ConnectOptions::user_password`]); over TLS, [`ConnectOptions::tls`] with
+//! [`TlsOptions`].
+//!
+//! # Publishing
+//!
+//! [`Client::publish`] returns a [`Publish`] that sends when awaited. Plain publishes return
+//! as soon as the message is buffered; [`Publish::acked`] waits for the broker and tells how many
+//! subscriptions the message reached. The broker's refusals of publishes nobody waited on are
+//! kept for [`Client::take_refusals`].
+//!
+//! ```no_run
+//! # async fn demo(client: brokerd_client::Client) -> Result<(), brokerd_client::Error> {
+//! client.publish("user.created", r#"{"id":1,"name":"alice"}"#).await?;
+//! let reached = client
+//!     .publish("order.created", r#"{"order_id":"ord-1"}"#)
+//!     .header("content-type", "application/json")
+//!     .acked()
+//!     .await?;
+//! println!("order.created reached {reached} subscribers");
+//! # Ok(()) }
+//! ```
+//!
+//! # Subscribing
+//!
+//! [`Client::subscribe`] returns a [`Subscription`], a stream of [`Message`]s. Each
+//! subscription's queue is bounded ([`ConnectOptions::subscription_capacity`]); when it is full
+//! the client stops reading, and the broker's overflow policy decides what is dropped. What the
+//! broker dropped is counted in [`Subscription::missed`], and a gap in [`Message::seq`] shows
+//! where.
+//!
+//! ```no_run
+//! # async fn demo(client: brokerd_client::Client) -> Result<(), brokerd_client::Error> {
+//! let mut errors = client.subscribe("*.error").await?;
+//! while let Some(msg) = errors.next().await {
+//!     println!("{} (seq {}): {:?}", msg.topic(), msg.seq(), msg.payload());
+//! }
+//! println!("the broker dropped {} for this subscription", errors.missed());
+//! # Ok(()) }
+//! ```
+//!
+//! # Queue groups
+//!
+//! Subscriptions that join the same queue group share its messages: each message goes to one
+//! member, whichever connection it is on. A pool of workers is one group.
+//!
+//! ```no_run
+//! # async fn demo(client: brokerd_client::Client) -> Result<(), brokerd_client::Error> {
+//! let mut jobs = client.subscribe_queue("image.resize", "resizers").await?;
+//! while let Some(job) = jobs.next().await {
+//!     // No other member of "resizers" received this one.
+//!     # let _ = job;
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # Requests and replies
+//!
+//! [`Client::request`] publishes with a reply-to topic of this connection's own and waits for
+//! the first answer; a responder answers with [`Message::respond`]. A request that reaches no
+//! subscription fails at once with [`Error::NoResponders`].
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! # async fn demo(client: brokerd_client::Client) -> Result<(), brokerd_client::Error> {
+//! // The responder.
+//! let mut quotes = client.subscribe("price.quote").await?;
+//! tokio::spawn(async move {
+//!     while let Some(req) = quotes.next().await {
+//!         let _ = req.respond(r#"{"price":12.5}"#).await;
+//!     }
+//! });
+//! // The requester.
+//! let answer = client.request("price.quote", r#"{"sku":"mug"}"#, Duration::from_secs(2)).await?;
+//! println!("{:?}", answer.payload());
+//! # Ok(()) }
+//! ```
+//!
+//! # Reconnecting
+//!
+//! By default a lost connection closes the client. With [`ConnectOptions::reconnect`], the
+//! client dials again with backoff and jitter (over [`ConnectOptions::servers`] in turn), makes
+//! every subscription again, and sends the publishes it buffered meanwhile, up to
+//! [`Reconnect::buffer_bytes`]. Calls that need an answer fail at once while it is
+//! disconnected ([`Error::Disconnected`]). [`Client::events`] reports what happens.
+//!
+//! ```no_run
+//! use brokerd_client::{Client, ConnectOptions, Event, Reconnect};
+//! use std::time::Duration;
+//! # async fn demo() -> Result<(), brokerd_client::Error> {
+//! let options = ConnectOptions::new("dashboard")
+//!     .reconnect(Reconnect::default().delays(Duration::from_millis(100), Duration::from_secs(5)))
+//!     .servers(["10.0.0.2:7654", "10.0.0.3:7654"]);
+//! let client = Client::connect("10.0.0.1:7654", options).await?;
+//! let mut events = client.events();
+//! tokio::spawn(async move {
+//!     while let Ok(event) = events.recv().await {
+//!         if let Event::Disconnected { reason } = event {
+//!             eprintln!("lost the broker ({reason}); reconnecting");
+//!         }
+//!     }
+//! });
+//! # Ok(()) }
+//! ```
+//!
+//! # Errors
+//!
+//! Every call returns [`Error`]: the caller's arguments ([`Error::InvalidTopic`], ...), the
+//! broker's refusal with its [`ErrorCode`] ([`Error::Server`]), or the connection
+//! ([`Error::Closed`] and [`Error::Disconnected`] with a [`CloseReason`]).
 
 mod channel;
-pub mod client;
-pub mod error;
-pub mod subscription;
-pub mod tls;
+mod client;
+mod connection;
+mod error;
+mod event;
+mod info;
+mod options;
+mod publish;
+mod state;
+mod subscription;
+mod tls;
 
-pub use brokerd_proto::{Credentials, Filter, Headers, OverflowPolicy, Topic};
-pub use client::{Client, ConnectOptions, Event, Reconnect, ServerInfo};
+pub use brokerd_proto::{Credentials, ErrorCode, Filter, Headers, OverflowPolicy, Topic};
+pub use client::Client;
 pub use error::Error;
+pub use event::{CloseReason, Event};
+pub use info::ServerInfo;
+pub use options::{ConnectOptions, Reconnect};
+pub use publish::{AckedPublish, Publish, PublishFuture};
 pub use subscription::{Message, Subscription};
 pub use tls::{TlsOptions, TlsOptionsError};

@@ -1,6 +1,6 @@
 //! A subscription's stream of messages, and the message type.
 
-use crate::client::Inner;
+use crate::state::Inner;
 use brokerd_proto::{Body, Headers};
 use bytes::Bytes;
 use futures_core::Stream;
@@ -29,7 +29,7 @@ impl Message {
             sid: 1,
             seq,
             body: Body::parse(Body::encode("t", None, None, b"")).expect("valid body"),
-            client: Some(crate::client::Inner::for_test()),
+            client: Some(crate::state::Inner::for_test()),
         }
     }
 }

@@ -1,0 +1,437 @@
+//! One connection after another: dialing and the handshake, the reader and writer tasks, and
+//! reconnection.
+
+use crate::channel;
+use crate::error::Error;
+use crate::event::{CloseReason, Event};
+use crate::options::ConnectOptions;
+use crate::state::{HANDSHAKE_FRAME, Inner, MAX_REFUSALS, Reply};
+use crate::subscription::Message;
+use brokerd_proto::frame::take_msg;
+use brokerd_proto::{ErrorCode, Frame, Hello, Msg, PROTOCOL_VERSION, Welcome, decode};
+use bytes::BytesMut;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The connection's read side, plain or TLS.
+pub(crate) type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+/// The connection's write side, plain or TLS.
+pub(crate) type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// A failed TLS handshake, with a hint when the server answered in plain brokerd frames.
+fn tls_error(e: std::io::Error) -> Error {
+    let text = e.to_string();
+    if text.contains("InvalidContentType") || text.contains("corrupt message") {
+        return Error::Tls(format!(
+            "{text}: the server did not answer with TLS; is this its plain port?"
+        ));
+    }
+    Error::Tls(text)
+}
+
+/// How one connection ended.
+type Ended = CloseReason;
+
+async fn write_task(inner: Arc<Inner>, mut wr: WriteHalf) -> Ended {
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    loop {
+        let closed = {
+            let mut w = inner.write.lock();
+            std::mem::swap(&mut w.buf, &mut out);
+            w.closed.is_some()
+        };
+        inner.space.notify_waiters();
+        if !out.is_empty() {
+            if let Err(e) = wr.write_all(&out).await {
+                return CloseReason::io("write", &e);
+            }
+            out.clear();
+            continue;
+        }
+        if closed {
+            let _ = wr.shutdown().await;
+            return CloseReason::ClientClosed;
+        }
+        inner.data.notified().await;
+    }
+}
+
+/// Runs one connection after another: reader and writer until either ends, then, if the
+/// client reconnects, new connections until one succeeds or the attempts run out.
+pub(crate) async fn supervise(
+    inner: Arc<Inner>,
+    mut rd: ReadHalf,
+    mut wr: WriteHalf,
+    mut buf: BytesMut,
+) {
+    let mut server = inner.server.clone();
+    loop {
+        let mut reader = tokio::spawn(read_task(inner.clone(), rd, buf));
+        let mut writer = tokio::spawn(write_task(inner.clone(), wr));
+        let ended = tokio::select! {
+            r = &mut reader => { writer.abort(); r }
+            w = &mut writer => { reader.abort(); w }
+        };
+        let ended =
+            ended.unwrap_or_else(|e| CloseReason::Protocol(format!("connection task failed: {e}")));
+        let shutting_down = ended.code() == Some(ErrorCode::ShuttingDown);
+        if shutting_down {
+            inner.emit(Event::ServerShuttingDown);
+        }
+        let refused = ended.code() == Some(ErrorCode::AuthenticationFailed);
+        let policy = match &inner.options.reconnect {
+            Some(p) if !inner.shut.load(Ordering::Acquire) && !refused => p.clone(),
+            _ => {
+                inner.shutdown(ended.clone());
+                inner.emit(Event::Closed { reason: ended });
+                return;
+            }
+        };
+        inner.disconnected(&ended);
+        tracing::warn!(server = %server, reason = %ended, "connection lost; reconnecting");
+        let servers: Vec<String> = std::iter::once(inner.server.clone())
+            .chain(inner.options.servers.iter().cloned())
+            .collect();
+        // Start with the server after the one just lost (the same one when there is one).
+        let start = servers
+            .iter()
+            .position(|s| *s == server)
+            .map_or(0, |i| i + 1);
+        let mut attempt = 0u32;
+        let next = loop {
+            if policy.max_attempts.is_some_and(|max| attempt >= max) {
+                break None;
+            }
+            tokio::time::sleep(policy.delay(attempt, jitter())).await;
+            if inner.shut.load(Ordering::Acquire) {
+                break None;
+            }
+            let candidate = &servers[(start + attempt as usize) % servers.len()];
+            attempt += 1;
+            match dial(candidate, &inner.options).await {
+                Ok(conn) => break Some((candidate.clone(), conn)),
+                Err(e) => {
+                    tracing::debug!(server = %candidate, attempt, error = %e, "reconnect attempt failed")
+                }
+            }
+        };
+        let Some((reached, (r, w, b, info))) = next else {
+            let reason = if inner.shut.load(Ordering::Acquire) {
+                CloseReason::ClientClosed
+            } else {
+                CloseReason::ReconnectFailed {
+                    attempts: attempt,
+                    last: Box::new(ended),
+                }
+            };
+            inner.shutdown(reason.clone());
+            inner.emit(Event::Closed { reason });
+            return;
+        };
+        inner.reconnected(info);
+        tracing::info!(server = %reached, attempts = attempt, "reconnected");
+        inner.emit(Event::Reconnected {
+            server: reached.clone(),
+            attempts: attempt,
+        });
+        server = reached;
+        (rd, wr, buf) = (r, w, b);
+    }
+}
+
+/// A random fraction in [0, 1), for reconnect jitter.
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(u64::from(std::process::id()));
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Connects to `server` and completes the handshake, within `options.connect_timeout`.
+pub(crate) async fn dial(
+    server: &str,
+    options: &ConnectOptions,
+) -> Result<(ReadHalf, WriteHalf, BytesMut, Welcome), Error> {
+    tokio::time::timeout(options.connect_timeout, dial_inner(server, options))
+        .await
+        .map_err(|_| Error::Timeout)?
+}
+
+async fn dial_inner(
+    server: &str,
+    options: &ConnectOptions,
+) -> Result<(ReadHalf, WriteHalf, BytesMut, Welcome), Error> {
+    let stream = TcpStream::connect(server).await?;
+    stream.set_nodelay(true)?;
+    let (mut rd, mut wr): (ReadHalf, WriteHalf) = match &options.tls {
+        None => {
+            let (rd, wr) = stream.into_split();
+            (Box::new(rd), Box::new(wr))
+        }
+        Some(tls) => {
+            let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+            // rustls reads 4 KiB per call: the buffer makes that one system call per 64 KiB,
+            // for one copy of the ciphertext.
+            let stream = connector
+                .connect(
+                    tls.server_name.clone(),
+                    tokio::io::BufReader::with_capacity(64 * 1024, stream),
+                )
+                .await
+                .map_err(tls_error)?;
+            let (rd, wr) = tokio::io::split(stream);
+            (Box::new(rd), Box::new(wr))
+        }
+    };
+    let hello = Frame::Hello(Hello {
+        req_id: 0,
+        version: PROTOCOL_VERSION,
+        no_echo: options.no_echo,
+        overflow: options.overflow,
+        name: options.name.clone(),
+        credentials: options.credentials.clone(),
+    });
+    wr.write_all(&hello.to_bytes()).await?;
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let info = loop {
+        match decode(&mut buf, HANDSHAKE_FRAME)? {
+            Some(Frame::Welcome(w)) => break w,
+            Some(Frame::Err(e)) => return Err(Error::server(e.code, e.message)),
+            Some(_) => return Err(Error::Unexpected("expected WELCOME")),
+            None => {}
+        }
+        if rd.read_buf(&mut buf).await? == 0 {
+            return Err(Error::Closed(CloseReason::ServerClosed));
+        }
+    };
+    Ok((rd, wr, buf, info))
+}
+
+/// Read buffer growth of a new connection, and what it grows to for a connection whose reads
+/// keep filling the buffer (a busy subscriber then reads, and wakes, a quarter as often).
+const READ_CHUNK: usize = 64 * 1024;
+const READ_CHUNK_MAX: usize = 256 * 1024;
+
+async fn read_task(inner: Arc<Inner>, mut rd: ReadHalf, mut buf: BytesMut) -> Ended {
+    let mut last = None;
+    let mut chunk = READ_CHUNK;
+    loop {
+        match read_frames(&inner, &mut buf, &mut last).await {
+            Ok(()) => {}
+            Err(ended) => return ended,
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(chunk);
+        }
+        let free = buf.capacity() - buf.len();
+        match rd.read_buf(&mut buf).await {
+            Ok(0) => return CloseReason::ServerClosed,
+            Ok(n) => {
+                if n == free && chunk < READ_CHUNK_MAX {
+                    chunk *= 2;
+                }
+            }
+            Err(e) => return CloseReason::io("read", &e),
+        }
+    }
+}
+
+/// The subscription that received the previous message, and the messages for it not yet handed
+/// over: a run of deliveries for one subscription takes the subscription map's lock once and the
+/// subscription's queue lock once per [`DELIVERY_BATCH`] messages.
+struct Delivery {
+    sid: u32,
+    tx: channel::Sender,
+    batch: Vec<Message>,
+}
+
+/// At most this many messages are held back before being handed to their subscription.
+const DELIVERY_BATCH: usize = 256;
+
+/// Hands the held-back messages to their subscription, waiting for room in its queue. A
+/// subscription that is gone is forgotten.
+async fn deliver(inner: &Inner, last: &mut Option<Delivery>) {
+    let Some(d) = last.as_mut() else {
+        return;
+    };
+    if d.batch.is_empty() {
+        return;
+    }
+    // Waiting here is deliberate: a reader that cannot keep up pushes back on the socket, and
+    // the server's overflow policy decides what is dropped.
+    if d.tx.send_all(&mut d.batch).await.is_err() {
+        inner.forget(d.sid);
+        *last = None;
+    }
+}
+
+/// Why [`gather`] stopped.
+enum Gathered {
+    /// The batch is full.
+    Full,
+    /// A message for another subscription than the batch's (or the first one).
+    Other(Message),
+    /// A reply to a request.
+    Inbox(Message),
+    /// A frame other than `MSG`.
+    Control(Frame),
+    /// Nothing complete is left in the buffer.
+    Drained,
+    /// The connection was closed by this side.
+    Closed,
+    /// The server sent something undecodable.
+    Undecodable(String),
+}
+
+/// Moves the `MSG` frames at the front of `buf` into the batch of `last` for as long as they are
+/// for its subscription. Synchronous, so that the run of messages a subscriber mostly reads stays
+/// out of the reader task's future: only the frame that ends the run crosses an `.await`.
+fn gather(inner: &Arc<Inner>, buf: &mut BytesMut, last: &mut Option<Delivery>) -> Gathered {
+    let limit = inner.max_frame_in.load(Ordering::Relaxed);
+    loop {
+        // The frame a subscriber mostly reads is taken without building a `Frame`.
+        let (sid, seq, body) = match take_msg(buf, limit) {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Gathered::Undecodable(e.to_string()),
+            None => match decode(buf, limit) {
+                Ok(Some(Frame::Msg(Msg { sid, seq, body }))) => (sid, seq, body),
+                Ok(Some(frame)) => return Gathered::Control(frame),
+                Ok(None) => return Gathered::Drained,
+                Err(e) => return Gathered::Undecodable(e.to_string()),
+            },
+        };
+        if inner.shut.load(Ordering::Acquire) {
+            return Gathered::Closed;
+        }
+        let client = body.reply().is_some().then(|| inner.clone());
+        let msg = Message {
+            sid,
+            seq,
+            body,
+            client,
+        };
+        if sid == inner.inbox_sid.load(Ordering::Relaxed) {
+            return Gathered::Inbox(msg);
+        }
+        match last.as_mut() {
+            Some(d) if d.sid == sid => {
+                d.batch.push(msg);
+                if d.batch.len() >= DELIVERY_BATCH {
+                    return Gathered::Full;
+                }
+            }
+            _ => return Gathered::Other(msg),
+        }
+    }
+}
+
+/// Dispatches every complete frame in `buf`; `Err` carries why the connection must end.
+/// Messages are handed to subscriptions in batches (see [`Delivery`]); every other frame, an
+/// inbox reply, and the end of what was read first hand over what is held, so a reply (such as
+/// the `OK` that ends an unsubscribe) is never seen before the messages that preceded it.
+async fn read_frames(
+    inner: &Arc<Inner>,
+    buf: &mut BytesMut,
+    last: &mut Option<Delivery>,
+) -> Result<(), Ended> {
+    loop {
+        let gathered = gather(inner, buf, last);
+        deliver(inner, last).await;
+        match gathered {
+            Gathered::Full => {}
+            Gathered::Other(msg) => {
+                let batch = last.take().map(|d| d.batch);
+                // A message for a subscription already gone (one ended while it was in flight)
+                // allocates nothing.
+                *last = inner.subs.lock().get(&msg.sid).map(|s| Delivery {
+                    sid: msg.sid,
+                    tx: s.tx.clone(),
+                    batch: batch.unwrap_or_else(|| Vec::with_capacity(DELIVERY_BATCH)),
+                });
+                if let Some(d) = last.as_mut() {
+                    d.batch.push(msg);
+                }
+            }
+            Gathered::Inbox(msg) => {
+                let token = msg.topic().rsplit('.').next().and_then(|t| t.parse().ok());
+                let waiter = token.and_then(|t: u32| inner.replies.lock().remove(&t));
+                // Later replies to the same request, and replies after a timeout, are dropped.
+                if let Some(w) = waiter {
+                    let _ = w.send(msg);
+                }
+            }
+            Gathered::Control(frame) => control(inner, frame)?,
+            Gathered::Drained => return Ok(()),
+            Gathered::Closed => {
+                // What was read before the close was handed over above; nothing after it.
+                *last = None;
+                return Err(CloseReason::ClientClosed);
+            }
+            Gathered::Undecodable(e) => {
+                return Err(CloseReason::Protocol(format!("undecodable frame: {e}")));
+            }
+        }
+    }
+}
+
+/// Acts on a frame other than `MSG`; `Err` carries why the connection must end.
+fn control(inner: &Inner, frame: Frame) -> Result<(), Ended> {
+    let reply = match frame {
+        Frame::Msg(_) => return Ok(()),
+        Frame::Lost(l) => {
+            if let Some(s) = inner.subs.lock().get(&l.sid) {
+                s.shared.missed.fetch_add(l.missed, Ordering::Relaxed);
+            }
+            tracing::warn!(
+                sid = l.sid,
+                missed = l.missed,
+                "server dropped messages for a slow subscription"
+            );
+            return Ok(());
+        }
+        Frame::Ping(t) => {
+            inner.append(|b| Frame::Pong(t).encode(b));
+            return Ok(());
+        }
+        Frame::Ok(id) => {
+            inner.resubs.lock().remove(&id);
+            (id, Reply::Ok)
+        }
+        Frame::Pong(id) => (id, Reply::Pong),
+        Frame::Ack { req_id, delivered } => (req_id, Reply::Ack(delivered)),
+        Frame::Err(e) => {
+            if let Some(sid) = inner.resubs.lock().remove(&e.req_id) {
+                // A subscription the new connection refused (its rules changed, say) ends.
+                tracing::warn!(sid, code = e.code, message = %e.message, "subscription not made again after reconnecting");
+                inner.forget(sid);
+                return Ok(());
+            }
+            if e.req_id == 0 || !inner.pending.lock().contains_key(&e.req_id) {
+                let fatal = ErrorCode::from_u16(e.code).is_none_or(|c| c.closes_connection());
+                if fatal {
+                    return Err(CloseReason::server_error(e.code, e.message));
+                }
+                tracing::debug!(code = e.code, message = %e.message, req_id = e.req_id, "server refused a request nobody waits on");
+                let mut r = inner.refusals.lock();
+                if r.kept.len() == MAX_REFUSALS {
+                    r.kept.pop_front();
+                }
+                r.kept.push_back(Error::server(e.code, e.message));
+                r.total += 1;
+                return Ok(());
+            }
+            (e.req_id, Reply::Err(e.code, e.message))
+        }
+        Frame::Hello(_) | Frame::Pub(_) | Frame::Sub(_) | Frame::Unsub(_) | Frame::Welcome(_) => {
+            return Err(CloseReason::Protocol(
+                "the server sent a client's frame".into(),
+            ));
+        }
+    };
+    if let Some(tx) = inner.pending.lock().remove(&reply.0) {
+        let _ = tx.send(reply.1);
+    }
+    Ok(())
+}
