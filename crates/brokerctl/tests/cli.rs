@@ -597,6 +597,59 @@ async fn req_gets_a_fixed_reply_and_a_command_reply() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_command_gets_an_error_reply_and_reply_goes_on() {
+    let broker = Broker::start().await;
+    let responder = spawn(
+        broker.ctl(&["reply", "svc.fail", "--command", "exit 3", "--count", "2"]),
+        None,
+    );
+    let answers = spawn(
+        broker.ctl(&["sub", "answers.1", "--json", "--count", "1"]),
+        None,
+    );
+    broker.wait_for_subscriptions(2).await;
+
+    let p = run(
+        broker.ctl(&["pub", "svc.fail", "x", "--reply", "answers.1"]),
+        None,
+    )
+    .await;
+    assert!(p.status.success(), "pub failed: {}", p.stderr);
+    let answers = answers.finish().await;
+    assert!(answers.status.success(), "sub failed: {}", answers.stderr);
+    let v: serde_json::Value = serde_json::from_str(&answers.stdout).expect("one JSON line");
+    assert_eq!(v["payload"], "command failed: exit status 3", "{v}");
+    assert_eq!(
+        v["headers"],
+        serde_json::json!([["error", "exit status 3"]]),
+        "{v}"
+    );
+
+    // The responder is still there for the next request.
+    let r = run(broker.ctl(&["req", "svc.fail", "again"]), None).await;
+    assert!(r.status.success(), "req failed: {}", r.stderr);
+    assert_eq!(r.stdout, "command failed: exit status 3\n");
+
+    let responder = responder.finish().await;
+    assert!(responder.status.success(), "{}", responder.stderr);
+    assert!(
+        responder.stderr.contains(
+            "svc.fail: command \"exit 3\" failed: exit status 3; sent an error reply to answers.1\n"
+        ),
+        "{}",
+        responder.stderr
+    );
+    assert!(
+        responder
+            .stderr
+            .contains("answered 2 requests (2 with an error reply)"),
+        "{}",
+        responder.stderr
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn req_to_nobody_says_no_responders() {
     let broker = Broker::start().await;
     let r = run(
