@@ -3,6 +3,7 @@
 //!
 //! Nothing here touches the network; `bench.rs` measures and fills in a [`Report`].
 
+use crate::human::{group, si};
 use serde_json::json;
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -328,30 +329,6 @@ fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-/// `12345678` as `12,345,678`.
-fn group(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-/// `4_150_000.0` as `4.15 M`.
-fn si(x: f64) -> String {
-    if x >= 1e6 {
-        format!("{:.2} M", x / 1e6)
-    } else if x >= 1e3 {
-        format!("{:.1} k", x / 1e3)
-    } else {
-        format!("{x:.0}")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,14 +359,5 @@ mod tests {
         assert_eq!(l.p999_us, 999.0);
         assert_eq!(l.max_us, 1000.0);
         assert_eq!(Latency::from_samples(Vec::new()).max_us, 0.0);
-    }
-
-    #[test]
-    fn number_formats() {
-        assert_eq!(group(0), "0");
-        assert_eq!(group(1234), "1,234");
-        assert_eq!(group(12_345_678), "12,345,678");
-        assert_eq!(si(4_150_000.0), "4.15 M");
-        assert_eq!(si(768_000.0), "768.0 k");
     }
 }
