@@ -6,8 +6,14 @@
 //! publisher sends a `PING` and waits for the `PONG` (everything before it has been routed), then
 //! the subscribers are given time to drain what is already in flight.
 //!
+//! The latency scenario publishes on a fixed schedule and stamps each message with the time it
+//! was due, not the time it was sent, so a publisher that falls behind shows as latency instead
+//! of hiding it (no coordinated omission); the subscriber records into an HDR histogram.
+//!
 //! The tool measures itself too: its CPU time over the run (from `/proc/self/stat`), and the
 //! broker's when `--broker-pid` names it, so a reader can tell whether the tool was the limit.
+//! A progress line is rewritten on stderr every second, only when stderr is a terminal and
+//! without `--json`.
 //! Report formatting lives in [`report`]; the hidden `hold` scenario (idle connections for memory
 //! measurements) in [`hold`]. Nothing here asserts a time: these are measurements.
 
@@ -18,7 +24,9 @@ use crate::Global;
 use anyhow::{Context, Result, bail};
 use brokerd_client::{Client, Subscription};
 use clap::{Args, Subcommand};
+use hdrhistogram::Histogram;
 use report::{CpuClock, Report};
+use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -74,7 +82,8 @@ enum Scenario {
         #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
         topics: u32,
     },
-    /// One publisher at a fixed rate, the send time in the payload; reports latency percentiles.
+    /// One publisher at a fixed rate, each message's due time in its payload; reports latency
+    /// percentiles, timed from when each message was due to be sent.
     Latency {
         /// Messages per second.
         #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
@@ -124,9 +133,10 @@ struct Counters {
 
 /// What one subscriber task hands back when its stream ends.
 struct SubResult {
+    /// The `LOST` notices it got.
     missed: u64,
-    /// Latency samples in nanoseconds (latency scenario only).
-    samples: Vec<u64>,
+    /// Latencies in nanoseconds (latency scenario only).
+    latency: Option<Histogram<u64>>,
 }
 
 /// Runs `brokerctl bench`.
@@ -162,6 +172,7 @@ pub(crate) async fn cmd_bench(global: &Global, args: BenchArgs) -> Result<()> {
     let counters = Arc::new(Counters::default());
     // Latency stamps are nanoseconds since this instant, shared by publisher and subscribers.
     let epoch = std::time::Instant::now();
+    let empty = report::latency_histogram().context("cannot make a latency histogram")?;
     let mut sub_clients = Vec::with_capacity(subs as usize);
     let mut sub_tasks = Vec::with_capacity(subs as usize);
     for i in 0..subs {
@@ -170,28 +181,31 @@ pub(crate) async fn cmd_bench(global: &Global, args: BenchArgs) -> Result<()> {
             .subscribe(&filter)
             .await
             .with_context(|| format!("cannot subscribe to {filter}"))?;
-        sub_tasks.push(tokio::spawn(subscriber(
-            sub,
-            counters.clone(),
-            rate.is_some().then_some(epoch),
-        )));
+        let latency = rate.map(|_| (epoch, empty.clone()));
+        sub_tasks.push(tokio::spawn(subscriber(sub, counters.clone(), latency)));
         sub_clients.push(client);
     }
 
-    let progress = tokio::spawn(progress(counters.clone(), subs));
     let mut payload = vec![0u8; common.size];
     let cpu = CpuClock::start(common.broker_pid);
     let start = Instant::now();
-    let deadline = start + common.duration;
+    let progress = (!common.json && std::io::stderr().is_terminal())
+        .then(|| tokio::spawn(progress(counters.clone(), subs, start)));
     let sent = match rate {
-        None => publish_flat_out(&publisher, &topic_names, &payload, deadline, &counters).await?,
-        Some(r) => {
+        None => {
+            let deadline = start + common.duration;
+            publish_flat_out(&publisher, &topic_names, &payload, deadline, &counters).await?
+        }
+        Some(rate) => {
+            let schedule = Schedule {
+                rate,
+                duration: common.duration,
+            };
             publish_paced(
                 &publisher,
                 &topic_names[0],
                 &mut payload,
-                r,
-                deadline,
+                schedule,
                 epoch,
                 &counters,
             )
@@ -228,8 +242,12 @@ pub(crate) async fn cmd_bench(global: &Global, args: BenchArgs) -> Result<()> {
     };
     let elapsed = end.duration_since(start);
     let cpu = cpu.stop();
-    progress.abort();
-    report::clear_progress();
+    if let Some(progress) = progress {
+        progress.abort();
+        // Awaited so that a line being written on another worker is finished before the clear.
+        let _ = progress.await;
+        report::clear_progress();
+    }
 
     for client in sub_clients {
         // Closing ends each subscription stream, which ends its task.
@@ -237,11 +255,15 @@ pub(crate) async fn cmd_bench(global: &Global, args: BenchArgs) -> Result<()> {
     }
     let _ = publisher.close().await;
     let mut missed = 0;
-    let mut samples = Vec::new();
+    let mut latency = empty;
     for task in sub_tasks {
         let r = task.await.context("a subscriber task failed")?;
         missed += r.missed;
-        samples.extend(r.samples);
+        if let Some(h) = r.latency {
+            latency
+                .add(h)
+                .context("cannot merge the latency histograms")?;
+        }
     }
     let received = counters.received.load(Ordering::Relaxed);
     let report = Report {
@@ -258,14 +280,17 @@ pub(crate) async fn cmd_bench(global: &Global, args: BenchArgs) -> Result<()> {
         publish_elapsed: published_at.duration_since(start),
         threads: common.threads,
         cpu,
-        latency: rate.map(|_| report::Latency::from_samples(samples)),
+        latency: rate.map(|_| report::Latency::from_histogram(&latency)),
     };
-    if common.json {
-        println!("{}", report.json());
+    let text = if common.json {
+        format!("{}\n", report.json())
     } else {
-        print!("{}", report.table());
-    }
-    Ok(())
+        report.table()
+    };
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .context("cannot write to stdout")
 }
 
 /// Connects with the bench's client options.
@@ -311,60 +336,96 @@ async fn publish_flat_out(
     }
 }
 
-/// Publishes `rate` messages per second until `deadline`, each stamped with its send time.
+/// A fixed-rate schedule: message `k` (from 0) is due `k / rate` seconds after the start, and
+/// every message due before `duration` is sent.
+#[derive(Debug, Clone, Copy)]
+struct Schedule {
+    /// Messages per second.
+    rate: u64,
+    /// How long the schedule runs.
+    duration: Duration,
+}
+
+impl Schedule {
+    /// When message `k` is due, from the start of the schedule (rounded down to the nanosecond).
+    fn due(&self, k: u64) -> Duration {
+        let ns = u128::from(k) * 1_000_000_000 / u128::from(self.rate.max(1));
+        Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
+    }
+
+    /// How many messages are due before `duration`: the `k` with `due(k) < duration`.
+    fn messages(&self) -> u64 {
+        let scaled = self.duration.as_nanos() * u128::from(self.rate);
+        u64::try_from(scaled.div_ceil(1_000_000_000)).unwrap_or(u64::MAX)
+    }
+
+    /// The stamp of message `k` given the schedule's start as nanoseconds since the epoch.
+    fn stamp(&self, start_ns: u64, k: u64) -> u64 {
+        start_ns.saturating_add(self.due(k).as_nanos() as u64)
+    }
+}
+
+/// Publishes every message of `schedule`, each stamped with the time it was due (nanoseconds
+/// since `epoch`). Returns how many were published.
 ///
 /// Tokio's timer has millisecond resolution, so messages go out in small bursts, one per timer
-/// tick, each message stamped when it is handed to the client (not when it was due): the
-/// latency measured is the broker's and the clients', not the pacing's.
+/// tick; each still carries its own slot in the schedule, so the latency measured includes any
+/// wait for the tick, a full write buffer or a busy runtime. A publisher that falls behind sends
+/// what is overdue (a batch at a time) instead of skipping it, and takes longer than `duration`
+/// to finish: the slow-down shows as latency rather than as messages never sent.
 async fn publish_paced(
     client: &Client,
     topic: &str,
     payload: &mut [u8],
-    rate: u64,
-    deadline: Instant,
+    schedule: Schedule,
     epoch: std::time::Instant,
     counters: &Counters,
 ) -> Result<u64> {
     let start = Instant::now();
+    let start_ns = start.into_std().duration_since(epoch).as_nanos() as u64;
+    let total = schedule.messages();
     let mut sent = 0u64;
-    loop {
-        let now = Instant::now();
-        if now >= deadline {
-            return Ok(sent);
-        }
-        let due = (now.duration_since(start).as_nanos() * u128::from(rate) / 1_000_000_000) as u64;
-        while sent < due {
-            let stamp = epoch.elapsed().as_nanos() as u64;
-            payload[..8].copy_from_slice(&stamp.to_be_bytes());
+    while sent < total {
+        let now = start.elapsed();
+        let mut burst = 0;
+        while sent < total && schedule.due(sent) <= now && burst < BATCH {
+            payload[..8].copy_from_slice(&schedule.stamp(start_ns, sent).to_be_bytes());
             client
                 .publish(topic, &*payload)
                 .await
                 .context("cannot publish")?;
             sent += 1;
+            burst += 1;
         }
         counters.sent.store(sent, Ordering::Relaxed);
-        let next = start + Duration::from_nanos((sent + 1) * 1_000_000_000 / rate);
-        tokio::time::sleep_until(next.min(deadline)).await;
+        let next = start + schedule.due(sent);
+        if next > Instant::now() {
+            tokio::time::sleep_until(next).await;
+        } else {
+            // Behind: let the subscriber and the progress line run between batches.
+            tokio::task::yield_now().await;
+        }
     }
+    Ok(sent)
 }
 
-/// Counts deliveries until the stream ends; with `epoch`, records each message's latency.
+/// Counts deliveries until the stream ends; with `latency`, records each message's latency into
+/// the histogram: the time since the stamp in its first 8 bytes (nanoseconds since the epoch).
 async fn subscriber(
     mut sub: Subscription,
     counters: Arc<Counters>,
-    epoch: Option<std::time::Instant>,
+    mut latency: Option<(std::time::Instant, Histogram<u64>)>,
 ) -> SubResult {
-    let mut samples = Vec::new();
     while let Some(first) = sub.next().await {
         let mut n = 1u64;
         let mut next = Some(first);
         while let Some(msg) = next {
-            if let Some(epoch) = epoch {
+            if let Some((epoch, h)) = &mut latency {
                 let now = epoch.elapsed().as_nanos() as u64;
                 if let Some(stamp) = msg.payload().get(..8) {
                     let mut b = [0u8; 8];
                     b.copy_from_slice(stamp);
-                    samples.push(now.saturating_sub(u64::from_be_bytes(b)));
+                    h.saturating_record(now.saturating_sub(u64::from_be_bytes(b)));
                 }
             }
             // Bounded so the shared counter (and the progress line) keeps moving.
@@ -377,26 +438,76 @@ async fn subscriber(
     }
     SubResult {
         missed: sub.missed(),
-        samples,
+        latency: latency.map(|(_, h)| h),
     }
 }
 
-/// Rewrites one progress line on stderr every second until aborted.
-async fn progress(counters: Arc<Counters>, subs: u32) {
-    let start = Instant::now();
+/// Rewrites one progress line on stderr every second until aborted. Rates are over the time
+/// since the previous line as measured, so a late tick (a busy runtime) does not inflate them.
+async fn progress(counters: Arc<Counters>, subs: u32, start: Instant) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
-    let (mut last_sent, mut last_recv) = (0u64, 0u64);
+    let (mut last_at, mut last_sent, mut last_recv) = (start, 0u64, 0u64);
     loop {
         tick.tick().await;
+        let now = Instant::now();
         let sent = counters.sent.load(Ordering::Relaxed);
         let recv = counters.received.load(Ordering::Relaxed);
+        let span = now.duration_since(last_at);
         report::show_progress(
-            start.elapsed(),
+            now.duration_since(start),
             sent,
-            sent - last_sent,
-            (subs > 0).then_some((recv, recv - last_recv)),
+            report::per_sec(sent - last_sent, span),
+            (subs > 0).then(|| (recv, report::per_sec(recv - last_recv, span))),
         );
-        (last_sent, last_recv) = (sent, recv);
+        (last_at, last_sent, last_recv) = (now, sent, recv);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_due_on_a_fixed_schedule() {
+        let s = Schedule {
+            rate: 1000,
+            duration: Duration::from_millis(300),
+        };
+        assert_eq!(s.due(0), Duration::ZERO);
+        assert_eq!(s.due(1), Duration::from_millis(1));
+        assert_eq!(s.due(250), Duration::from_millis(250));
+        assert_eq!(s.messages(), 300);
+        // Stamps are the slots, whenever the messages are actually sent.
+        assert_eq!(s.stamp(5_000, 3), 5_000 + 3_000_000);
+    }
+
+    #[test]
+    fn uneven_rates_round_down_to_the_nanosecond() {
+        let s = Schedule {
+            rate: 3,
+            duration: Duration::from_secs(1),
+        };
+        assert_eq!(s.due(1), Duration::from_nanos(333_333_333));
+        assert_eq!(s.due(3), Duration::from_secs(1));
+        // Due at 0, 1/3 and 2/3 s: three messages before the end of the second.
+        assert_eq!(s.messages(), 3);
+        let s = Schedule {
+            rate: 3,
+            duration: Duration::from_millis(1001),
+        };
+        assert_eq!(s.messages(), 4);
+    }
+
+    #[test]
+    fn long_schedules_do_not_overflow() {
+        let s = Schedule {
+            rate: 10_000_000,
+            duration: Duration::from_secs(365 * 24 * 3600),
+        };
+        let last = s.messages() - 1;
+        assert!(s.due(last) < s.duration);
+        assert!(s.due(last + 1) >= s.duration);
     }
 }

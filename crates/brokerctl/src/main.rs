@@ -26,6 +26,7 @@ use tokio::io::AsyncBufReadExt;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
+mod human;
 mod rpc;
 mod stats;
 

@@ -9,33 +9,39 @@ mod common;
 
 use common::{Broker, DEADLINE, wait_until};
 use serde_json::Value;
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 
 /// Runs of `brokerctl bench` against the harness's broker.
 trait Bench {
     async fn bench(&self, args: &[&str]) -> Value;
+    async fn bench_output(&self, args: &[&str]) -> Output;
 }
 
 impl Bench for Broker {
     /// Runs `brokerctl --server ADDR bench ARGS... --duration 300ms --json` to completion and
     /// parses its stdout.
     async fn bench(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["--duration", "300ms", "--json"]);
+        let out = self.bench_output(&all).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "bench {args:?} failed: {stderr}");
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("bench {args:?} printed no JSON ({e}); stderr: {stderr}"))
+    }
+
+    /// Runs `brokerctl --server ADDR bench ARGS...` to completion, stdout and stderr piped.
+    async fn bench_output(&self, args: &[&str]) -> Output {
         let mut cmd = self.ctl(&["bench"]);
-        cmd.args(args)
-            .args(["--duration", "300ms", "--json"])
-            .stdin(Stdio::null());
+        cmd.args(args).stdin(Stdio::null());
         // The child runs on a blocking thread so the broker's runtime keeps serving it.
-        let out = tokio::time::timeout(
+        tokio::time::timeout(
             DEADLINE,
             tokio::task::spawn_blocking(move || cmd.output().unwrap()),
         )
         .await
         .expect("bench finished in time")
-        .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "bench {args:?} failed: {stderr}");
-        serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("bench {args:?} printed no JSON ({e}); stderr: {stderr}"))
+        .unwrap()
     }
 }
 
@@ -116,6 +122,29 @@ async fn latency_at_a_low_rate_loses_nothing() {
         f(&v, "max_us"),
     );
     assert!(p50 > 0.0 && p50 <= p99 && p99 <= p999 && p999 <= max, "{v}");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_progress_line_on_a_stderr_that_is_not_a_terminal() {
+    let broker = Broker::start().await;
+    // Longer than a second, so that a progress line would have been written.
+    let (json, table) = tokio::join!(
+        broker.bench_output(&["pubsub", "--duration", "1200ms", "--json"]),
+        broker.bench_output(&["pub", "--duration", "1200ms"]),
+    );
+    for out in [&json, &table] {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "bench failed: {stderr}");
+        assert!(stderr.is_empty(), "stderr: {stderr:?}");
+    }
+    let v: Value = serde_json::from_slice(&json.stdout).expect("one JSON object");
+    check_common(&v, "pubsub", 16, 1);
+    assert!(
+        String::from_utf8_lossy(&table.stdout).starts_with("scenario "),
+        "{}",
+        String::from_utf8_lossy(&table.stdout)
+    );
     broker.stop().await;
 }
 

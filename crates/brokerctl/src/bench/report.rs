@@ -1,8 +1,11 @@
 //! What `brokerctl bench` reports: the result of one run, its JSON object and its table, the
-//! progress line, CPU accounting from `/proc`, and latency percentiles.
+//! progress line, CPU accounting from `/proc`, and latency percentiles from an HDR histogram
+//! (bounded memory at any rate and duration).
 //!
 //! Nothing here touches the network; `bench.rs` measures and fills in a [`Report`].
 
+use crate::human::{group, si};
+use hdrhistogram::{CreationError, Histogram};
 use serde_json::json;
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -173,6 +176,21 @@ impl Report {
     }
 }
 
+/// The longest latency a histogram tells apart: one minute. Longer ones are recorded as this.
+const MAX_LATENCY: Duration = Duration::from_secs(60);
+
+/// Significant decimal digits a histogram keeps: values within 0.1% of each other may share a
+/// bucket, for about 200 KiB per histogram whatever the number of samples.
+const LATENCY_DIGITS: u8 = 3;
+
+/// An empty latency histogram, in nanoseconds from 1 ns to [`MAX_LATENCY`].
+///
+/// # Errors
+/// None with these bounds; the histogram crate's constructor is fallible in general.
+pub(crate) fn latency_histogram() -> Result<Histogram<u64>, CreationError> {
+    Histogram::new_with_bounds(1, MAX_LATENCY.as_nanos() as u64, LATENCY_DIGITS)
+}
+
 /// Latency percentiles in microseconds.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Latency {
@@ -184,22 +202,25 @@ pub(crate) struct Latency {
 }
 
 impl Latency {
-    /// Percentiles (nearest rank) of `samples`, in nanoseconds; all zero when there are none.
-    pub(crate) fn from_samples(mut samples: Vec<u64>) -> Latency {
-        samples.sort_unstable();
-        let at = |q: f64| -> f64 {
-            if samples.is_empty() {
-                return 0.0;
-            }
-            let rank = (q * samples.len() as f64).ceil() as usize;
-            samples[rank.clamp(1, samples.len()) - 1] as f64 / 1000.0
-        };
+    /// Percentiles of a histogram of nanoseconds (each the highest value of its bucket, so at
+    /// most 0.1% above the sample's); all zero when it is empty.
+    pub(crate) fn from_histogram(h: &Histogram<u64>) -> Latency {
+        let us = |ns: u64| round2(ns as f64 / 1000.0);
+        if h.is_empty() {
+            return Latency {
+                p50_us: 0.0,
+                p99_us: 0.0,
+                p999_us: 0.0,
+                max_us: 0.0,
+                samples: 0,
+            };
+        }
         Latency {
-            p50_us: round2(at(0.50)),
-            p99_us: round2(at(0.99)),
-            p999_us: round2(at(0.999)),
-            max_us: round2(at(1.0)),
-            samples: samples.len() as u64,
+            p50_us: us(h.value_at_quantile(0.50)),
+            p99_us: us(h.value_at_quantile(0.99)),
+            p999_us: us(h.value_at_quantile(0.999)),
+            max_us: us(h.max()),
+            samples: h.len(),
         }
     }
 }
@@ -261,6 +282,7 @@ fn machine_busy_ticks() -> Option<u64> {
     parse_machine_busy(stat.lines().next()?)
 }
 
+/// The busy ticks of the aggregate `cpu` line of `/proc/stat`; `None` for any other line.
 fn parse_machine_busy(line: &str) -> Option<u64> {
     let mut fields = line.split_whitespace();
     if fields.next()? != "cpu" {
@@ -288,31 +310,48 @@ fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
-/// Rewrites the progress line on stderr.
+/// Returns to the start of the line and clears it (`CR`, then `ESC [2K`), so a shorter line
+/// leaves nothing of a longer one behind.
+const CLEAR_LINE: &str = "\r\x1b[2K";
+
+/// Rewrites the progress line on stderr (which the caller has found to be a terminal). Rates
+/// are per second over the interval since the previous line, however long it actually was.
 pub(crate) fn show_progress(
     elapsed: Duration,
     sent: u64,
-    sent_last_second: u64,
-    received: Option<(u64, u64)>,
+    sent_rate: f64,
+    received: Option<(u64, f64)>,
 ) {
-    let mut line = format!(
-        "\r{:>4.0}s  sent {} ({}/s)",
-        elapsed.as_secs_f64(),
-        group(sent),
-        si(sent_last_second as f64)
-    );
-    if let Some((total, last)) = received {
-        let _ = write!(line, "  received {} ({}/s)", group(total), si(last as f64));
-    }
-    line.push_str("   ");
+    let line = progress_line(elapsed, sent, sent_rate, received);
     let mut err = std::io::stderr().lock();
     let _ = err.write_all(line.as_bytes());
     let _ = err.flush();
 }
 
-/// Ends the progress line so what follows starts on a fresh line.
+/// The progress line, starting with [`CLEAR_LINE`] and without a newline.
+fn progress_line(
+    elapsed: Duration,
+    sent: u64,
+    sent_rate: f64,
+    received: Option<(u64, f64)>,
+) -> String {
+    let mut line = format!(
+        "{CLEAR_LINE}{:>4.0}s  sent {} ({}/s)",
+        elapsed.as_secs_f64(),
+        group(sent),
+        si(sent_rate)
+    );
+    if let Some((total, rate)) = received {
+        let _ = write!(line, "  received {} ({}/s)", group(total), si(rate));
+    }
+    line
+}
+
+/// Clears the progress line, so that what follows starts on a clean line.
 pub(crate) fn clear_progress() {
-    let _ = writeln!(std::io::stderr().lock());
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_all(CLEAR_LINE.as_bytes());
+    let _ = err.flush();
 }
 
 /// Cores available to this process.
@@ -320,36 +359,14 @@ fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
 
-fn per_sec(n: u64, d: Duration) -> f64 {
+/// `n` per second over `d` (a `d` of zero counts as a nanosecond).
+pub(crate) fn per_sec(n: u64, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64().max(1e-9)
 }
 
+/// `x` rounded to two decimals.
 fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
-}
-
-/// `12345678` as `12,345,678`.
-fn group(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-/// `4_150_000.0` as `4.15 M`.
-fn si(x: f64) -> String {
-    if x >= 1e6 {
-        format!("{:.2} M", x / 1e6)
-    } else if x >= 1e3 {
-        format!("{:.1} k", x / 1e3)
-    } else {
-        format!("{x:.0}")
-    }
 }
 
 #[cfg(test)]
@@ -370,26 +387,69 @@ mod tests {
     }
 
     #[test]
+    fn the_progress_line_clears_what_was_there() {
+        let line = progress_line(
+            Duration::from_secs(3),
+            1_500_000,
+            499_800.0,
+            Some((12, 4.0)),
+        );
+        assert_eq!(
+            line,
+            "\r\x1b[2K   3s  sent 1,500,000 (499.8 k/s)  received 12 (4/s)"
+        );
+        assert!(!line.ends_with(' '));
+    }
+
+    #[test]
     fn own_cpu_is_readable() {
         assert!(cpu_ticks("self").is_some());
     }
 
-    #[test]
-    fn percentiles_by_nearest_rank() {
-        let l = Latency::from_samples((1..=1000).map(|i| i * 1000).collect());
-        assert_eq!(l.p50_us, 500.0);
-        assert_eq!(l.p99_us, 990.0);
-        assert_eq!(l.p999_us, 999.0);
-        assert_eq!(l.max_us, 1000.0);
-        assert_eq!(Latency::from_samples(Vec::new()).max_us, 0.0);
+    /// Whether `got` is within the histogram's 0.1% of `want`.
+    fn close(got: f64, want: f64) -> bool {
+        (got - want).abs() <= want * 0.001 + 0.01
     }
 
     #[test]
-    fn number_formats() {
-        assert_eq!(group(0), "0");
-        assert_eq!(group(1234), "1,234");
-        assert_eq!(group(12_345_678), "12,345,678");
-        assert_eq!(si(4_150_000.0), "4.15 M");
-        assert_eq!(si(768_000.0), "768.0 k");
+    fn percentiles_from_the_histogram() {
+        let mut h = latency_histogram().unwrap();
+        for us in 1..=1000u64 {
+            h.record(us * 1000).unwrap();
+        }
+        let l = Latency::from_histogram(&h);
+        assert!(close(l.p50_us, 500.0), "{l:?}");
+        assert!(close(l.p99_us, 990.0), "{l:?}");
+        assert!(close(l.p999_us, 999.0), "{l:?}");
+        assert!(close(l.max_us, 1000.0), "{l:?}");
+        assert_eq!(l.samples, 1000);
+    }
+
+    #[test]
+    fn an_empty_histogram_reports_zeros() {
+        let l = Latency::from_histogram(&latency_histogram().unwrap());
+        assert_eq!((l.p50_us, l.max_us, l.samples), (0.0, 0.0, 0));
+    }
+
+    #[test]
+    fn a_latency_past_the_bound_is_kept_as_the_bound() {
+        let mut h = latency_histogram().unwrap();
+        h.saturating_record(10 * MAX_LATENCY.as_nanos() as u64);
+        h.saturating_record(0);
+        let l = Latency::from_histogram(&h);
+        assert_eq!(l.samples, 2);
+        assert!(close(l.max_us, MAX_LATENCY.as_micros() as f64), "{l:?}");
+    }
+
+    #[test]
+    fn a_million_samples_take_no_more_room_than_one() {
+        let mut h = latency_histogram().unwrap();
+        h.record(1).unwrap();
+        let (buckets, one) = (h.distinct_values(), h.clone());
+        for ns in 0..1_000_000u64 {
+            h.saturating_record(ns * 60_000);
+        }
+        assert_eq!(h.distinct_values(), buckets);
+        assert_eq!(h.len(), one.len() + 1_000_000);
     }
 }
