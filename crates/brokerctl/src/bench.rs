@@ -191,6 +191,7 @@ pub(crate) async fn cmd_bench(global: &Global, args: BenchArgs) -> Result<()> {
     let start = Instant::now();
     let progress = (!common.json && std::io::stderr().is_terminal())
         .then(|| tokio::spawn(progress(counters.clone(), subs, start)));
+    let mut send_lag = empty.clone();
     let sent = match rate {
         None => {
             let deadline = start + common.duration;
@@ -208,6 +209,7 @@ pub(crate) async fn cmd_bench(global: &Global, args: BenchArgs) -> Result<()> {
                 schedule,
                 epoch,
                 &counters,
+                &mut send_lag,
             )
             .await?
         }
@@ -281,6 +283,7 @@ pub(crate) async fn cmd_bench(global: &Global, args: BenchArgs) -> Result<()> {
         threads: common.threads,
         cpu,
         latency: rate.map(|_| report::Latency::from_histogram(&latency)),
+        send_lag: rate.map(|_| report::Latency::from_histogram(&send_lag)),
     };
     let text = if common.json {
         format!("{}\n", report.json())
@@ -366,46 +369,61 @@ impl Schedule {
 }
 
 /// Publishes every message of `schedule`, each stamped with the time it was due (nanoseconds
-/// since `epoch`). Returns how many were published.
+/// since `epoch`), recording in `lag` how late each was handed over. Returns how many were
+/// published.
 ///
-/// Tokio's timer has millisecond resolution, so messages go out in small bursts, one per timer
-/// tick; each still carries its own slot in the schedule, so the latency measured includes any
-/// wait for the tick, a full write buffer or a busy runtime. A publisher that falls behind sends
-/// what is overdue (a batch at a time) instead of skipping it, and takes longer than `duration`
-/// to finish: the slow-down shows as latency rather than as messages never sent.
+/// The pacing runs on a thread of its own that sleeps with the operating system's timer
+/// (tens of microseconds late, where tokio's timer rounds to a millisecond) and hands each
+/// message to the client on the runtime. Each message carries its own slot in the schedule, so
+/// the latency measured includes any lateness of the sleep, a full write buffer or a busy
+/// runtime (`lag` says how much of it was the tool's). A publisher that falls behind sends what
+/// is overdue at once instead of skipping it, and takes longer than `duration` to finish: the
+/// slow-down shows as latency rather than as messages never sent.
 async fn publish_paced(
     client: &Client,
     topic: &str,
     payload: &mut [u8],
     schedule: Schedule,
     epoch: std::time::Instant,
-    counters: &Counters,
+    counters: &Arc<Counters>,
+    lag: &mut Histogram<u64>,
 ) -> Result<u64> {
-    let start = Instant::now();
-    let start_ns = start.into_std().duration_since(epoch).as_nanos() as u64;
-    let total = schedule.messages();
-    let mut sent = 0u64;
-    while sent < total {
-        let now = start.elapsed();
-        let mut burst = 0;
-        while sent < total && schedule.due(sent) <= now && burst < BATCH {
+    let client = client.clone();
+    let topic = topic.to_string();
+    let mut payload = payload.to_vec();
+    let counters = counters.clone();
+    let mut hist = lag.clone();
+    let runtime = tokio::runtime::Handle::current();
+    let (sent, hist) = tokio::task::spawn_blocking(move || -> Result<(u64, Histogram<u64>)> {
+        let start = std::time::Instant::now();
+        let start_ns = start.duration_since(epoch).as_nanos() as u64;
+        let total = schedule.messages();
+        let mut sent = 0u64;
+        while sent < total {
+            let due = schedule.due(sent);
+            let now = start.elapsed();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
             payload[..8].copy_from_slice(&schedule.stamp(start_ns, sent).to_be_bytes());
-            client
-                .publish(topic, &*payload)
-                .await
+            let late = start.elapsed().saturating_sub(due);
+            hist.saturating_record((late.as_nanos() as u64).max(1));
+            // A plain publish into a buffer with room completes without waiting.
+            runtime
+                .block_on(std::future::IntoFuture::into_future(
+                    client.publish(&topic, &payload[..]),
+                ))
                 .context("cannot publish")?;
             sent += 1;
-            burst += 1;
+            if sent % 256 == 0 || sent == total {
+                counters.sent.store(sent, Ordering::Relaxed);
+            }
         }
-        counters.sent.store(sent, Ordering::Relaxed);
-        let next = start + schedule.due(sent);
-        if next > Instant::now() {
-            tokio::time::sleep_until(next).await;
-        } else {
-            // Behind: let the subscriber and the progress line run between batches.
-            tokio::task::yield_now().await;
-        }
-    }
+        Ok((sent, hist))
+    })
+    .await
+    .context("the publishing thread failed")??;
+    *lag = hist;
     Ok(sent)
 }
 

@@ -8,7 +8,7 @@
 
 use crate::{Global, connect, note};
 use anyhow::{Context, Result, bail};
-use brokerd_client::{Client, Error, Headers, Message};
+use brokerd_client::{Client, Error, Message};
 use clap::Args;
 use std::fmt;
 use std::io::Write;
@@ -141,7 +141,7 @@ async fn answer(client: &Client, args: &ReplyArgs, req: &Message, reply_to: &str
         None => Ok(args.payload.clone().unwrap_or_default().into_bytes()),
     };
     let error = match output {
-        Ok(payload) => match client.publish_full(reply_to, None, None, payload).await {
+        Ok(payload) => match client.publish(reply_to, payload).await {
             Ok(()) => return Ok(true),
             // Too large for the broker: the requester hears why instead of waiting.
             Err(e @ Error::PayloadTooLarge { .. }) => ErrorReply::unsent(&e),
@@ -154,11 +154,9 @@ async fn answer(client: &Client, args: &ReplyArgs, req: &Message, reply_to: &str
         req.topic(),
         error.log
     ));
-    let headers: Headers = [(ERROR_HEADER, error.reason.as_str())]
-        .into_iter()
-        .collect();
     client
-        .publish_full(reply_to, None, Some(&headers), error.payload())
+        .publish(reply_to, error.payload())
+        .header(ERROR_HEADER, error.reason.as_str())
         .await
         .map_err(|e| reply_failed(e, reply_to))?;
     Ok(false)

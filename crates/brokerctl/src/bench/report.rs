@@ -36,6 +36,9 @@ pub(crate) struct Report {
     pub(crate) threads: u16,
     pub(crate) cpu: CpuShare,
     pub(crate) latency: Option<Latency>,
+    /// How late the publisher handed each message over, after its slot in the schedule (the
+    /// tool's own share of `latency`: timer ticks, a full write buffer, a busy runtime).
+    pub(crate) send_lag: Option<Latency>,
 }
 
 impl Report {
@@ -83,6 +86,9 @@ impl Report {
             "p99_us": lat.map(|l| l.p99_us),
             "p999_us": lat.map(|l| l.p999_us),
             "max_us": lat.map(|l| l.max_us),
+            "send_lag_p50_us": self.send_lag.as_ref().map(|l| l.p50_us),
+            "send_lag_p99_us": self.send_lag.as_ref().map(|l| l.p99_us),
+            "send_lag_max_us": self.send_lag.as_ref().map(|l| l.max_us),
             "cores": cores(),
             "tool_threads": self.threads,
             "tool_cpu_pct": round2(self.cpu.tool_pct),
@@ -151,6 +157,15 @@ impl Report {
                     l.p999_us,
                     l.max_us,
                     group(l.samples)
+                ),
+            );
+        }
+        if let Some(l) = &self.send_lag {
+            row(
+                "send lag (us)",
+                format!(
+                    "p50 {:.1}  p99 {:.1}  max {:.1}  (the tool's share: due to handed over)",
+                    l.p50_us, l.p99_us, l.max_us
                 ),
             );
         }
