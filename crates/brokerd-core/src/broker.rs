@@ -382,6 +382,8 @@ pub struct Client {
     pub name: String,
     /// The peer address, for logs.
     pub peer: String,
+    /// When its handshake completed (wall-clock time, for monitoring).
+    pub connected_at: std::time::SystemTime,
     /// Do not deliver this client's publications to its own subscriptions.
     pub no_echo: bool,
     /// The connection's outbound queue, shared with its subscriptions.
@@ -446,6 +448,17 @@ impl Client {
         self.subs.lock().len()
     }
 
+    /// Up to `max` of its live subscriptions, in subscription-id order (for monitoring): the
+    /// connection's subscription lock is held while they are copied, never longer.
+    pub fn subscriptions(&self, max: usize) -> Vec<Arc<Subscription>> {
+        self.subs
+            .lock()
+            .iter()
+            .take(max)
+            .map(|s| s.0.clone())
+            .collect()
+    }
+
     /// What it may do now; `None` for everything.
     pub fn permissions(&self) -> Option<Arc<Permissions>> {
         self.permissions.read().clone()
@@ -476,6 +489,8 @@ pub struct BrokerStats {
     pub dropped: u64,
     /// Publishes that matched no subscription.
     pub unrouted: u64,
+    /// Bytes written to clients.
+    pub bytes_out: u64,
     /// Disconnects by reason name.
     pub closes: Vec<(&'static str, u64)>,
     /// Sublist statistics.
@@ -485,6 +500,7 @@ pub struct BrokerStats {
 #[derive(Default)]
 struct Retired {
     unrouted: u64,
+    bytes_out: u64,
     msgs_in: u64,
     bytes_in: u64,
     deliveries: u64,
@@ -576,6 +592,7 @@ impl Broker {
             id,
             name,
             peer,
+            connected_at: std::time::SystemTime::now(),
             no_echo,
             outbox: Arc::new(outbox),
             counters: ClientCounters::default(),
@@ -960,6 +977,58 @@ impl Broker {
         delivered
     }
 
+    /// Publishes an event of the broker's own on a reserved topic (`$SYS.event...`) to the
+    /// subscriptions whose filters name the reserved space themselves (begin with `$`): a `>`
+    /// or `*.>` subscription never receives the broker's events, and only a client allowed to
+    /// subscribe to `$` filters (an admin, or anyone without authentication) can make such a
+    /// subscription. One member of each queue group takes it. The walk skips the match cache
+    /// (see [`Sublist::matches_uncached`]); its cost is bounded by the filters that can match a
+    /// `$SYS` topic. `payload` is called only if a subscription matches. Returns how many
+    /// subscriptions took the event.
+    pub fn publish_event<P: AsRef<[u8]>>(&self, topic: &str, payload: impl FnOnce() -> P) -> u32 {
+        let matches = self.sublist.matches_uncached(topic);
+        if matches.is_empty() {
+            return 0;
+        }
+        let payload = payload();
+        let payload = payload.as_ref();
+        let reserved = |s: &SubRef| is_reserved(s.filter.as_str());
+        let body = BodyBuilder {
+            topic,
+            reply: None,
+            headers: None,
+            payload,
+        };
+        let mut raw = BytesMut::with_capacity(body.len());
+        body.put(&mut raw);
+        let raw = raw.freeze();
+        let mut delivered = 0u32;
+        for slot in matches.slots() {
+            let (_, view) = slot.view();
+            for sub in view.plain.iter().filter(|s| reserved(s)) {
+                let push = sub.outbox.push_msg(sub, &raw);
+                self.settle(sub, push, &mut delivered);
+            }
+            for group in view.groups.iter() {
+                let members: Vec<&SubRef> = group.members.iter().filter(|s| reserved(s)).collect();
+                if members.is_empty() {
+                    continue;
+                }
+                let start = random_below(members.len());
+                for i in 0..members.len() {
+                    let sub = members[(start + i) % members.len()];
+                    if let Some(push) = sub.outbox.try_push_msg(sub, &raw)
+                        && push != Push::Skipped
+                    {
+                        self.settle(sub, push, &mut delivered);
+                        break;
+                    }
+                }
+            }
+        }
+        delivered
+    }
+
     /// Delivers a message of the broker's own, such as the answer to a `$SYS` request, to those
     /// of `to`'s subscriptions whose filters match `topic`, and to no other client's: a request
     /// makes the broker answer the client that asked, never a crowd. Nothing is routed through
@@ -1109,6 +1178,7 @@ impl Broker {
             let mut r = self.retired.lock();
             r.msgs_in += client.counters.msgs_in.load(Ordering::Relaxed);
             r.unrouted += client.counters.unrouted.load(Ordering::Relaxed);
+            r.bytes_out += client.counters.bytes_out.load(Ordering::Relaxed);
             r.bytes_in += client.counters.bytes_in.load(Ordering::Relaxed);
             r.deliveries += out.queued;
             r.dropped += out.dropped;
@@ -1143,6 +1213,7 @@ impl Broker {
                 deliveries: r.deliveries,
                 dropped: r.dropped,
                 unrouted: r.unrouted,
+                bytes_out: r.bytes_out,
                 closes: CloseReason::NAMES
                     .iter()
                     .map(|n| (*n, r.closes.get(n).copied().unwrap_or(0)))
@@ -1159,6 +1230,7 @@ impl Broker {
             let bytes_in = c.counters.bytes_in.load(Ordering::Relaxed);
             s.msgs_in += msgs_in;
             s.unrouted += c.counters.unrouted.load(Ordering::Relaxed);
+            s.bytes_out += c.counters.bytes_out.load(Ordering::Relaxed);
             s.bytes_in += bytes_in;
             s.deliveries += outbox.queued;
             s.dropped += outbox.dropped;

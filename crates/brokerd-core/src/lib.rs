@@ -6,10 +6,12 @@
 //! - [`outbox`]: a connection's bounded outbound queue and overflow policy.
 //! - [`broker`]: the registry of clients, subscribe/unsubscribe/publish, limits and statistics.
 //! - [`close`]: the typed reason every connection ends with.
+//! - [`clock`]: a coarse millisecond clock the delivery path can afford to read.
 //! - [`memory`]: the broker-wide memory budget.
 //! - [`permissions`]: what an authenticated identity may publish, subscribe and answer.
 
 pub mod broker;
+pub mod clock;
 pub mod close;
 pub mod memory;
 pub mod outbox;

@@ -130,6 +130,10 @@ pub struct OutboxStats {
     pub queued: u64,
     /// Deliveries ever dropped by the overflow policy.
     pub dropped: u64,
+    /// Milliseconds (on the coarse [`crate::clock`]) the oldest pending delivery has at most
+    /// been waiting: since the queue last went from empty to not empty, or since the writer
+    /// took the batch before the one pending now. 0 when nothing is pending.
+    pub pending_age_ms: u64,
 }
 
 struct Closing {
@@ -152,6 +156,11 @@ struct State {
     lost: HashMap<u32, u64>,
     queued: u64,
     dropped: u64,
+    /// Coarse time since when the deliveries pending now have been waiting at most.
+    pending_since_ms: u64,
+    /// Coarse time of the writer's last take: deliveries still pending after that batch is
+    /// released all arrived after it.
+    taken_ms: u64,
     writer: Option<Waker>,
     reader: Option<Waker>,
     closing: Option<Closing>,
@@ -247,6 +256,8 @@ impl Outbox {
                 reserved: 0,
                 lost: HashMap::new(),
                 queued: 0,
+                pending_since_ms: 0,
+                taken_ms: 0,
                 dropped: 0,
                 writer: None,
                 reader: None,
@@ -399,6 +410,9 @@ impl Outbox {
                 }
             }
         }
+        if st.msgs == 0 {
+            st.pending_since_ms = crate::clock::now_ms();
+        }
         st.msgs += 1;
         st.bytes += cost;
         st.reserve(&self.budget);
@@ -455,6 +469,7 @@ impl Outbox {
             }
         }
         std::mem::swap(&mut st.queue, batch);
+        st.taken_ms = crate::clock::now_ms();
         for (sid, missed) in st.lost.drain() {
             batch.push_front(Item::Lost { sid, missed });
         }
@@ -472,6 +487,10 @@ impl Outbox {
     pub fn release(&self, msgs: usize, bytes: usize, controls: usize, control_bytes: usize) {
         let mut st = self.state.lock();
         st.msgs -= msgs;
+        if msgs > 0 {
+            // What is still pending was queued after the take this batch came from.
+            st.pending_since_ms = st.taken_ms;
+        }
         st.bytes -= bytes;
         st.controls -= controls;
         st.control_bytes -= control_bytes;
@@ -551,6 +570,11 @@ impl Outbox {
             pending_control_bytes: st.control_bytes,
             queued: st.queued,
             dropped: st.dropped,
+            pending_age_ms: if st.msgs == 0 {
+                0
+            } else {
+                crate::clock::now_ms().saturating_sub(st.pending_since_ms)
+            },
         }
     }
 }

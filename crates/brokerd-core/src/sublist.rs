@@ -594,6 +594,18 @@ impl<T: Clone + Eq + Hash> Sublist<T> {
         r
     }
 
+    /// The slots whose filters match `topic`, walked without the cache and left out of it:
+    /// for the broker's own rare publications (events on reserved topics), which must neither
+    /// evict what clients publish nor sit in a cache that only holds checked client topics.
+    pub fn matches_uncached(&self, topic: &str) -> Matches<T> {
+        let mut slots = Vec::new();
+        let tokens: Vec<&str> = topic.split('.').collect();
+        collect(&self.trie.read().root, &tokens, &mut slots, &mut 0);
+        Arc::new(MatchResult {
+            slots: slots.into_boxed_slice(),
+        })
+    }
+
     /// The slots whose filters match `topic` (a valid topic).
     pub fn matches(&self, topic: &str) -> Matches<T> {
         self.lookup(topic, &mut 0)

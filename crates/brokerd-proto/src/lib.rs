@@ -5,6 +5,8 @@
 //! - [`body`]: the message body shared by `PUB` and `MSG` (topic, reply-to, headers, payload).
 //! - [`topic`]: validated [`Topic`] and [`Filter`] newtypes and their limits.
 //! - [`error`]: decode errors and the numeric error codes carried by `ERR` frames.
+//! - [`stats`]: the broker's statistics as typed values (the `$SYS.req.stats` answer, and the
+//!   monitoring endpoints).
 //!
 //! `docs/protocol.md` is the normative description; `docs/protocol-vectors.txt` holds hex test
 //! vectors that this crate's tests read.
@@ -15,6 +17,7 @@
 pub mod body;
 pub mod error;
 pub mod frame;
+pub mod stats;
 pub mod topic;
 
 pub use body::{Body, BodyBuilder, BodyRef, Headers};

@@ -156,6 +156,11 @@ impl Gate {
         })
     }
 
+    /// The connection limit in force.
+    pub(crate) fn max_connections(&self) -> usize {
+        self.max_connections.load(Ordering::Relaxed)
+    }
+
     /// Connections in their handshake now.
     pub(crate) fn handshakes(&self) -> usize {
         self.state.lock().pending.len()

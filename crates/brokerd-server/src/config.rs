@@ -71,6 +71,10 @@ pub struct Config {
     pub auth: AuthConfig,
     /// TLS on the client listener.
     pub tls: TlsConfig,
+    /// Where the HTTP monitoring endpoints and the web console listen (`docs/operations.md`,
+    /// "Monitoring"); `"off"` turns them off.
+    #[serde(with = "monitoring_address")]
+    pub http: Option<SocketAddr>,
 }
 
 /// How log lines are written.
@@ -276,6 +280,7 @@ impl Default for Config {
             routing: RoutingConfig::default(),
             auth: AuthConfig::default(),
             tls: TlsConfig::default(),
+            http: Some(SocketAddr::from(([127, 0, 0, 1], 7655))),
         }
     }
 }
@@ -513,6 +518,9 @@ impl Config {
         let exposed = plain
             .filter(|a| open(*a, false))
             .or(secured.filter(|a| open(*a, tls.client_ca.is_some())));
+        let exposed = exposed.or(self.http.filter(|a| {
+            !a.ip().is_loopback() && !self.auth.required() && !self.auth.allow_anonymous
+        }));
         if let Some(addr) = exposed {
             return Err(ConfigError::Invalid {
                 key: "listen",
@@ -725,6 +733,34 @@ mod address {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
         let text = String::deserialize(d)?;
         resolve_address(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `http`: an address, or `"off"` (or an empty string) for none.
+mod monitoring_address {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(a: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match a {
+            Some(a) => s.serialize_str(&a.to_string()),
+            None => s.serialize_str("off"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_monitoring_address(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Reads an `http` value: an address or host name with a port, or `off` (or empty) for none.
+///
+/// # Errors
+/// As [`resolve_address`].
+pub fn parse_monitoring_address(text: &str) -> Result<Option<SocketAddr>, String> {
+    match text.trim() {
+        "" | "off" | "none" | "false" => Ok(None),
+        t => resolve_address(t).map(Some),
     }
 }
 

@@ -15,11 +15,11 @@ use crate::admission::Ticket;
 use crate::auth::AuthError;
 use crate::config::Config;
 use crate::escape::Escaped;
-use crate::monitor;
 use crate::server::Shared;
 use crate::writer;
 use brokerd_core::{
-    Client, CloseReason, DETACH_BELOW, Identity, Publication, PublishError, Quota, RouteCache,
+    Client, CloseReason, DETACH_BELOW, Identity, OutboxStats, Publication, PublishError, Quota,
+    RouteCache,
 };
 use brokerd_proto::{
     DecodeError, ErrorCode, ErrorFrame, Frame, FrameType, Hello, PROTOCOL_VERSION, Publish,
@@ -250,6 +250,7 @@ async fn serve_halves<R, W>(
     });
     client.outbox.push_frame(welcome.to_bytes());
     debug!(client = %log_name, %peer, id = client.id, "client connected");
+    shared.monitor.connected(&shared, &client);
 
     let conn = CancellationToken::new();
     let writer = tokio::spawn(writer::run(
@@ -270,8 +271,11 @@ async fn serve_halves<R, W>(
         .outbox
         .close_reason()
         .unwrap_or(CloseReason::ServerShutdown);
+    // The writer is done: what is still pending was never written.
+    let left = client.outbox.stats();
     shared.broker.disconnect(&client, &reason);
-    log_close(&client, &log_name, &reason);
+    log_close(&client, &log_name, &reason, &left);
+    shared.monitor.closed(&shared, &client, &reason, &left);
     drop(ticket);
 }
 
@@ -325,20 +329,21 @@ async fn authenticate(
 }
 
 /// Logs a connection's end once; `log_name` is its name already escaped.
-fn log_close(client: &Client, log_name: &str, reason: &CloseReason) {
+fn log_close(client: &Client, log_name: &str, reason: &CloseReason, left: &OutboxStats) {
+    let abandoned = left.pending_msgs;
     // An I/O error's text comes from the OS, but escaping it costs nothing and keeps the rule
     // simple: no text reaches a log line raw unless this server wrote it.
     let text = reason.to_string();
     let shown = Escaped(&text);
     match reason {
         CloseReason::ClientClosed if client.name == crate::HEALTH_CHECK_NAME => {
-            debug!(client = %log_name, peer = %client.peer, id = client.id, reason = %shown, "connection closed")
+            debug!(client = %log_name, peer = %client.peer, id = client.id, reason = %shown, abandoned, "connection closed")
         }
         CloseReason::ClientClosed | CloseReason::ServerShutdown => {
-            info!(client = %log_name, peer = %client.peer, id = client.id, reason = %shown, "connection closed")
+            info!(client = %log_name, peer = %client.peer, id = client.id, reason = %shown, abandoned, "connection closed")
         }
         _ => {
-            warn!(client = %log_name, peer = %client.peer, id = client.id, reason = %shown, "connection closed")
+            warn!(client = %log_name, peer = %client.peer, id = client.id, reason = %shown, abandoned, "connection closed")
         }
     }
 }
@@ -479,6 +484,17 @@ impl Reader<'_> {
             .shared
             .broker
             .publish_cached(self.client, p, &mut self.routes);
+        if routed.is_ok()
+            && self
+                .client
+                .counters
+                .msgs_in
+                .load(std::sync::atomic::Ordering::Relaxed)
+                % crate::monitor::TOPIC_SAMPLE_EVERY
+                == 0
+        {
+            self.shared.monitor.sample_topic(p.topic);
+        }
         match routed {
             Ok(delivered) if ack => self.reply(Frame::Ack { req_id, delivered }),
             Ok(_) => {}
@@ -507,11 +523,11 @@ impl Reader<'_> {
         let shared = self.shared;
         let answered = match (&self.client.identity.user, self.client.is_admin()) {
             (Some(user), false) => shared.broker.answer(self.client, reply, || {
-                monitor::user_stats_json(shared, user)
+                shared.monitor.user_stats_json(shared, user)
             }),
             _ => shared
                 .broker
-                .answer(self.client, reply, || monitor::stats_json(shared)),
+                .answer(self.client, reply, || shared.monitor.stats_json(shared)),
         };
         match answered {
             Ok(delivered) if ack => self.reply(Frame::Ack { req_id, delivered }),

@@ -18,9 +18,11 @@ pub mod auth;
 pub mod config;
 mod connection;
 mod escape;
+mod http;
 mod monitor;
 pub mod reload;
 pub mod server;
+mod tail;
 pub mod tls;
 mod writer;
 

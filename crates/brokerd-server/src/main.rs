@@ -26,6 +26,10 @@ struct Args {
     /// config file's `listen`].
     #[arg(long, env = "BROKERD_LISTEN", value_name = "HOST:PORT")]
     listen: Option<String>,
+    /// Where the HTTP monitoring endpoints and web console listen, or "off" [default:
+    /// 127.0.0.1:7655, or the config file's `http`].
+    #[arg(long, env = "BROKERD_HTTP", value_name = "HOST:PORT|off")]
+    http: Option<String>,
     /// TOML configuration file (see config/brokerd.toml); without one, built-in defaults apply.
     #[arg(long, short = 'c', env = "BROKERD_CONFIG")]
     config: Option<PathBuf>,
@@ -106,6 +110,15 @@ fn load(args: &Args) -> Result<Config, ConfigError> {
                 message: format!("--listen / BROKERD_LISTEN: {message}"),
             }
         })?;
+    }
+    if let Some(http) = &args.http {
+        config.http =
+            brokerd_server::config::parse_monitoring_address(http).map_err(|message| {
+                ConfigError::Invalid {
+                    key: "http",
+                    message: format!("--http / BROKERD_HTTP: {message}"),
+                }
+            })?;
     }
     if let Some(level) = &args.log_level {
         config.log_level = level.clone();

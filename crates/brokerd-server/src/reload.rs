@@ -16,7 +16,7 @@
 //!   authentication became required;
 //! - `log_level`, which `main.rs` applies to the log filter itself.
 //!
-//! The rest (`listen`, `log_format`, `[tls]` paths, `[routing]`, `limits.max_memory` and the
+//! The rest (`listen`, `http`, `log_format`, `[tls]` paths, `[routing]`, `limits.max_memory` and the
 //! topic limits) keeps its old value until a restart, and the reload says so. The TLS
 //! certificate's contents are reloaded on their own when the files change.
 //!
@@ -34,6 +34,7 @@ use std::sync::Arc;
 /// Keys, or sections, that keep their old value until a restart.
 const NEED_RESTART: &[&str] = &[
     "listen",
+    "http",
     "log_format",
     "limits.max_memory",
     "limits.max_topic_len",
@@ -86,6 +87,7 @@ impl ReloadHandle {
                     .any(|r| k == r || k.starts_with(&format!("{r}.")))
             });
         new.listen = old.listen;
+        new.http = old.http;
         new.log_format = old.log_format;
         new.limits.max_memory = old.limits.max_memory;
         new.limits.max_topic_len = old.limits.max_topic_len;

@@ -53,8 +53,8 @@ pub(crate) struct Shared {
     pub(crate) auth_failures: RefusalLog,
     /// When the server was bound, for the uptime in its statistics.
     pub(crate) started: std::time::Instant,
-    /// The last statistics answer, reused for requests close behind it.
-    pub(crate) stats_cache: crate::monitor::StatsCache,
+    /// Statistics, rates, closed connections and events (`monitor.rs`).
+    pub(crate) monitor: crate::monitor::Monitor,
 }
 
 /// Triggers a graceful shutdown of a running [`Server`]. Cloning is cheap.
@@ -73,6 +73,8 @@ pub struct Server {
     listener: TcpListener,
     /// The TLS listener beside the plain one (`tls.listen`), if any.
     tls_listener: Option<TcpListener>,
+    /// The monitoring endpoints' listener (`http`), if configured and bound.
+    http_listener: Option<TcpListener>,
     shared: Arc<Shared>,
 }
 
@@ -99,6 +101,15 @@ impl Server {
             Some(addr) if tls.is_some() => Some(listen(addr)?),
             _ => None,
         };
+        let http_listener = config.http.and_then(|addr| match listen(addr) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                // The broker is still useful without its monitoring endpoints; a second broker on
+                // one host with the default configuration gets here.
+                warn!(%addr, error = %e, "cannot listen for monitoring (http); running without it");
+                None
+            }
+        });
         let broker = Arc::new(Broker::new(config.broker_limits()));
         let auth = crate::auth::Authenticator::new(&config.auth);
         let server_id = server_id();
@@ -110,6 +121,7 @@ impl Server {
         Ok(Server {
             listener,
             tls_listener,
+            http_listener,
             shared: Arc::new(Shared {
                 broker,
                 config: ArcSwap::from_pointee(config),
@@ -122,7 +134,7 @@ impl Server {
                 tls,
                 auth_failures: RefusalLog::default(),
                 started: std::time::Instant::now(),
-                stats_cache: crate::monitor::StatsCache::default(),
+                monitor: crate::monitor::Monitor::default(),
             }),
         })
     }
@@ -141,6 +153,17 @@ impl Server {
     /// The socket cannot report its address.
     pub fn tls_addr(&self) -> io::Result<Option<SocketAddr>> {
         self.tls_listener
+            .as_ref()
+            .map(TcpListener::local_addr)
+            .transpose()
+    }
+
+    /// The monitoring endpoints' address, when they listen.
+    ///
+    /// # Errors
+    /// The socket cannot report its address.
+    pub fn http_addr(&self) -> io::Result<Option<SocketAddr>> {
+        self.http_listener
             .as_ref()
             .map(TcpListener::local_addr)
             .transpose()
@@ -174,6 +197,7 @@ impl Server {
         let Server {
             listener,
             tls_listener,
+            http_listener,
             shared,
         } = self;
         let tasks = TaskTracker::new();
@@ -185,6 +209,15 @@ impl Server {
             info!(addr = %l.local_addr()?, tls = true, "brokerd listening");
         }
         tasks.spawn(watch_memory(shared.clone()));
+        tasks.spawn(sample(shared.clone()));
+        // Outside `tasks`: it answers (`/healthz` with 503) until the drain is over.
+        let http = match http_listener {
+            Some(l) => {
+                info!(addr = %l.local_addr()?, "monitoring listening (HTTP)");
+                Some(tokio::spawn(crate::http::serve(l, shared.clone())))
+            }
+            None => None,
+        };
         if shared.tls.is_some() {
             tasks.spawn(watch_certificates(shared.clone()));
         }
@@ -247,6 +280,9 @@ impl Server {
             }
             let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
         }
+        if let Some(http) = http {
+            http.abort();
+        }
         info!(
             written = queued.saturating_sub(abandoned),
             abandoned,
@@ -275,6 +311,29 @@ async fn watch_certificates(shared: Arc<Shared>) {
             Err(e) => {
                 warn!(error = %e, "TLS certificate changed but cannot be loaded; keeping the one in force")
             }
+        }
+    }
+}
+
+/// How often the coarse clock advances.
+const CLOCK_TICK: Duration = Duration::from_millis(10);
+
+/// Advances the coarse clock every [`CLOCK_TICK`], and once a second turns the counters into
+/// rates and publishes the drop events (`monitor.rs`), until shutdown.
+async fn sample(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(CLOCK_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_sample = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        brokerd_core::clock::tick();
+        let now = tokio::time::Instant::now();
+        if now >= next_sample {
+            next_sample = now + Duration::from_secs(1);
+            shared.monitor.sample(&shared);
         }
     }
 }

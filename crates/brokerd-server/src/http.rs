@@ -1,0 +1,444 @@
+//! The HTTP monitoring endpoints and the web console, on `http` (default `127.0.0.1:7655`):
+//! `/healthz`, `/varz`, `/connz`, `/subz`, `/metrics` (Prometheus text), `/` (the console) and
+//! `/tail` (matching messages as server-sent events, `tail.rs`). Documented in
+//! `docs/operations.md`, "Monitoring".
+//!
+//! With authentication configured, every endpoint but `/healthz` needs an admin's credentials:
+//! `Authorization: Bearer TOKEN` (the shared token) or HTTP Basic with a user's name and
+//! password. A verified user and password are remembered for [`VERIFIED_FOR`] (a hash of them,
+//! not the password), so a scrape every second does not hash a password every second; failures
+//! are slowed down per address like failed logins on the broker's port.
+
+use crate::monitor::{CONNZ_SORTS, ConnzQuery, SubzQuery};
+use crate::server::Shared;
+use axum::Router;
+use axum::extract::{ConnectInfo, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::get;
+use blake2::{Blake2b512, Digest};
+use brokerd_proto::Credentials;
+use parking_lot::Mutex;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tracing::warn;
+
+/// How long a verified user and password are taken without hashing them again.
+pub(crate) const VERIFIED_FOR: Duration = Duration::from_secs(60);
+
+/// Verified credentials remembered at most.
+const MAX_VERIFIED: usize = 64;
+
+/// The web console: one page, no build step, no external assets.
+const CONSOLE: &str = include_str!("console.html");
+
+/// Serves the endpoints on `listener` until the broker has shut down (the caller aborts the
+/// task); `/healthz` answers 503 from the moment the shutdown starts.
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let verified = Arc::new(Verified::default());
+    let protected = Router::new()
+        .route("/", get(console))
+        .route("/varz", get(varz))
+        .route("/connz", get(connz))
+        .route("/subz", get(subz))
+        .route("/metrics", get(metrics))
+        .route("/tail", get(crate::tail::tail))
+        .route_layer(middleware::from_fn_with_state(
+            (shared.clone(), verified),
+            require_admin,
+        ));
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .merge(protected)
+        .with_state(shared);
+    let service = app.into_make_service_with_connect_info::<SocketAddr>();
+    if let Err(e) = axum::serve(listener, service).await {
+        warn!(error = %e, "monitoring endpoints stopped");
+    }
+}
+
+/// Credentials verified recently: a hash of user and password, to when and whether admin.
+#[derive(Default)]
+struct Verified(Mutex<HashMap<[u8; 64], (Instant, bool)>>);
+
+/// Lets an admin through; answers 401 (with a Basic challenge) without valid credentials and
+/// 403 for a user who is not an admin. Without authentication configured, everyone passes.
+async fn require_admin(
+    State((shared, verified)): State<(Arc<Shared>, Arc<Verified>)>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let auth = shared.auth.load_full();
+    if !auth.required() {
+        return next.run(request).await;
+    }
+    let Some(credentials) = credentials(request.headers()) else {
+        return challenge("credentials required: a bearer token or an admin's user and password");
+    };
+    let key: [u8; 64] = match &credentials {
+        Credentials::Password { user, password } => {
+            Blake2b512::digest(format!("{user}\0{password}").as_bytes()).into()
+        }
+        _ => [0; 64],
+    };
+    let remembered = matches!(credentials, Credentials::Password { .. })
+        .then(|| verified.0.lock().get(&key).copied())
+        .flatten()
+        .filter(|(at, _)| at.elapsed() < VERIFIED_FOR);
+    let admin = match remembered {
+        Some((_, admin)) => admin,
+        None => {
+            let wait = auth.penalty(peer.ip(), Instant::now());
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+            match auth.authenticate(Some(&credentials), &[]).await {
+                Ok(identity) => {
+                    auth.succeeded(peer.ip());
+                    let admin = identity.permissions.as_ref().is_none_or(|p| p.admin);
+                    if matches!(credentials, Credentials::Password { .. }) {
+                        let mut v = verified.0.lock();
+                        if v.len() >= MAX_VERIFIED {
+                            v.retain(|_, (at, _)| at.elapsed() < VERIFIED_FOR);
+                        }
+                        if v.len() < MAX_VERIFIED {
+                            v.insert(key, (Instant::now(), admin));
+                        }
+                    }
+                    admin
+                }
+                Err(_) => {
+                    auth.failed(peer.ip(), Instant::now());
+                    return challenge("authentication failed");
+                }
+            }
+        }
+    };
+    if !admin {
+        return (
+            StatusCode::FORBIDDEN,
+            "the monitoring endpoints are for users with the admin role\n",
+        )
+            .into_response();
+    }
+    next.run(request).await
+}
+
+fn challenge(message: &str) -> Response {
+    let mut r = (StatusCode::UNAUTHORIZED, format!("{message}\n")).into_response();
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"brokerd\", charset=\"UTF-8\""),
+    );
+    r
+}
+
+/// The request's credentials: `Bearer TOKEN`, or `Basic` user and password.
+fn credentials(headers: &HeaderMap) -> Option<Credentials> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, rest) = value.split_once(' ')?;
+    match scheme.to_ascii_lowercase().as_str() {
+        "bearer" => Some(Credentials::Token(rest.trim().to_string())),
+        "basic" => {
+            let decoded = String::from_utf8(base64_decode(rest.trim())?).ok()?;
+            let (user, password) = decoded.split_once(':')?;
+            Some(Credentials::Password {
+                user: user.to_string(),
+                password: password.to_string(),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Standard base64 (padding optional); `None` for anything else.
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let value = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let bytes = text.trim_end_matches('=').as_bytes();
+    if bytes.len() % 4 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+    for chunk in bytes.chunks(4) {
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            n |= value(c)? << (18 - 6 * i);
+        }
+        let produced = chunk.len() - 1;
+        out.extend_from_slice(&n.to_be_bytes()[1..1 + produced]);
+    }
+    Some(out)
+}
+
+/// `/healthz`: 200 while serving, 503 once the shutdown has started.
+async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
+    if shared.shutdown.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        (StatusCode::OK, "ok\n").into_response()
+    }
+}
+
+async fn console() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        CONSOLE,
+    )
+        .into_response()
+}
+
+async fn varz(State(shared): State<Arc<Shared>>) -> Response {
+    Json(shared.monitor.varz(&shared)).into_response()
+}
+
+async fn connz(State(shared): State<Arc<Shared>>, Query(q): Query<ConnzQuery>) -> Response {
+    if let Some(sort) = &q.sort
+        && !CONNZ_SORTS.contains(&sort.as_str())
+    {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("unknown sort; one of: {}\n", CONNZ_SORTS.join(", ")),
+        )
+            .into_response();
+    }
+    if let Some(state) = &q.state
+        && state != "open"
+        && state != "closed"
+    {
+        return (StatusCode::BAD_REQUEST, "state is open or closed\n").into_response();
+    }
+    Json(shared.monitor.connz(&shared, &q)).into_response()
+}
+
+async fn subz(State(shared): State<Arc<Shared>>, Query(q): Query<SubzQuery>) -> Response {
+    Json(shared.monitor.subz(&shared, &q)).into_response()
+}
+
+/// `/metrics`: the Prometheus text format. Every label's values are bounded (close reasons);
+/// nothing is labelled by client or topic.
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let text = metrics_text(&shared);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// The metrics, encoded.
+pub(crate) fn metrics_text(shared: &Shared) -> String {
+    let (s, pending) = shared.monitor.varz_and_pending(shared);
+    let mut r = Registry::with_prefix("brokerd");
+    let counter = |r: &mut Registry, name: &str, help: &str, v: u64| {
+        r.register(name, help, ConstCounter::new(v));
+    };
+    let gauge = |r: &mut Registry, name: &str, help: &str, v: i64| {
+        r.register(name, help, ConstGauge::new(v));
+    };
+    let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    r.register(
+        "uptime_seconds",
+        "Seconds since the broker started",
+        ConstGauge::new(s.uptime_s),
+    );
+    gauge(
+        &mut r,
+        "connections",
+        "Client connections now (handshake completed)",
+        clamp(s.connections),
+    );
+    counter(
+        &mut r,
+        "connections_accepted",
+        "Client connections accepted past the handshake",
+        s.total_connections,
+    );
+    gauge(
+        &mut r,
+        "handshakes",
+        "Connections in their handshake now",
+        clamp(s.handshakes),
+    );
+    gauge(
+        &mut r,
+        "subscriptions",
+        "Live subscriptions",
+        clamp(s.subscriptions),
+    );
+    counter(
+        &mut r,
+        "messages_in",
+        "Messages published (PUB frames accepted)",
+        s.msgs_in,
+    );
+    counter(&mut r, "bytes_in", "Payload bytes published", s.bytes_in);
+    counter(
+        &mut r,
+        "deliveries",
+        "Deliveries queued for subscribers",
+        s.deliveries,
+    );
+    counter(
+        &mut r,
+        "dropped",
+        "Deliveries dropped by overflow policies",
+        s.dropped,
+    );
+    counter(
+        &mut r,
+        "unrouted",
+        "Messages that matched no subscription",
+        s.unrouted,
+    );
+    counter(&mut r, "bytes_out", "Bytes written to clients", s.bytes_out);
+    counter(
+        &mut r,
+        "abandoned",
+        "Deliveries never written because their connection closed",
+        shared
+            .monitor
+            .abandoned_msgs
+            .load(std::sync::atomic::Ordering::Relaxed),
+    );
+    gauge(
+        &mut r,
+        "pending_messages",
+        "Deliveries waiting to be written, all connections",
+        clamp(pending.0),
+    );
+    gauge(
+        &mut r,
+        "pending_bytes",
+        "Bytes of deliveries waiting to be written, all connections",
+        clamp(pending.1),
+    );
+    gauge(
+        &mut r,
+        "memory_used_bytes",
+        "Bytes charged to the memory budget",
+        clamp(s.memory.used),
+    );
+    gauge(
+        &mut r,
+        "memory_limit_bytes",
+        "The memory budget",
+        clamp(s.memory.limit),
+    );
+    gauge(
+        &mut r,
+        "memory_shedding",
+        "1 while queues shed deliveries over the memory budget",
+        i64::from(s.memory.shedding),
+    );
+    gauge(
+        &mut r,
+        "sublist_nodes",
+        "Nodes of the subscription trie",
+        clamp(s.sublist.nodes),
+    );
+    gauge(
+        &mut r,
+        "match_cache_entries",
+        "Topics in the match cache",
+        clamp(s.sublist.cache_entries),
+    );
+    gauge(
+        &mut r,
+        "match_cache_bytes",
+        "Bytes the match cache holds (estimate)",
+        clamp(s.sublist.cache_bytes),
+    );
+    counter(
+        &mut r,
+        "match_cache_hits",
+        "Lookups the match cache answered",
+        s.sublist.cache_hits,
+    );
+    counter(
+        &mut r,
+        "match_cache_misses",
+        "Lookups that walked the trie",
+        s.sublist.cache_misses,
+    );
+    let closes = Family::<Vec<(String, String)>, Counter>::default();
+    for (reason, n) in &s.closes {
+        closes
+            .get_or_create(&vec![("reason".to_string(), reason.clone())])
+            .inc_by(*n);
+    }
+    r.register("closes", "Connections closed, by reason", closes);
+    let mut out = String::new();
+    if encode(&mut out, &r).is_err() {
+        out.clear();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_round_trips_what_browsers_send() {
+        assert_eq!(
+            base64_decode("YWRtaW46cHc=").as_deref(),
+            Some(&b"admin:pw"[..])
+        );
+        assert_eq!(
+            base64_decode("YWRtaW46cHc").as_deref(),
+            Some(&b"admin:pw"[..])
+        );
+        assert_eq!(base64_decode("").as_deref(), Some(&b""[..]));
+        assert_eq!(base64_decode("a"), None);
+        assert_eq!(base64_decode("a*bc"), None);
+    }
+
+    #[test]
+    fn credentials_from_either_scheme() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer s3cret"),
+        );
+        assert_eq!(credentials(&h), Some(Credentials::Token("s3cret".into())));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic YWRtaW46cDpx"),
+        );
+        assert_eq!(
+            credentials(&h),
+            Some(Credentials::Password {
+                user: "admin".into(),
+                password: "p:q".into()
+            })
+        );
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Digest x"));
+        assert_eq!(credentials(&h), None);
+    }
+}
