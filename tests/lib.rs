@@ -36,6 +36,9 @@ pub struct TestBroker {
     pub addr: SocketAddr,
     /// Where its TLS listener listens, when `tls.listen` is set.
     pub tls_addr: Option<SocketAddr>,
+    /// Where its monitoring endpoints listen, when `http` is set (the harness leaves it off
+    /// unless a test asks, so that brokers of tests running at once do not compete for it).
+    pub http_addr: Option<SocketAddr>,
     /// Its routing state, for statistics.
     pub broker: Arc<brokerd_core::Broker>,
     handle: ShutdownHandle,
@@ -52,18 +55,21 @@ impl TestBroker {
     pub async fn with_config(f: impl FnOnce(&mut Config)) -> TestBroker {
         let mut config = Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http: None,
             ..Config::default()
         };
         f(&mut config);
         let server = Server::bind(config).await.expect("bind 127.0.0.1:0");
         let addr = server.local_addr().expect("local addr");
         let tls_addr = server.tls_addr().expect("TLS addr");
+        let http_addr = server.http_addr().expect("HTTP addr");
         let broker = server.broker();
         let handle = server.shutdown_handle();
         let join = tokio::spawn(server.run());
         TestBroker {
             addr,
             tls_addr,
+            http_addr,
             broker,
             handle,
             join,

@@ -934,4 +934,33 @@ mod tests {
         c.limits.min_frame_rate = 1;
         assert!(c.frame_allowance(u32::MAX as usize) > Duration::from_secs(u32::MAX as u64));
     }
+
+    #[test]
+    fn http_is_an_address_or_off_and_a_reachable_one_needs_authentication() {
+        assert_eq!(
+            Config::default().http,
+            Some(SocketAddr::from(([127, 0, 0, 1], 7655)))
+        );
+        for off in ["off", ""] {
+            let c = Config::from_toml(&format!("http = \"{off}\"\n"), "t").unwrap();
+            assert_eq!(c.http, None);
+        }
+        let c = Config::from_toml("http = \"localhost:7800\"\n", "t").unwrap();
+        assert_eq!(c.http.unwrap().port(), 7800);
+        let e = Config::from_toml("http = \"0.0.0.0:7655\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("0.0.0.0:7655"), "{e}");
+        let c = Config::from_toml(
+            "http = \"0.0.0.0:7655\"\n[auth]\nallow_anonymous = true\n",
+            "t",
+        )
+        .unwrap();
+        assert!(c.http.is_some());
+        // It round-trips through --print-config.
+        let text = toml::to_string(&Config {
+            http: None,
+            ..Config::default()
+        })
+        .unwrap();
+        assert!(text.contains("http = \"off\""), "{text}");
+    }
 }

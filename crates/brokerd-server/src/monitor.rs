@@ -525,10 +525,6 @@ impl Monitor {
             abandoned_bytes,
         };
         let text = reason.to_string();
-        publish_event(shared, events::DISCONNECT, || ClosedEvent {
-            closed: &closed,
-            message: &text,
-        });
         if matches!(
             reason,
             CloseReason::SlowConsumer { .. } | CloseReason::WriteTimeout
@@ -538,6 +534,10 @@ impl Monitor {
                 message: &text,
             });
         }
+        publish_event(shared, events::DISCONNECT, || ClosedEvent {
+            closed: &closed,
+            message: &text,
+        });
         let mut list = self.closed.lock();
         if list.len() == MAX_CLOSED {
             list.pop_front();

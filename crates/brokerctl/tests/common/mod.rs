@@ -35,6 +35,7 @@ impl Broker {
     pub async fn start_with(f: impl FnOnce(&mut Config)) -> Broker {
         let mut cfg = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
+            http: None,
             ..Config::default()
         };
         f(&mut cfg);
