@@ -307,6 +307,8 @@ async fn events_tell_of_connects_disconnects_drops_and_write_deadline_closes() {
     assert_eq!(gone["abandoned_msgs"], abandoned);
     let varz: ServerStats = json(http, "/varz").await;
     assert_eq!(varz.closes["write-timeout"], 1);
+    assert_eq!(varz.abandoned_msgs, abandoned);
+    assert!(varz.abandoned_bytes >= abandoned * 64 * 1024, "{varz:?}");
     let m = parse_metrics(&get(http, "/metrics", None).await.body);
     assert_eq!(m["brokerd_abandoned_total"], abandoned as f64);
     drop(stalled);

@@ -37,6 +37,11 @@ pub struct ServerStats {
     pub unrouted: u64,
     /// Bytes written to clients (frames of every kind).
     pub bytes_out: u64,
+    /// Deliveries still queued when their connection closed, never written (a write-deadline
+    /// close, a reset, a shutdown's grace running out), and their bytes.
+    pub abandoned_msgs: u64,
+    /// Their bytes.
+    pub abandoned_bytes: u64,
     /// Rates over the last second.
     pub rates: Rates,
     /// Connections closed, by reason (`docs/operations.md`, "Close reasons").

@@ -160,6 +160,8 @@ impl Monitor {
             dropped: s.dropped,
             unrouted: s.unrouted,
             bytes_out: s.bytes_out,
+            abandoned_msgs: self.abandoned_msgs.load(Ordering::Relaxed),
+            abandoned_bytes: self.abandoned_bytes.load(Ordering::Relaxed),
             rates: sampled.server.clone(),
             closes: s
                 .closes
