@@ -182,6 +182,7 @@ async fn every_endpoint_shows_the_traffic_it_saw() {
     let by_name = |c: &Connz, name: &str| c.connections.iter().find(|r| r.name == name).cloned();
     let s = by_name(&connz, "orders-subscriber").unwrap();
     assert_eq!((s.subscriptions, s.deliveries, s.pending_msgs), (1, 641, 0));
+    assert_eq!(s.filters, ["orders.>"]);
     assert!(s.bytes_out > 641 * 16, "{s:?}");
     let p = by_name(&connz, "orders-publisher").unwrap();
     assert_eq!((p.msgs_in, p.bytes_in), (641, 641 * 2));

@@ -127,6 +127,9 @@ pub struct TopicRate {
     pub msgs_per_s: f64,
 }
 
+/// Filters shown per connection in [`ConnStats::filters`].
+pub const MAX_FILTERS_SHOWN: usize = 8;
+
 /// One connection: a row of `/connz` and of the statistics answer.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -143,6 +146,9 @@ pub struct ConnStats {
     pub connected_at: String,
     /// Its live subscriptions.
     pub subscriptions: u64,
+    /// The filters of its first [`MAX_FILTERS_SHOWN`] subscriptions (by subscription id), a
+    /// queue group's name after the filter (`orders.> [workers]`); `/subz` lists them all.
+    pub filters: Vec<String>,
     /// Messages it published.
     pub msgs_in: u64,
     /// Their payload bytes.

@@ -569,6 +569,15 @@ fn row(c: &ClientStats, r: &ConnSample) -> ConnStats {
         user: c.client.identity.user.as_deref().map(str::to_string),
         connected_at: rfc3339(c.client.connected_at),
         subscriptions: c.subscriptions as u64,
+        filters: c
+            .client
+            .subscriptions(brokerd_proto::stats::MAX_FILTERS_SHOWN)
+            .iter()
+            .map(|s| match s.queue() {
+                Some(q) => format!("{} [{q}]", s.filter.as_str()),
+                None => s.filter.as_str().to_string(),
+            })
+            .collect(),
         msgs_in: c.msgs_in,
         bytes_in: c.bytes_in,
         deliveries: c.outbox.queued,
