@@ -26,6 +26,7 @@ use tokio::io::AsyncBufReadExt;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
+mod conns;
 mod human;
 mod rpc;
 mod stats;
@@ -173,6 +174,8 @@ enum Command {
     Reply(rpc::ReplyArgs),
     /// Show the broker's statistics: traffic, drops, and the connections dropping the most.
     Stats(stats::StatsArgs),
+    /// List the connections: lag, rates and drops, sorted as asked.
+    Conns(conns::ConnsArgs),
 }
 
 /// Arguments of `brokerctl pub`.
@@ -303,6 +306,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Req(args) => rpc::cmd_req(&cli.global, args).await,
         Command::Reply(args) => rpc::cmd_reply(&cli.global, args).await,
         Command::Stats(args) => stats::cmd_stats(&cli.global, args).await,
+        Command::Conns(args) => conns::cmd_conns(&cli.global, args).await,
     }
 }
 
