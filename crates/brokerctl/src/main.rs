@@ -1,11 +1,12 @@
 //! `brokerctl`, the command-line tool for brokerd: publish messages, watch subscriptions, and
 //! measure a broker under load (`bench`, in [`bench`]).
 //!
-//! Each subcommand is one variant of [`Command`] and one `cmd_*` function; `stats` is meant to
-//! slot in the same way. Everything here is a thin layer over `brokerd-client`:
-//! this file parses arguments, reads stdin, formats messages and maps failures to exit codes
-//! (0 success, 1 runtime error reported as `brokerctl: <error>`, 2 usage error from clap). It
-//! does not retry, reconnect or buffer beyond what the client already does.
+//! Each subcommand is one variant of [`Command`] and one `cmd_*` function; the larger ones live
+//! in files of their own (`bench`, `rpc`, and the monitoring views `stats`, `conns`, `top`).
+//! Everything here is a thin layer over `brokerd-client`: this file parses arguments, reads
+//! stdin, formats messages and maps failures to exit codes (0 success, 1 runtime error reported
+//! as `brokerctl: <error>`, 2 usage error from clap). It does not retry, reconnect or buffer
+//! beyond what the client already does.
 //!
 //! Output goes to stdout (messages only); progress, summaries and errors go to stderr, so
 //! `brokerctl sub ... | tool` sees nothing but messages.
@@ -26,9 +27,12 @@ use tokio::io::AsyncBufReadExt;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
+mod conns;
 mod human;
 mod rpc;
 mod stats;
+mod top;
+mod tty;
 
 /// Command-line arguments.
 #[derive(Debug, Parser)]
@@ -173,6 +177,10 @@ enum Command {
     Reply(rpc::ReplyArgs),
     /// Show the broker's statistics: traffic, drops, and the connections dropping the most.
     Stats(stats::StatsArgs),
+    /// List the connections: lag, rates and drops, sorted as asked.
+    Conns(conns::ConnsArgs),
+    /// Watch the connections live, sorted by rate, pending bytes or drops (q quits).
+    Top(top::TopArgs),
 }
 
 /// Arguments of `brokerctl pub`.
@@ -303,6 +311,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Req(args) => rpc::cmd_req(&cli.global, args).await,
         Command::Reply(args) => rpc::cmd_reply(&cli.global, args).await,
         Command::Stats(args) => stats::cmd_stats(&cli.global, args).await,
+        Command::Conns(args) => conns::cmd_conns(&cli.global, args).await,
+        Command::Top(args) => top::cmd_top(&cli.global, args).await,
     }
 }
 

@@ -768,6 +768,194 @@ async fn stats_shows_the_traffic_and_the_connections() {
     broker.stop().await;
 }
 
+/// A client of the library connected under `name` and subscribed to each of `filters`.
+async fn connected(
+    broker: &Broker,
+    name: &str,
+    filters: &[&str],
+) -> (brokerd_client::Client, Vec<brokerd_client::Subscription>) {
+    let client =
+        brokerd_client::Client::connect(broker.addr, brokerd_client::ConnectOptions::new(name))
+            .await
+            .unwrap();
+    let mut subs = Vec::new();
+    for f in filters {
+        subs.push(client.subscribe(f).await.unwrap());
+    }
+    (client, subs)
+}
+
+/// The last word of each line under the table's headings (the names), in order.
+fn names_in_table(stdout: &str) -> Vec<&str> {
+    stdout
+        .lines()
+        .skip_while(|l| !l.ends_with("NAME"))
+        .skip(1)
+        .filter(|l| !l.starts_with('('))
+        .filter_map(|l| l.split_whitespace().last())
+        .collect()
+}
+
+/// Runs `brokerctl args` once the connections of the runs before have gone (the broker is back
+/// to `subs` subscriptions: each run subscribes its inbox), and again until the answer it is
+/// given was built after it connected: requests within 100 ms of each other share one answer,
+/// which may list the connection of the run before and not this one's (the tool says so on
+/// stderr).
+async fn fresh(broker: &Broker, subs: usize, args: &[&str]) -> Finished {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        broker.wait_for_subscriptions(subs).await;
+        let out = run(broker.ctl(args), None).await;
+        assert!(out.status.success(), "{args:?} failed: {}", out.stderr);
+        if out.stderr.is_empty() {
+            return out;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for a fresh answer: {}",
+            out.stderr
+        );
+        sleep(POLL).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conns_lists_the_connections_sorted_but_not_its_own() {
+    let broker = Broker::start().await;
+    // Connected first, so it has the smaller id, and fewer subscriptions.
+    let few = connected(&broker, "few-subs", &["orders.>"]).await;
+    let many = connected(&broker, "many-subs", &["a", "b", "c"]).await;
+    broker.wait_for_subscriptions(4).await;
+
+    let out = run(broker.ctl(&["conns"]), None).await;
+    assert!(out.status.success(), "conns failed: {}", out.stderr);
+    assert!(out.stderr.is_empty(), "{}", out.stderr);
+    assert!(!out.stdout.contains("brokerctl-conns-"), "{}", out.stdout);
+    let row: Vec<&str> = out
+        .stdout
+        .lines()
+        .find(|l| l.ends_with(" few-subs"))
+        .unwrap_or_else(|| panic!("no row for the subscriber in {}", out.stdout))
+        .split_whitespace()
+        .collect();
+    // ID PEER USER SUBS ...: no user on a broker without authentication, one subscription.
+    assert_eq!((row[2], row[3]), ("-", "1"), "{}", out.stdout);
+
+    let id = fresh(&broker, 4, &["conns", "--sort", "id"]).await;
+    assert_eq!(
+        names_in_table(&id.stdout),
+        ["few-subs", "many-subs"],
+        "{}",
+        id.stdout
+    );
+    let subs = fresh(&broker, 4, &["conns", "--sort", "subs"]).await;
+    assert_eq!(
+        names_in_table(&subs.stdout),
+        ["many-subs", "few-subs"],
+        "{}",
+        subs.stdout
+    );
+
+    let json = fresh(&broker, 4, &["conns", "--json", "--sort", "subs"]).await;
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&json.stdout).expect("one JSON array");
+    let names: Vec<&str> = rows.iter().filter_map(|r| r["name"].as_str()).collect();
+    assert_eq!(names, ["many-subs", "few-subs"], "{}", json.stdout);
+    assert_eq!(rows[0]["subscriptions"], 3, "{}", json.stdout);
+
+    let bad = run(broker.ctl(&["conns", "--sort", "nope"]), None).await;
+    assert_eq!(bad.status.code(), Some(2), "{}", bad.stderr);
+    drop((few, many));
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_prints_snapshots_when_stdout_is_not_a_terminal() {
+    let broker = Broker::start().await;
+    let watched = connected(&broker, "watched", &["jobs.>"]).await;
+    broker.wait_for_subscriptions(1).await;
+
+    // Stdout is a pipe here: one snapshot, then exit.
+    let once = run(broker.ctl(&["top"]), None).await;
+    assert!(once.status.success(), "top failed: {}", once.stderr);
+    assert!(once.stdout.starts_with("brokerd "), "{}", once.stdout);
+    assert!(once.stdout.contains("sorted by rate\n"), "{}", once.stdout);
+    assert_eq!(names_in_table(&once.stdout), ["watched"], "{}", once.stdout);
+    assert!(!once.stdout.contains('\u{1b}'), "{}", once.stdout);
+
+    let twice = run(
+        broker.ctl(&[
+            "top",
+            "--iterations",
+            "2",
+            "--interval",
+            "10ms",
+            "--sort",
+            "drops",
+        ]),
+        None,
+    )
+    .await;
+    assert!(twice.status.success(), "top failed: {}", twice.stderr);
+    let headings = twice.stdout.lines().filter(|l| l.ends_with("NAME")).count();
+    assert_eq!(headings, 2, "{}", twice.stdout);
+    assert!(
+        twice.stdout.contains("sorted by drops\n"),
+        "{}",
+        twice.stdout
+    );
+    drop(watched);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_shows_rates_and_the_busiest_topics() {
+    let broker = Broker::start().await;
+    let sub = connected(&broker, "rates-sub", &["load.>"]).await;
+    broker.wait_for_subscriptions(1).await;
+    let publisher = connected(&broker, "rates-pub", &[]).await.0;
+    // A steady flow, so that every one-second window the broker measures has some.
+    let flow = tokio::spawn(async move {
+        loop {
+            publisher.publish("load.x", "m").await.unwrap();
+            sleep(std::time::Duration::from_millis(2)).await;
+        }
+    });
+
+    let deadline = Instant::now() + DEADLINE;
+    let out = loop {
+        let out = run(broker.ctl(&["stats"]), None).await;
+        assert!(out.status.success(), "stats failed: {}", out.stderr);
+        let flowing = out
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("rates: in ") && !l.starts_with("rates: in 0/s"))
+            && out.stdout.contains("busiest topics: load.x ");
+        if flowing {
+            break out;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for rates in {}",
+            out.stdout
+        );
+        sleep(POLL).await;
+    };
+    let row: Vec<&str> = out
+        .stdout
+        .lines()
+        .find(|l| l.ends_with(" rates-sub"))
+        .unwrap_or_else(|| panic!("no row for the subscriber in {}", out.stdout))
+        .split_whitespace()
+        .collect();
+    // ID PEER SUBS IN DELIVERED DROPPED PENDING PENDING-B AGE IN/S OUT/S DROP/S NAME: the
+    // subscriber's deliveries flow at some rate, and it publishes nothing.
+    assert_eq!(row.len(), 13, "{}", out.stdout);
+    assert_eq!(row[9], "0", "{}", out.stdout);
+    flow.abort();
+    drop(sub);
+    broker.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_and_a_user_through_brokerctl() {
     use brokerd_server::config::{RulesConfig, UserConfig};
