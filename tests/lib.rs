@@ -36,6 +36,8 @@ pub struct TestBroker {
     pub addr: SocketAddr,
     /// Where its TLS listener listens, when `tls.listen` is set.
     pub tls_addr: Option<SocketAddr>,
+    /// Where its HTTP monitoring endpoints listen, unless a test turned `http` off.
+    pub http_addr: Option<SocketAddr>,
     /// Its routing state, for statistics.
     pub broker: Arc<brokerd_core::Broker>,
     handle: ShutdownHandle,
@@ -48,22 +50,26 @@ impl TestBroker {
         TestBroker::with_config(|_| {}).await
     }
 
-    /// Starts a broker with the defaults changed by `f`.
+    /// Starts a broker with the defaults changed by `f`. The monitoring endpoints listen on an
+    /// ephemeral port too, so that tests never contend for the default `127.0.0.1:7655`.
     pub async fn with_config(f: impl FnOnce(&mut Config)) -> TestBroker {
         let mut config = Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             ..Config::default()
         };
         f(&mut config);
         let server = Server::bind(config).await.expect("bind 127.0.0.1:0");
         let addr = server.local_addr().expect("local addr");
         let tls_addr = server.tls_addr().expect("TLS addr");
+        let http_addr = server.http_addr().expect("HTTP addr");
         let broker = server.broker();
         let handle = server.shutdown_handle();
         let join = tokio::spawn(server.run());
         TestBroker {
             addr,
             tls_addr,
+            http_addr,
             broker,
             handle,
             join,
