@@ -51,7 +51,8 @@ impl TestBroker {
         TestBroker::with_config(|_| {}).await
     }
 
-    /// Starts a broker with the defaults changed by `f`.
+    /// Starts a broker with the defaults changed by `f`. The monitoring endpoints listen on an
+    /// ephemeral port too, so that tests never contend for the default `127.0.0.1:7655`.
     pub async fn with_config(f: impl FnOnce(&mut Config)) -> TestBroker {
         let mut config = Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
