@@ -506,7 +506,7 @@ async fn unread_replies_count_against_the_limits_and_close_a_slow_consumer() {
         } else {
             break;
         }
-        if sent % (64 * one.len()) == 0 {
+        if sent.is_multiple_of(64 * one.len()) {
             tokio::task::yield_now().await;
         }
     }

@@ -125,10 +125,10 @@ fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
         assert!(valid_name(name), "{line}");
         let family = name.strip_suffix("_total").unwrap_or(name);
         assert!(typed.contains(family), "no TYPE before {line}");
-        if let Some(labels) = series.strip_prefix(name) {
-            if !labels.is_empty() {
-                assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
-            }
+        if let Some(labels) = series.strip_prefix(name)
+            && !labels.is_empty()
+        {
+            assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
         }
         samples.insert(series.to_string(), value);
     }

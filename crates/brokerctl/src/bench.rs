@@ -415,7 +415,7 @@ async fn publish_paced(
                 ))
                 .context("cannot publish")?;
             sent += 1;
-            if sent % 256 == 0 || sent == total {
+            if sent.is_multiple_of(256) || sent == total {
                 counters.sent.store(sent, Ordering::Relaxed);
             }
         }

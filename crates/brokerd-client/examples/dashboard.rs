@@ -67,7 +67,7 @@ async fn watch(name: &'static str, subs: Vec<Subscription>) -> anyhow::Result<Se
         let v: serde_json::Value = serde_json::from_slice(&msg.payload())?;
         let metric = msg.topic().trim_start_matches("metrics.").to_string();
         let round = v["round"].as_u64().unwrap_or(0);
-        if round % 5 == 0 {
+        if round.is_multiple_of(5) {
             println!("[{name}] round {round}: {metric} = {}", v["value"]);
         }
         *seen.per_metric.entry(metric).or_default() += 1;
@@ -108,10 +108,10 @@ pub async fn run(addr: &str, interval: Duration) -> anyhow::Result<Report> {
         if round == OPS_JOINS {
             ops = Some(join(addr, "ops-dashboard", &["metrics.*"]).await?);
         }
-        if round == CAPACITY_LEAVES {
-            if let Some(d) = capacity.take() {
-                leave(d, &mut report).await?;
-            }
+        if round == CAPACITY_LEAVES
+            && let Some(d) = capacity.take()
+        {
+            leave(d, &mut report).await?;
         }
         for (i, metric) in METRICS.iter().enumerate() {
             let value = (round * 7 + i as u64 * 13) % 100;

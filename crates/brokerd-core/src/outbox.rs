@@ -463,10 +463,10 @@ impl Outbox {
     /// the waker when there is nothing to write.
     pub fn poll_take(&self, cx: &mut Context<'_>, batch: &mut VecDeque<Item>) -> Poll<Take> {
         let mut st = self.state.lock();
-        if let Some(c) = &st.closing {
-            if !c.drain || (st.queue.is_empty() && st.lost.is_empty()) {
-                return Poll::Ready(Take::Closed(c.reason.clone()));
-            }
+        if let Some(c) = &st.closing
+            && (!c.drain || (st.queue.is_empty() && st.lost.is_empty()))
+        {
+            return Poll::Ready(Take::Closed(c.reason.clone()));
         }
         std::mem::swap(&mut st.queue, batch);
         st.taken_ms = crate::clock::now_ms();

@@ -64,10 +64,13 @@ pub enum TopicError {
 }
 
 fn check(s: &str, limits: &TopicLimits, wildcards: bool) -> Result<(), TopicError> {
-    if !wildcards && s.is_ascii() && !s.is_empty() && s.len() <= limits.max_len {
-        if let Some(r) = check_ascii_topic(s.as_bytes(), limits) {
-            return r;
-        }
+    if !wildcards
+        && s.is_ascii()
+        && !s.is_empty()
+        && s.len() <= limits.max_len
+        && let Some(r) = check_ascii_topic(s.as_bytes(), limits)
+    {
+        return r;
     }
     if s.is_empty() {
         return Err(TopicError::Empty);

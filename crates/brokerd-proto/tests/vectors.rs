@@ -302,7 +302,7 @@ fn load() -> BTreeMap<String, Vec<u8>> {
             .unwrap_or_else(|| panic!("line {}: expected `name: hex`", n + 1));
         let digits: Vec<u8> = hex.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
         assert!(
-            digits.len() % 2 == 0,
+            digits.len().is_multiple_of(2),
             "line {}: odd number of hex digits",
             n + 1
         );

@@ -182,16 +182,16 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
     // Publishers must stop queueing here; the first reason recorded is the one reported.
     outbox.close(reason, false);
     let reason = outbox.close_reason().unwrap_or(CloseReason::ServerShutdown);
-    if let Some((code, message)) = reason.error() {
-        if !interrupted {
-            let frame = Frame::Err(ErrorFrame {
-                req_id: 0,
-                code: code as u16,
-                message,
-            })
-            .to_bytes();
-            let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, wr.write_all(&frame)).await;
-        }
+    if let Some((code, message)) = reason.error()
+        && !interrupted
+    {
+        let frame = Frame::Err(ErrorFrame {
+            req_id: 0,
+            code: code as u16,
+            message,
+        })
+        .to_bytes();
+        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, wr.write_all(&frame)).await;
     }
     // Dropping the write half shuts the socket's sending side down (a FIN after what was
     // written): no timer and no separate shutdown per close, which adds up when thousands of
