@@ -484,15 +484,7 @@ impl Reader<'_> {
             .shared
             .broker
             .publish_cached(self.client, p, &mut self.routes);
-        if routed.is_ok()
-            && self
-                .client
-                .counters
-                .msgs_in
-                .load(std::sync::atomic::Ordering::Relaxed)
-                % crate::monitor::TOPIC_SAMPLE_EVERY
-                == 0
-        {
+        if routed.is_ok() && crate::monitor::sampled() {
             self.shared.monitor.sample_topic(p.topic);
         }
         match routed {

@@ -35,7 +35,7 @@ pub(crate) const REUSE_FOR: Duration = Duration::from_millis(100);
 /// Closed connections remembered for `/connz?state=closed`.
 pub(crate) const MAX_CLOSED: usize = 256;
 
-/// One publish in this many, per connection, is counted in the busiest-topic sample.
+/// One publish in this many (at random) is counted in the busiest-topic sample.
 pub(crate) const TOPIC_SAMPLE_EVERY: u64 = 64;
 
 /// Distinct topics the sample holds in one second; a topic first seen after that is not counted
@@ -81,6 +81,8 @@ pub(crate) struct Monitor {
     pub(crate) abandoned_bytes: AtomicU64,
     /// The previous `/subz` listing's readings, for per-subscription rates.
     sub_readings: Mutex<HashMap<(u64, u32), (Instant, u64)>>,
+    /// `/tail` streams running now (`tail.rs`).
+    pub(crate) tails: std::sync::atomic::AtomicUsize,
 }
 
 /// The last statistics answers, serialized, and when they were taken. Leaf locks: held only to
@@ -298,7 +300,7 @@ impl Monitor {
     /// `/connz`: one page of the open connections sorted by `sort`, or of the recently closed
     /// ones (latest first).
     pub(crate) fn connz(&self, shared: &Shared, q: &ConnzQuery) -> Connz {
-        let limit = q.limit.unwrap_or(100).min(MAX_PAGE);
+        let limit = page_limit(q.limit);
         let offset = q.offset.unwrap_or(0);
         let sort = q.sort.clone().unwrap_or_else(|| "id".into());
         if q.state.as_deref() == Some("closed") {
@@ -357,7 +359,7 @@ impl Monitor {
         if !matches!(q.subs.as_deref(), Some("1" | "true")) {
             return out;
         }
-        let limit = q.limit.unwrap_or(100).min(MAX_PAGE);
+        let limit = page_limit(q.limit);
         let needle = q.filter.as_deref().unwrap_or("");
         let now = Instant::now();
         let mut previous = std::mem::take(&mut *self.sub_readings.lock());
@@ -648,6 +650,35 @@ pub(crate) struct SubzQuery {
     pub(crate) subs: Option<String>,
     pub(crate) filter: Option<String>,
     pub(crate) limit: Option<usize>,
+}
+
+/// A page's size: `limit` up to [`MAX_PAGE`]; absent or 0, 100.
+fn page_limit(limit: Option<usize>) -> usize {
+    match limit {
+        None | Some(0) => 100,
+        Some(n) => n.min(MAX_PAGE),
+    }
+}
+
+/// Whether this publish goes into the busiest-topic sample: one in [`TOPIC_SAMPLE_EVERY`] at
+/// random (a per-thread xorshift), so that a publisher cycling through topics in step with a
+/// fixed stride cannot hide all but one of them.
+pub(crate) fn sampled() -> bool {
+    use std::cell::Cell;
+    use std::hash::{BuildHasher, Hasher};
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(
+            std::collections::hash_map::RandomState::new().build_hasher().finish() | 1,
+        );
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        x % TOPIC_SAMPLE_EVERY == 0
+    })
 }
 
 /// Rows in order until `max` or until their JSON would pass `budget` bytes.

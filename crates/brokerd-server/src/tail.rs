@@ -15,7 +15,7 @@ use axum::extract::{ConnectInfo, Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use brokerd_core::{Broker, Client, CloseReason, Identity, Item, Take};
+use brokerd_core::{Client, CloseReason, Identity, Item, Take};
 use brokerd_proto::{Body, OverflowPolicy};
 use futures_core::Stream;
 use serde::Serialize;
@@ -24,9 +24,10 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use tracing::debug;
 
 /// Messages sent per second at most (and the burst).
 pub(crate) const RATE: u32 = 20;
@@ -39,8 +40,6 @@ pub(crate) const MAX_TAILS: usize = 8;
 
 /// The name a tail's connection shows.
 pub(crate) const TAIL_NAME: &str = "web-console-tail";
-
-static RUNNING: AtomicUsize = AtomicUsize::new(0);
 
 /// `/tail` query parameters.
 #[derive(Debug, Default, serde::Deserialize)]
@@ -76,16 +75,16 @@ pub(crate) async fn tail(
         )
             .into_response();
     };
-    if RUNNING.fetch_add(1, Ordering::AcqRel) >= MAX_TAILS {
-        RUNNING.fetch_sub(1, Ordering::AcqRel);
+    let running = &shared.monitor.tails;
+    if running.fetch_add(1, Ordering::AcqRel) >= MAX_TAILS {
+        running.fetch_sub(1, Ordering::AcqRel);
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("{MAX_TAILS} tails are running already\n"),
         )
             .into_response();
     }
-    let broker = shared.broker.clone();
-    let client = broker.connect_as(
+    let client = shared.broker.connect_as(
         TAIL_NAME.into(),
         peer.to_string(),
         Some(OverflowPolicy::DropNew),
@@ -93,7 +92,7 @@ pub(crate) async fn tail(
         Identity::default(),
     );
     let stream = TailStream {
-        broker,
+        shared: shared.clone(),
         client,
         batch: VecDeque::new(),
         tokens: RATE as f64,
@@ -101,7 +100,7 @@ pub(crate) async fn tail(
         skipped: 0,
         done: false,
     };
-    if let Err(e) = stream.broker.subscribe(&stream.client, 1, &filter) {
+    if let Err(e) = shared.broker.subscribe(&stream.client, 1, &filter) {
         // Dropping the stream disconnects its connection.
         return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response();
     }
@@ -112,7 +111,7 @@ pub(crate) async fn tail(
 
 /// The event stream: the tail connection's queue, rate-limited.
 struct TailStream {
-    broker: Arc<Broker>,
+    shared: Arc<Shared>,
     client: Arc<Client>,
     batch: VecDeque<Item>,
     /// Token bucket: messages that may be sent now, refilled at [`RATE`] a second.
@@ -223,9 +222,15 @@ impl Stream for TailStream {
 }
 
 impl Drop for TailStream {
+    /// The browser went away (or the broker closed the tail): the tail's connection ends like
+    /// any other, in the counters, the closed list and the `disconnect` event.
     fn drop(&mut self) {
-        self.broker
-            .disconnect(&self.client, &CloseReason::ClientClosed);
-        RUNNING.fetch_sub(1, Ordering::AcqRel);
+        let shared = &self.shared;
+        let reason = CloseReason::ClientClosed;
+        let left = self.client.outbox.stats();
+        shared.broker.disconnect(&self.client, &reason);
+        debug!(client = TAIL_NAME, peer = %self.client.peer, id = self.client.id, "tail closed");
+        shared.monitor.closed(shared, &self.client, &reason, &left);
+        shared.monitor.tails.fetch_sub(1, Ordering::AcqRel);
     }
 }
