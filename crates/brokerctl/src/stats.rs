@@ -328,7 +328,7 @@ fn table(clients: &[ConnStats]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>6}  {:<22} {:>5} {:>11} {:>11} {:>9} {:>9} {:>11} {:>7} {:>7} {:>7} {:>7}  NAME",
+        "{:>6}  {:<22} {:>5} {:>11} {:>11} {:>9} {:>9} {:>11} {:>7} {:>7} {:>7} {:>7}  NAME  FILTERS",
         "ID",
         "PEER",
         "SUBS",
@@ -345,7 +345,7 @@ fn table(clients: &[ConnStats]) -> String {
     for c in clients {
         let _ = writeln!(
             out,
-            "{:>6}  {:<22} {:>5} {:>11} {:>11} {:>9} {:>9} {:>11} {:>7} {:>7} {:>7} {:>7}  {}",
+            "{:>6}  {:<22} {:>5} {:>11} {:>11} {:>9} {:>9} {:>11} {:>7} {:>7} {:>7} {:>7}  {}{}",
             c.id,
             printable(&c.peer),
             group(c.subscriptions),
@@ -358,10 +358,27 @@ fn table(clients: &[ConnStats]) -> String {
             rate(c.msgs_in_per_s),
             rate(c.deliveries_per_s),
             rate(c.dropped_per_s),
-            printable(&c.name)
+            printable(&c.name),
+            filters(c)
         );
     }
     out
+}
+
+/// `  f1, f2 (+N more)`: the filters the answer names for a connection (its first few), and
+/// how many more it has; empty when it has none.
+fn filters(c: &ConnStats) -> String {
+    if c.filters.is_empty() {
+        return String::new();
+    }
+    let shown: Vec<String> = c.filters.iter().map(|f| printable(f)).collect();
+    let more = c.subscriptions.saturating_sub(c.filters.len() as u64);
+    let more = if more > 0 {
+        format!(" (+{} more)", group(more))
+    } else {
+        String::new()
+    };
+    format!("  {}{more}", shown.join(", "))
 }
 
 /// `s` with control characters (a client names itself) shown as `?`, so that nothing in the
@@ -498,7 +515,7 @@ mod tests {
             out.contains("busiest topics: user.created 2.5k/s\n"),
             "{out}"
         );
-        let header = out.lines().find(|l| l.ends_with("NAME")).unwrap();
+        let header = out.lines().find(|l| l.ends_with("NAME  FILTERS")).unwrap();
         assert!(header.contains("AGE") && header.contains("IN/S"), "{out}");
     }
 

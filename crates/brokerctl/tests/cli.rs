@@ -739,7 +739,7 @@ async fn stats_shows_the_traffic_and_the_connections() {
     let row: Vec<&str> = table
         .stdout
         .lines()
-        .find(|l| l.ends_with(" welcome-email"))
+        .find(|l| l.ends_with(" welcome-email  user.created"))
         .unwrap_or_else(|| panic!("no row for the subscriber in {}", table.stdout))
         .split_whitespace()
         .collect();
@@ -943,13 +943,13 @@ async fn stats_shows_rates_and_the_busiest_topics() {
     let row: Vec<&str> = out
         .stdout
         .lines()
-        .find(|l| l.ends_with(" rates-sub"))
+        .find(|l| l.ends_with(" rates-sub  load.>"))
         .unwrap_or_else(|| panic!("no row for the subscriber in {}", out.stdout))
         .split_whitespace()
         .collect();
-    // ID PEER SUBS IN DELIVERED DROPPED PENDING PENDING-B AGE IN/S OUT/S DROP/S NAME: the
-    // subscriber's deliveries flow at some rate, and it publishes nothing.
-    assert_eq!(row.len(), 13, "{}", out.stdout);
+    // ID PEER SUBS IN DELIVERED DROPPED PENDING PENDING-B AGE IN/S OUT/S DROP/S NAME FILTERS:
+    // the subscriber's deliveries flow at some rate, and it publishes nothing.
+    assert_eq!(row.len(), 14, "{}", out.stdout);
     assert_eq!(row[9], "0", "{}", out.stdout);
     flow.abort();
     drop(sub);
