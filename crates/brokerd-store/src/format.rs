@@ -316,6 +316,22 @@ mod tests {
         }
     }
 
+    /// The index entry example in docs/storage.md.
+    #[test]
+    fn documented_index_entry() {
+        let e = IndexEntry {
+            seq: 1,
+            timestamp: 1_700_000_000_000_000_000,
+            offset: 0,
+            ordinal: 0,
+        };
+        let hex: String = e.encode().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "000000000000000117979cfe362a0000000000000000000000000000e1606b7a"
+        );
+    }
+
     #[test]
     fn index_entry_round_trip() {
         let e = IndexEntry {

@@ -324,7 +324,9 @@ impl Stream {
         self.next_seq += n;
         self.last_ts = last_ts;
         self.write_index(&entries);
-        self.trim_to_limits()?;
+        // The records are stored; a segment that cannot be deleted now is tried again after
+        // the next append or by enforce_retention, which reports the error.
+        let _ = self.trim_to_limits();
         Ok(first_seq..self.next_seq)
     }
 
