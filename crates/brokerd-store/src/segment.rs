@@ -220,7 +220,7 @@ pub(crate) fn scan(
                 seq,
                 timestamp,
             } => {
-                if s.count % index_every == 0 {
+                if s.count.is_multiple_of(index_every) {
                     s.entries.push(IndexEntry {
                         seq,
                         timestamp,

@@ -272,7 +272,7 @@ impl Stream {
             let ts = r.timestamp.max(last_ts);
             last_ts = ts;
             let ordinal = self.active.meta.count + i as u64;
-            if ordinal % every == 0 {
+            if ordinal.is_multiple_of(every) {
                 entries.push(IndexEntry {
                     seq,
                     timestamp: ts,
@@ -696,11 +696,9 @@ fn create_segment(dir: &Path, base: u64, durable: bool) -> Result<Active> {
         .open(&path)
         .map_err(|e| StoreError::io("create", &path, e))?;
     let idx = File::create(dir.join(format::segment_file_name(base, "idx"))).ok();
-    if durable {
-        if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
-            let _ = fs::remove_file(&path);
-            return Err(StoreError::io("fsync", dir, e));
-        }
+    if durable && let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+        let _ = fs::remove_file(&path);
+        return Err(StoreError::io("fsync", dir, e));
     }
     Ok(Active {
         meta: SegmentMeta {
@@ -726,24 +724,24 @@ fn open_sealed(dir: &Path, base: u64, opts: &Options, rec: &mut Recovery) -> Res
     let read_err = |e| StoreError::io("read", &path, e);
 
     let mut trusted = None;
-    if let (false, Some(head), Some(last)) = (opts.verify_on_open, old.first(), old.last()) {
-        if head.ordinal == 0 {
-            let tail = segment::scan(
-                &mut file,
-                last.offset,
-                u64::from(last.ordinal),
-                last.seq,
-                every,
-            )
-            .map_err(read_err)?;
-            // The entry must name the record found where it points.
-            let starts_right = tail.first == Some((last.seq, last.timestamp))
-                && tail.damaged.first().is_none_or(|d| d.0 != last.offset);
-            if starts_right {
-                let mut entries = old[..old.len() - 1].to_vec();
-                entries.extend(tail.entries.iter().copied());
-                trusted = Some((tail, entries, (head.seq, head.timestamp)));
-            }
+    if let (false, Some(head), Some(last)) = (opts.verify_on_open, old.first(), old.last())
+        && head.ordinal == 0
+    {
+        let tail = segment::scan(
+            &mut file,
+            last.offset,
+            u64::from(last.ordinal),
+            last.seq,
+            every,
+        )
+        .map_err(read_err)?;
+        // The entry must name the record found where it points.
+        let starts_right = tail.first == Some((last.seq, last.timestamp))
+            && tail.damaged.first().is_none_or(|d| d.0 != last.offset);
+        if starts_right {
+            let mut entries = old[..old.len() - 1].to_vec();
+            entries.extend(tail.entries.iter().copied());
+            trusted = Some((tail, entries, (head.seq, head.timestamp)));
         }
     }
     let (scan, entries, first) = match trusted {

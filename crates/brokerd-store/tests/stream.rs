@@ -26,7 +26,7 @@ fn topic(seq: u64) -> String {
 }
 
 fn headers(seq: u64) -> Vec<u8> {
-    if seq % 3 == 0 {
+    if seq.is_multiple_of(3) {
         vec![1, 2, 3]
     } else {
         Vec::new()
