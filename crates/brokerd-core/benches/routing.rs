@@ -136,6 +136,7 @@ fn outbox(c: &mut Criterion) {
     let limits = OutboxLimits {
         max_msgs: 65_536,
         max_bytes: 64 * 1024 * 1024,
+        press: false,
     };
     let body = Body::encode("bench.pubsub", None, None, &[0u8; 16]);
     let mut cx = Context::from_waker(Waker::noop());

@@ -67,6 +67,9 @@ pub struct RouteCache {
     /// them, never locked on a publish.
     permissions: Option<Arc<Permissions>>,
     permissions_version: u64,
+    /// Outboxes this connection's publishes pressed ([`Push::Pressed`]) since the last
+    /// [`RouteCache::clear_pressed`]: its reader waits for them before reading on.
+    pressed: Vec<Arc<Outbox>>,
 }
 
 /// A connection's views of recently reached slots, each kept while its slot's version stays the
@@ -142,7 +145,19 @@ impl RouteCache {
             allowed: HashMap::default(),
             permissions: None,
             permissions_version: u64::MAX,
+            pressed: Vec::new(),
         }
+    }
+
+    /// The outboxes this connection's publishes queued over their limits since the last
+    /// [`RouteCache::clear_pressed`], for its reader to wait on ([`Outbox::poll_drained`]).
+    pub fn pressed(&self) -> &[Arc<Outbox>] {
+        &self.pressed
+    }
+
+    /// Forgets the pressed outboxes, once waited for.
+    pub fn clear_pressed(&mut self) {
+        self.pressed.clear();
     }
 
     /// The routing work done since the last call, and resets it. A connection's reader gives up
@@ -240,9 +255,12 @@ impl Default for Limits {
                 max_tokens: 16,
             },
             max_subs: 65_536,
+            // Backpressure needs a writer that reports a blocked socket and publishers that wait:
+            // the server turns it on (`outbound.backpressure_wait`).
             outbox: OutboxLimits {
                 max_msgs: 65_536,
                 max_bytes: 64 * 1024 * 1024,
+                press: false,
             },
             default_policy: OverflowPolicy::DropNew,
             match_cache: 16_384,
@@ -877,16 +895,16 @@ impl Broker {
             return Ok(0);
         };
         match matches.slots() {
-            [] => Ok(self.deliver(from, body, &[])),
+            [] => Ok(self.deliver(from, body, &[], &mut routes.pressed)),
             // The common case: the view this connection holds, if its slot has not changed.
             [one] => {
                 let view = routes.views.get(one);
-                Ok(self.deliver(from, body, &[view]))
+                Ok(self.deliver(from, body, &[view], &mut routes.pressed))
             }
             many => {
                 let held: Vec<Arc<View<SubRef>>> = many.iter().map(|s| s.view().1).collect();
                 let views: Vec<&View<SubRef>> = held.iter().map(|v| &**v).collect();
-                Ok(self.deliver(from, body, &views))
+                Ok(self.deliver(from, body, &views, &mut routes.pressed))
             }
         }
     }
@@ -919,7 +937,13 @@ impl Broker {
 
     /// Queues `body` for every subscription in `views`, and one member of each queue group;
     /// returns how many queued it.
-    fn deliver(&self, from: &Client, body: &Publication<'_>, views: &[&View<SubRef>]) -> u32 {
+    fn deliver(
+        &self,
+        from: &Client,
+        body: &Publication<'_>,
+        views: &[&View<SubRef>],
+        pressed: &mut Vec<Arc<Outbox>>,
+    ) -> u32 {
         if views.iter().all(|v| v.is_empty()) {
             let c = &from.counters;
             c.unrouted
@@ -948,6 +972,7 @@ impl Broker {
                 {
                     grant(sub, reply);
                 }
+                note_pressed(pressed, sub, push);
                 self.settle(sub, push, &mut delivered);
             }
             grouped_slots += usize::from(!view.groups.is_empty());
@@ -955,7 +980,14 @@ impl Broker {
         if grouped_slots == 1 {
             for view in views.iter() {
                 for group in view.groups.iter() {
-                    self.deliver_to_group(from, &group.members, raw, body.reply, &mut delivered);
+                    self.deliver_to_group(
+                        from,
+                        &group.members,
+                        raw,
+                        body.reply,
+                        &mut delivered,
+                        pressed,
+                    );
                 }
             }
         } else if grouped_slots > 1 {
@@ -971,7 +1003,7 @@ impl Broker {
                 }
             }
             for (_, members) in &groups {
-                self.deliver_to_group(from, members, raw, body.reply, &mut delivered);
+                self.deliver_to_group(from, members, raw, body.reply, &mut delivered, pressed);
             }
         }
         delivered
@@ -1092,6 +1124,7 @@ impl Broker {
         raw: &Bytes,
         reply: Option<&str>,
         delivered: &mut u32,
+        pressed: &mut Vec<Arc<Outbox>>,
     ) {
         let eligible = |s: &SubRef| !(from.no_echo && s.client_id() == from.id);
         let n = members.len();
@@ -1127,6 +1160,7 @@ impl Broker {
             {
                 grant(sub, reply);
             }
+            note_pressed(pressed, sub, push);
             self.settle(sub, push, delivered);
         }
     }
@@ -1261,6 +1295,20 @@ pub struct ClientStats {
     pub bytes_in: u64,
     /// Its outbound queue's figures: deliveries queued, dropped and pending.
     pub outbox: OutboxStats,
+}
+
+/// Outboxes one publisher remembers as pressed at most; one more past that is not waited for
+/// (it stays within twice its limits all the same).
+const MAX_PRESSED: usize = 1024;
+
+/// Remembers `sub`'s outbox when `push` pressed it, once per run of deliveries to it.
+fn note_pressed(pressed: &mut Vec<Arc<Outbox>>, sub: &SubRef, push: Push) {
+    if push.pressed()
+        && pressed.len() < MAX_PRESSED
+        && !pressed.last().is_some_and(|o| Arc::ptr_eq(o, &sub.outbox))
+    {
+        pressed.push(sub.outbox.clone());
+    }
 }
 
 /// A uniformly distributed index below `n` (which must be positive), from a per-thread

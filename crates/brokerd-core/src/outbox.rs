@@ -37,6 +37,12 @@ pub struct OutboxLimits {
     pub max_msgs: usize,
     /// Most delivery bytes pending, `MSG` headers included.
     pub max_bytes: usize,
+    /// Backpressure: a delivery that finds the queue full is queued anyway, up to an eighth over
+    /// the limits ([`Push::Pressed`]), and the publisher waits a bounded time for the queue to
+    /// drain ([`Outbox::poll_drained`]) instead of the overflow policy dropping it; a queue that
+    /// does not drain in that time is stalled ([`Outbox::mark_stalled`]) and gets its policy
+    /// until it is down to half its limits. Off: the policy decides at once.
+    pub press: bool,
 }
 
 /// Something the writer task writes.
@@ -89,17 +95,33 @@ pub enum Push {
     Skipped,
     /// The queue overflowed under the disconnect policy; the connection is now closing.
     Overflow,
+    /// Queued over the limits (see [`OutboxLimits::press`]): the publisher should wait for this
+    /// outbox ([`Outbox::poll_drained`]) before publishing more.
+    Pressed,
+    /// [`Push::Pressed`], and the last one an auto-unsubscribe allowed.
+    PressedLast,
 }
 
 impl Push {
     /// Whether the message counts as delivered (queued for the subscriber).
     pub fn delivered(self) -> bool {
-        matches!(self, Push::Queued | Push::QueuedLast)
+        matches!(
+            self,
+            Push::Queued | Push::QueuedLast | Push::Pressed | Push::PressedLast
+        )
     }
 
     /// Whether the subscription reached its auto-unsubscribe limit with this message.
     pub fn finished(self) -> bool {
-        matches!(self, Push::QueuedLast | Push::DroppedLast)
+        matches!(
+            self,
+            Push::QueuedLast | Push::DroppedLast | Push::PressedLast
+        )
+    }
+
+    /// Whether the publisher should wait for the outbox to drain.
+    pub fn pressed(self) -> bool {
+        matches!(self, Push::Pressed | Push::PressedLast)
     }
 }
 
@@ -111,6 +133,17 @@ pub enum Take {
     /// Nothing more will come: write any error for this reason and close.
     Closed(CloseReason),
 }
+
+/// How far over a limit backpressure may queue: an eighth of it, at least one. Each waiting
+/// publisher has put at most one delivery over the limit before it stopped to wait, so this
+/// covers that many publishers pressing one queue at once.
+fn headroom(limit: usize) -> usize {
+    (limit / 8).max(1)
+}
+
+/// Publishers that may wait on one outbox at once ([`Outbox::poll_drained`]); more go on
+/// without waiting.
+const MAX_DRAIN_WAITERS: usize = 1024;
 
 /// The smallest step in which an outbox reserves bytes from the broker's budget.
 pub const RESERVE_STEP: usize = 4 * 1024;
@@ -158,6 +191,11 @@ struct State {
     dropped: u64,
     /// Coarse time since when the deliveries pending now have been waiting at most.
     pending_since_ms: u64,
+    /// Set when a publisher waited for this queue to drain for its whole bounded wait: until the
+    /// queue is down to half its limits, the overflow policy decides at once.
+    stalled: bool,
+    /// Publishers waiting for the queue to drain ([`Outbox::poll_drained`]).
+    drain_waiters: Vec<Waker>,
     /// Coarse time of the writer's last take: deliveries still pending after that batch is
     /// released all arrived after it.
     taken_ms: u64,
@@ -257,6 +295,8 @@ impl Outbox {
                 lost: HashMap::new(),
                 queued: 0,
                 pending_since_ms: 0,
+                stalled: false,
+                drain_waiters: Vec::new(),
                 taken_ms: 0,
                 dropped: 0,
                 writer: None,
@@ -339,7 +379,10 @@ impl Outbox {
                 n == 1
             }
         };
-        if !fits(&st) {
+        // Over the limits of a queue that is draining: its writer has not caught up yet, and the
+        // publisher will wait for it, so the delivery is queued (up to an eighth over the limits).
+        let pressed = !fits(&st) && self.presses(&st, cost);
+        if !fits(&st) && !pressed {
             match self.policy {
                 OverflowPolicy::DropNew => {
                     *st.lost.entry(sub.sid).or_insert(0) += 1;
@@ -425,7 +468,60 @@ impl Outbox {
         let w = st.writer.take();
         drop(st);
         wake(w);
-        Some(if last { Push::QueuedLast } else { Push::Queued })
+        Some(match (last, pressed) {
+            (false, false) => Push::Queued,
+            (true, false) => Push::QueuedLast,
+            (false, true) => Push::Pressed,
+            (true, true) => Push::PressedLast,
+        })
+    }
+
+    /// Whether a delivery of `cost` bytes that does not fit is queued anyway, for the publisher
+    /// to wait on: backpressure is on, no publisher has given up waiting on this queue, the
+    /// memory budget does not shed it, and it stays within the limits plus an eighth.
+    fn presses(&self, st: &State, cost: usize) -> bool {
+        let (msgs, bytes) = st.held();
+        self.limits.press
+            && !st.stalled
+            && !self.budget.sheds(bytes + cost)
+            && msgs < self.limits.max_msgs + headroom(self.limits.max_msgs)
+            && bytes + cost <= self.limits.max_bytes + headroom(self.limits.max_bytes)
+    }
+
+    /// Whether the deliveries held are under the limits, so that a publisher need not wait.
+    fn under_limits(&self, st: &State) -> bool {
+        let (msgs, bytes) = st.held();
+        msgs < self.limits.max_msgs && bytes < self.limits.max_bytes
+    }
+
+    /// Ready once a publisher that pressed this queue ([`Push::Pressed`]) may go on: the queue
+    /// is back under its limits, another publisher gave up waiting on it, or it is closing. The caller bounds the wait and calls
+    /// [`Outbox::mark_stalled`] when the bound passes.
+    pub fn poll_drained(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut st = self.state.lock();
+        if self.under_limits(&st) || st.stalled || st.closing.is_some() {
+            return Poll::Ready(());
+        }
+        if !st.drain_waiters.iter().any(|w| w.will_wake(cx.waker())) {
+            if st.drain_waiters.len() >= MAX_DRAIN_WAITERS {
+                // More publishers than that waiting on one queue: the rest do not wait.
+                return Poll::Ready(());
+            }
+            st.drain_waiters.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// A publisher waited its whole bound for this queue: until it is down to half its limits,
+    /// deliveries that do not fit go to the overflow policy at once, and nobody waits on it.
+    pub fn mark_stalled(&self) {
+        let mut st = self.state.lock();
+        if !self.under_limits(&st) {
+            st.stalled = true;
+        }
+        let waiters = std::mem::take(&mut st.drain_waiters);
+        drop(st);
+        waiters.into_iter().for_each(Waker::wake);
     }
 
     /// Ends `sub` after `max` more matched messages (queued or dropped); `0` ends it now.
@@ -500,8 +596,21 @@ impl Outbox {
         } else {
             None
         };
+        let (held_msgs, held_bytes) = st.held();
+        if st.stalled
+            && held_msgs <= self.limits.max_msgs / 2
+            && held_bytes <= self.limits.max_bytes / 2
+        {
+            st.stalled = false;
+        }
+        let waiters = if !st.drain_waiters.is_empty() && self.under_limits(&st) {
+            std::mem::take(&mut st.drain_waiters)
+        } else {
+            Vec::new()
+        };
         drop(st);
         wake(r);
+        waiters.into_iter().for_each(Waker::wake);
     }
 
     /// Whether the connection's own unwritten replies leave its reader room to read more
@@ -545,9 +654,11 @@ impl Outbox {
         }
         let w = st.writer.take();
         let r = st.reader.take();
+        let waiters = std::mem::take(&mut st.drain_waiters);
         drop(st);
         wake(w);
         wake(r);
+        waiters.into_iter().for_each(Waker::wake);
     }
 
     /// The first reason given for closing, if closing.
@@ -610,6 +721,7 @@ mod tests {
             OutboxLimits {
                 max_msgs,
                 max_bytes,
+                press: false,
             },
         ))
     }
@@ -690,6 +802,82 @@ mod tests {
             seq,
             body: body.clone(),
         }
+    }
+
+    fn pressing(policy: OverflowPolicy, max_msgs: usize) -> Arc<Outbox> {
+        Arc::new(Outbox::new(
+            1,
+            policy,
+            OutboxLimits {
+                max_msgs,
+                max_bytes: UNLIMITED,
+                press: true,
+            },
+        ))
+    }
+
+    fn drained(ob: &Outbox, waker: &Arc<CountingWaker>) -> Poll<()> {
+        let waker = Waker::from(waker.clone());
+        ob.poll_drained(&mut Context::from_waker(&waker))
+    }
+
+    #[test]
+    fn a_full_queue_whose_socket_drains_takes_the_message_and_makes_the_publisher_wait() {
+        for policy in [
+            OverflowPolicy::DropNew,
+            OverflowPolicy::DropOld,
+            OverflowPolicy::Disconnect,
+        ] {
+            let ob = pressing(policy, 2);
+            let s = sub(1, &ob);
+            assert_eq!(ob.push_msg(&s, &body(0, 4)), Push::Queued);
+            assert_eq!(ob.push_msg(&s, &body(1, 4)), Push::Queued);
+            // Full, the socket takes bytes: queued over the limit, nothing dropped.
+            assert_eq!(ob.push_msg(&s, &body(2, 4)), Push::Pressed);
+            // An eighth over the limit (at least one) is as far as it goes: then the policy.
+            assert_ne!(ob.push_msg(&s, &body(3, 4)), Push::Pressed, "{policy:?}");
+            let st = ob.stats();
+            assert!(st.pending_msgs <= 3, "{policy:?}: {st:?}");
+            if policy == OverflowPolicy::Disconnect {
+                continue;
+            }
+            let w = Arc::new(CountingWaker::default());
+            assert!(drained(&ob, &w).is_pending());
+            // The writer takes and writes everything: the publisher is woken and goes on.
+            let items = take_items(&ob);
+            release(&ob, &items);
+            assert_eq!(w.count(), 1);
+            assert!(drained(&ob, &w).is_ready());
+        }
+    }
+
+    #[test]
+    fn a_queue_that_did_not_drain_in_time_is_stalled_until_half_empty() {
+        let ob = pressing(OverflowPolicy::DropNew, 4);
+        let s = sub(1, &ob);
+        for i in 0..4 {
+            ob.push_msg(&s, &body(i, 4));
+        }
+        assert_eq!(ob.push_msg(&s, &body(4, 4)), Push::Pressed);
+        ob.mark_stalled();
+        assert_eq!(ob.push_msg(&s, &body(5, 4)), Push::Dropped);
+        let w = Arc::new(CountingWaker::default());
+        assert!(
+            drained(&ob, &w).is_ready(),
+            "nobody waits on a stalled queue"
+        );
+        // Written: the queue is empty, below half, and takes part in backpressure again.
+        let items = take_items(&ob);
+        release(&ob, &items);
+        for i in 0..4 {
+            assert_eq!(ob.push_msg(&s, &body(i, 4)), Push::Queued);
+        }
+        assert_eq!(ob.push_msg(&s, &body(9, 4)), Push::Pressed);
+        // Closing lets waiters go.
+        assert!(drained(&ob, &w).is_pending());
+        ob.close(CloseReason::ClientClosed, false);
+        assert!(w.count() >= 1);
+        assert!(drained(&ob, &w).is_ready());
     }
 
     #[test]
@@ -1052,6 +1240,7 @@ mod tests {
         let limits = OutboxLimits {
             max_msgs: 1000,
             max_bytes: 1 << 20,
+            press: false,
         };
         let ob = Arc::new(Outbox::with_budget(
             1,
@@ -1085,6 +1274,7 @@ mod tests {
         let limits = OutboxLimits {
             max_msgs: 100_000,
             max_bytes: 64 << 20,
+            press: false,
         };
         let big = Arc::new(Outbox::with_budget(
             1,

@@ -235,6 +235,10 @@ pub struct OutboundConfig {
     /// How long one batch write may take before the connection is closed as a slow consumer.
     #[serde(with = "duration")]
     pub write_deadline: Duration,
+    /// How long a publishing connection waits for a subscriber's full queue to drain while
+    /// that subscriber's socket still takes bytes; zero turns backpressure off.
+    #[serde(with = "duration")]
+    pub backpressure_wait: Duration,
 }
 
 /// `[timeouts]`.
@@ -311,6 +315,7 @@ impl Default for OutboundConfig {
             max_pending_bytes: l.outbox.max_bytes,
             overflow: l.default_policy,
             write_deadline: Duration::from_secs(10),
+            backpressure_wait: Duration::from_millis(100),
         }
     }
 }
@@ -475,6 +480,12 @@ impl Config {
         if o.write_deadline.is_zero() {
             return invalid("outbound.write_deadline", "must be greater than zero");
         }
+        if o.backpressure_wait > o.write_deadline {
+            return invalid(
+                "outbound.backpressure_wait",
+                "must not be longer than outbound.write_deadline",
+            );
+        }
         let t = &self.timeouts;
         if t.handshake.is_zero() {
             return invalid("timeouts.handshake", "must be greater than zero");
@@ -567,6 +578,7 @@ impl Config {
             outbox: OutboxLimits {
                 max_msgs: self.outbound.max_pending_msgs,
                 max_bytes: self.outbound.max_pending_bytes,
+                press: !self.outbound.backpressure_wait.is_zero(),
             },
             default_policy: self.outbound.overflow,
             match_cache: self.routing.match_cache,
@@ -962,5 +974,20 @@ mod tests {
         })
         .unwrap();
         assert!(text.contains("http = \"off\""), "{text}");
+    }
+
+    #[test]
+    fn backpressure_wait_is_on_by_default_and_at_most_the_write_deadline() {
+        let c = Config::default();
+        assert_eq!(c.outbound.backpressure_wait, Duration::from_millis(100));
+        assert!(c.broker_limits().outbox.press);
+        let c = Config::from_toml("[outbound]\nbackpressure_wait = \"0s\"\n", "t").unwrap();
+        assert!(!c.broker_limits().outbox.press);
+        let e = Config::from_toml(
+            "[outbound]\nwrite_deadline = \"1s\"\nbackpressure_wait = \"2s\"\n",
+            "t",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("outbound.backpressure_wait"), "{e}");
     }
 }

@@ -459,7 +459,7 @@ impl Reader<'_> {
     /// Whether the reader should stop acting on buffered frames now: its replies wait to be
     /// written, or it has done its share of routing work (see [`WORK_BUDGET`]).
     fn should_break(&self) -> bool {
-        self.paused || self.routes.work() >= WORK_BUDGET
+        self.paused || self.routes.work() >= WORK_BUDGET || !self.routes.pressed().is_empty()
     }
 
     fn error(&mut self, req_id: u32, code: ErrorCode, mut message: String) {
@@ -636,7 +636,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 buf.advance(routed);
                 frame_deadline.started = None;
             }
-            if reader.paused {
+            if reader.paused || !reader.routes.pressed().is_empty() {
                 break;
             }
             if reader.routes.work() >= WORK_BUDGET {
@@ -701,6 +701,29 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
             reader.paused = false;
             // Act on the frames already buffered before reading more.
+            continue;
+        }
+        if !reader.routes.pressed().is_empty() {
+            // A publish queued over a subscriber's limits while its socket still takes bytes:
+            // wait for those queues to drain, all of them within one bounded wait, before acting
+            // on more frames. A queue that does not drain in time is marked stalled, and its
+            // overflow policy decides from then on.
+            let wait = shared.config.load().outbound.backpressure_wait;
+            let deadline = tokio::time::Instant::now() + wait;
+            for outbox in reader.routes.pressed() {
+                let drained = std::future::poll_fn(|cx| outbox.poll_drained(cx));
+                tokio::select! {
+                    biased;
+                    _ = shared.shutdown.cancelled() => return ReadEnd::Shutdown,
+                    _ = conn.cancelled() => return ReadEnd::WriterGone,
+                    r = tokio::time::timeout_at(deadline, drained) => {
+                        if r.is_err() {
+                            outbox.mark_stalled();
+                        }
+                    }
+                }
+            }
+            reader.routes.clear_pressed();
             continue;
         }
         // Over the memory budget, a reader whose frame is longer than a read chunk (it needs a
