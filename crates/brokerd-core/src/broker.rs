@@ -959,6 +959,7 @@ impl Broker {
             RawBody::Shared(b) => b.clone(),
         };
         let raw = &raw;
+        let eligible = |s: &SubRef| !(from.no_echo && s.client_id() == from.id);
         let mut delivered = 0u32;
         let mut grouped_slots = 0;
         for view in views.iter() {
@@ -981,8 +982,8 @@ impl Broker {
             for view in views.iter() {
                 for group in view.groups.iter() {
                     self.deliver_to_group(
-                        from,
                         &group.members,
+                        eligible,
                         raw,
                         body.reply,
                         &mut delivered,
@@ -1003,7 +1004,7 @@ impl Broker {
                 }
             }
             for (_, members) in &groups {
-                self.deliver_to_group(from, members, raw, body.reply, &mut delivered, pressed);
+                self.deliver_to_group(members, eligible, raw, body.reply, &mut delivered, pressed);
             }
         }
         delivered
@@ -1022,18 +1023,8 @@ impl Broker {
         if matches.is_empty() {
             return 0;
         }
-        let payload = payload();
-        let payload = payload.as_ref();
+        let raw = own_body(topic, payload().as_ref());
         let reserved = |s: &SubRef| is_reserved(s.filter.as_str());
-        let body = BodyBuilder {
-            topic,
-            reply: None,
-            headers: None,
-            payload,
-        };
-        let mut raw = BytesMut::with_capacity(body.len());
-        body.put(&mut raw);
-        let raw = raw.freeze();
         let mut delivered = 0u32;
         for slot in matches.slots() {
             let (_, view) = slot.view();
@@ -1042,20 +1033,15 @@ impl Broker {
                 self.settle(sub, push, &mut delivered);
             }
             for group in view.groups.iter() {
-                let members: Vec<&SubRef> = group.members.iter().filter(|s| reserved(s)).collect();
-                if members.is_empty() {
-                    continue;
-                }
-                let start = random_below(members.len());
-                for i in 0..members.len() {
-                    let sub = members[(start + i) % members.len()];
-                    if let Some(push) = sub.outbox.try_push_msg(sub, &raw)
-                        && push != Push::Skipped
-                    {
-                        self.settle(sub, push, &mut delivered);
-                        break;
-                    }
-                }
+                // Nobody waits on the broker's own events: what it presses is not remembered.
+                self.deliver_to_group(
+                    &group.members,
+                    reserved,
+                    &raw,
+                    None,
+                    &mut delivered,
+                    &mut Vec::new(),
+                );
             }
         }
         delivered
@@ -1097,15 +1083,7 @@ impl Broker {
                 max: self.limits.load().max_payload,
             });
         }
-        let body = BodyBuilder {
-            topic,
-            reply: None,
-            headers: None,
-            payload,
-        };
-        let mut raw = BytesMut::with_capacity(body.len());
-        body.put(&mut raw);
-        let raw = raw.freeze();
+        let raw = own_body(topic, payload);
         let mut delivered = 0u32;
         for sub in &targets {
             let push = sub.outbox.push_msg(sub, &raw);
@@ -1119,14 +1097,13 @@ impl Broker {
     /// overflow policy decides, so the drop is counted and reported like any other.
     fn deliver_to_group(
         &self,
-        from: &Client,
         members: &[SubRef],
+        eligible: impl Fn(&SubRef) -> bool,
         raw: &Bytes,
         reply: Option<&str>,
         delivered: &mut u32,
         pressed: &mut Vec<Arc<Outbox>>,
     ) {
-        let eligible = |s: &SubRef| !(from.no_echo && s.client_id() == from.id);
         let n = members.len();
         let start = random_below(n);
         // The first member found full: the one whose policy decides if every member is full.
@@ -1295,6 +1272,19 @@ pub struct ClientStats {
     pub bytes_in: u64,
     /// Its outbound queue's figures: deliveries queued, dropped and pending.
     pub outbox: OutboxStats,
+}
+
+/// A message of the broker's own (an answer, an event): a body with no reply-to and no headers.
+fn own_body(topic: &str, payload: &[u8]) -> Bytes {
+    let body = BodyBuilder {
+        topic,
+        reply: None,
+        headers: None,
+        payload,
+    };
+    let mut raw = BytesMut::with_capacity(body.len());
+    body.put(&mut raw);
+    raw.freeze()
 }
 
 /// Outboxes one publisher remembers as pressed at most; one more past that is not waited for
