@@ -71,7 +71,7 @@ const SHARDS: usize = 16;
 const SUB_BATCH: u64 = 1024;
 
 /// File descriptors the tool keeps for itself beyond one per connection.
-const SPARE_FDS: u64 = 256;
+const SPARE_FDS: u64 = 64;
 
 /// Runs the many-connections scenario.
 ///
@@ -258,7 +258,7 @@ pub(super) async fn run(global: &Global, common: &Common, args: &ManyArgs) -> Re
 }
 
 /// Raises the soft file descriptor limit to at least `need`: to the hard limit, and past it
-/// where the process may (as root).
+/// where the process may (with `CAP_SYS_RESOURCE`).
 ///
 /// # Errors
 /// The limit stays below `need`.
