@@ -7,8 +7,12 @@
 //! Connections are opened before the clock starts, subscribers first, `--connect-parallel` at a
 //! time and all within `--connect-timeout`; the file descriptor limit is raised to hold them.
 //!
-//! Without `--rate` every publisher is a task publishing as fast as its client takes messages
-//! until `--duration`. With `--rate R` the publishers share one fixed schedule of `pubs * R`
+//! Without `--rate` every publisher is a task publishing as fast as the broker confirms: it
+//! asks for a confirmation (`PING`) after each `WINDOW` messages and waits for the one before,
+//! so at most two windows are unconfirmed. Publishing only as fast as the client buffers takes
+//! them, 100 publishers on a shared topic queued more in socket buffers than the broker could
+//! fan out to 100 subscribers within the drain's bound, and the end of the run measured the
+//! backlog rather than the broker. With `--rate R` the publishers share one fixed schedule of `pubs * R`
 //! messages a second handed out round-robin, so that each sends `R` a second, evenly spaced and
 //! out of phase with the others. As in the latency scenario each message carries the time it was
 //! due, and latency is measured from then; subscribers record it into a few shared HDR
@@ -62,6 +66,9 @@ pub(crate) struct ManyArgs {
 /// Messages an unpaced publisher sends between looks at the clock: fewer than one publisher
 /// alone sends, so that thousands of them take turns often.
 const BATCH: u64 = 64;
+
+/// Messages an unpaced publisher sends per confirmation it asks for; a multiple of [`BATCH`].
+const WINDOW: u64 = 16 * BATCH;
 
 /// Latency histograms the subscribers share; subscriber `j` records into shard `j % SHARDS`, so
 /// a lock is rarely contended and memory stays at `SHARDS` times ~200 KiB.
@@ -321,7 +328,8 @@ where
         .with_context(|| format!("not every one of the {what} was set up"))
 }
 
-/// Publishes to `topic` as fast as `client` takes messages until `deadline`; returns how many.
+/// Publishes to `topic` until `deadline`, as fast as the broker confirms windows of
+/// [`WINDOW`] messages; returns how many. Waits at most [`DRAIN_MAX`] for a confirmation.
 async fn publish_unpaced(
     client: Client,
     topic: String,
@@ -330,6 +338,8 @@ async fn publish_unpaced(
     counters: Arc<Counters>,
 ) -> Result<u64> {
     let mut sent = 0u64;
+    // The confirmation of the window before the last, awaited once the next window is written.
+    let mut confirming: Option<JoinHandle<Result<(), brokerd_client::Error>>> = None;
     loop {
         for _ in 0..BATCH {
             client
@@ -341,6 +351,17 @@ async fn publish_unpaced(
         counters.sent.fetch_add(BATCH, Ordering::Relaxed);
         if Instant::now() >= deadline {
             return Ok(sent);
+        }
+        if sent.is_multiple_of(WINDOW) {
+            if let Some(previous) = confirming.take() {
+                tokio::time::timeout(DRAIN_MAX, previous)
+                    .await
+                    .context("the broker did not confirm a window in time")?
+                    .context("a confirmation task failed")?
+                    .context("the connection closed while waiting for a confirmation")?;
+            }
+            let client = client.clone();
+            confirming = Some(tokio::spawn(async move { client.flush().await }));
         }
         tokio::task::yield_now().await;
     }
