@@ -33,12 +33,19 @@ max_connections = 25000
 max_connections_per_address = 25000
 EOF
 
-"$BIN/brokerd" --config "$CONF" --listen "$ADDR" --http off --log-level warn & PID=$!
-i=0
-until "$BIN/brokerctl" --server "$ADDR" pub bench.ready x >/dev/null 2>&1; do
-    i=$((i + 1)); [ "$i" -lt 50 ] || { echo "brokerd did not start" >&2; exit 1; }
-    sleep 0.1
-done
+# A fresh broker for each group of runs, so that its resident memory is that group's own (it
+# keeps what an earlier group made it allocate).
+start_broker() {
+    "$BIN/brokerd" --config "$CONF" --listen "$ADDR" --http off --log-level warn & PID=$!
+    i=0
+    until "$BIN/brokerctl" --server "$ADDR" pub bench.ready x >/dev/null 2>&1; do
+        i=$((i + 1)); [ "$i" -lt 50 ] || { echo "brokerd did not start" >&2; exit 1; }
+        sleep 0.1
+    done
+}
+stop_broker() {
+    kill "$PID"; wait "$PID" || true; PID=""
+}
 
 # bench SCENARIO ARGS...: one run against the broker, its CPU and memory included.
 bench() {
@@ -49,13 +56,16 @@ tag() {
     sed "s/^{/{\"run\":$1,/"
 }
 
+start_broker
 run=1
 while [ "$run" -le "$RUNS" ]; do
     bench relay --size 1024 --duration "$DURATION" | tag "$run"
     bench pubsub --size 1024 --duration "$DURATION" | tag "$run"
     run=$((run + 1))
 done
+stop_broker
 for shared in "" --shared-topic; do
+    start_broker
     run=1
     while [ "$run" -le "$RUNS" ]; do
         # shellcheck disable=SC2086
@@ -63,6 +73,7 @@ for shared in "" --shared-topic; do
             --duration "$DURATION" | tag "$run"
         run=$((run + 1))
     done
+    stop_broker
 done
 # 10,000 subscribers as well need 20,000 descriptors and a few more in each process; under a
 # lower hard limit the subscribers are cut to fit, with a note on stderr (every publisher
@@ -74,6 +85,7 @@ if [ "$FDS" != unlimited ] && [ $((BIG_PUBS + BIG_SUBS + 100)) -gt "$FDS" ]; the
     BIG_SUBS=$((FDS - BIG_PUBS - 100))
     echo "bench-many.sh: descriptor limit $FDS: $BIG_SUBS subscribers instead of 10000" >&2
 fi
+start_broker
 run=1
 while [ "$run" -le "$BIG_RUNS" ]; do
     bench many --pubs "$BIG_PUBS" --subs "$BIG_SUBS" --rate 10 --threads "$THREADS" --size 16 \
