@@ -1,7 +1,7 @@
 //! `brokerctl bench`: load scenarios against a running broker, measured from the client side.
 //!
-//! Each scenario opens one publisher connection and, where it has subscribers, one connection per
-//! subscriber, all through `brokerd-client`. The publisher is pipelined: `Client::publish` only
+//! Each scenario here opens one publisher connection and, where it has subscribers, one
+//! connection per subscriber, all through `brokerd-client`. The publisher is pipelined: `Client::publish` only
 //! buffers, and waits only when the client's write buffer is full. After `--duration` the
 //! publisher sends a `PING` and waits for the `PONG` (everything before it has been routed), then
 //! the subscribers are given time to drain what is already in flight.
@@ -14,10 +14,14 @@
 //! broker's when `--broker-pid` names it, so a reader can tell whether the tool was the limit.
 //! A progress line is rewritten on stderr every second, only when stderr is a terminal and
 //! without `--json`.
-//! Report formatting lives in [`report`]; the hidden `hold` scenario (idle connections for memory
-//! measurements) in [`hold`]. Nothing here asserts a time: these are measurements.
+//! Report formatting lives in [`report`]; the scenario with thousands of connections in [`many`];
+//! the plain TCP relay that pub->sub is compared with in [`relay`]; the hidden `hold` scenario
+//! (idle connections for memory measurements) in [`hold`]. Nothing here asserts a time: these
+//! are measurements.
 
 mod hold;
+mod many;
+mod relay;
 mod report;
 
 use crate::Global;
@@ -30,6 +34,7 @@ use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// Arguments of `brokerctl bench`.
@@ -89,6 +94,13 @@ enum Scenario {
         #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
         rate: u64,
     },
+    /// No broker: a plain TCP relay inside the tool copies one connection's PUB frames to
+    /// another, as fast as loopback carries them; the ceiling `pubsub` is compared with.
+    Relay,
+    /// Many publisher and subscriber connections at once, over `--threads` runtime threads:
+    /// publisher i on `bench.many.<i>` and subscriber j on `bench.many.<j % pubs>`, or all on
+    /// one topic.
+    Many(many::ManyArgs),
     /// Opens idle connections holding subscriptions, for measuring the broker's memory.
     #[command(hide = true)]
     Hold(hold::HoldArgs),
@@ -109,6 +121,8 @@ impl Scenario {
             Scenario::Fanout { .. } => "fanout",
             Scenario::Topics { .. } => "topics",
             Scenario::Latency { .. } => "latency",
+            Scenario::Relay => "relay",
+            Scenario::Many(_) => "many",
             Scenario::Hold(_) => "hold",
         }
     }
@@ -142,8 +156,11 @@ struct SubResult {
 /// Runs `brokerctl bench`.
 pub(crate) async fn cmd_bench(global: &Global, args: BenchArgs) -> Result<()> {
     let common = args.common;
-    if let Scenario::Hold(h) = &args.scenario {
-        return hold::run(global, h).await;
+    match &args.scenario {
+        Scenario::Hold(h) => return hold::run(global, h).await,
+        Scenario::Relay => return emit(&relay::run(&common).await?, common.json),
+        Scenario::Many(m) => return emit(&many::run(global, &common, m).await?, common.json),
+        _ => {}
     }
     if matches!(args.scenario, Scenario::Latency { .. }) && common.size < 8 {
         bail!("the latency scenario needs --size 8 or more (the send time is in the payload)");
@@ -154,7 +171,7 @@ pub(crate) async fn cmd_bench(global: &Global, args: BenchArgs) -> Result<()> {
         Scenario::Fanout { subs } => (subs, 1, None),
         Scenario::Topics { topics } => (1, topics, None),
         Scenario::Latency { rate } => (1, 1, Some(rate)),
-        Scenario::Hold(_) => unreachable!("handled above"),
+        Scenario::Hold(_) | Scenario::Relay | Scenario::Many(_) => unreachable!("handled above"),
     };
     let name = args.scenario.name();
     let topic_names: Vec<String> = if matches!(args.scenario, Scenario::Topics { .. }) {
@@ -186,11 +203,10 @@ pub(crate) async fn cmd_bench(global: &Global, args: BenchArgs) -> Result<()> {
         sub_clients.push(client);
     }
 
-    let mut payload = vec![0u8; common.size];
+    let payload = vec![0u8; common.size];
     let cpu = CpuClock::start(common.broker_pid);
     let start = Instant::now();
-    let progress = (!common.json && std::io::stderr().is_terminal())
-        .then(|| tokio::spawn(progress(counters.clone(), subs, start)));
+    let progress = start_progress(&common, &counters, subs, start);
     let mut send_lag = empty.clone();
     let sent = match rate {
         None => {
@@ -202,16 +218,11 @@ pub(crate) async fn cmd_bench(global: &Global, args: BenchArgs) -> Result<()> {
                 rate,
                 duration: common.duration,
             };
-            publish_paced(
-                &publisher,
-                &topic_names[0],
-                &mut payload,
-                schedule,
-                epoch,
-                &counters,
-                &mut send_lag,
-            )
-            .await?
+            let targets = vec![(publisher.clone(), topic_names[0].clone())];
+            let (sent, lag) =
+                publish_paced(targets, &payload, schedule, epoch, &counters, send_lag).await?;
+            send_lag = lag;
+            sent
         }
     };
     publisher
@@ -220,36 +231,16 @@ pub(crate) async fn cmd_bench(global: &Global, args: BenchArgs) -> Result<()> {
         .context("connection closed before the broker confirmed the messages")?;
     let published_at = Instant::now();
 
-    // Deliveries may still be in flight after the PONG; wait until all arrived or none arrive.
     let expected = sent * u64::from(subs);
-    let mut last_seen = counters.received.load(Ordering::Relaxed);
-    let mut last_change = published_at;
-    while last_seen < expected
-        && last_change.elapsed() < DRAIN_IDLE
-        && published_at.elapsed() < DRAIN_MAX
-    {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        let now = counters.received.load(Ordering::Relaxed);
-        if now != last_seen {
-            last_seen = now;
-            last_change = Instant::now();
-        }
-    }
-    // Delivery rates end at the last delivery observed (to within the 1 ms poll), not at the
-    // end of an idle drain.
     let end = if subs == 0 {
         published_at
     } else {
-        last_change.max(published_at)
+        drain(&counters, expected, published_at).await
     };
     let elapsed = end.duration_since(start);
+    let broker_rss_kib = common.broker_pid.and_then(report::rss_kib);
     let cpu = cpu.stop();
-    if let Some(progress) = progress {
-        progress.abort();
-        // Awaited so that a line being written on another worker is finished before the clear.
-        let _ = progress.await;
-        report::clear_progress();
-    }
+    stop_progress(progress).await;
 
     for client in sub_clients {
         // Closing ends each subscription stream, which ends its task.
@@ -272,10 +263,12 @@ pub(crate) async fn cmd_bench(global: &Global, args: BenchArgs) -> Result<()> {
         scenario: name,
         size: common.size,
         duration: common.duration,
+        pubs: 1,
         subs,
         topics,
         rate,
         sent,
+        expected,
         received,
         missed,
         elapsed,
@@ -284,8 +277,15 @@ pub(crate) async fn cmd_bench(global: &Global, args: BenchArgs) -> Result<()> {
         cpu,
         latency: rate.map(|_| report::Latency::from_histogram(&latency)),
         send_lag: rate.map(|_| report::Latency::from_histogram(&send_lag)),
+        setup: None,
+        broker_rss_kib,
     };
-    let text = if common.json {
+    emit(&report, common.json)
+}
+
+/// Prints a report on stdout: one JSON object on a line of its own, or the table.
+fn emit(report: &Report, json: bool) -> Result<()> {
+    let text = if json {
         format!("{}\n", report.json())
     } else {
         report.table()
@@ -294,6 +294,27 @@ pub(crate) async fn cmd_bench(global: &Global, args: BenchArgs) -> Result<()> {
     out.write_all(text.as_bytes())
         .and_then(|()| out.flush())
         .context("cannot write to stdout")
+}
+
+/// Waits, after the broker confirmed every publish, for deliveries still in flight: until
+/// `expected` arrived, none arrived for [`DRAIN_IDLE`], or [`DRAIN_MAX`] passed. Returns when
+/// the last delivery was seen (to within the 1 ms poll), or `published_at` if none came after
+/// it, so that delivery rates end there and not at the end of an idle drain.
+async fn drain(counters: &Counters, expected: u64, published_at: Instant) -> Instant {
+    let mut last_seen = counters.received.load(Ordering::Relaxed);
+    let mut last_change = published_at;
+    while last_seen < expected
+        && last_change.elapsed() < DRAIN_IDLE
+        && published_at.elapsed() < DRAIN_MAX
+    {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let now = counters.received.load(Ordering::Relaxed);
+        if now != last_seen {
+            last_seen = now;
+            last_change = Instant::now();
+        }
+    }
+    last_change.max(published_at)
 }
 
 /// Connects with the bench's client options.
@@ -369,8 +390,10 @@ impl Schedule {
 }
 
 /// Publishes every message of `schedule`, each stamped with the time it was due (nanoseconds
-/// since `epoch`), recording in `lag` how late each was handed over. Returns how many were
-/// published.
+/// since `epoch`), recording in `lag` how late each was handed over. Message `k` goes to
+/// `targets[k % targets.len()]` (a client and its topic), so `n` targets on a schedule of
+/// `n * r` messages per second each get `r` a second, evenly spaced and out of phase with each
+/// other. Returns how many were published, and `lag`.
 ///
 /// The pacing runs on a thread of its own that sleeps with the operating system's timer
 /// (tens of microseconds late, where tokio's timer rounds to a millisecond) and hands each
@@ -379,22 +402,24 @@ impl Schedule {
 /// runtime (`lag` says how much of it was the tool's). A publisher that falls behind sends what
 /// is overdue at once instead of skipping it, and takes longer than `duration` to finish: the
 /// slow-down shows as latency rather than as messages never sent.
+///
+/// # Errors
+/// A publish fails, or waits longer than [`DRAIN_MAX`] for room in its client's write buffer.
 async fn publish_paced(
-    client: &Client,
-    topic: &str,
-    payload: &mut [u8],
+    targets: Vec<(Client, String)>,
+    payload: &[u8],
     schedule: Schedule,
     epoch: std::time::Instant,
     counters: &Arc<Counters>,
-    lag: &mut Histogram<u64>,
-) -> Result<u64> {
-    let client = client.clone();
-    let topic = topic.to_string();
+    mut hist: Histogram<u64>,
+) -> Result<(u64, Histogram<u64>)> {
+    if targets.is_empty() {
+        bail!("nothing to publish to");
+    }
     let mut payload = payload.to_vec();
     let counters = counters.clone();
-    let mut hist = lag.clone();
     let runtime = tokio::runtime::Handle::current();
-    let (sent, hist) = tokio::task::spawn_blocking(move || -> Result<(u64, Histogram<u64>)> {
+    tokio::task::spawn_blocking(move || -> Result<(u64, Histogram<u64>)> {
         let start = std::time::Instant::now();
         let start_ns = start.duration_since(epoch).as_nanos() as u64;
         let total = schedule.messages();
@@ -408,11 +433,14 @@ async fn publish_paced(
             payload[..8].copy_from_slice(&schedule.stamp(start_ns, sent).to_be_bytes());
             let late = start.elapsed().saturating_sub(due);
             hist.saturating_record((late.as_nanos() as u64).max(1));
+            let (client, topic) = &targets[(sent % targets.len() as u64) as usize];
             // A plain publish into a buffer with room completes without waiting.
             runtime
-                .block_on(std::future::IntoFuture::into_future(
-                    client.publish(&topic, &payload[..]),
+                .block_on(tokio::time::timeout(
+                    DRAIN_MAX,
+                    std::future::IntoFuture::into_future(client.publish(topic, &payload[..])),
                 ))
+                .context("a publish waited too long for room in the write buffer")?
                 .context("cannot publish")?;
             sent += 1;
             if sent.is_multiple_of(256) || sent == total {
@@ -422,9 +450,7 @@ async fn publish_paced(
         Ok((sent, hist))
     })
     .await
-    .context("the publishing thread failed")??;
-    *lag = hist;
-    Ok(sent)
+    .context("the publishing thread failed")?
 }
 
 /// Counts deliveries until the stream ends; with `latency`, records each message's latency into
@@ -439,12 +465,7 @@ async fn subscriber(
         let mut next = Some(first);
         while let Some(msg) = next {
             if let Some((epoch, h)) = &mut latency {
-                let now = epoch.elapsed().as_nanos() as u64;
-                if let Some(stamp) = msg.payload().get(..8) {
-                    let mut b = [0u8; 8];
-                    b.copy_from_slice(stamp);
-                    h.saturating_record(now.saturating_sub(u64::from_be_bytes(b)));
-                }
+                record_latency(h, *epoch, &msg.payload());
             }
             // Bounded so the shared counter (and the progress line) keeps moving.
             next = if n < 1024 { sub.try_next() } else { None };
@@ -457,6 +478,36 @@ async fn subscriber(
     SubResult {
         missed: sub.missed(),
         latency: latency.map(|(_, h)| h),
+    }
+}
+
+/// Starts the progress line, when stderr is a terminal and the report is not JSON.
+fn start_progress(
+    common: &Common,
+    counters: &Arc<Counters>,
+    subs: u32,
+    start: Instant,
+) -> Option<JoinHandle<()>> {
+    (!common.json && std::io::stderr().is_terminal())
+        .then(|| tokio::spawn(progress(counters.clone(), subs, start)))
+}
+
+/// Stops the progress line started by [`start_progress`] and clears it.
+async fn stop_progress(progress: Option<JoinHandle<()>>) {
+    if let Some(progress) = progress {
+        progress.abort();
+        // Awaited so that a line being written on another worker is finished before the clear.
+        let _ = progress.await;
+        report::clear_progress();
+    }
+}
+
+/// Records the time since the stamp in the first 8 bytes of `payload` (nanoseconds since
+/// `epoch`, big-endian); a payload too short for a stamp is not counted.
+fn record_latency(h: &mut Histogram<u64>, epoch: std::time::Instant, payload: &[u8]) {
+    let now = epoch.elapsed().as_nanos() as u64;
+    if let Some(stamp) = payload.first_chunk::<8>() {
+        h.saturating_record(now.saturating_sub(u64::from_be_bytes(*stamp)));
     }
 }
 

@@ -126,6 +126,124 @@ async fn latency_at_a_low_rate_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_carries_every_frame_without_a_broker() {
+    let broker = Broker::start().await;
+    let v = broker.bench(&["relay", "--size", "1024"]).await;
+    check_common(&v, "relay", 1024, 1);
+    assert_eq!(u(&v, "lost"), 0, "{v}");
+    assert_eq!(u(&v, "received"), u(&v, "sent"), "{v}");
+    assert_eq!((u(&v, "pubs"), u(&v, "subs")), (1, 1), "{v}");
+    broker.stop().await;
+}
+
+/// The fields of a `many` run, and latency percentiles in order when it was paced.
+fn check_many(v: &Value, pubs: u64, subs: u64, topics: u64, paced: bool) {
+    assert_eq!(v["scenario"], "many", "{v}");
+    assert_eq!(
+        (u(v, "pubs"), u(v, "subs"), u(v, "topics")),
+        (pubs, subs, topics)
+    );
+    let (expected, received, lost) = (u(v, "expected"), u(v, "received"), u(v, "lost"));
+    assert!(u(v, "sent") > 0, "{v}");
+    assert!(received > 0, "{v}");
+    assert_eq!(received + lost, expected, "{v}");
+    assert!(f(v, "setup_s") >= 0.0, "{v}");
+    if paced {
+        let (p50, p99, p999, max) = (
+            f(v, "p50_us"),
+            f(v, "p99_us"),
+            f(v, "p999_us"),
+            f(v, "max_us"),
+        );
+        assert!(p50 > 0.0 && p50 <= p99 && p99 <= p999 && p999 <= max, "{v}");
+    } else {
+        assert!(v["p99_us"].is_null(), "{v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_on_distinct_topics_delivers_each_publisher_to_its_subscriber() {
+    let broker = Broker::start().await;
+    let pid = std::process::id().to_string();
+    let v = broker
+        .bench(&[
+            "many",
+            "--pubs",
+            "4",
+            "--subs",
+            "4",
+            "--rate",
+            "100",
+            "--threads",
+            "2",
+            "--broker-pid",
+            &pid,
+        ])
+        .await;
+    check_many(&v, 4, 4, 4, true);
+    // One subscriber per publisher: every message once, at a pace nothing drops.
+    assert_eq!(u(&v, "expected"), u(&v, "sent"), "{v}");
+    assert_eq!(u(&v, "lost"), 0, "{v}");
+    // The broker runs in this process, so its memory and CPU are this process's.
+    assert!(f(&v, "broker_rss_mib") > 0.0, "{v}");
+    assert!(f(&v, "broker_cpu_s_per_million") >= 0.0, "{v}");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_on_a_shared_topic_delivers_every_message_to_every_subscriber() {
+    let broker = Broker::start().await;
+    let v = broker
+        .bench(&[
+            "many",
+            "--pubs",
+            "4",
+            "--subs",
+            "4",
+            "--shared-topic",
+            "--rate",
+            "100",
+        ])
+        .await;
+    check_many(&v, 4, 4, 1, true);
+    assert_eq!(u(&v, "expected"), 4 * u(&v, "sent"), "{v}");
+    assert_eq!(u(&v, "lost"), 0, "{v}");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_with_more_subscribers_than_publishers_wraps_around() {
+    let broker = Broker::start().await;
+    let v = broker
+        .bench(&["many", "--pubs", "3", "--subs", "5", "--rate", "50"])
+        .await;
+    check_many(&v, 3, 5, 3, true);
+    // Subscribers 0 and 3 hear publisher 0, 1 and 4 publisher 1, 2 publisher 2, and the
+    // schedule hands out messages round-robin: the first publishers have at most one more.
+    let (sent, expected) = (u(&v, "sent"), u(&v, "expected"));
+    let each = sent / 3;
+    assert!(expected >= 5 * each && expected <= 5 * each + 4, "{v}");
+    assert_eq!(u(&v, "lost"), 0, "{v}");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_unpaced_accounts_for_every_message() {
+    let broker = Broker::start().await;
+    for shared in [false, true] {
+        let mut args = vec!["many", "--pubs", "4", "--subs", "4", "--threads", "2"];
+        if shared {
+            args.push("--shared-topic");
+        }
+        let v = broker.bench(&args).await;
+        let (topics, fanout) = if shared { (1, 4) } else { (4, 1) };
+        check_many(&v, 4, 4, topics, false);
+        assert_eq!(u(&v, "expected"), fanout * u(&v, "sent"), "{v}");
+    }
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_progress_line_on_a_stderr_that_is_not_a_terminal() {
     let broker = Broker::start().await;
     // Longer than a second, so that a progress line would have been written.

@@ -2,7 +2,8 @@
 //! progress line, CPU accounting from `/proc`, and latency percentiles from an HDR histogram
 //! (bounded memory at any rate and duration).
 //!
-//! Nothing here touches the network; `bench.rs` measures and fills in a [`Report`].
+//! Nothing here touches the network; `bench.rs`, `relay.rs` and `many.rs` measure and fill in a
+//! [`Report`].
 
 use crate::human::{group, si};
 use hdrhistogram::{CreationError, Histogram};
@@ -21,11 +22,16 @@ pub(crate) struct Report {
     pub(crate) size: usize,
     /// `--duration`.
     pub(crate) duration: Duration,
+    /// Publishing connections: one, except in `many`.
+    pub(crate) pubs: u32,
     pub(crate) subs: u32,
     pub(crate) topics: u32,
-    /// Messages per second asked for (latency scenario).
+    /// Messages per second asked for: in all (latency scenario) or per publisher (`many`).
     pub(crate) rate: Option<u64>,
     pub(crate) sent: u64,
+    /// Deliveries owed: `sent * subs` where every subscriber hears every message; in `many` on
+    /// distinct topics, each subscriber hears one publisher.
+    pub(crate) expected: u64,
     pub(crate) received: u64,
     /// Sum of the `LOST` notices the subscribers got.
     pub(crate) missed: u64,
@@ -39,12 +45,17 @@ pub(crate) struct Report {
     /// How late the publisher handed each message over, after its slot in the schedule (the
     /// tool's own share of `latency`: timer ticks, a full write buffer, a busy runtime).
     pub(crate) send_lag: Option<Latency>,
+    /// How long opening every connection took (`many`).
+    pub(crate) setup: Option<Duration>,
+    /// The broker's resident memory (`VmRSS`) once publishing ended, connections still open,
+    /// when `--broker-pid` names it.
+    pub(crate) broker_rss_kib: Option<u64>,
 }
 
 impl Report {
-    /// Deliveries that never arrived: `sent * subs - received`.
+    /// Deliveries that never arrived: `expected - received`.
     pub(crate) fn lost(&self) -> u64 {
-        (self.sent * u64::from(self.subs)).saturating_sub(self.received)
+        self.expected.saturating_sub(self.received)
     }
 
     /// The scenario's headline count: confirmed publishes for `pub`, deliveries otherwise.
@@ -64,6 +75,16 @@ impl Report {
         self.msgs_per_sec() * self.size as f64 / 1e6
     }
 
+    /// Broker CPU seconds spent per million counted messages (deliveries, or confirmed
+    /// publishes without subscribers). Half a core at 100,000 messages a second is 5.
+    pub(crate) fn broker_cpu_s_per_million(&self) -> Option<f64> {
+        let counted = self.counted();
+        if counted == 0 {
+            return None;
+        }
+        Some(self.cpu.broker_s? / (counted as f64 / 1e6))
+    }
+
     /// The run as one JSON object.
     pub(crate) fn json(&self) -> serde_json::Value {
         let lat = self.latency.as_ref();
@@ -71,10 +92,12 @@ impl Report {
             "scenario": self.scenario,
             "size": self.size,
             "duration_s": self.duration.as_secs_f64(),
+            "pubs": self.pubs,
             "subs": self.subs,
             "topics": self.topics,
             "rate": self.rate,
             "sent": self.sent,
+            "expected": self.expected,
             "received": self.received,
             "lost": self.lost(),
             "missed": self.missed,
@@ -93,6 +116,9 @@ impl Report {
             "tool_threads": self.threads,
             "tool_cpu_pct": round2(self.cpu.tool_pct),
             "broker_cpu_pct": self.cpu.broker_pct.map(round2),
+            "broker_cpu_s_per_million": self.broker_cpu_s_per_million().map(round2),
+            "broker_rss_mib": self.broker_rss_kib.map(|k| round2(k as f64 / 1024.0)),
+            "setup_s": self.setup.map(|d| round2(d.as_secs_f64())),
             "machine_cpu_pct": self.cpu.machine_pct.map(round2),
         })
     }
@@ -107,16 +133,44 @@ impl Report {
             "fanout" => format!(", {} subscribers", self.subs),
             "topics" => format!(", {} topics", self.topics),
             "latency" => format!(", {} msgs/s offered", self.rate.unwrap_or(0)),
+            "many" => {
+                let pace = match self.rate {
+                    Some(r) => format!("{r} msgs/s each"),
+                    None => "unpaced".to_string(),
+                };
+                format!(
+                    ", {} publishers ({pace}), {} subscribers, {} topic{}",
+                    group(u64::from(self.pubs)),
+                    group(u64::from(self.subs)),
+                    group(u64::from(self.topics)),
+                    if self.topics == 1 { "" } else { "s" }
+                )
+            }
             _ => String::new(),
         };
         row(
             "scenario",
             format!("{} ({} B payload{shape})", self.scenario, self.size),
         );
+        if let Some(setup) = self.setup {
+            row(
+                "connections",
+                format!(
+                    "{} opened in {:.1} s",
+                    group(u64::from(self.pubs) + u64::from(self.subs)),
+                    setup.as_secs_f64()
+                ),
+            );
+        }
+        let confirmed = if self.scenario == "relay" {
+            "written to the relay"
+        } else {
+            "confirmed by PONG"
+        };
         row(
             "sent",
             format!(
-                "{} in {:.2} s, confirmed by PONG ({}/s)",
+                "{} in {:.2} s, {confirmed} ({}/s)",
                 group(self.sent),
                 self.publish_elapsed.as_secs_f64(),
                 si(per_sec(self.sent, self.publish_elapsed))
@@ -179,7 +233,17 @@ impl Report {
             ),
         );
         if let Some(b) = self.cpu.broker_pct {
-            row("broker cpu", format!("{b:.0}% of one core"));
+            let per_million = self
+                .broker_cpu_s_per_million()
+                .map(|s| format!(", {s:.2} s per million messages"))
+                .unwrap_or_default();
+            row("broker cpu", format!("{b:.0}% of one core{per_million}"));
+        }
+        if let Some(kib) = self.broker_rss_kib {
+            row(
+                "broker memory",
+                format!("{:.1} MiB resident", kib as f64 / 1024.0),
+            );
         }
         if let Some(m) = self.cpu.machine_pct {
             row(
@@ -245,6 +309,8 @@ impl Latency {
 pub(crate) struct CpuShare {
     pub(crate) tool_pct: f64,
     pub(crate) broker_pct: Option<f64>,
+    /// The broker's CPU time over the run, in seconds.
+    pub(crate) broker_s: Option<f64>,
     /// Every process on the machine, this one included (from `/proc/stat`): what is left after
     /// the tool and the broker is other load competing for the same cores.
     pub(crate) machine_pct: Option<f64>,
@@ -276,16 +342,19 @@ impl CpuClock {
     /// entry cannot be read reports 0 (tool) or nothing (broker).
     pub(crate) fn stop(self) -> CpuShare {
         let wall = self.wall.elapsed().as_secs_f64().max(1e-9);
-        let share = |before: Option<u64>, after: Option<u64>| -> Option<f64> {
+        let seconds = |before: Option<u64>, after: Option<u64>| -> Option<f64> {
             let used = after?.checked_sub(before?)?;
-            Some(used as f64 / USER_HZ / wall * 100.0)
+            Some(used as f64 / USER_HZ)
         };
+        let share = |s: Option<f64>| s.map(|s| s / wall * 100.0);
+        let broker_s = self
+            .broker_pid
+            .and_then(|p| seconds(self.broker, cpu_ticks(&p.to_string())));
         CpuShare {
-            tool_pct: share(self.tool, cpu_ticks("self")).unwrap_or(0.0),
-            broker_pct: self
-                .broker_pid
-                .and_then(|p| share(self.broker, cpu_ticks(&p.to_string()))),
-            machine_pct: share(self.machine, machine_busy_ticks()),
+            tool_pct: share(seconds(self.tool, cpu_ticks("self"))).unwrap_or(0.0),
+            broker_pct: share(broker_s),
+            broker_s,
+            machine_pct: share(seconds(self.machine, machine_busy_ticks())),
         }
     }
 }
@@ -323,6 +392,18 @@ fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     let utime: u64 = fields.next()?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
     Some(utime + stime)
+}
+
+/// The resident memory of process `pid` in KiB, from the `VmRSS` line of `/proc/<pid>/status`.
+pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_vm_rss(&status)
+}
+
+/// The value of the `VmRSS:` line of a `/proc/<pid>/status` text (always in kB there).
+fn parse_vm_rss(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Returns to the start of the line and clears it (`CR`, then `ESC [2K`), so a shorter line
@@ -419,6 +500,14 @@ mod tests {
     #[test]
     fn own_cpu_is_readable() {
         assert!(cpu_ticks("self").is_some());
+    }
+
+    #[test]
+    fn resident_memory_from_the_status_file() {
+        let status = "Name:\tbrokerd\nVmHWM:\t  20000 kB\nVmRSS:\t   12345 kB\nThreads:\t3\n";
+        assert_eq!(parse_vm_rss(status), Some(12345));
+        assert_eq!(parse_vm_rss("Name:\tx\n"), None);
+        assert!(rss_kib(std::process::id()).is_some_and(|k| k > 0));
     }
 
     /// Whether `got` is within the histogram's 0.1% of `want`.
