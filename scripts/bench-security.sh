@@ -31,6 +31,7 @@ HASH=$(echo bench-password | "$BIN/brokerd" hash-password)
 RULES='["a.>", "b.>", "c.>", "d.>", "e.>", "f.>", "g.>", "h.>", "i.>", "bench.>"]'
 cat > "$DIR/users.toml" <<EOF
 listen = "127.0.0.1:17661"
+http = "off"
 log_level = "warn"
 [[auth.users]]
 name = "bench"
@@ -39,9 +40,9 @@ publish = { allow = $RULES }
 subscribe = { allow = $RULES }
 EOF
 
-"$BIN/brokerd" --listen 127.0.0.1:17660 --log-level warn & PIDS="$PIDS $!"
+"$BIN/brokerd" --listen 127.0.0.1:17660 --http off --log-level warn & PIDS="$PIDS $!"
 "$BIN/brokerd" --config "$DIR/users.toml" & PIDS="$PIDS $!"
-"$BIN/brokerd" --listen 127.0.0.1:17662 --log-level warn \
+"$BIN/brokerd" --listen 127.0.0.1:17662 --http off --log-level warn \
     --tls-cert "$DIR/server.pem" --tls-key "$DIR/server.key" & PIDS="$PIDS $!"
 
 ctl() {
