@@ -44,7 +44,14 @@ async fn write_task(inner: Arc<Inner>, mut wr: WriteHalf) -> Ended {
         };
         inner.space.notify_waiters();
         if !out.is_empty() {
-            if let Err(e) = wr.write_all(&out).await {
+            // A TLS stream may keep the last records in its own buffer when the socket was full;
+            // the flush sends them (a no-op on plain TCP), or the server waits for the rest of a
+            // frame that never comes.
+            let written = match wr.write_all(&out).await {
+                Ok(()) => wr.flush().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = written {
                 return CloseReason::io("write", &e);
             }
             out.clear();
@@ -194,6 +201,7 @@ async fn dial_inner(
         credentials: options.credentials.clone(),
     });
     wr.write_all(&hello.to_bytes()).await?;
+    wr.flush().await?;
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let info = loop {
         match decode(&mut buf, HANDSHAKE_FRAME)? {
@@ -434,4 +442,63 @@ fn control(inner: &Inner, frame: Frame) -> Result<(), Ended> {
         let _ = tx.send(reply.1);
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// A writer that, like a TLS stream whose socket was full, keeps what it accepts until it is
+    /// flushed.
+    struct HoldsUntilFlushed {
+        held: Vec<u8>,
+        sent: Arc<parking_lot::Mutex<Vec<u8>>>,
+    }
+
+    impl AsyncWrite for HoldsUntilFlushed {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.held.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            let held = std::mem::take(&mut self.held);
+            self.sent.lock().extend_from_slice(&held);
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            self.poll_flush(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn the_writer_flushes_what_it_wrote() {
+        let inner = Inner::for_test();
+        let sent = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let wr = HoldsUntilFlushed {
+            held: Vec::new(),
+            sent: sent.clone(),
+        };
+        let task = tokio::spawn(write_task(inner.clone(), Box::new(wr)));
+        assert!(inner.append(|b| b.extend_from_slice(b"a whole frame")));
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while sent.lock().is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "written but never flushed"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(&sent.lock()[..], b"a whole frame");
+        inner.shutdown(CloseReason::ClientClosed);
+        assert_eq!(task.await.unwrap(), CloseReason::ClientClosed);
+    }
 }

@@ -149,7 +149,12 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
             scratch.reserve(64 * 1024);
         }
         let bytes = out.remaining() as u64;
-        let write = tokio::time::timeout(write_deadline, wr.write_all_buf(&mut out));
+        // A TLS stream may keep its last records in its own buffer when the socket was full: the
+        // flush sends them (a no-op on plain TCP), within the same deadline.
+        let write = tokio::time::timeout(write_deadline, async {
+            wr.write_all_buf(&mut out).await?;
+            wr.flush().await
+        });
         let result = tokio::select! {
             r = write => r,
             _ = hard_stop.cancelled() => {
@@ -191,7 +196,11 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
             message,
         })
         .to_bytes();
-        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, wr.write_all(&frame)).await;
+        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
+            wr.write_all(&frame).await?;
+            wr.flush().await
+        })
+        .await;
     }
     // Dropping the write half shuts the socket's sending side down (a FIN after what was
     // written): no timer and no separate shutdown per close, which adds up when thousands of
@@ -203,6 +212,67 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// A writer that, like a TLS stream whose socket was full, keeps what it accepts until it is
+    /// flushed.
+    struct HoldsUntilFlushed {
+        held: Vec<u8>,
+        sent: Arc<parking_lot::Mutex<Vec<u8>>>,
+    }
+
+    impl AsyncWrite for HoldsUntilFlushed {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.held.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            let held = std::mem::take(&mut self.held);
+            self.sent.lock().extend_from_slice(&held);
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            self.poll_flush(cx)
+        }
+    }
+
+    #[tokio::test]
+    #[allow(clippy::unwrap_used)]
+    async fn what_is_written_is_flushed_before_the_writer_waits_again() {
+        let broker = brokerd_core::Broker::new(brokerd_core::Limits::default());
+        let client = broker.connect("t".into(), "peer".into(), None, false);
+        let sent = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let wr = HoldsUntilFlushed {
+            held: Vec::new(),
+            sent: sent.clone(),
+        };
+        let task = tokio::spawn(run(
+            wr,
+            client.clone(),
+            Duration::from_secs(10),
+            CancellationToken::new(),
+            CancellationToken::new(),
+        ));
+        assert!(client.outbox.push_frame(Frame::Ok(7).to_bytes()));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while sent.lock().is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "written but never flushed"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(&sent.lock()[..], &Frame::Ok(7).to_bytes()[..]);
+        client.outbox.close(CloseReason::ClientClosed, false);
+        task.await.unwrap();
+    }
 
     #[test]
     fn chain_advances_across_parts() {
