@@ -1,7 +1,9 @@
 //! Slow consumers (issue 4): a subscriber that stops reading costs the broker at most its
-//! configured pending limit, never slows the publisher or a healthy subscriber, and every message
-//! it did not get is accounted for; the `disconnect` policy and the write deadline close it with a
-//! counted reason.
+//! configured pending limit (plus the eighth backpressure may queue over it), holds the publisher
+//! back for at most the bounded backpressure wait and a healthy subscriber not at all, and every
+//! message it did not get is accounted for; the `disconnect` policy and the write deadline close
+//! it with a counted reason. A subscriber that keeps reading loses nothing behind a small queue
+//! (issue 15).
 //!
 //! The stalled subscribers here are raw sockets that simply do not read. The broker's resident
 //! memory under the same load is measured on the real binary by
