@@ -349,6 +349,7 @@ async fn drops_are_reported_once_a_second_per_connection() {
     // Every event counts what was dropped since the one before, at most one a second.
     let first = event(&mut events, "$SYS.event.client.dropped", "drops").await;
     assert_eq!(first["overflow"], "drop-new");
+    assert_eq!(first["filters"], serde_json::json!(["small"]));
     let mut all = vec![first];
     while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(2500), events.next()).await {
         all.push(serde_json::from_slice(&m.payload()).unwrap());

@@ -483,6 +483,7 @@ impl Monitor {
                 dropped,
                 dropped_total: total,
                 overflow: client.outbox.policy().name(),
+                filters: filters(&client),
             });
         }
     }
@@ -571,15 +572,7 @@ fn row(c: &ClientStats, r: &ConnSample) -> ConnStats {
         user: c.client.identity.user.as_deref().map(str::to_string),
         connected_at: rfc3339(c.client.connected_at),
         subscriptions: c.subscriptions as u64,
-        filters: c
-            .client
-            .subscriptions(brokerd_proto::stats::MAX_FILTERS_SHOWN)
-            .iter()
-            .map(|s| match s.queue() {
-                Some(q) => format!("{} [{q}]", s.filter.as_str()),
-                None => s.filter.as_str().to_string(),
-            })
-            .collect(),
+        filters: filters(&c.client),
         msgs_in: c.msgs_in,
         bytes_in: c.bytes_in,
         deliveries: c.outbox.queued,
@@ -593,6 +586,19 @@ fn row(c: &ClientStats, r: &ConnSample) -> ConnStats {
         dropped_per_s: r.dropped_per_s,
         overflow: c.client.outbox.policy().name().to_string(),
     }
+}
+
+/// The filters of a connection's first [`brokerd_proto::stats::MAX_FILTERS_SHOWN`]
+/// subscriptions, a queue group's name in brackets after its filter.
+fn filters(client: &Client) -> Vec<String> {
+    client
+        .subscriptions(brokerd_proto::stats::MAX_FILTERS_SHOWN)
+        .iter()
+        .map(|s| match s.queue() {
+            Some(q) => format!("{} [{q}]", s.filter.as_str()),
+            None => s.filter.as_str().to_string(),
+        })
+        .collect()
 }
 
 /// Sorts `/connz` rows: `id` (default, ascending), or descending by `msgs_in`, `deliveries`,
@@ -745,4 +751,7 @@ struct DroppedEvent<'a> {
     dropped: u64,
     dropped_total: u64,
     overflow: &'a str,
+    /// The filters of its first subscriptions, to tell which one drops (each subscriber learns
+    /// its own subscriptions' counts from `LOST` frames).
+    filters: Vec<String>,
 }
