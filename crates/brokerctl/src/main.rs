@@ -171,7 +171,8 @@ enum Command {
     Sub(SubArgs),
     /// Measure a running broker: throughput, fan-out, many topics, latency.
     Bench(bench::BenchArgs),
-    /// Send a request and print the first reply.
+    /// Send a request and print the first reply (exit 1 if it is an error reply: one with an
+    /// `error` header, as `reply --command` sends when its command fails).
     Req(rpc::ReqArgs),
     /// Answer requests with a fixed payload or a command's output.
     Reply(rpc::ReplyArgs),

@@ -81,7 +81,13 @@ pub(crate) async fn cmd_req(global: &Global, args: ReqArgs) -> Result<()> {
         .and_then(|()| out.write_all(b"\n"))
         .and_then(|()| out.flush())
         .context("cannot write to stdout")?;
+    drop(out);
     client.close().await.ok();
+    // An error reply (`brokerctl reply` marks one with an `error` header) is printed like any
+    // other, and the exit code says it was one, so that a script can tell.
+    if let Some(reason) = reply.headers().get(ERROR_HEADER) {
+        bail!("the responder answered with an error: {reason}");
+    }
     Ok(())
 }
 

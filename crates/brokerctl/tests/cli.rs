@@ -626,9 +626,16 @@ async fn a_failing_command_gets_an_error_reply_and_reply_goes_on() {
     );
 
     // The responder is still there for the next request.
+    // `req` prints the error reply and exits 1, naming it.
     let r = run(broker.ctl(&["req", "svc.fail", "again"]), None).await;
-    assert!(r.status.success(), "req failed: {}", r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{}", r.stderr);
     assert_eq!(r.stdout, "command failed: exit status 3\n");
+    assert!(
+        r.stderr
+            .contains("the responder answered with an error: exit status 3"),
+        "{}",
+        r.stderr
+    );
 
     let responder = responder.finish().await;
     assert!(responder.status.success(), "{}", responder.stderr);
