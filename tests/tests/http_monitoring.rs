@@ -494,3 +494,38 @@ async fn a_second_broker_on_the_same_monitoring_port_runs_without_it() {
     second.stop().await;
     first.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http_connections_take_a_bounded_number_of_slots_and_nothing_from_the_broker() {
+    let (b, http) = monitored(|_| {}).await;
+    // As many connections as the endpoints serve at once, each sending nothing.
+    let mut idle = Vec::new();
+    for _ in 0..brokerd_server::MONITORING_CONNECTIONS {
+        idle.push(TcpStream::connect(http).await.unwrap());
+    }
+    // One more: accepted by the kernel, but not served while every slot is held.
+    let mut waiting = TcpStream::connect(http).await.unwrap();
+    waiting
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: brokerd\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(300), waiting.read(&mut first)).await;
+    assert!(early.is_err(), "answered while every slot was held");
+    // The broker serves its clients all the same.
+    let c = b.client("c").await;
+    assert_eq!(c.publish("t", "x").acked().await.unwrap(), 0);
+    // A slot freed: the waiting request is served.
+    drop(idle.pop());
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, waiting.read_to_end(&mut answer))
+        .await
+        .expect("served once a slot is free")
+        .unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    b.stop().await;
+}

@@ -61,9 +61,124 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         .route("/healthz", get(healthz))
         .merge(protected)
         .with_state(shared);
-    let service = app.into_make_service_with_connect_info::<SocketAddr>();
+    let service = app.into_make_service_with_connect_info::<Peer>();
+    let listener = Limited {
+        inner: listener,
+        slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+    };
     if let Err(e) = axum::serve(listener, service).await {
         warn!(error = %e, "monitoring endpoints stopped");
+    }
+}
+
+/// HTTP connections open at once at most (tails included). Past that, new ones wait in the
+/// listen backlog until one closes: a client holding connections open, or sending its headers
+/// slowly, can make the monitoring endpoints unavailable but cannot take the broker's file
+/// descriptors or tasks.
+pub(crate) const MAX_CONNECTIONS: usize = 64;
+
+/// The listener, accepting only while fewer than [`MAX_CONNECTIONS`] are open.
+struct Limited {
+    inner: TcpListener,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// The client's address, for handlers (`ConnectInfo<Peer>`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peer(pub(crate) SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Limited>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Limited>) -> Peer {
+        *stream.remote_addr()
+    }
+}
+
+impl axum::serve::Listener for Limited {
+    type Io = Held;
+    type Addr = Peer;
+
+    async fn accept(&mut self) -> (Held, Peer) {
+        // The semaphore is never closed, so acquiring only waits.
+        let permit = loop {
+            if let Ok(p) = self.slots.clone().acquire_owned().await {
+                break p;
+            }
+        };
+        loop {
+            match self.inner.accept().await {
+                Ok((stream, addr)) => {
+                    let _ = stream.set_nodelay(true);
+                    return (
+                        Held {
+                            stream,
+                            _slot: permit,
+                        },
+                        Peer(addr),
+                    );
+                }
+                Err(e) => {
+                    // Out of file descriptors and similar: back off rather than spin.
+                    warn!(error = %e, "monitoring: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Peer> {
+        self.inner.local_addr().map(Peer)
+    }
+}
+
+/// An accepted connection holding its slot until it is dropped.
+struct Held {
+    stream: tokio::net::TcpStream,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tokio::io::AsyncRead for Held {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Held {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -75,7 +190,7 @@ struct Verified(Mutex<HashMap<[u8; 64], (Instant, bool)>>);
 /// 403 for a user who is not an admin. Without authentication configured, everyone passes.
 async fn require_admin(
     State((shared, verified)): State<(Arc<Shared>, Arc<Verified>)>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
     request: Request,
     next: Next,
 ) -> Response {

@@ -34,3 +34,6 @@ pub use config::{Config, ConfigError};
 pub const HEALTH_CHECK_NAME: &str = "brokerd-health";
 pub use reload::{ReloadHandle, Reloaded};
 pub use server::{Server, ShutdownHandle};
+
+/// HTTP connections the monitoring endpoints serve at once; more wait in the listen backlog.
+pub const MONITORING_CONNECTIONS: usize = http::MAX_CONNECTIONS;

@@ -21,7 +21,6 @@ use futures_core::Stream;
 use serde::Serialize;
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -65,7 +64,7 @@ struct Shown<'a> {
 
 pub(crate) async fn tail(
     State(shared): State<Arc<Shared>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(crate::http::Peer(peer)): ConnectInfo<crate::http::Peer>,
     Query(q): Query<TailQuery>,
 ) -> Response {
     let Some(filter) = q.filter.filter(|f| !f.is_empty()) else {
