@@ -221,6 +221,19 @@ impl RawConn {
         RawConn::connect(addr).await.hello(name, overflow).await
     }
 
+    /// A connection named `name` with one subscription to `filter` (sid 1), that the test then
+    /// never reads from: a subscriber whose socket stops draining.
+    pub async fn stalled_subscriber(addr: SocketAddr, name: &str, filter: &str) -> RawConn {
+        let mut c = RawConn::handshake(addr, name, 0).await;
+        c.send_bytes(&wire::sub(2, 1, filter)).await;
+        assert_eq!(
+            c.recv().await,
+            Some(Frame::Ok(2)),
+            "{name} subscribes to {filter}"
+        );
+        c
+    }
+
     /// Completes the handshake on a connection made without one.
     pub async fn hello(mut self, name: &str, overflow: u8) -> RawConn {
         self.send_bytes(&wire::hello(1, name, overflow)).await;

@@ -6,10 +6,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use brokerd_proto::Frame;
 use brokerd_proto::stats::{Connz, ServerStats, Subz};
 use brokerd_server::config::UserConfig;
-use brokerd_tests::{DEADLINE, RawConn, TestBroker, wire};
+use brokerd_tests::{DEADLINE, RawConn, TestBroker};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -286,9 +285,7 @@ async fn events_tell_of_connects_disconnects_drops_and_write_deadline_closes() {
 
     // A subscriber whose socket is never read: the write deadline closes it, and what was
     // queued for it is counted as abandoned.
-    let mut stalled = RawConn::handshake(b.addr, "never-reads", 0).await;
-    stalled.send_bytes(&wire::sub(2, 1, "big")).await;
-    assert_eq!(stalled.recv().await, Some(Frame::Ok(2)));
+    let stalled = RawConn::stalled_subscriber(b.addr, "never-reads", "big").await;
     let publisher = b.client("publisher").await;
     let body = vec![0u8; 64 * 1024];
     for _ in 0..512 {
@@ -336,9 +333,7 @@ async fn drops_are_reported_once_a_second_per_connection() {
     .await;
     let ops = b.client("ops").await;
     let mut events = ops.subscribe("$SYS.event.client.dropped").await.unwrap();
-    let mut stalled = RawConn::handshake(b.addr, "drops", 0).await;
-    stalled.send_bytes(&wire::sub(3, 1, "small")).await;
-    assert_eq!(stalled.recv().await, Some(Frame::Ok(3)));
+    let stalled = RawConn::stalled_subscriber(b.addr, "drops", "small").await;
     let publisher = b.client("publisher").await;
     // Far more than the socket's buffers and a queue of 4 hold.
     let body = vec![0u8; 64 * 1024];
@@ -457,9 +452,7 @@ async fn healthz_says_draining_while_the_broker_shuts_down() {
     })
     .await;
     // A subscriber that never reads keeps the drain going for the whole grace period.
-    let mut stalled = RawConn::handshake(b.addr, "never-reads", 0).await;
-    stalled.send_bytes(&wire::sub(2, 1, "big")).await;
-    assert_eq!(stalled.recv().await, Some(Frame::Ok(2)));
+    let stalled = RawConn::stalled_subscriber(b.addr, "never-reads", "big").await;
     let publisher = b.client("publisher").await;
     let body = vec![0u8; 64 * 1024];
     for _ in 0..256 {

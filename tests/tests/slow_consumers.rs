@@ -256,9 +256,7 @@ async fn socket_not_drained_within_the_write_deadline_is_closed_and_counted() {
         c.outbound.write_deadline = Duration::from_millis(200);
     })
     .await;
-    let mut stalled = RawConn::handshake(b.addr, "never-reads", 0).await;
-    stalled.send_bytes(&wire::sub(2, 1, "big")).await;
-    assert_eq!(stalled.recv().await, Some(Frame::Ok(2)));
+    let mut stalled = RawConn::stalled_subscriber(b.addr, "never-reads", "big").await;
     let publisher = b.client("publisher").await;
     // 32 MiB, within the default 64 MiB pending limit: only the write deadline can end this.
     let body = vec![0u8; 64 * 1024];
@@ -338,9 +336,7 @@ async fn with_backpressure_off_a_full_queue_gets_its_policy_at_once() {
         c.outbound.write_deadline = Duration::from_secs(3600);
     })
     .await;
-    let mut stalled = RawConn::handshake(b.addr, "never-reads", 0).await;
-    stalled.send_bytes(&wire::sub(2, 1, "t")).await;
-    assert_eq!(stalled.recv().await, Some(Frame::Ok(2)));
+    let _stalled = RawConn::stalled_subscriber(b.addr, "never-reads", "t").await;
     let publisher = b.client("publisher").await;
     let body = vec![0u8; 64 * 1024];
     for _ in 0..200 {
