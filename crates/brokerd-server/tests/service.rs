@@ -409,7 +409,15 @@ fn shutdown_works_with_stderr_closed_and_a_second_signal_exits_at_once() {
     }
 
     d.signal("TERM");
-    std::thread::sleep(Duration::from_millis(500));
+    // The shutdown has started once the listener is gone: new connections are refused.
+    let deadline = Instant::now() + DEADLINE;
+    while TcpStream::connect(addr).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "brokerd kept accepting after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(
         d.child.try_wait().unwrap().is_none(),
         "brokerd should still be draining to the stalled subscriber"

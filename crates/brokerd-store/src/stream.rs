@@ -340,17 +340,24 @@ impl Stream {
             return Err(StoreError::Poisoned);
         }
         if self.dirty {
-            if let Err(e) = self.active.log.sync_data() {
-                self.poisoned = true;
-                return Err(StoreError::io(
-                    "fdatasync",
-                    self.log_path(self.active.meta.base),
-                    e,
-                ));
-            }
-            self.dirty = false;
+            self.sync_active()?;
         }
         self.last_sync = Instant::now();
+        Ok(())
+    }
+
+    /// fdatasyncs the active segment; a failure poisons the stream (what the disk holds is then
+    /// unknown until it is reopened).
+    fn sync_active(&mut self) -> Result<()> {
+        if let Err(e) = self.active.log.sync_data() {
+            self.poisoned = true;
+            return Err(StoreError::io(
+                "fdatasync",
+                self.log_path(self.active.meta.base),
+                e,
+            ));
+        }
+        self.dirty = false;
         Ok(())
     }
 
@@ -598,15 +605,7 @@ impl Stream {
     fn roll(&mut self) -> Result<()> {
         let durable = self.opts.fsync != FsyncPolicy::Never;
         if durable && self.dirty {
-            if let Err(e) = self.active.log.sync_data() {
-                self.poisoned = true;
-                return Err(StoreError::io(
-                    "fdatasync",
-                    self.log_path(self.active.meta.base),
-                    e,
-                ));
-            }
-            self.dirty = false;
+            self.sync_active()?;
             self.last_sync = Instant::now();
         }
         let next = create_segment(&self.dir, self.next_seq, durable)?;
