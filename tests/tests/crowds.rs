@@ -365,6 +365,7 @@ async fn a_queue_group_crowd_keeps_the_match_cache_within_its_bytes() {
                 sid: i as u32 + 1,
                 filter: ">".into(),
                 queue: Some("workers".into()),
+                stream: None,
             })
             .to_bytes(),
         );
@@ -483,6 +484,7 @@ async fn unread_replies_count_against_the_limits_and_close_a_slow_consumer() {
         sid: 1,
         filter: "amp".into(),
         queue: Some(queue),
+        stream: None,
     })
     .to_bytes();
     let mut sent = 0usize;

@@ -14,6 +14,7 @@ fn sub(req_id: u32, sid: u32, filter: &str) -> Frame {
         sid,
         filter: filter.into(),
         queue: None,
+        stream: None,
     })
 }
 

@@ -191,6 +191,7 @@ impl Client {
             sid,
             filter: filter.to_string(),
             queue: queue.map(str::to_string),
+            stream: None,
         });
         let result = self.inner.request(req_id, frame).await;
         if let Err(e) = result {

@@ -292,6 +292,7 @@ impl Inner {
                     sid,
                     filter: format!("{prefix}.*"),
                     queue: None,
+                    stream: None,
                 });
                 if let Err(e) = self.request(req_id, frame).await {
                     self.inbox_sid.store(0, Ordering::Relaxed);
@@ -476,6 +477,7 @@ impl Inner {
                     sid: *sid,
                     filter: entry.filter.clone(),
                     queue: entry.queue.clone(),
+                    stream: None,
                 })
                 .encode(&mut first);
             }
@@ -487,6 +489,7 @@ impl Inner {
                 sid: inbox_sid,
                 filter: format!("{prefix}.*"),
                 queue: None,
+                stream: None,
             })
             .encode(&mut first);
         }

@@ -106,11 +106,19 @@ pub enum ErrorCode {
     /// The connection's user may not publish to that topic, subscribe to that filter, join that
     /// queue group or use that reply-to. The frame is rejected.
     PermissionDenied = 21,
+    /// A `SUB` named a stream that does not exist. The frame is rejected.
+    NoSuchStream = 22,
+    /// A stream could not store a `PUB` (disk full, an I/O error): the message may have been
+    /// routed live but is not stored. The frame is rejected.
+    StoreFailed = 23,
+    /// A stream's write queue is full: the `PUB` was neither stored nor routed. The frame is
+    /// rejected; the publisher may retry.
+    StreamBusy = 24,
 }
 
 impl ErrorCode {
     /// Every code, in numeric order.
-    pub const ALL: [ErrorCode; 21] = [
+    pub const ALL: [ErrorCode; 24] = [
         ErrorCode::UnsupportedVersion,
         ErrorCode::MalformedFrame,
         ErrorCode::UnknownFrameType,
@@ -132,6 +140,9 @@ impl ErrorCode {
         ErrorCode::InvalidOption,
         ErrorCode::AuthenticationFailed,
         ErrorCode::PermissionDenied,
+        ErrorCode::NoSuchStream,
+        ErrorCode::StoreFailed,
+        ErrorCode::StreamBusy,
     ];
 
     /// The code for a number, if this version defines it.
@@ -151,6 +162,9 @@ impl ErrorCode {
                 | ErrorCode::TooManySubscriptions
                 | ErrorCode::ReservedTopic
                 | ErrorCode::PermissionDenied
+                | ErrorCode::NoSuchStream
+                | ErrorCode::StoreFailed
+                | ErrorCode::StreamBusy
         )
     }
 
@@ -178,6 +192,9 @@ impl ErrorCode {
             ErrorCode::InvalidOption => "invalid-option",
             ErrorCode::AuthenticationFailed => "authentication-failed",
             ErrorCode::PermissionDenied => "permission-denied",
+            ErrorCode::NoSuchStream => "no-such-stream",
+            ErrorCode::StoreFailed => "store-failed",
+            ErrorCode::StreamBusy => "stream-busy",
         }
     }
 }
@@ -199,6 +216,6 @@ mod tests {
             assert_eq!(ErrorCode::from_u16(*c as u16), Some(*c));
         }
         assert_eq!(ErrorCode::from_u16(0), None);
-        assert_eq!(ErrorCode::from_u16(22), None);
+        assert_eq!(ErrorCode::from_u16(25), None);
     }
 }

@@ -47,6 +47,8 @@ pub enum FrameType {
     Msg = 0x85,
     /// Server: messages were dropped for a subscription.
     Lost = 0x86,
+    /// Server: a publish was stored by a stream, with its stream sequence.
+    Stored = 0x87,
 }
 
 /// What the server does when a connection's outbound queue is full.
@@ -114,6 +116,75 @@ pub const AUTH_PASSWORD: u8 = 2;
 pub const PUB_ACK: u8 = 0x01;
 /// `SUB` flag: a queue group name follows the filter.
 pub const SUB_QUEUE: u8 = 0x01;
+/// `SUB` flag: a stream and a start position follow (a replay subscription).
+pub const SUB_STREAM: u8 = 0x02;
+/// `STORED` flag: the publish repeated a message id already stored; nothing new was stored.
+pub const STORED_DUPLICATE: u8 = 0x01;
+
+/// Where a replay subscription starts in its stream (`SUB` with [`SUB_STREAM`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StartPosition {
+    /// Every message still stored (wire value 1).
+    All,
+    /// Only messages stored after the subscription is live (2).
+    New,
+    /// From this stream sequence on (3); an older one starts at the first still stored.
+    FromSeq(u64),
+    /// From the first message stored at or after this time, unix nanoseconds (4).
+    FromTime(u64),
+    /// The last N messages of the stream, then everything new (5).
+    Last(u64),
+}
+
+impl StartPosition {
+    /// Wire value and argument.
+    pub fn to_wire(self) -> (u8, u64) {
+        match self {
+            StartPosition::All => (1, 0),
+            StartPosition::New => (2, 0),
+            StartPosition::FromSeq(n) => (3, n),
+            StartPosition::FromTime(t) => (4, t),
+            StartPosition::Last(n) => (5, n),
+        }
+    }
+
+    /// From the wire value and argument; `None` for an undefined value.
+    pub fn from_wire(kind: u8, arg: u64) -> Option<StartPosition> {
+        Some(match kind {
+            1 => StartPosition::All,
+            2 => StartPosition::New,
+            3 => StartPosition::FromSeq(arg),
+            4 => StartPosition::FromTime(arg),
+            5 => StartPosition::Last(arg),
+            _ => return None,
+        })
+    }
+}
+
+/// The stream part of a replay subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamStart {
+    /// The stream's name.
+    pub stream: String,
+    /// Where to start.
+    pub start: StartPosition,
+}
+
+/// `STORED`: a publish with the ack flag was stored by a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// The `PUB`'s request id.
+    pub req_id: u32,
+    /// Subscriptions the message was queued for live, as in `ACK`.
+    pub delivered: u32,
+    /// The message's stream sequence (for a duplicate: the first copy's).
+    pub seq: u64,
+    /// The message id was already stored within the stream's window: nothing new was stored
+    /// or routed.
+    pub duplicate: bool,
+    /// The stream that stored it.
+    pub stream: String,
+}
 
 /// `HELLO`: the client opens the session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -218,6 +289,8 @@ pub struct Subscribe {
     pub filter: String,
     /// Queue group: among the group's subscriptions that match a message, exactly one receives it.
     pub queue: Option<String>,
+    /// Replay from a stream instead of live routing.
+    pub stream: Option<StreamStart>,
 }
 
 /// `UNSUB`: end a subscription now (`max == 0`) or after `max` more messages.
@@ -301,6 +374,8 @@ pub enum Frame {
     Msg(Msg),
     /// See [`Lost`].
     Lost(Lost),
+    /// See [`Stored`].
+    Stored(Stored),
 }
 
 impl Frame {
@@ -319,6 +394,7 @@ impl Frame {
             Frame::Err(_) => FrameType::Err,
             Frame::Msg(_) => FrameType::Msg,
             Frame::Lost(_) => FrameType::Lost,
+            Frame::Stored(_) => FrameType::Stored,
         }
     }
 
@@ -362,10 +438,20 @@ impl Frame {
             Frame::Sub(s) => {
                 dst.put_u32(s.req_id);
                 dst.put_u32(s.sid);
-                dst.put_u8(if s.queue.is_some() { SUB_QUEUE } else { 0 });
+                let mut flags = if s.queue.is_some() { SUB_QUEUE } else { 0 };
+                if s.stream.is_some() {
+                    flags |= SUB_STREAM;
+                }
+                dst.put_u8(flags);
                 put_str16(dst, &s.filter);
                 if let Some(q) = &s.queue {
                     put_str16(dst, q);
+                }
+                if let Some(st) = &s.stream {
+                    put_str16(dst, &st.stream);
+                    let (kind, arg) = st.start.to_wire();
+                    dst.put_u8(kind);
+                    dst.put_u64(arg);
                 }
             }
             Frame::Unsub(u) => {
@@ -404,6 +490,13 @@ impl Frame {
             Frame::Lost(l) => {
                 dst.put_u32(l.sid);
                 dst.put_u64(l.missed);
+            }
+            Frame::Stored(st) => {
+                dst.put_u32(st.req_id);
+                dst.put_u32(st.delivered);
+                dst.put_u64(st.seq);
+                dst.put_u8(if st.duplicate { STORED_DUPLICATE } else { 0 });
+                put_str16(dst, &st.stream);
             }
         }
         let len = (dst.len() - start - LENGTH_PREFIX) as u32;
@@ -669,6 +762,7 @@ fn parse(mut raw: Bytes) -> Result<Frame, DecodeError> {
         0x84 => "ERR",
         0x85 => "MSG",
         0x86 => "LOST",
+        0x87 => "STORED",
         other => return Err(DecodeError::UnknownType(other)),
     };
     let mut f = Fields {
@@ -739,12 +833,22 @@ fn parse(mut raw: Bytes) -> Result<Frame, DecodeError> {
             let req_id = f.u32("truncated request id")?;
             let sid = f.u32("truncated subscription id")?;
             let flags = f.u8("truncated flags")?;
-            if flags & !SUB_QUEUE != 0 {
+            if flags & !(SUB_QUEUE | SUB_STREAM) != 0 {
                 return Err(f.short("undefined flag"));
             }
             let filter = f.string("truncated filter")?;
             let queue = if flags & SUB_QUEUE != 0 {
                 Some(f.string("truncated queue group")?)
+            } else {
+                None
+            };
+            let stream = if flags & SUB_STREAM != 0 {
+                let stream = f.string("truncated stream")?;
+                let kind = f.u8("truncated start position")?;
+                let arg = f.u64("truncated start argument")?;
+                let start = StartPosition::from_wire(kind, arg)
+                    .ok_or(f.short("undefined start position"))?;
+                Some(StreamStart { stream, start })
             } else {
                 None
             };
@@ -754,6 +858,7 @@ fn parse(mut raw: Bytes) -> Result<Frame, DecodeError> {
                 sid,
                 filter,
                 queue,
+                stream,
             })
         }
         0x04 => {
@@ -819,11 +924,29 @@ fn parse(mut raw: Bytes) -> Result<Frame, DecodeError> {
                 body: f.body()?,
             })
         }
-        _ => {
+        0x86 => {
             let sid = f.u32("truncated subscription id")?;
             let missed = f.u64("truncated missed count")?;
             f.end()?;
             Frame::Lost(Lost { sid, missed })
+        }
+        _ => {
+            let req_id = f.u32("truncated request id")?;
+            let delivered = f.u32("truncated delivered count")?;
+            let seq = f.u64("truncated sequence")?;
+            let flags = f.u8("truncated flags")?;
+            if flags & !STORED_DUPLICATE != 0 {
+                return Err(f.short("undefined flag"));
+            }
+            let stream = f.string("truncated stream")?;
+            f.end()?;
+            Frame::Stored(Stored {
+                req_id,
+                delivered,
+                seq,
+                duplicate: flags & STORED_DUPLICATE != 0,
+                stream,
+            })
         }
     };
     Ok(frame)
@@ -885,12 +1008,39 @@ mod tests {
             sid: 9,
             filter: "a.*".into(),
             queue: None,
+            stream: None,
         }));
         round_trip(Frame::Sub(Subscribe {
             req_id: 3,
             sid: 9,
             filter: "jobs.>".into(),
             queue: Some("workers".into()),
+            stream: None,
+        }));
+        for start in [
+            StartPosition::All,
+            StartPosition::New,
+            StartPosition::FromSeq(7),
+            StartPosition::FromTime(1_700_000_000_000_000_000),
+            StartPosition::Last(10),
+        ] {
+            round_trip(Frame::Sub(Subscribe {
+                req_id: 5,
+                sid: 10,
+                filter: "order.>".into(),
+                queue: None,
+                stream: Some(StreamStart {
+                    stream: "ORDERS".into(),
+                    start,
+                }),
+            }));
+        }
+        round_trip(Frame::Stored(Stored {
+            req_id: 6,
+            delivered: 1,
+            seq: u64::MAX,
+            duplicate: true,
+            stream: "S".into(),
         }));
         round_trip(Frame::Unsub(Unsubscribe {
             req_id: 4,

@@ -7,6 +7,7 @@
 //! - [`error`]: decode errors and the numeric error codes carried by `ERR` frames.
 //! - [`stats`]: the broker's statistics as typed values (the `$SYS.req.stats` answer, and the
 //!   monitoring endpoints).
+//! - [`streams`]: stream management requests and answers (`$SYS.req.stream.<op>`).
 //!
 //! `docs/protocol.md` is the normative description; `docs/protocol-vectors.txt` holds hex test
 //! vectors that this crate's tests read.
@@ -18,13 +19,15 @@ pub mod body;
 pub mod error;
 pub mod frame;
 pub mod stats;
+pub mod streams;
 pub mod topic;
 
 pub use body::{Body, BodyBuilder, BodyRef, Headers};
 pub use error::{DecodeError, ErrorCode};
 pub use frame::{
     Credentials, ErrorFrame, Frame, FrameType, Hello, Lost, MSG_HEADER_LEN, Msg, OverflowPolicy,
-    PROTOCOL_VERSION, PubRef, Publish, Subscribe, Unsubscribe, Welcome, decode, encode_msg_header,
+    PROTOCOL_VERSION, PubRef, Publish, StartPosition, Stored, StreamStart, Subscribe, Unsubscribe,
+    Welcome, decode, encode_msg_header,
     encode_pub, peek_pub, take_msg,
 };
 pub use topic::{Filter, Topic, TopicError, TopicLimits};

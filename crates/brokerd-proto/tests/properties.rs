@@ -135,6 +135,7 @@ fn frame() -> impl Strategy<Value = Frame> {
                     sid,
                     filter,
                     queue,
+                    stream: None,
                 })
             }),
         (any::<u32>(), any::<u32>(), any::<u32>())

@@ -13,7 +13,8 @@
 use brokerd_proto::body::BodyBuilder;
 use brokerd_proto::{
     Body, Credentials, ErrorCode, ErrorFrame, Filter, Frame, FrameType, Headers, Hello, Lost,
-    MSG_HEADER_LEN, Msg, OverflowPolicy, Publish, Subscribe, Unsubscribe, Welcome, decode,
+    MSG_HEADER_LEN, Msg, OverflowPolicy, Publish, StartPosition, Stored, StreamStart, Subscribe,
+    Unsubscribe, Welcome, decode,
     encode_msg_header, encode_pub,
 };
 use bytes::BytesMut;
@@ -61,7 +62,7 @@ fn full_body() -> Body {
 /// The `ERR` vectors, one per code, each named `err_` and the code's name: code, request id and
 /// message. Those whose code closes the connection carry request id 0, except the second
 /// `HELLO`'s `ERR 9`, as the server sends them.
-const ERR_VECTORS: [(ErrorCode, u32, &str); 21] = [
+const ERR_VECTORS: [(ErrorCode, u32, &str); 24] = [
     (ErrorCode::UnsupportedVersion, 0, "version 2"),
     (ErrorCode::MalformedFrame, 0, "trailing bytes"),
     (ErrorCode::UnknownFrameType, 0, "type 0x7f"),
@@ -83,6 +84,9 @@ const ERR_VECTORS: [(ErrorCode, u32, &str); 21] = [
     (ErrorCode::InvalidOption, 0, "bad option"),
     (ErrorCode::AuthenticationFailed, 0, ""),
     (ErrorCode::PermissionDenied, 18, "not permitted"),
+    (ErrorCode::NoSuchStream, 19, "no stream"),
+    (ErrorCode::StoreFailed, 20, "disk full"),
+    (ErrorCode::StreamBusy, 21, "busy"),
 ];
 
 /// The frame each vector must decode to, keyed by the vector's name.
@@ -209,6 +213,7 @@ fn expected() -> Vec<(String, Frame)> {
                 sid: 1,
                 filter: "user.>".into(),
                 queue: None,
+                stream: None,
             }),
         ),
         (
@@ -218,6 +223,7 @@ fn expected() -> Vec<(String, Frame)> {
                 sid: 2,
                 filter: "*.error".into(),
                 queue: None,
+                stream: None,
             }),
         ),
         (
@@ -227,6 +233,33 @@ fn expected() -> Vec<(String, Frame)> {
                 sid: 3,
                 filter: "jobs.resize".into(),
                 queue: Some("workers".into()),
+                stream: None,
+            }),
+        ),
+        (
+            "sub_stream_all",
+            Frame::Sub(Subscribe {
+                req_id: 11,
+                sid: 4,
+                filter: "order.>".into(),
+                queue: None,
+                stream: Some(StreamStart {
+                    stream: "ORDERS".into(),
+                    start: StartPosition::All,
+                }),
+            }),
+        ),
+        (
+            "sub_stream_from_seq",
+            Frame::Sub(Subscribe {
+                req_id: 12,
+                sid: 5,
+                filter: ">".into(),
+                queue: None,
+                stream: Some(StreamStart {
+                    stream: "ORDERS".into(),
+                    start: StartPosition::FromSeq(1000),
+                }),
             }),
         ),
         (
@@ -272,6 +305,26 @@ fn expected() -> Vec<(String, Frame)> {
             }),
         ),
         ("lost", Frame::Lost(Lost { sid: 2, missed: 3 })),
+        (
+            "stored",
+            Frame::Stored(Stored {
+                req_id: 3,
+                delivered: 2,
+                seq: 42,
+                duplicate: false,
+                stream: "ORDERS".into(),
+            }),
+        ),
+        (
+            "stored_duplicate",
+            Frame::Stored(Stored {
+                req_id: 4,
+                delivered: 0,
+                seq: 42,
+                duplicate: true,
+                stream: "ORDERS".into(),
+            }),
+        ),
         (
             "lost_over_u32",
             Frame::Lost(Lost {
