@@ -8,6 +8,10 @@
 //! The bound covers every message received and not yet handed out, in the shared queue and in
 //! the subscription's local batch alike: at most `capacity` messages and `max_bytes` bytes (one
 //! message of any size is taken when nothing is held, so a large message cannot wedge it).
+//!
+//! It also remembers the sequence number of the last message queued, under the same lock as the
+//! queue itself: a replay subscription made again after a reconnect starts right after it, so
+//! the position never runs ahead of, or behind, what the subscription will actually yield.
 
 use crate::subscription::Message;
 use parking_lot::Mutex;
@@ -27,6 +31,8 @@ struct State {
     receiver_closed: bool,
     receiver: Option<Waker>,
     sender: Option<Waker>,
+    /// `seq` of the last message queued (0 before the first).
+    last_seq: u64,
 }
 
 struct Shared {
@@ -89,6 +95,7 @@ pub(crate) fn channel(capacity: usize, max_bytes: usize) -> (Sender, Receiver) {
             receiver_closed: false,
             receiver: None,
             sender: None,
+            last_seq: 0,
         }),
         capacity: capacity.max(1),
         max_bytes: max_bytes.max(1),
@@ -120,6 +127,9 @@ impl Sender {
                 return Poll::Ready(Err(()));
             }
             let (n, bytes) = st.room(self.0.capacity, self.0.max_bytes, batch);
+            if let Some(last) = n.checked_sub(1).and_then(|i| batch.get(i)) {
+                st.last_seq = last.seq;
+            }
             st.queue_bytes += bytes;
             st.queue.extend(batch.drain(..n));
             let w = if n > 0 { st.receiver.take() } else { None };
@@ -134,6 +144,14 @@ impl Sender {
             Poll::Pending
         })
         .await
+    }
+}
+
+impl Sender {
+    /// The `seq` of the last message queued, 0 before the first; a message the receiver
+    /// refused (it was closed) does not count.
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.0.state.lock().last_seq
     }
 }
 
@@ -334,6 +352,23 @@ mod tests {
         // Nothing held: one message over the whole bound still goes in, and alone.
         assert_eq!(offer_sized(&[3, 4], 10 * one), 1);
         assert_eq!(rx.try_recv().map(|m| m.seq()), Some(3));
+    }
+
+    #[test]
+    fn the_last_seq_is_the_last_message_actually_queued() {
+        let (tx, mut rx) = channel(2, usize::MAX);
+        assert_eq!(tx.last_seq(), 0);
+        // Only 7 and 9 fit: 12 was not queued, so it is not the position.
+        assert_eq!(offer(&tx, &[7, 9, 12]), (2, false));
+        assert_eq!(tx.last_seq(), 9);
+        assert_eq!(rx.try_recv().map(|m| m.seq()), Some(7));
+        assert_eq!(rx.try_recv().map(|m| m.seq()), Some(9));
+        assert_eq!(rx.try_recv().map(|m| m.seq()), None);
+        assert_eq!(offer(&tx, &[12]), (1, false));
+        assert_eq!(tx.last_seq(), 12);
+        rx.close();
+        assert!(offer(&tx, &[13]).1);
+        assert_eq!(tx.last_seq(), 12);
     }
 
     #[test]

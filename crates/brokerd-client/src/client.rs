@@ -10,8 +10,9 @@ use crate::info::ServerInfo;
 use crate::options::ConnectOptions;
 use crate::publish::Publish;
 use crate::state::{Forget, Inner, SubEntry};
+use crate::stream::{StreamSub, Streams, check_name, resume_point};
 use crate::subscription::{Message, SubShared, Subscription};
-use brokerd_proto::{Filter, Frame, Subscribe};
+use brokerd_proto::{Filter, Frame, StartPosition, StreamStart, Subscribe};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -140,7 +141,7 @@ impl Client {
     /// # Ok(()) }
     /// ```
     pub async fn subscribe(&self, filter: &str) -> Result<Subscription, Error> {
-        self.subscribe_inner(filter, None).await
+        self.subscribe_inner(filter, None, None).await
     }
 
     /// Subscribes to `filter` as a member of queue group `group`: of all the group's
@@ -161,13 +162,96 @@ impl Client {
     /// # Ok(()) }
     /// ```
     pub async fn subscribe_queue(&self, filter: &str, group: &str) -> Result<Subscription, Error> {
-        self.subscribe_inner(filter, Some(group)).await
+        self.subscribe_inner(filter, Some(group), None).await
+    }
+
+    /// Subscribes to the messages stored in `stream` whose topics match `filter`, from `start`
+    /// on: the broker delivers what the stream holds, in order, then continues with what it
+    /// stores from then on, with no gap and no duplicate at the seam. Each message carries its
+    /// stream sequence ([`Message::stream_seq`]); sequences skip the stream's messages the
+    /// filter does not match, and those retention removed, which are not losses. The broker
+    /// reads the stream only as fast as the subscription takes messages and never drops one.
+    /// Stored messages carry no reply-to.
+    ///
+    /// With [`ConnectOptions::reconnect`], the subscription is made again after a lost
+    /// connection from the sequence after the last message it received, so the application
+    /// resumes exactly where it stopped (messages already received and not yet read stay
+    /// readable). When nothing was received yet, `All`, `FromSeq` and `FromTime` are sent
+    /// again as they are. `New` and `Last(n)` would then skip what was stored during the
+    /// outage, so on a reconnecting client this call first asks the broker for the stream's
+    /// last sequence (one [`Streams::info`] request) and a subscription that received nothing
+    /// is made again from that position: at worst it then also gets the few messages stored
+    /// between that request and the subscription. If the request fails (a user not allowed
+    /// `$SYS.req.stream.info`), `New` and `Last` are sent again as they are.
+    ///
+    /// # Errors
+    /// An invalid filter, [`Error::InvalidStreamName`], [`Error::Server`] with
+    /// [`crate::ErrorCode::NoSuchStream`], the server's subscription limit, or a closed
+    /// connection.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use brokerd_client::StartPosition;
+    /// # async fn demo(client: brokerd_client::Client) -> Result<(), brokerd_client::Error> {
+    /// // Everything ORDERS holds about payments, then new payments as they are stored.
+    /// let mut payments = client
+    ///     .subscribe_stream("payment.>", "ORDERS", StartPosition::All)
+    ///     .await?;
+    /// while let Some(msg) = payments.next().await {
+    ///     let seq = msg.stream_seq().unwrap_or(0);
+    ///     println!("#{seq} {}: {:?}", msg.topic(), msg.payload());
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn subscribe_stream(
+        &self,
+        filter: &str,
+        stream: &str,
+        start: StartPosition,
+    ) -> Result<Subscription, Error> {
+        Filter::new(filter).map_err(Error::InvalidFilter)?;
+        check_name(stream)?;
+        let pinned = matches!(start, StartPosition::New | StartPosition::Last(_));
+        let resume = if pinned && self.inner.options.reconnect.is_some() {
+            let info = self
+                .streams()
+                .timeout(self.inner.options.connect_timeout)
+                .info(stream)
+                .await;
+            if let Err(e) = &info {
+                tracing::debug!(stream, error = %e, "cannot read the stream's position; a reconnect before the first message may skip messages");
+            }
+            resume_point(start, info.ok().map(|i| i.last_seq))
+        } else {
+            start
+        };
+        let sub = StreamSub {
+            name: stream.to_string(),
+            resume,
+        };
+        self.subscribe_inner(filter, None, Some((sub, start))).await
+    }
+
+    /// The stream management requests: add, list, inspect, purge and delete streams.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(client: brokerd_client::Client) -> Result<(), brokerd_client::Error> {
+    /// let info = client.streams().info("ORDERS").await?;
+    /// println!("ORDERS: {} messages, sequences {}..={}", info.msgs, info.first_seq, info.last_seq);
+    /// # Ok(()) }
+    /// ```
+    pub fn streams(&self) -> Streams<'_> {
+        Streams::new(self)
     }
 
     async fn subscribe_inner(
         &self,
         filter: &str,
         queue: Option<&str>,
+        stream: Option<(StreamSub, StartPosition)>,
     ) -> Result<Subscription, Error> {
         Filter::new(filter).map_err(Error::InvalidFilter)?;
         let sid = self.inner.next_id();
@@ -176,6 +260,11 @@ impl Client {
             self.inner.options.subscription_bytes,
         );
         let shared = Arc::new(SubShared::default());
+        let name = stream.as_ref().map(|(s, _)| s.name.clone());
+        let start = stream.as_ref().map(|(s, start)| StreamStart {
+            stream: s.name.clone(),
+            start: *start,
+        });
         self.inner.subs.lock().insert(
             sid,
             SubEntry {
@@ -183,6 +272,7 @@ impl Client {
                 shared: shared.clone(),
                 filter: filter.to_string(),
                 queue: queue.map(str::to_string),
+                stream: stream.map(|(s, _)| s),
             },
         );
         let req_id = self.inner.next_id();
@@ -191,7 +281,7 @@ impl Client {
             sid,
             filter: filter.to_string(),
             queue: queue.map(str::to_string),
-            stream: None,
+            stream: start,
         });
         let result = self.inner.request(req_id, frame).await;
         if let Err(e) = result {
@@ -206,6 +296,7 @@ impl Client {
             shared,
             client: self.inner.clone(),
             active: true,
+            stream: name,
         })
     }
 
@@ -257,7 +348,9 @@ impl Client {
         match sent {
             Err(_) => return Err(Error::Timeout),
             Ok(Err(e)) => return Err(e),
-            Ok(Ok(0)) => return Err(Error::NoResponders(topic.to_string())),
+            Ok(Ok(answer)) if answer.delivered() == 0 => {
+                return Err(Error::NoResponders(topic.to_string()));
+            }
             Ok(Ok(_)) => {}
         }
         match tokio::time::timeout_at(deadline, rx).await {

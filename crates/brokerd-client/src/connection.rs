@@ -77,9 +77,11 @@ pub(crate) async fn supervise(
     loop {
         let mut reader = tokio::spawn(read_task(inner.clone(), rd, buf));
         let mut writer = tokio::spawn(write_task(inner.clone(), wr));
+        // The other task is awaited once aborted: a reader still running could queue messages
+        // after `reconnected` read where each replay subscription stands.
         let ended = tokio::select! {
-            r = &mut reader => { writer.abort(); r }
-            w = &mut writer => { reader.abort(); w }
+            r = &mut reader => { writer.abort(); let _ = writer.await; r }
+            w = &mut writer => { reader.abort(); let _ = reader.await; w }
         };
         let ended =
             ended.unwrap_or_else(|e| CloseReason::Protocol(format!("connection task failed: {e}")));
@@ -251,6 +253,8 @@ async fn read_task(inner: Arc<Inner>, mut rd: ReadHalf, mut buf: BytesMut) -> En
 /// subscription's queue lock once per [`DELIVERY_BATCH`] messages.
 struct Delivery {
     sid: u32,
+    /// Whether it is a replay subscription: its messages carry stream sequences.
+    stream: bool,
     tx: channel::Sender,
     batch: Vec<Message>,
 }
@@ -314,17 +318,19 @@ fn gather(inner: &Arc<Inner>, buf: &mut BytesMut, last: &mut Option<Delivery>) -
             return Gathered::Closed;
         }
         let client = body.reply().is_some().then(|| inner.clone());
-        let msg = Message {
+        let mut msg = Message {
             sid,
             seq,
             body,
             client,
+            stream: false,
         };
         if sid == inner.inbox_sid.load(Ordering::Relaxed) {
             return Gathered::Inbox(msg);
         }
         match last.as_mut() {
             Some(d) if d.sid == sid => {
+                msg.stream = d.stream;
                 d.batch.push(msg);
                 if d.batch.len() >= DELIVERY_BATCH {
                     return Gathered::Full;
@@ -349,16 +355,18 @@ async fn read_frames(
         deliver(inner, last).await;
         match gathered {
             Gathered::Full => {}
-            Gathered::Other(msg) => {
+            Gathered::Other(mut msg) => {
                 let batch = last.take().map(|d| d.batch);
                 // A message for a subscription already gone (one ended while it was in flight)
                 // allocates nothing.
                 *last = inner.subs.lock().get(&msg.sid).map(|s| Delivery {
                     sid: msg.sid,
+                    stream: s.stream.is_some(),
                     tx: s.tx.clone(),
                     batch: batch.unwrap_or_else(|| Vec::with_capacity(DELIVERY_BATCH)),
                 });
                 if let Some(d) = last.as_mut() {
+                    msg.stream = d.stream;
                     d.batch.push(msg);
                 }
             }
@@ -409,6 +417,8 @@ fn control(inner: &Inner, frame: Frame) -> Result<(), Ended> {
         }
         Frame::Pong(id) => (id, Reply::Pong),
         Frame::Ack { req_id, delivered } => (req_id, Reply::Ack(delivered)),
+        // Answered in its own time, possibly after later frames' answers: matched by req_id.
+        Frame::Stored(s) => (s.req_id, Reply::Stored(s)),
         Frame::Err(e) => {
             if let Some(sid) = inner.resubs.lock().remove(&e.req_id) {
                 // A subscription the new connection refused (its rules changed, say) ends.
@@ -477,6 +487,125 @@ mod tests {
         fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
             self.poll_flush(cx)
         }
+    }
+
+    /// Waits for the next publish to be waiting for its answer, then answers it with the frame
+    /// `answer` makes from its request id, as the reader task would.
+    async fn answer_next(inner: &Inner, answer: impl FnOnce(u32) -> Frame) {
+        let id = loop {
+            if let Some(id) = inner.pending.lock().keys().next().copied() {
+                break id;
+            }
+            tokio::task::yield_now().await;
+        };
+        control(inner, answer(id)).unwrap();
+    }
+
+    fn stored(req_id: u32) -> Frame {
+        Frame::Stored(brokerd_proto::Stored {
+            req_id,
+            delivered: 2,
+            seq: 41,
+            duplicate: true,
+            stream: "ORDERS".into(),
+        })
+    }
+
+    #[tokio::test]
+    async fn stored_answers_a_publish_and_a_plain_ack_is_not_stored() {
+        use crate::publish::Publish;
+        use std::future::IntoFuture;
+        let inner = Inner::for_test();
+        let (got, ()) = tokio::join!(
+            Publish::new(&inner, "order.created", b"x")
+                .msg_id("m-1")
+                .stored()
+                .into_future(),
+            answer_next(&inner, stored)
+        );
+        let got = got.unwrap();
+        assert_eq!((got.stream.as_str(), got.seq), ("ORDERS", 41));
+        assert!(got.duplicate);
+        assert_eq!(got.delivered, 2);
+        // The id went out as the header.
+        let mut buf = inner.write.lock().buf.split();
+        let Some(Frame::Pub(p)) = decode(&mut buf, 1 << 20).unwrap() else {
+            panic!("expected a PUB");
+        };
+        assert_eq!(
+            p.body
+                .headers_owned()
+                .get(brokerd_proto::streams::MSG_ID_HEADER),
+            Some("m-1")
+        );
+
+        // `acked` takes either answer and counts deliveries.
+        let (n, ()) = tokio::join!(
+            Publish::new(&inner, "order.created", b"x")
+                .acked()
+                .into_future(),
+            answer_next(&inner, stored)
+        );
+        assert_eq!(n.unwrap(), 2);
+
+        // A plain ACK: no stream stored it.
+        let (refused, ()) = tokio::join!(
+            Publish::new(&inner, "chat.room", b"x")
+                .stored()
+                .into_future(),
+            answer_next(&inner, |req_id| Frame::Ack {
+                req_id,
+                delivered: 3
+            })
+        );
+        assert!(
+            matches!(&refused, Err(Error::NotStored { topic, delivered: 3 }) if topic == "chat.room"),
+            "{refused:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn messages_of_a_replay_subscription_carry_their_stream_sequence() {
+        let inner = Inner::for_test();
+        let mut receivers = Vec::new();
+        for (sid, stream) in [(1, true), (2, false)] {
+            let (tx, rx) = channel::channel(64, 1 << 20);
+            inner.subs.lock().insert(
+                sid,
+                crate::state::SubEntry {
+                    tx,
+                    shared: Arc::default(),
+                    filter: "order.>".into(),
+                    queue: None,
+                    stream: stream.then(|| crate::stream::StreamSub {
+                        name: "ORDERS".into(),
+                        resume: brokerd_proto::StartPosition::All,
+                    }),
+                },
+            );
+            receivers.push(rx);
+        }
+        let mut buf = BytesMut::new();
+        for (sid, seq) in [(1, 5), (1, 9), (2, 1), (1, 12), (2, 2)] {
+            let body = brokerd_proto::Body::parse(brokerd_proto::Body::encode(
+                "order.created",
+                None,
+                None,
+                b"{}",
+            ))
+            .unwrap();
+            Frame::Msg(Msg { sid, seq, body }).encode(&mut buf);
+        }
+        let mut last = None;
+        assert!(read_frames(&inner, &mut buf, &mut last).await.is_ok());
+        let mut taken = |i: usize| {
+            std::iter::from_fn(|| receivers[i].try_recv())
+                .map(|m| (m.seq(), m.stream_seq()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(taken(0), [(5, Some(5)), (9, Some(9)), (12, Some(12))]);
+        assert_eq!(taken(1), [(1, None), (2, None)]);
+        assert_eq!(inner.subs.lock()[&1].tx.last_seq(), 12);
     }
 
     #[tokio::test]

@@ -94,6 +94,37 @@ pub enum Error {
     /// The server sent a frame that makes no sense at this point.
     #[error("unexpected frame from server: {0}")]
     Unexpected(&'static str),
+    /// [`crate::Publish::stored`]: the broker answered with a plain acknowledgement, so no
+    /// stream captures the topic and nothing was stored. The message was still routed live.
+    #[error("no stream stored the message to {topic} (it reached {delivered} subscriptions live)")]
+    NotStored {
+        /// The topic published to.
+        topic: String,
+        /// Subscriptions the message was queued for live, as [`crate::Publish::acked`] counts.
+        delivered: u32,
+    },
+    /// The stream name is not 1 to 64 bytes of ASCII letters, digits, `-` and `_`; nothing was
+    /// sent.
+    #[error("invalid stream name {0:?}: 1 to 64 ASCII letters, digits, '-' or '_'")]
+    InvalidStreamName(String),
+    /// The broker refused a stream management request ([`crate::Streams`]): a stream that
+    /// does not exist, an invalid definition, a name already taken, ...
+    #[error("stream {op} failed: {message}")]
+    Stream {
+        /// The operation: `add`, `list`, `info`, `purge` or `delete`.
+        op: &'static str,
+        /// The broker's message, as it sent it.
+        message: String,
+    },
+    /// The broker's answer to a stream management request is not what the protocol describes
+    /// (not JSON, or without the stream asked about).
+    #[error("unreadable answer to stream {op}: {reason}")]
+    InvalidAnswer {
+        /// The operation asked for.
+        op: &'static str,
+        /// What is wrong with the answer.
+        reason: String,
+    },
 }
 
 impl Error {

@@ -96,11 +96,54 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Streams: stored messages and replay
+//!
+//! A stream on the broker stores every published message whose topic matches its filters, in
+//! order, each with a stream sequence. [`Client::streams`] adds, lists, inspects, purges and
+//! deletes streams ([`Streams`]). A publish that waits with [`Publish::stored`] learns which
+//! stream stored it and as which sequence ([`StoredAck`]); with [`Publish::msg_id`] it can be
+//! sent again safely, since a stream stores an id once within its duplicate window.
+//!
+//! [`Client::subscribe_stream`] replays a stream from a [`StartPosition`] and then continues
+//! live, without a gap or a duplicate at the seam. Each message carries its stream sequence
+//! ([`Message::stream_seq`]): a service that records the last one it processed resumes from
+//! the next with [`StartPosition::FromSeq`], even after a restart, and a reconnecting client
+//! does so by itself.
+//!
+//! ```no_run
+//! use brokerd_client::{StartPosition, StreamConfig};
+//! # async fn demo(client: brokerd_client::Client) -> Result<(), brokerd_client::Error> {
+//! client
+//!     .streams()
+//!     .add(&StreamConfig {
+//!         name: "ORDERS".into(),
+//!         filters: vec!["order.>".into(), "payment.>".into()],
+//!         ..StreamConfig::default()
+//!     })
+//!     .await?;
+//! let stored = client
+//!     .publish("order.created", r#"{"order_id":"ord-1"}"#)
+//!     .msg_id("ord-1-created")
+//!     .stored()
+//!     .await?;
+//! println!("stored in {} as #{}", stored.stream, stored.seq);
+//!
+//! let last_processed = 0; // as recorded by the application
+//! let mut orders = client
+//!     .subscribe_stream("order.>", "ORDERS", StartPosition::FromSeq(last_processed + 1))
+//!     .await?;
+//! while let Some(msg) = orders.next().await {
+//!     println!("#{} {}", msg.stream_seq().unwrap_or(0), msg.topic());
+//! }
+//! # Ok(()) }
+//! ```
+//!
 //! # Reconnecting
 //!
 //! By default a lost connection closes the client. With [`ConnectOptions::reconnect`], the
 //! client dials again with backoff and jitter (over [`ConnectOptions::servers`] in turn), makes
-//! every subscription again, and sends the publishes it buffered meanwhile, up to
+//! every subscription again (a replay subscription from right after the last message it
+//! received), and sends the publishes it buffered meanwhile, up to
 //! [`Reconnect::buffer_bytes`]. Calls that need an answer fail at once while it is
 //! disconnected ([`Error::Disconnected`]). [`Client::events`] reports what happens.
 //!
@@ -126,8 +169,9 @@
 //! # Errors
 //!
 //! Every call returns [`Error`]: the caller's arguments ([`Error::InvalidTopic`], ...), the
-//! broker's refusal with its [`ErrorCode`] ([`Error::Server`]), or the connection
-//! ([`Error::Closed`] and [`Error::Disconnected`] with a [`CloseReason`]).
+//! broker's refusal with its [`ErrorCode`] ([`Error::Server`]; a stream management request's
+//! with the broker's message, [`Error::Stream`]), or the connection ([`Error::Closed`] and
+//! [`Error::Disconnected`] with a [`CloseReason`]).
 
 mod channel;
 mod client;
@@ -138,15 +182,20 @@ mod info;
 mod options;
 mod publish;
 mod state;
+mod stream;
 mod subscription;
 mod tls;
 
-pub use brokerd_proto::{Credentials, ErrorCode, Filter, Headers, OverflowPolicy, Topic};
+pub use brokerd_proto::streams::{Fsync, MSG_ID_HEADER, StreamConfig, StreamInfo};
+pub use brokerd_proto::{
+    Credentials, ErrorCode, Filter, Headers, OverflowPolicy, StartPosition, Topic,
+};
 pub use client::Client;
 pub use error::Error;
 pub use event::{CloseReason, Event};
 pub use info::ServerInfo;
 pub use options::{ConnectOptions, Reconnect};
-pub use publish::{AckedPublish, Publish, PublishFuture};
+pub use publish::{AckedPublish, Publish, PublishFuture, StoredPublish};
+pub use stream::{STREAM_REQUEST_TIMEOUT, StoredAck, Streams};
 pub use subscription::{Message, Subscription};
 pub use tls::{TlsOptions, TlsOptionsError};

@@ -7,11 +7,12 @@ use crate::error::Error;
 use crate::event::{CloseReason, Event};
 use crate::info::ServerInfo;
 use crate::options::ConnectOptions;
+use crate::stream::{StoredAck, StreamSub};
 use crate::subscription::{Message, SubShared};
 use brokerd_proto::body::BodyBuilder;
 use brokerd_proto::frame::encode_pub;
 use brokerd_proto::topic::validate_topic;
-use brokerd_proto::{Frame, Headers, Subscribe, TopicLimits, Unsubscribe, Welcome};
+use brokerd_proto::{Frame, Headers, Stored, Subscribe, TopicLimits, Unsubscribe, Welcome};
 use bytes::BytesMut;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -23,8 +24,32 @@ use tokio::sync::{Notify, oneshot};
 pub(crate) enum Reply {
     Ok,
     Ack(u32),
+    /// The answer to a publish with the ack flag that a stream stored, instead of `Ack`.
+    Stored(Stored),
     Pong,
     Err(u16, String),
+}
+
+/// What the broker answered to a publish.
+#[derive(Debug)]
+pub(crate) enum Answered {
+    /// Nothing: the publish did not ask for an acknowledgement.
+    Sent,
+    /// `ACK`: queued live for this many subscriptions; no stream captured it.
+    Routed(u32),
+    /// `STORED`: a stream stored it (or already had it, for a duplicate).
+    Stored(StoredAck),
+}
+
+impl Answered {
+    /// Subscriptions the message was queued for live (0 when not asked).
+    pub(crate) fn delivered(&self) -> u32 {
+        match self {
+            Answered::Sent => 0,
+            Answered::Routed(n) => *n,
+            Answered::Stored(s) => s.delivered,
+        }
+    }
 }
 
 pub(crate) struct WriteState {
@@ -57,6 +82,9 @@ pub(crate) struct SubEntry {
     /// What it was made with, to make it again after a reconnect.
     pub(crate) filter: String,
     pub(crate) queue: Option<String>,
+    /// For a replay subscription: its stream and where to start again (see
+    /// [`StreamSub::restart`]).
+    pub(crate) stream: Option<StreamSub>,
 }
 
 /// State shared by the [`crate::Client`] handles, its subscriptions and its two tasks.
@@ -183,23 +211,7 @@ impl Inner {
     /// State for a connection that does not exist, for unit tests of the parts around it.
     #[cfg(test)]
     pub(crate) fn for_test() -> Arc<Inner> {
-        Inner::new(
-            Welcome {
-                req_id: 0,
-                version: brokerd_proto::PROTOCOL_VERSION,
-                overflow: brokerd_proto::OverflowPolicy::DropNew,
-                max_frame: 1 << 20,
-                max_payload: 1 << 20,
-                max_topic_len: 256,
-                max_topic_tokens: 16,
-                max_subs: 16,
-                max_pending_msgs: 16,
-                max_pending_bytes: 1 << 20,
-                server_id: "test".into(),
-            },
-            ConnectOptions::default(),
-            "test".into(),
-        )
+        Inner::new(test_welcome(), ConnectOptions::default(), "test".into())
     }
 
     /// Refuses a payload over the limit the server announced.
@@ -247,7 +259,7 @@ impl Inner {
         headers: Option<&Headers>,
         payload: &[u8],
         ack: bool,
-    ) -> Result<u32, Error> {
+    ) -> Result<Answered, Error> {
         validate_topic(topic, &TopicLimits::WIRE).map_err(Error::InvalidTopic)?;
         if let Some(r) = reply {
             validate_topic(r, &TopicLimits::WIRE).map_err(Error::InvalidReplyTo)?;
@@ -270,10 +282,11 @@ impl Inner {
             return Err(e);
         }
         match rx {
-            None => Ok(0),
+            None => Ok(Answered::Sent),
             Some(rx) => match self.wait(rx).await? {
-                Reply::Ack(n) => Ok(n),
-                _ => Err(Error::Unexpected("expected ACK")),
+                Reply::Ack(n) => Ok(Answered::Routed(n)),
+                Reply::Stored(s) => Ok(Answered::Stored(s.into())),
+                _ => Err(Error::Unexpected("expected ACK or STORED")),
             },
         }
     }
@@ -461,7 +474,8 @@ impl Inner {
     }
 
     /// A new connection is up: its `WELCOME` is in force, every live subscription (and the
-    /// request inbox) is made again first, then the publishes buffered meanwhile follow.
+    /// request inbox) is made again first, then the publishes buffered meanwhile follow. A
+    /// replay subscription starts again right after the last stream sequence it received.
     pub(crate) fn reconnected(&self, info: Welcome) {
         self.set_info(info);
         let mut first = BytesMut::new();
@@ -472,12 +486,17 @@ impl Inner {
                 let req_id = self.next_id();
                 resubs.insert(req_id, *sid);
                 entry.shared.resubscribed.fetch_add(1, Ordering::Relaxed);
+                // The old connection's reader has ended, so what its queue holds is final.
+                let stream = entry
+                    .stream
+                    .as_ref()
+                    .map(|s| s.restart(entry.tx.last_seq()));
                 Frame::Sub(Subscribe {
                     req_id,
                     sid: *sid,
                     filter: entry.filter.clone(),
                     queue: entry.queue.clone(),
-                    stream: None,
+                    stream,
                 })
                 .encode(&mut first);
             }
@@ -533,11 +552,107 @@ pub(crate) fn unique_token() -> String {
     format!("{:016x}", h.finish())
 }
 
+/// A `WELCOME` for unit tests.
+#[cfg(test)]
+pub(crate) fn test_welcome() -> Welcome {
+    Welcome {
+        req_id: 0,
+        version: brokerd_proto::PROTOCOL_VERSION,
+        overflow: brokerd_proto::OverflowPolicy::DropNew,
+        max_frame: 1 << 20,
+        max_payload: 1 << 20,
+        max_topic_len: 256,
+        max_topic_tokens: 16,
+        max_subs: 16,
+        max_pending_msgs: 16,
+        max_pending_bytes: 1 << 20,
+        server_id: "test".into(),
+    }
+}
+
 /// Removes `key` from a map of waiters when dropped.
 pub(crate) struct Forget<'a, V>(pub(crate) &'a Mutex<HashMap<u32, V>>, pub(crate) u32);
 
 impl<V> Drop for Forget<'_, V> {
     fn drop(&mut self) {
         self.0.lock().remove(&self.1);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use brokerd_proto::{StartPosition, StreamStart, decode};
+
+    /// Registers a subscription as `Client::subscribe_stream` would (or a live one without
+    /// `stream`) and queues messages with these sequences for it, as the reader would.
+    async fn sub_with(
+        inner: &Inner,
+        sid: u32,
+        stream: Option<StreamSub>,
+        seqs: &[u64],
+    ) -> channel::Receiver {
+        let (tx, rx) = channel::channel(64, 1 << 20);
+        let mut batch: Vec<Message> = seqs
+            .iter()
+            .map(|&seq| {
+                let mut m = Message::for_test(seq);
+                m.sid = sid;
+                m
+            })
+            .collect();
+        tx.send_all(&mut batch).await.unwrap();
+        inner.subs.lock().insert(
+            sid,
+            SubEntry {
+                tx,
+                shared: Arc::default(),
+                filter: "order.>".into(),
+                queue: None,
+                stream,
+            },
+        );
+        rx
+    }
+
+    /// The `SUB` frames at the front of the write buffer, by sid.
+    fn subs_sent(inner: &Inner) -> HashMap<u32, Subscribe> {
+        let mut buf = inner.write.lock().buf.clone();
+        let mut found = HashMap::new();
+        while let Some(frame) = decode(&mut buf, 1 << 20).unwrap() {
+            if let Frame::Sub(s) = frame {
+                found.insert(s.sid, s);
+            }
+        }
+        found
+    }
+
+    #[tokio::test]
+    async fn a_replay_subscription_is_made_again_right_after_what_it_received() {
+        let inner = Inner::for_test();
+        let stream = |resume| StreamSub {
+            name: "ORDERS".into(),
+            resume,
+        };
+        // Sequences with gaps, as a filtered replay delivers them.
+        let _a = sub_with(&inner, 1, Some(stream(StartPosition::All)), &[3, 7, 40]).await;
+        // Nothing received yet: the start recorded for it.
+        let _b = sub_with(&inner, 2, Some(stream(StartPosition::FromSeq(11))), &[]).await;
+        let _c = sub_with(&inner, 3, None, &[1, 2]).await;
+        inner.disconnected(&CloseReason::ServerClosed);
+        inner.reconnected(test_welcome());
+        let sent = subs_sent(&inner);
+        let start = |sid: u32| sent[&sid].stream.clone();
+        assert_eq!(
+            start(1),
+            Some(StreamStart {
+                stream: "ORDERS".into(),
+                start: StartPosition::FromSeq(41)
+            })
+        );
+        assert_eq!(start(2).unwrap().start, StartPosition::FromSeq(11));
+        assert_eq!(start(3), None);
+        assert!(sent.values().all(|s| s.filter == "order.>"));
     }
 }

@@ -19,6 +19,8 @@ pub struct Message {
     /// The connection it arrived on, for [`Message::respond`]; only kept when the message has
     /// a reply-to, so a plain delivery costs no reference count.
     pub(crate) client: Option<Arc<Inner>>,
+    /// It was delivered to a replay subscription: `seq` is its stream sequence.
+    pub(crate) stream: bool,
 }
 
 #[cfg(test)]
@@ -30,6 +32,7 @@ impl Message {
             seq,
             body: Body::parse(Body::encode("t", None, None, b"")).expect("valid body"),
             client: Some(crate::state::Inner::for_test()),
+            stream: false,
         }
     }
 }
@@ -76,11 +79,26 @@ impl Message {
         self.sid
     }
 
-    /// Its sequence number within the subscription, from 1; a gap means messages were dropped.
-    /// After a reconnect the subscription is new on the server and counts from 1 again
-    /// ([`crate::Subscription::resubscribed`]).
+    /// Its sequence number. For a live subscription: within the subscription, from 1, where a
+    /// gap means the broker dropped messages (each counted in
+    /// [`crate::Subscription::missed`]); after a reconnect the subscription is new on the
+    /// server and counts from 1 again ([`crate::Subscription::resubscribed`]).
+    ///
+    /// For a replay subscription ([`crate::Client::subscribe_stream`]): the message's stream
+    /// sequence, the same for every subscriber and across reconnects ([`Message::stream_seq`]).
+    /// Gaps there are normal (messages of the stream the filter does not match, or that
+    /// retention removed) and are not losses: the broker never drops a stored message for a
+    /// replay subscription.
     pub fn seq(&self) -> u64 {
         self.seq
+    }
+
+    /// The message's stream sequence, for a message delivered to a replay subscription
+    /// ([`crate::Client::subscribe_stream`]); `None` for a live subscription's. An application
+    /// that records the last one it processed can resume from the next one
+    /// ([`crate::StartPosition::FromSeq`]), even in another process.
+    pub fn stream_seq(&self) -> Option<u64> {
+        self.stream.then_some(self.seq)
     }
 
     /// Publishes `payload` to this message's reply-to topic, on the connection it arrived on.
@@ -123,6 +141,8 @@ pub(crate) struct SubShared {
 ///
 /// Messages wait in a bounded buffer until read; when it is full the client stops reading the
 /// socket, and the server's overflow policy applies (drops counted in [`Subscription::missed`]).
+/// A replay subscription ([`crate::Client::subscribe_stream`]) is never dropped from: the
+/// broker reads its stream only as fast as the subscription takes messages.
 #[derive(Debug)]
 pub struct Subscription {
     pub(crate) sid: u32,
@@ -133,6 +153,8 @@ pub struct Subscription {
     pub(crate) shared: Arc<SubShared>,
     pub(crate) client: Arc<Inner>,
     pub(crate) active: bool,
+    /// The stream of a replay subscription.
+    pub(crate) stream: Option<String>,
 }
 
 impl Subscription {
@@ -159,15 +181,24 @@ impl Subscription {
         &self.filter
     }
 
-    /// How many times the subscription was made again on a new connection. Each time, the
-    /// server starts its sequence numbers at 1 again: what was published while the client was
-    /// disconnected is not delivered, so a message with `seq() == 1` after the first tells a
-    /// subscriber that it may have missed some.
+    /// The stream a replay subscription reads ([`crate::Client::subscribe_stream`]); `None`
+    /// for a live subscription.
+    pub fn stream(&self) -> Option<&str> {
+        self.stream.as_deref()
+    }
+
+    /// How many times the subscription was made again on a new connection. For a live
+    /// subscription, each time the server starts its sequence numbers at 1 again: what was
+    /// published while the client was disconnected is not delivered, so a message with
+    /// `seq() == 1` after the first tells a subscriber that it may have missed some. A replay
+    /// subscription is made again from the stream sequence after the last message it received,
+    /// so it misses nothing and repeats nothing.
     pub fn resubscribed(&self) -> u64 {
         self.shared.resubscribed.load(Ordering::Relaxed)
     }
 
-    /// How many messages the server reported it dropped for this subscription so far.
+    /// How many messages the server reported it dropped for this subscription so far (always 0
+    /// for a replay subscription: gaps in its stream sequences are not drops).
     pub fn missed(&self) -> u64 {
         self.shared.missed.load(Ordering::Relaxed)
     }
