@@ -2,7 +2,8 @@
 //! measure a broker under load (`bench`, in [`bench`]).
 //!
 //! Each subcommand is one variant of [`Command`] and one `cmd_*` function; the larger ones live
-//! in files of their own (`bench`, `rpc`, and the monitoring views `stats`, `conns`, `top`).
+//! in files of their own (`bench`, `rpc`, `streams`, and the monitoring views `stats`, `conns`,
+//! `top`).
 //! Everything here is a thin layer over `brokerd-client`: this file parses arguments, reads
 //! stdin, formats messages and maps failures to exit codes (0 success, 1 runtime error reported
 //! as `brokerctl: <error>`, 2 usage error from clap). It does not retry, reconnect or buffer
@@ -31,6 +32,7 @@ mod conns;
 mod human;
 mod rpc;
 mod stats;
+mod streams;
 mod top;
 mod tty;
 
@@ -182,6 +184,9 @@ enum Command {
     Conns(conns::ConnsArgs),
     /// Watch the connections live, sorted by rate, pending bytes or drops (q quits).
     Top(top::TopArgs),
+    /// Manage streams, which store the messages published to their filters: add, ls, info,
+    /// purge, rm.
+    Stream(streams::StreamArgs),
 }
 
 /// Arguments of `brokerctl pub`.
@@ -199,9 +204,17 @@ struct PubArgs {
     /// Publish each payload this many times.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     count: u64,
-    /// Wait for the broker's acknowledgement of each message and report its delivery count.
+    /// Wait for the broker's acknowledgement of each message and report its delivery count, and
+    /// the stream and sequence when a stream stored it.
     #[arg(long)]
     ack: bool,
+    /// Like --ack, and fail (exit 1) when no stream stored the message.
+    #[arg(long)]
+    stored: bool,
+    /// Give each message this id (the `Brokerd-Msg-Id` header): a stream stores an id once
+    /// within its duplicate window, so a publish sent again is reported as a duplicate.
+    #[arg(long, value_name = "ID")]
+    msg_id: Option<String>,
     /// Add a header; repeatable. Keys may repeat.
     #[arg(long = "header", value_name = "KEY=VALUE", value_parser = parse_header)]
     header: Vec<(String, String)>,
@@ -213,8 +226,19 @@ struct PubArgs {
 /// Arguments of `brokerctl sub`.
 #[derive(Debug, Args)]
 struct SubArgs {
-    /// Filter to subscribe to (`*` matches one token, a trailing `>` one or more).
-    filter: String,
+    /// Filter to subscribe to (`*` matches one token, a trailing `>` one or more); with
+    /// --stream, `>` (the whole stream) when absent.
+    #[arg(required_unless_present = "stream")]
+    filter: Option<String>,
+    /// Replay this stream's stored messages matching the filter, then continue live; each line
+    /// starts with the message's stream sequence (`#42 TOPIC ...`). After a lost connection it
+    /// resumes right after the last sequence printed.
+    #[arg(long, value_name = "NAME", conflicts_with = "queue")]
+    stream: Option<String>,
+    /// Where the replay starts: `all`, `new`, `seq:N`, `time:T` (RFC 3339 in UTC such as
+    /// `2026-01-31T08:00:00Z`, or unix nanoseconds) or `last:N`.
+    #[arg(long, value_name = "POSITION", requires = "stream", default_value = "all", value_parser = streams::parse_start)]
+    from: brokerd_client::StartPosition,
     /// Exit after this many messages.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     count: Option<u64>,
@@ -314,6 +338,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Stats(args) => stats::cmd_stats(&cli.global, args).await,
         Command::Conns(args) => conns::cmd_conns(&cli.global, args).await,
         Command::Top(args) => top::cmd_top(&cli.global, args).await,
+        Command::Stream(args) => streams::cmd_stream(&cli.global, args).await,
     }
 }
 
@@ -427,14 +452,24 @@ impl Publisher<'_> {
         if let Some(headers) = self.headers {
             publish = publish.headers(headers);
         }
-        if self.args.ack {
-            let n = publish.acked().await.map_err(|e| self.blame(e))?;
-            note(format_args!(
-                "delivered to {n} {}",
-                plural(n.into(), "subscriber", "subscribers")
-            ));
-        } else {
-            publish.await.map_err(|e| self.blame(e))?;
+        if let Some(id) = &self.args.msg_id {
+            publish = publish.msg_id(id.as_str());
+        }
+        if !self.args.ack && !self.args.stored {
+            return publish.await.map_err(|e| self.blame(e));
+        }
+        match publish.stored().await {
+            Ok(s) => note(format_args!(
+                "{}",
+                stored_line(&s.stream, s.seq, s.duplicate, s.delivered)
+            )),
+            Err(brokerd_client::Error::NotStored { delivered, .. }) if !self.args.stored => {
+                note(format_args!(
+                    "delivered to {delivered} {}",
+                    plural(delivered.into(), "subscriber", "subscribers")
+                ));
+            }
+            Err(e) => return Err(self.blame(e)),
         }
         Ok(())
     }
@@ -448,6 +483,20 @@ impl Publisher<'_> {
             _ => format!("cannot publish to {}", self.args.topic),
         };
         anyhow::Error::new(e).context(context)
+    }
+}
+
+/// What `pub --ack` says about a message a stream stored.
+fn stored_line(stream: &str, seq: u64, duplicate: bool, delivered: u32) -> String {
+    if duplicate {
+        format!(
+            "duplicate: {stream} already stored this message id as seq {seq}; nothing stored or delivered"
+        )
+    } else {
+        format!(
+            "stored in {stream} as seq {seq}; delivered to {delivered} {}",
+            plural(delivered.into(), "subscriber", "subscribers")
+        )
     }
 }
 
@@ -484,6 +533,17 @@ async fn cmd_sub(global: &Global, args: SubArgs) -> Result<()> {
     // Installed before connecting, so Ctrl-C at any point after start-up exits cleanly instead of
     // killing the process: the listener is registered on its first poll, which `biased` makes
     // happen before the connection attempt.
+    if let Some(stream) = &args.stream {
+        streams::check_stream_name(stream)?;
+    }
+    let filter = args.filter.clone().unwrap_or_else(|| ">".to_string());
+    let target = match &args.stream {
+        Some(stream) => Target::Stream(stream, args.from),
+        None => match &args.queue {
+            Some(group) => Target::Queue(group),
+            None => Target::Live,
+        },
+    };
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     let term = terminated();
@@ -495,26 +555,34 @@ async fn cmd_sub(global: &Global, args: SubArgs) -> Result<()> {
             return Ok(());
         }
         _ = &mut term => return Ok(()),
-        r = open_subscription(global, &args.filter, args.queue.as_deref(), !args.no_reconnect) => r?,
+        r = open_subscription(global, &filter, target, !args.no_reconnect) => r?,
     };
     let (client, mut sub) = opened;
-    note(format_args!(
-        "subscribed to {}{} on {}",
-        args.filter,
-        args.queue
-            .as_ref()
-            .map_or(String::new(), |g| format!(" in queue group {g}")),
-        global.server
-    ));
+    match target {
+        Target::Stream(stream, start) => note(format_args!(
+            "replaying {filter} from stream {stream}, from {}, on {}",
+            streams::describe_start(start),
+            global.server
+        )),
+        Target::Queue(group) => note(format_args!(
+            "subscribed to {filter} in queue group {group} on {}",
+            global.server
+        )),
+        Target::Live => note(format_args!("subscribed to {filter} on {}", global.server)),
+    }
     let mut events = client.events();
     let style = if args.json {
-        Format::Json
+        Format::Json {
+            stream: args.stream.as_deref(),
+        }
     } else {
         Format::Text {
             reply: args.show_reply,
             time: args.timestamps,
         }
     };
+    // The stream sequence of the last message printed, for the notes on reconnecting.
+    let mut last_seq: Option<u64> = None;
     let mut out = BufWriter::new(io::stdout());
     let mut printed: u64 = 0;
     let mut reported_missed = 0u64;
@@ -522,7 +590,7 @@ async fn cmd_sub(global: &Global, args: SubArgs) -> Result<()> {
         if args.count.is_some_and(|n| printed >= n) {
             break SubEnd::Done;
         }
-        report_missed(&sub, &args.filter, &mut reported_missed);
+        report_missed(&sub, &filter, &mut reported_missed);
         // Stdout is flushed only when no message is waiting, so a burst costs one write, yet
         // every message is visible as soon as the burst is over.
         let msg = match sub.try_next() {
@@ -539,7 +607,7 @@ async fn cmd_sub(global: &Global, args: SubArgs) -> Result<()> {
                     }
                     _ = &mut term => break SubEnd::Interrupted,
                     Ok(event) = events.recv() => {
-                        report_event(&event);
+                        report_event(&event, target, last_seq);
                         continue;
                     }
                     m = sub.next() => match m {
@@ -552,6 +620,7 @@ async fn cmd_sub(global: &Global, args: SubArgs) -> Result<()> {
         if let Err(e) = write_message(&mut out, &msg, style) {
             break pipe_or(e)?;
         }
+        last_seq = msg.stream_seq().or(last_seq);
         printed += 1;
     };
     let end = match end {
@@ -561,7 +630,7 @@ async fn cmd_sub(global: &Global, args: SubArgs) -> Result<()> {
             Err(e) => pipe_or(e)?,
         },
     };
-    report_missed(&sub, &args.filter, &mut reported_missed);
+    report_missed(&sub, &filter, &mut reported_missed);
     let missed = sub.missed();
     if missed > 0 {
         note(format_args!(
@@ -573,9 +642,9 @@ async fn cmd_sub(global: &Global, args: SubArgs) -> Result<()> {
     let closed = client.close().await;
     match end {
         SubEnd::StreamEnded => {
-            closed.with_context(|| format!("subscription to {} ended", args.filter))?;
+            closed.with_context(|| format!("subscription to {filter} ended"))?;
             // The connection is still up, so the broker itself ended the subscription.
-            anyhow::bail!("the broker ended the subscription to {}", args.filter)
+            anyhow::bail!("the broker ended the subscription to {filter}")
         }
         SubEnd::Done | SubEnd::Interrupted => closed.context("cannot close the connection"),
         // Whoever closed the pipe has what they wanted; the connection state no longer matters.
@@ -596,28 +665,51 @@ fn report_missed(sub: &Subscription, filter: &str, reported: &mut u64) {
     }
 }
 
-/// Says on stderr what happened to the connection.
-fn report_event(event: &brokerd_client::Event) {
+/// Says on stderr what happened to the connection. A replay subscription misses nothing while
+/// disconnected: it resumes after `last_seq`, the last stream sequence printed.
+fn report_event(event: &brokerd_client::Event, target: Target<'_>, last_seq: Option<u64>) {
     use brokerd_client::Event;
+    let replay = matches!(target, Target::Stream(..));
     match event {
         Event::ServerShuttingDown => note(format_args!("brokerctl: the broker is shutting down")),
+        Event::Disconnected { reason } if replay => note(format_args!(
+            "brokerctl: connection lost ({reason}); reconnecting; the replay resumes where it stopped"
+        )),
         Event::Disconnected { reason } => note(format_args!(
             "brokerctl: connection lost ({reason}); reconnecting; messages published meanwhile are missed"
         )),
-        Event::Reconnected { server, attempts } => note(format_args!(
-            "brokerctl: reconnected to {server} after {attempts} {}; subscribed again",
-            plural((*attempts).into(), "attempt", "attempts")
-        )),
+        Event::Reconnected { server, attempts } => {
+            let again = match (replay, last_seq) {
+                (true, Some(seq)) => format!("replaying again from seq {}", seq + 1),
+                (true, None) => "replaying again from the start asked for".to_string(),
+                (false, _) => "subscribed again".to_string(),
+            };
+            note(format_args!(
+                "brokerctl: reconnected to {server} after {attempts} {}; {again}",
+                plural((*attempts).into(), "attempt", "attempts")
+            ));
+        }
         Event::Closed { reason } => note(format_args!("brokerctl: connection closed: {reason}")),
         _ => {}
     }
+}
+
+/// What `brokerctl sub` subscribes as.
+#[derive(Debug, Clone, Copy)]
+enum Target<'a> {
+    /// A plain subscription.
+    Live,
+    /// A member of this queue group.
+    Queue(&'a str),
+    /// A replay of this stream from this position.
+    Stream(&'a str, brokerd_client::StartPosition),
 }
 
 /// Connects (reconnecting when asked) and subscribes.
 async fn open_subscription(
     global: &Global,
     filter: &str,
-    queue: Option<&str>,
+    target: Target<'_>,
     reconnect: bool,
 ) -> Result<(Client, Subscription)> {
     let mut options = global.options(global.name.clone());
@@ -627,11 +719,15 @@ async fn open_subscription(
     let client = Client::connect(global.server.as_str(), options)
         .await
         .with_context(|| format!("cannot connect to {}", global.server))?;
-    let sub = match queue {
-        Some(group) => client.subscribe_queue(filter, group).await,
-        None => client.subscribe(filter).await,
+    let sub = match target {
+        Target::Live => client.subscribe(filter).await,
+        Target::Queue(group) => client.subscribe_queue(filter, group).await,
+        Target::Stream(stream, start) => client.subscribe_stream(filter, stream, start).await,
     }
-    .with_context(|| format!("cannot subscribe to {filter}"))?;
+    .with_context(|| match target {
+        Target::Stream(stream, _) => format!("cannot replay {filter} from stream {stream}"),
+        _ => format!("cannot subscribe to {filter}"),
+    })?;
     Ok((client, sub))
 }
 
@@ -646,8 +742,9 @@ fn pipe_or(e: io::Error) -> Result<SubEnd> {
 
 /// How `brokerctl sub` prints a message.
 #[derive(Debug, Clone, Copy)]
-enum Format {
-    /// `[TIME ]TOPIC [(reply-to R) ][[k=v, ...] ]PAYLOAD`.
+enum Format<'a> {
+    /// `[TIME ][#SEQ ]TOPIC [(reply-to R) ][[k=v, ...] ]PAYLOAD`, with the stream sequence for
+    /// a replay subscription's message.
     Text {
         /// Show the reply-to.
         reply: bool,
@@ -655,7 +752,10 @@ enum Format {
         time: bool,
     },
     /// One JSON object per line.
-    Json,
+    Json {
+        /// The stream replayed, if any.
+        stream: Option<&'a str>,
+    },
 }
 
 /// The time now, as RFC 3339 with milliseconds, UTC.
@@ -664,13 +764,16 @@ fn now_rfc3339() -> String {
 }
 
 /// Writes `msg` as one line.
-fn write_message(out: &mut impl Write, msg: &Message, format: Format) -> io::Result<()> {
+fn write_message(out: &mut impl Write, msg: &Message, format: Format<'_>) -> io::Result<()> {
     let line = match format {
         Format::Text { reply, time } => {
             let mut line = String::new();
             if time {
                 line.push_str(&now_rfc3339());
                 line.push(' ');
+            }
+            if let Some(seq) = msg.stream_seq() {
+                let _ = write!(line, "#{seq} ");
             }
             line.push_str(&text_line(
                 msg.topic(),
@@ -680,10 +783,11 @@ fn write_message(out: &mut impl Write, msg: &Message, format: Format) -> io::Res
             ));
             line
         }
-        Format::Json => json_line(
+        Format::Json { stream } => json_line(
             msg.topic(),
             &msg.payload(),
             msg.seq(),
+            stream,
             msg.has_headers().then(|| msg.headers()).as_ref(),
             msg.reply(),
             &now_rfc3339(),
@@ -717,7 +821,10 @@ fn text_line(topic: &str, reply: Option<&str>, headers: &Headers, payload: &[u8]
 }
 
 /// One JSON object and a newline:
-/// `{"topic","payload","payload_encoding","seq","headers","reply","received"}`.
+/// `{"topic","payload","payload_encoding","seq","stream","headers","reply","received"}`.
+///
+/// `seq` is the subscription's sequence, or for a replay (`stream` names the stream, else
+/// `null`) the message's stream sequence.
 ///
 /// The payload is a string when it is UTF-8 (`payload_encoding` `"utf-8"`), else lower-case hex
 /// (`"hex"`); the encoding field is what tells a payload `"cafe"` from the bytes `CA FE`.
@@ -728,6 +835,7 @@ fn json_line(
     topic: &str,
     payload: &[u8],
     seq: u64,
+    stream: Option<&str>,
     headers: Option<&Headers>,
     reply: Option<&str>,
     received: &str,
@@ -752,6 +860,7 @@ fn json_line(
         "payload": payload,
         "payload_encoding": encoding,
         "seq": seq,
+        "stream": stream,
         "headers": headers,
         "reply": reply,
         "received": received,
@@ -819,32 +928,57 @@ mod tests {
     #[test]
     fn json_line_keeps_repeated_headers_and_tells_absent_from_empty() {
         let h: Headers = [("k", "v\"q"), ("k", "second")].into_iter().collect();
-        let v = parse(&json_line("a.b", b"hi\n", 7, Some(&h), Some("r.1"), "t"));
+        let v = parse(&json_line(
+            "a.b",
+            b"hi\n",
+            7,
+            Some("ORDERS"),
+            Some(&h),
+            Some("r.1"),
+            "t",
+        ));
         assert_eq!(v["payload"], "hi\n");
         assert_eq!(v["payload_encoding"], "utf-8");
         assert_eq!(v["seq"], 7);
+        assert_eq!(v["stream"], "ORDERS");
         assert_eq!(v["reply"], "r.1");
         assert_eq!(v["received"], "t");
         assert_eq!(
             v["headers"],
             serde_json::json!([["k", "v\"q"], ["k", "second"]])
         );
-        let none = parse(&json_line("a", b"", 1, None, None, "t"));
-        assert!(none["headers"].is_null() && none["reply"].is_null());
-        let empty = parse(&json_line("a", b"", 1, Some(&Headers::new()), None, "t"));
+        let none = parse(&json_line("a", b"", 1, None, None, None, "t"));
+        assert!(none["headers"].is_null() && none["reply"].is_null() && none["stream"].is_null());
+        let empty = parse(&json_line(
+            "a",
+            b"",
+            1,
+            None,
+            Some(&Headers::new()),
+            None,
+            "t",
+        ));
         assert_eq!(empty["headers"], serde_json::json!([]));
     }
 
     #[test]
     fn json_line_binary_payload_is_hex() {
-        let v = parse(&json_line("a", &[0xca, 0xfe, 0x00], 1, None, None, "t"));
+        let v = parse(&json_line(
+            "a",
+            &[0xca, 0xfe, 0x00],
+            1,
+            None,
+            None,
+            None,
+            "t",
+        ));
         assert_eq!(v["payload"], "cafe00");
         assert_eq!(v["payload_encoding"], "hex");
     }
 
     #[test]
     fn json_escapes_control_characters() {
-        let line = json_line("a", "\u{1}\\\t".as_bytes(), 1, None, None, "t");
+        let line = json_line("a", "\u{1}\\\t".as_bytes(), 1, None, None, None, "t");
         assert!(!line[..line.len() - 1].contains('\n') && !line.contains('\u{1}'));
         assert_eq!(parse(&line)["payload"], "\u{1}\\\t");
     }
@@ -870,6 +1004,41 @@ mod tests {
         let io = io::Error::new(io::ErrorKind::ConnectionRefused, "refused");
         let e = anyhow::Error::new(brokerd_client::Error::Io(io)).context("cannot connect to x");
         assert_eq!(error_chain(&e), "cannot connect to x: i/o error: refused");
+    }
+
+    #[test]
+    fn stream_flags_of_sub_and_pub() {
+        let sub = |args: &[&str]| {
+            Cli::try_parse_from(["brokerctl", "sub"].iter().chain(args).copied()).map(|c| c.command)
+        };
+        let Ok(Command::Sub(s)) = sub(&["--stream", "ORDERS"]) else {
+            panic!("sub --stream without a filter");
+        };
+        assert_eq!(s.filter, None);
+        assert_eq!(s.from, brokerd_client::StartPosition::All);
+        let Ok(Command::Sub(s)) = sub(&["order.*", "--stream", "ORDERS", "--from", "seq:42"])
+        else {
+            panic!("sub --stream --from");
+        };
+        assert_eq!(s.from, brokerd_client::StartPosition::FromSeq(42));
+        assert!(sub(&[]).is_err(), "a filter or a stream is needed");
+        assert!(
+            sub(&["a", "--from", "new"]).is_err(),
+            "--from needs --stream"
+        );
+        assert!(sub(&["a", "--stream", "S", "--queue", "q"]).is_err());
+        assert!(sub(&["a", "--stream", "S", "--from", "yesterday"]).is_err());
+        let r = Cli::try_parse_from(["brokerctl", "pub", "t", "p", "--msg-id", "m1", "--stored"]);
+        assert!(r.is_ok());
+    }
+
+    #[test]
+    fn stored_lines() {
+        assert_eq!(
+            stored_line("ORDERS", 42, false, 1),
+            "stored in ORDERS as seq 42; delivered to 1 subscriber"
+        );
+        assert!(stored_line("ORDERS", 42, true, 0).starts_with("duplicate: ORDERS already stored"));
     }
 
     #[test]
