@@ -15,14 +15,15 @@
 //! A progress line is rewritten on stderr every second, only when stderr is a terminal and
 //! without `--json`.
 //! Report formatting lives in [`report`]; the scenario with thousands of connections in [`many`];
-//! the plain TCP relay that pub->sub is compared with in [`relay`]; the hidden `hold` scenario
-//! (idle connections for memory measurements) in [`hold`]. Nothing here asserts a time: these
-//! are measurements.
+//! the plain TCP relay that pub->sub is compared with in [`relay`]; storing into a stream and
+//! replaying it in [`stream`]; the hidden `hold` scenario (idle connections for memory
+//! measurements) in [`hold`]. Nothing here asserts a time: these are measurements.
 
 mod hold;
 mod many;
 mod relay;
 mod report;
+mod stream;
 
 use crate::Global;
 use anyhow::{Context, Result, bail};
@@ -101,6 +102,12 @@ enum Scenario {
     /// publisher i on `bench.many.<i>` and subscriber j on `bench.many.<j % pubs>`, or all on
     /// one topic.
     Many(many::ManyArgs),
+    /// Publishers storing into a stream, each waiting for STORED with up to --window
+    /// publishes unanswered; reports stored msgs/s and the acknowledgement latency.
+    StreamPub(stream::StreamPubArgs),
+    /// Publishes --count messages into a stream (unless --no-publish), then times a replay
+    /// subscription from the start until it has them all; reports msgs/s and MB/s.
+    StreamReplay(stream::StreamReplayArgs),
     /// Opens idle connections holding subscriptions, for measuring the broker's memory.
     #[command(hide = true)]
     Hold(hold::HoldArgs),
@@ -123,6 +130,8 @@ impl Scenario {
             Scenario::Latency { .. } => "latency",
             Scenario::Relay => "relay",
             Scenario::Many(_) => "many",
+            Scenario::StreamPub(_) => "stream-pub",
+            Scenario::StreamReplay(_) => "stream-replay",
             Scenario::Hold(_) => "hold",
         }
     }
@@ -160,6 +169,12 @@ pub(crate) async fn cmd_bench(global: &Global, args: BenchArgs) -> Result<()> {
         Scenario::Hold(h) => return hold::run(global, h).await,
         Scenario::Relay => return emit(&relay::run(&common).await?, common.json),
         Scenario::Many(m) => return emit(&many::run(global, &common, m).await?, common.json),
+        Scenario::StreamPub(a) => {
+            return emit(&stream::run_pub(global, &common, a).await?, common.json);
+        }
+        Scenario::StreamReplay(a) => {
+            return emit(&stream::run_replay(global, &common, a).await?, common.json);
+        }
         _ => {}
     }
     if matches!(args.scenario, Scenario::Latency { .. }) && common.size < 8 {
@@ -171,7 +186,11 @@ pub(crate) async fn cmd_bench(global: &Global, args: BenchArgs) -> Result<()> {
         Scenario::Fanout { subs } => (subs, 1, None),
         Scenario::Topics { topics } => (1, topics, None),
         Scenario::Latency { rate } => (1, 1, Some(rate)),
-        Scenario::Hold(_) | Scenario::Relay | Scenario::Many(_) => unreachable!("handled above"),
+        Scenario::Hold(_)
+        | Scenario::Relay
+        | Scenario::Many(_)
+        | Scenario::StreamPub(_)
+        | Scenario::StreamReplay(_) => unreachable!("handled above"),
     };
     let name = args.scenario.name();
     let topic_names: Vec<String> = if matches!(args.scenario, Scenario::Topics { .. }) {
@@ -279,6 +298,7 @@ pub(crate) async fn cmd_bench(global: &Global, args: BenchArgs) -> Result<()> {
         send_lag: rate.map(|_| report::Latency::from_histogram(&send_lag)),
         setup: None,
         broker_rss_kib,
+        stream: None,
     };
     emit(&report, common.json)
 }

@@ -261,6 +261,7 @@ pub(super) async fn run(global: &Global, common: &Common, args: &ManyArgs) -> Re
         send_lag: send_lag.map(|h| report::Latency::from_histogram(&h)),
         setup: Some(setup),
         broker_rss_kib,
+        stream: None,
     })
 }
 

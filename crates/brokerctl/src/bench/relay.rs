@@ -130,6 +130,7 @@ pub(super) async fn run(common: &Common) -> Result<Report> {
         send_lag: None,
         setup: None,
         broker_rss_kib: None,
+        stream: None,
     })
 }
 

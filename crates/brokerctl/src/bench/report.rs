@@ -2,8 +2,8 @@
 //! progress line, CPU accounting from `/proc`, and latency percentiles from an HDR histogram
 //! (bounded memory at any rate and duration).
 //!
-//! Nothing here touches the network; `bench.rs`, `relay.rs` and `many.rs` measure and fill in a
-//! [`Report`].
+//! Nothing here touches the network; `bench.rs`, `relay.rs`, `many.rs` and `stream.rs` measure
+//! and fill in a [`Report`].
 
 use crate::human::{group, si};
 use hdrhistogram::{CreationError, Histogram};
@@ -50,6 +50,20 @@ pub(crate) struct Report {
     /// The broker's resident memory (`VmRSS`) once publishing ended, connections still open,
     /// when `--broker-pid` names it.
     pub(crate) broker_rss_kib: Option<u64>,
+    /// What a stream scenario adds (`stream-pub`, `stream-replay`).
+    pub(crate) stream: Option<StreamRun>,
+}
+
+/// What a stream scenario adds to a [`Report`].
+#[derive(Debug, Clone)]
+pub(crate) struct StreamRun {
+    /// The stream written or replayed.
+    pub(crate) name: String,
+    /// Publishes each publisher kept unanswered at most.
+    pub(crate) window: u64,
+    /// Payload bytes received, when they are not all `size` bytes (a replay of messages this
+    /// run did not publish).
+    pub(crate) payload_bytes: Option<u64>,
 }
 
 impl Report {
@@ -72,7 +86,10 @@ impl Report {
     }
 
     pub(crate) fn mb_per_sec(&self) -> f64 {
-        self.msgs_per_sec() * self.size as f64 / 1e6
+        match self.stream.as_ref().and_then(|s| s.payload_bytes) {
+            Some(bytes) => per_sec(bytes, self.elapsed) / 1e6,
+            None => self.msgs_per_sec() * self.size as f64 / 1e6,
+        }
     }
 
     /// Broker CPU seconds spent per million counted messages (deliveries, or confirmed
@@ -120,6 +137,8 @@ impl Report {
             "broker_rss_mib": self.broker_rss_kib.map(|k| round2(k as f64 / 1024.0)),
             "setup_s": self.setup.map(|d| round2(d.as_secs_f64())),
             "machine_cpu_pct": self.cpu.machine_pct.map(round2),
+            "stream": self.stream.as_ref().map(|s| s.name.as_str()),
+            "window": self.stream.as_ref().map(|s| s.window),
         })
     }
 
@@ -133,6 +152,17 @@ impl Report {
             "fanout" => format!(", {} subscribers", self.subs),
             "topics" => format!(", {} topics", self.topics),
             "latency" => format!(", {} msgs/s offered", self.rate.unwrap_or(0)),
+            "stream-pub" => format!(
+                ", {} publisher{}, window {}, stream {}",
+                group(u64::from(self.pubs)),
+                if self.pubs == 1 { "" } else { "s" },
+                group(self.stream.as_ref().map_or(0, |s| s.window)),
+                self.stream.as_ref().map_or("?", |s| s.name.as_str())
+            ),
+            "stream-replay" => format!(
+                ", stream {}",
+                self.stream.as_ref().map_or("?", |s| s.name.as_str())
+            ),
             "many" => {
                 let pace = match self.rate {
                     Some(r) => format!("{r} msgs/s each"),
@@ -162,20 +192,25 @@ impl Report {
                 ),
             );
         }
-        let confirmed = if self.scenario == "relay" {
-            "written to the relay"
-        } else {
-            "confirmed by PONG"
+        let confirmed = match self.scenario {
+            "relay" => "written to the relay",
+            "stream-pub" => "each confirmed by STORED",
+            "stream-replay" => "stored before the replay, each confirmed by STORED",
+            _ => "confirmed by PONG",
         };
-        row(
-            "sent",
-            format!(
-                "{} in {:.2} s, {confirmed} ({}/s)",
-                group(self.sent),
-                self.publish_elapsed.as_secs_f64(),
-                si(per_sec(self.sent, self.publish_elapsed))
-            ),
-        );
+        if self.scenario == "stream-replay" && self.sent == 0 {
+            row("sent", "none: replaying what the stream held".to_string());
+        } else {
+            row(
+                "sent",
+                format!(
+                    "{} in {:.2} s, {confirmed} ({}/s)",
+                    group(self.sent),
+                    self.publish_elapsed.as_secs_f64(),
+                    si(per_sec(self.sent, self.publish_elapsed))
+                ),
+            );
+        }
         if self.subs > 0 {
             row("received", group(self.received));
             row(
@@ -202,8 +237,13 @@ impl Report {
             ),
         );
         if let Some(l) = &self.latency {
+            let name = if self.scenario == "stream-pub" {
+                "ack (us)"
+            } else {
+                "latency (us)"
+            };
             row(
-                "latency (us)",
+                name,
                 format!(
                     "p50 {:.1}  p99 {:.1}  p999 {:.1}  max {:.1}  ({} samples)",
                     l.p50_us,
@@ -468,6 +508,67 @@ fn round2(x: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream scenario's report with these figures.
+    fn stream_report(scenario: &'static str, sent: u64, received: u64) -> Report {
+        Report {
+            scenario,
+            size: 128,
+            duration: Duration::from_secs(5),
+            pubs: 2,
+            subs: u32::from(scenario == "stream-replay"),
+            topics: 2,
+            rate: None,
+            sent,
+            expected: 1_000,
+            received,
+            missed: 0,
+            elapsed: Duration::from_secs(2),
+            publish_elapsed: Duration::from_secs(2),
+            threads: 1,
+            cpu: CpuShare {
+                tool_pct: 50.0,
+                broker_pct: None,
+                broker_s: None,
+                machine_pct: None,
+            },
+            latency: (scenario == "stream-pub").then_some(Latency {
+                p50_us: 80.0,
+                p99_us: 300.0,
+                p999_us: 900.0,
+                max_us: 1_000.0,
+                samples: sent,
+            }),
+            send_lag: None,
+            setup: None,
+            broker_rss_kib: None,
+            stream: Some(StreamRun {
+                name: "BENCH".into(),
+                window: 1_000,
+                payload_bytes: (scenario == "stream-replay").then_some(4_000_000),
+            }),
+        }
+    }
+
+    #[test]
+    fn stream_scenarios_say_what_was_stored_and_replayed() {
+        let r = stream_report("stream-pub", 400_000, 0);
+        let t = r.table();
+        assert!(
+            t.contains("stream-pub (128 B payload, 2 publishers, window 1,000, stream BENCH)"),
+            "{t}"
+        );
+        assert!(t.contains("400,000 in 2.00 s, each confirmed by STORED"), "{t}");
+        assert!(t.contains("ack (us)       p50 80.0  p99 300.0"), "{t}");
+        assert!(t.contains("200.0 k msgs/s"), "{t}");
+        assert_eq!(r.json()["window"], 1_000);
+        assert_eq!(r.json()["stream"], "BENCH");
+        // A replay of what the stream held: MB/s from the bytes received, not the --size.
+        let r = stream_report("stream-replay", 0, 1_000);
+        let t = r.table();
+        assert!(t.contains("none: replaying what the stream held"), "{t}");
+        assert!(t.contains("500 deliveries/s, 2.0 MB/s payload"), "{t}");
+    }
 
     #[test]
     fn stat_fields_after_a_command_with_spaces() {
