@@ -409,6 +409,7 @@ fn control(inner: &Inner, frame: Frame) -> Result<(), Ended> {
         }
         Frame::Pong(id) => (id, Reply::Pong),
         Frame::Ack { req_id, delivered } => (req_id, Reply::Ack(delivered)),
+        Frame::Stored(s) => (s.req_id, Reply::Ack(s.delivered)),
         Frame::Err(e) => {
             if let Some(sid) = inner.resubs.lock().remove(&e.req_id) {
                 // A subscription the new connection refused (its rules changed, say) ends.

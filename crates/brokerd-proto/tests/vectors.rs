@@ -14,8 +14,7 @@ use brokerd_proto::body::BodyBuilder;
 use brokerd_proto::{
     Body, Credentials, ErrorCode, ErrorFrame, Filter, Frame, FrameType, Headers, Hello, Lost,
     MSG_HEADER_LEN, Msg, OverflowPolicy, Publish, StartPosition, Stored, StreamStart, Subscribe,
-    Unsubscribe, Welcome, decode,
-    encode_msg_header, encode_pub,
+    Unsubscribe, Welcome, decode, encode_msg_header, encode_pub,
 };
 use bytes::BytesMut;
 use std::collections::BTreeMap;
