@@ -52,6 +52,7 @@ fn replay(req_id: u32, sid: u32, filter: &str, stream: &str, start: StartPositio
         stream: Some(StreamStart {
             stream: stream.into(),
             start,
+            consumer: None,
         }),
     })
 }

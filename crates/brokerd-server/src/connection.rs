@@ -449,6 +449,11 @@ struct Reader<'a> {
     /// A stream whose write queue this connection's publish took over its soft limits: act on
     /// no more frames until its writer has caught up (at most the backpressure wait).
     stream_wait: Option<Arc<StreamHandle>>,
+    /// This connection's consumer subscriptions, by sid: where its `MACK`s go. At most one
+    /// entry per subscription it made (`max_subs`); an entry outlives its subscription until
+    /// the sid is used again, harmlessly: a consumer ignores acknowledgements of sequences it
+    /// does not have in flight.
+    consumers: std::collections::HashMap<u32, Arc<crate::streams::Consumer>>,
 }
 
 impl Reader<'_> {
@@ -637,6 +642,28 @@ impl Reader<'_> {
             Ok(sub) => sub,
             Err(e) => return self.error(s.req_id, e.code(), e.to_string()),
         };
+        self.consumers.remove(&s.sid);
+        if let Some(spec) = &start.consumer {
+            let first = crate::streams::consumer_start(&stream, start.start);
+            match crate::streams::open_consumer(
+                &self.shared.broker,
+                &stream,
+                spec,
+                &sub.filter,
+                Some(first),
+            ) {
+                Ok(consumer) => {
+                    self.reply(Frame::Ok(s.req_id));
+                    consumer.join(client, sub);
+                    self.consumers.insert(s.sid, consumer);
+                }
+                Err(e) => {
+                    self.shared.broker.end_subscription(self.client, &sub);
+                    self.error(s.req_id, ErrorCode::InvalidFilter, e.to_string());
+                }
+            }
+            return;
+        }
         // Worked out before the OK: a message stored after it is delivered.
         let fixed = crate::streams::start_now(&stream, start.start);
         self.reply(Frame::Ok(s.req_id));
@@ -751,6 +778,11 @@ impl Reader<'_> {
                 Ok(()) => self.reply(Frame::Ok(u.req_id)),
                 Err(e) => self.error(u.req_id, ErrorCode::UnknownSubscription, e.to_string()),
             },
+            Frame::Mack(m) => {
+                if let Some(c) = self.consumers.get(&m.sid) {
+                    c.ack(m.seq, m.kind);
+                }
+            }
             Frame::Ping(token) => self.reply(Frame::Pong(token)),
             Frame::Pong(_) => *pings_outstanding = 0,
             Frame::Hello(h) => {
@@ -795,6 +827,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         routes: RouteCache::new(),
         paused: false,
         stream_wait: None,
+        consumers: std::collections::HashMap::new(),
     };
     let budget = shared.broker.memory().clone();
     // What this connection's read buffer is charged to the memory budget, given back when the

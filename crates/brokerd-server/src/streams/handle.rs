@@ -249,6 +249,8 @@ pub(crate) struct StreamHandle {
     pub(crate) recovered_truncated: u64,
     pub(crate) recovered_corrupt: u64,
     pub(crate) thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Its durable consumers open in this process, by name.
+    pub(crate) consumers: Mutex<HashMap<String, Arc<super::consumer::Consumer>>>,
 }
 
 /// Whether a stream takes a publish now.

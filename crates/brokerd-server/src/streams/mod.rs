@@ -5,16 +5,19 @@
 //! - `handle`: one open stream (its capture queue, recent messages, message ids).
 //! - `writer`: the thread that appends a stream's captures and answers their publishers.
 //! - `replay`: the task that feeds one replay subscription.
+//! - `consumer`: durable consumers: a kept position, acknowledgements, redelivery.
 //!
 //! The storage itself is `brokerd-store`. A stream lives in `<data_dir>/<name>/`: its segment
 //! files and `stream.json`, its definition. Streams declared in the configuration file are
 //! opened at start-up (the file's definition wins over a stored one); streams added at runtime
 //! are found again through their `stream.json`.
 
+mod consumer;
 mod handle;
 mod replay;
 mod writer;
 
+pub(crate) use consumer::{Consumer, first_sequence as consumer_start, open as open_consumer};
 pub(crate) use handle::{AckTo, Admit, Capture, StreamHandle};
 pub(crate) use replay::{run as run_replay, start_now};
 
@@ -232,6 +235,7 @@ impl Streams {
             recovered_truncated: rec.truncated_bytes,
             recovered_corrupt: rec.corrupt_records.len() as u64,
             thread: Mutex::new(None),
+            consumers: Mutex::new(std::collections::HashMap::new()),
             config,
         });
         let for_thread = handle.clone();

@@ -115,7 +115,8 @@ pub(crate) async fn run(
             None => {
                 let h = handle.clone();
                 let r = reader.take();
-                let read = tokio::task::spawn_blocking(move || read_disk(&h, r, next)).await;
+                let read =
+                    tokio::task::spawn_blocking(move || read_disk(&h, r, next, BATCH_MSGS)).await;
                 match read {
                     Ok((r, batch)) => {
                         reader = r;
@@ -159,12 +160,13 @@ async fn resolve(handle: &Arc<StreamHandle>, start: StartPosition) -> Option<u64
     .flatten()
 }
 
-/// Reads one batch from disk at `next`, continuing with `reader` if it has one; returns the
+/// Reads one batch (at most `max_msgs`) from disk at `next`, continuing with `reader` if it has one; returns the
 /// reader to continue with (`None` once it reached the end of what was on disk).
-fn read_disk(
+pub(crate) fn read_disk(
     handle: &StreamHandle,
     reader: Option<Reader>,
     next: u64,
+    max_msgs: usize,
 ) -> (Option<Reader>, Vec<RecentMsg>) {
     let mut reader = match reader {
         Some(r) => r,
@@ -178,7 +180,7 @@ fn read_disk(
     };
     let mut out = Vec::new();
     let mut bytes = 0;
-    while out.len() < BATCH_MSGS && bytes < BATCH_BYTES {
+    while out.len() < max_msgs && bytes < BATCH_BYTES {
         match reader.next() {
             Some(Ok(rec)) => {
                 if rec.seq < next {
