@@ -264,6 +264,7 @@ impl Client {
         let start = stream.as_ref().map(|(s, start)| StreamStart {
             stream: s.name.clone(),
             start: *start,
+            consumer: None,
         });
         self.inner.subs.lock().insert(
             sid,

@@ -442,7 +442,12 @@ fn control(inner: &Inner, frame: Frame) -> Result<(), Ended> {
             }
             (e.req_id, Reply::Err(e.code, e.message))
         }
-        Frame::Hello(_) | Frame::Pub(_) | Frame::Sub(_) | Frame::Unsub(_) | Frame::Welcome(_) => {
+        Frame::Hello(_)
+        | Frame::Pub(_)
+        | Frame::Sub(_)
+        | Frame::Unsub(_)
+        | Frame::Mack(_)
+        | Frame::Welcome(_) => {
             return Err(CloseReason::Protocol(
                 "the server sent a client's frame".into(),
             ));

@@ -648,7 +648,8 @@ mod tests {
             start(1),
             Some(StreamStart {
                 stream: "ORDERS".into(),
-                start: StartPosition::FromSeq(41)
+                start: StartPosition::FromSeq(41),
+                consumer: None,
             })
         );
         assert_eq!(start(2).unwrap().start, StartPosition::FromSeq(11));

@@ -70,6 +70,7 @@ impl StreamSub {
         StreamStart {
             stream: self.name.clone(),
             start,
+            consumer: None,
         }
     }
 }

@@ -665,6 +665,51 @@ impl Broker {
                 })?;
         }
         let sub = Arc::new(Subscription::new(sid, filter, queue, client.outbox.clone()));
+        if let Some(old) = self.register(client, &sub)? {
+            self.sublist.remove(&old.filter, &SubRef(old.clone()));
+        }
+        self.sublist
+            .insert_grouped(&sub.filter.clone(), sub.queue().cloned(), SubRef(sub));
+        Ok(())
+    }
+
+    /// Adds a replay subscription: checked and counted like any other (filter, permissions,
+    /// the connection's and the user's limits, a unique sid), but not put in the sublist, since
+    /// a task of the caller's feeds it from a stream ([`Outbox::push_stored`]). `UNSUB` and the
+    /// connection's end work on it as on any subscription; the feeding task stops when
+    /// [`Subscription::is_dead`] or the outbox closes.
+    ///
+    /// # Errors
+    /// As [`Broker::subscribe`].
+    pub fn subscribe_replay(
+        &self,
+        client: &Client,
+        sid: u32,
+        filter: &str,
+    ) -> Result<Arc<Subscription>, SubscribeError> {
+        let filter = Filter::with_limits(filter, &self.limits.load().topic)
+            .map_err(SubscribeError::InvalidFilter)?;
+        if let Some(p) = client.permissions() {
+            p.may_subscribe(filter.as_str(), None)
+                .map_err(|denial| SubscribeError::Denied {
+                    filter: filter.to_string(),
+                    denial,
+                })?;
+        }
+        let sub = Arc::new(Subscription::replay(sid, filter, client.outbox.clone()));
+        if let Some(old) = self.register(client, &sub)? {
+            self.sublist.remove(&old.filter, &SubRef(old.clone()));
+        }
+        Ok(sub)
+    }
+
+    /// Puts `sub` in its connection's map, returning the finished subscription it replaces.
+    fn register(
+        &self,
+        client: &Client,
+        sub: &Arc<Subscription>,
+    ) -> Result<Option<Arc<Subscription>>, SubscribeError> {
+        let sid = sub.sid;
         let replaced = {
             let mut subs = client.subs.lock();
             let replaced = match subs.get(&sid) {
@@ -689,12 +734,8 @@ impl Broker {
             subs.insert(BySid(sub.clone()));
             replaced.map(|old| old.0)
         };
-        if let Some(old) = replaced {
-            self.sublist.remove(&old.filter, &SubRef(old.clone()));
-        }
-        self.sublist
-            .insert_grouped(&sub.filter.clone(), sub.queue().cloned(), SubRef(sub));
-        Ok(())
+        // A replay subscription was never in the sublist.
+        Ok(replaced.filter(|old| !old.is_replay()))
     }
 
     /// Ends a subscription now (`max == 0`) or after `max` more matched messages.
@@ -726,7 +767,16 @@ impl Broker {
                 }
             }
         }
-        self.sublist.remove(&sub.filter, &SubRef(sub.clone()));
+        if !sub.is_replay() {
+            self.sublist.remove(&sub.filter, &SubRef(sub.clone()));
+        }
+    }
+
+    /// Ends `sub` (a replay subscription whose stream went away): removes it from its
+    /// connection, whose writer still writes what is queued for it.
+    pub fn end_subscription(&self, client: &Client, sub: &Arc<Subscription>) {
+        client.outbox.set_allowance(sub, 0);
+        self.finish(client, sub);
     }
 
     /// Gives `client` new permissions (a configuration reload). Its next publish uses them; each
@@ -1178,7 +1228,9 @@ impl Broker {
         }
         for sub in subs {
             client.outbox.set_allowance(&sub, 0);
-            self.sublist.remove(&sub.filter.clone(), &SubRef(sub));
+            if !sub.is_replay() {
+                self.sublist.remove(&sub.filter.clone(), &SubRef(sub));
+            }
         }
         // The outbox is closed and this connection's task has stopped publishing: its figures
         // are final. They move to the retired totals in the same step that removes the client,

@@ -25,7 +25,7 @@ pub use broker::{
 };
 pub use close::CloseReason;
 pub use memory::{MemoryBudget, Pressure};
-pub use outbox::{Item, Outbox, OutboxLimits, OutboxStats, Push, Take};
+pub use outbox::{Item, Outbox, OutboxLimits, OutboxStats, Push, Stored, Take};
 pub use permissions::{
     Denial, Identity, Permissions, Quota, ResponsePermits, ResponsePolicy, Rules,
 };

@@ -125,6 +125,20 @@ impl Push {
     }
 }
 
+/// What happened to a stored message offered to a replay subscription
+/// ([`Outbox::push_stored`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// Queued.
+    Queued,
+    /// Queued, and it was the last one an auto-unsubscribe allowed: remove the subscription.
+    QueuedLast,
+    /// No room: nothing happened; offer it again once there is room.
+    Full,
+    /// The subscription is finished or the connection is closing.
+    Ended,
+}
+
 /// What [`Outbox::poll_take`] produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Take {
@@ -196,6 +210,9 @@ struct State {
     stalled: bool,
     /// Publishers waiting for the queue to drain ([`Outbox::poll_drained`]).
     drain_waiters: Vec<Waker>,
+    /// Replay tasks waiting for room ([`Outbox::poll_replay_room`]): at most one per replay
+    /// subscription of this connection.
+    replay_waiters: Vec<Waker>,
     /// Coarse time of the writer's last take: deliveries still pending after that batch is
     /// released all arrived after it.
     taken_ms: u64,
@@ -297,6 +314,7 @@ impl Outbox {
                 pending_since_ms: 0,
                 stalled: false,
                 drain_waiters: Vec::new(),
+                replay_waiters: Vec::new(),
                 taken_ms: 0,
                 dropped: 0,
                 writer: None,
@@ -476,6 +494,78 @@ impl Outbox {
         })
     }
 
+    /// Offers one stored message to a replay subscription: queued only if it fits (an empty
+    /// queue takes one of any size), and otherwise left with the caller, nothing counted or
+    /// dropped, so a replay never loses a stored message; the caller waits for
+    /// [`Outbox::poll_replay_room`] and offers it again. `seq` is the message's stream sequence.
+    pub fn push_stored(&self, sub: &Subscription, seq: u64, body: &Bytes) -> Stored {
+        let mut st = self.state.lock();
+        if st.closing.is_some() || sub.dead.load(Ordering::Relaxed) {
+            return Stored::Ended;
+        }
+        let cost = MSG_HEADER_LEN + body.len();
+        let (msgs, bytes) = st.held();
+        let fits = !self.budget.sheds(bytes + cost)
+            && (st.msgs == 0
+                || (msgs < self.limits.max_msgs && bytes + cost <= self.limits.max_bytes));
+        if !fits {
+            return Stored::Full;
+        }
+        // Written only under this lock, as in `push`.
+        sub.seq
+            .store(sub.seq.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        let last = match sub.remaining.load(Ordering::Relaxed) {
+            u64::MAX => false,
+            n => {
+                sub.remaining.store(n - 1, Ordering::Relaxed);
+                if n == 1 {
+                    sub.dead.store(true, Ordering::Relaxed);
+                }
+                n == 1
+            }
+        };
+        if st.msgs == 0 {
+            st.pending_since_ms = crate::clock::now_ms();
+        }
+        st.msgs += 1;
+        st.bytes += cost;
+        st.reserve(&self.budget);
+        st.queued += 1;
+        st.queue.push_back(Item::Msg {
+            sid: sub.sid,
+            seq,
+            body: body.clone(),
+        });
+        let w = st.writer.take();
+        drop(st);
+        wake(w);
+        if last {
+            Stored::QueuedLast
+        } else {
+            Stored::Queued
+        }
+    }
+
+    /// Ready when a replay may offer more messages: the queue holds at most half its limits
+    /// (so a replay refills it in batches, not one message per write), or it is closing.
+    pub fn poll_replay_room(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut st = self.state.lock();
+        if st.closing.is_some() || self.at_most_half(&st) {
+            return Poll::Ready(());
+        }
+        if !st.replay_waiters.iter().any(|w| w.will_wake(cx.waker())) {
+            st.replay_waiters.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    fn at_most_half(&self, st: &State) -> bool {
+        let (msgs, bytes) = st.held();
+        msgs <= self.limits.max_msgs / 2
+            && bytes <= self.limits.max_bytes / 2
+            && !self.budget.sheds(bytes)
+    }
+
     /// Whether a delivery of `cost` bytes that does not fit is queued anyway, for the publisher
     /// to wait on: backpressure is on, no publisher has given up waiting on this queue, the
     /// memory budget does not shed it, and it stays within the limits plus an eighth.
@@ -608,9 +698,15 @@ impl Outbox {
         } else {
             Vec::new()
         };
+        let replays = if !st.replay_waiters.is_empty() && self.at_most_half(&st) {
+            std::mem::take(&mut st.replay_waiters)
+        } else {
+            Vec::new()
+        };
         drop(st);
         wake(r);
         waiters.into_iter().for_each(Waker::wake);
+        replays.into_iter().for_each(Waker::wake);
     }
 
     /// Whether the connection's own unwritten replies leave its reader room to read more
@@ -654,7 +750,8 @@ impl Outbox {
         }
         let w = st.writer.take();
         let r = st.reader.take();
-        let waiters = std::mem::take(&mut st.drain_waiters);
+        let mut waiters = std::mem::take(&mut st.drain_waiters);
+        waiters.append(&mut st.replay_waiters);
         drop(st);
         wake(w);
         wake(r);

@@ -27,6 +27,8 @@ pub struct Subscription {
     pub(crate) remaining: AtomicU64,
     /// Set when unsubscribed or its allowance is used up; pushes then skip it.
     pub(crate) dead: AtomicBool,
+    /// A replay subscription: fed from a stream by a task of its own, never in the sublist.
+    replay: bool,
 }
 
 impl Subscription {
@@ -45,7 +47,21 @@ impl Subscription {
             seq: AtomicU64::new(0),
             remaining: AtomicU64::new(u64::MAX),
             dead: AtomicBool::new(false),
+            replay: false,
         }
+    }
+
+    /// A replay subscription (see [`Subscription::is_replay`]).
+    pub fn replay(sid: u32, filter: Filter, outbox: Arc<Outbox>) -> Subscription {
+        Subscription {
+            replay: true,
+            ..Subscription::new(sid, filter, None, outbox)
+        }
+    }
+
+    /// Whether it is a replay subscription: fed from a stream, not by routing.
+    pub fn is_replay(&self) -> bool {
+        self.replay
     }
 
     /// The queue group it belongs to, if any.

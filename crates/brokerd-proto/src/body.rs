@@ -355,6 +355,86 @@ impl std::fmt::Debug for Body {
     }
 }
 
+/// A body taken apart the way a stream stores it (`docs/storage.md`): the topic, the header
+/// block (the header count and pairs exactly as encoded, or empty when the body has no headers
+/// flag) and the payload. The reply-to is not stored.
+#[derive(Debug, Clone, Copy)]
+pub struct StoredParts<'a> {
+    /// The topic (UTF-8 checked; syntax not).
+    pub topic: &'a str,
+    /// The reply-to, if any (not stored).
+    pub reply: Option<&'a str>,
+    /// The encoded header block: `count` then the pairs; empty without the headers flag.
+    pub header_block: &'a [u8],
+    /// The payload.
+    pub payload: &'a [u8],
+}
+
+impl<'a> StoredParts<'a> {
+    /// Takes an encoded body apart.
+    ///
+    /// # Errors
+    /// As [`Body::parse`].
+    pub fn of(raw: &'a [u8]) -> Result<StoredParts<'a>, &'static str> {
+        let l = Layout::of(raw)?;
+        let has_headers = raw.first().is_some_and(|f| f & FLAG_HEADERS != 0);
+        let header_block = if has_headers {
+            &raw[l.headers.start - 2..l.payload]
+        } else {
+            &[]
+        };
+        Ok(StoredParts {
+            topic: as_str(raw, l.topic),
+            reply: l.reply.map(|r| as_str(raw, r)),
+            header_block,
+            payload: &raw[l.payload..],
+        })
+    }
+
+    /// The value of the first header named `key`, if any.
+    pub fn header(&self, key: &str) -> Option<&'a str> {
+        header_in_block(self.header_block, key)
+    }
+
+    /// The body a stream delivers for these parts: no reply-to, the header block as stored.
+    pub fn encode_stored(&self) -> Bytes {
+        encode_stored(self.topic.as_bytes(), self.header_block, self.payload)
+    }
+}
+
+/// Encodes the body of a stored message: flags (headers when `header_block` is not empty), the
+/// topic, the header block as stored, the payload.
+pub fn encode_stored(topic: &[u8], header_block: &[u8], payload: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(3 + topic.len() + header_block.len() + payload.len());
+    b.put_u8(if header_block.is_empty() {
+        0
+    } else {
+        FLAG_HEADERS
+    });
+    b.put_u16(topic.len().min(u16::MAX as usize) as u16);
+    b.put_slice(&topic[..topic.len().min(u16::MAX as usize)]);
+    b.put_slice(header_block);
+    b.put_slice(payload);
+    b.freeze()
+}
+
+/// The value of the first header named `key` in an encoded header block (`count`, then the
+/// pairs), if the block holds one; a malformed block holds none.
+pub fn header_in_block<'a>(block: &'a [u8], key: &str) -> Option<&'a str> {
+    let n = block.get(..2)?;
+    let count = u16::from_be_bytes([n[0], n[1]]);
+    let mut pos = 2;
+    for _ in 0..count {
+        let (k, next) = str16(block, pos, "").ok()?;
+        let (v, next) = str16(block, next, "").ok()?;
+        if &block[k] == key.as_bytes() {
+            return Some(as_str(block, v));
+        }
+        pos = next;
+    }
+    None
+}
+
 /// The fields of a body to be written, borrowed from the caller.
 #[derive(Debug, Clone, Copy)]
 pub struct BodyBuilder<'a> {
@@ -430,6 +510,30 @@ pub(crate) fn put_str16(dst: &mut BytesMut, s: &str) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn stored_parts_drop_the_reply_and_keep_the_header_block() {
+        let mut h = Headers::new();
+        h.insert("Brokerd-Msg-Id", "o-1").insert("k", "v");
+        let raw = Body::encode("order.created", Some("_INBOX.x"), Some(&h), b"{}");
+        let parts = StoredParts::of(&raw).unwrap();
+        assert_eq!(parts.topic, "order.created");
+        assert_eq!(parts.reply, Some("_INBOX.x"));
+        assert_eq!(parts.header("Brokerd-Msg-Id"), Some("o-1"));
+        assert_eq!(parts.header("k"), Some("v"));
+        assert_eq!(parts.header("missing"), None);
+        let stored = Body::parse(parts.encode_stored()).unwrap();
+        assert_eq!(stored.topic(), "order.created");
+        assert_eq!(stored.reply(), None);
+        assert_eq!(stored.headers_owned(), h);
+        assert_eq!(&stored.payload()[..], b"{}");
+        let plain = Body::encode("a", None, None, b"x");
+        let parts = StoredParts::of(&plain).unwrap();
+        assert!(parts.header_block.is_empty());
+        assert_eq!(parts.encode_stored(), plain);
+        let empty = Body::encode("a", None, Some(&Headers::new()), b"");
+        assert_eq!(StoredParts::of(&empty).unwrap().encode_stored(), empty);
+    }
     use super::*;
 
     #[test]

@@ -35,6 +35,8 @@ pub enum FrameType {
     Ping = 0x05,
     /// Either side: answers a `PING`.
     Pong = 0x06,
+    /// Client: acknowledges a message of a durable consumer.
+    Mack = 0x07,
     /// Server: accepts the handshake.
     Welcome = 0x81,
     /// Server: a request succeeded.
@@ -118,6 +120,8 @@ pub const PUB_ACK: u8 = 0x01;
 pub const SUB_QUEUE: u8 = 0x01;
 /// `SUB` flag: a stream and a start position follow (a replay subscription).
 pub const SUB_STREAM: u8 = 0x02;
+/// `SUB` flag, only with [`SUB_STREAM`]: a durable consumer follows the start position.
+pub const SUB_CONSUMER: u8 = 0x04;
 /// `STORED` flag: the publish repeated a message id already stored; nothing new was stored.
 pub const STORED_DUPLICATE: u8 = 0x01;
 
@@ -166,8 +170,48 @@ impl StartPosition {
 pub struct StreamStart {
     /// The stream's name.
     pub stream: String,
-    /// Where to start.
+    /// Where to start (for a consumer: where it starts when it is created).
     pub start: StartPosition,
+    /// Join this durable consumer instead of replaying on its own.
+    pub consumer: Option<ConsumerSpec>,
+}
+
+/// A durable consumer named in a `SUB`: created with these settings by the first `SUB` that
+/// names it; later ones join it and their settings are ignored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerSpec {
+    /// The consumer's name, unique within its stream.
+    pub name: String,
+    /// Milliseconds a delivered message may stay unacknowledged before it is delivered again
+    /// (0: the server's default).
+    pub ack_wait_ms: u32,
+    /// Deliveries of one message at most, the first included (0: the server's default).
+    pub max_deliver: u16,
+    /// Messages delivered and not yet acknowledged, across all members, at most (0: the
+    /// server's default).
+    pub max_in_flight: u32,
+}
+
+/// What a `MACK` says about a consumer's message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AckKind {
+    /// Done with: never delivered again (1).
+    Ack,
+    /// Not done: deliver it again soon, to any member (2).
+    Nak,
+    /// Never deliver it again, although it was not processed (3).
+    Term,
+}
+
+/// `MACK`: a client acknowledges one message it received on a consumer subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mack {
+    /// The consumer subscription it arrived on.
+    pub sid: u32,
+    /// The message's stream sequence.
+    pub seq: u64,
+    /// What to do with it.
+    pub kind: AckKind,
 }
 
 /// `STORED`: a publish with the ack flag was stored by a stream.
@@ -353,6 +397,8 @@ pub enum Frame {
     Sub(Subscribe),
     /// See [`Unsubscribe`].
     Unsub(Unsubscribe),
+    /// See [`Mack`].
+    Mack(Mack),
     /// A token to echo in the `PONG`.
     Ping(u32),
     /// The token of the `PING` answered.
@@ -386,6 +432,7 @@ impl Frame {
             Frame::Pub(_) => FrameType::Pub,
             Frame::Sub(_) => FrameType::Sub,
             Frame::Unsub(_) => FrameType::Unsub,
+            Frame::Mack(_) => FrameType::Mack,
             Frame::Ping(_) => FrameType::Ping,
             Frame::Pong(_) => FrameType::Pong,
             Frame::Welcome(_) => FrameType::Welcome,
@@ -439,8 +486,11 @@ impl Frame {
                 dst.put_u32(s.req_id);
                 dst.put_u32(s.sid);
                 let mut flags = if s.queue.is_some() { SUB_QUEUE } else { 0 };
-                if s.stream.is_some() {
+                if let Some(st) = &s.stream {
                     flags |= SUB_STREAM;
+                    if st.consumer.is_some() {
+                        flags |= SUB_CONSUMER;
+                    }
                 }
                 dst.put_u8(flags);
                 put_str16(dst, &s.filter);
@@ -452,12 +502,27 @@ impl Frame {
                     let (kind, arg) = st.start.to_wire();
                     dst.put_u8(kind);
                     dst.put_u64(arg);
+                    if let Some(c) = &st.consumer {
+                        put_str16(dst, &c.name);
+                        dst.put_u32(c.ack_wait_ms);
+                        dst.put_u16(c.max_deliver);
+                        dst.put_u32(c.max_in_flight);
+                    }
                 }
             }
             Frame::Unsub(u) => {
                 dst.put_u32(u.req_id);
                 dst.put_u32(u.sid);
                 dst.put_u32(u.max);
+            }
+            Frame::Mack(m) => {
+                dst.put_u32(m.sid);
+                dst.put_u64(m.seq);
+                dst.put_u8(match m.kind {
+                    AckKind::Ack => 1,
+                    AckKind::Nak => 2,
+                    AckKind::Term => 3,
+                });
             }
             Frame::Ping(t) | Frame::Pong(t) | Frame::Ok(t) => dst.put_u32(*t),
             Frame::Welcome(w) => {
@@ -756,6 +821,7 @@ fn parse(mut raw: Bytes) -> Result<Frame, DecodeError> {
         0x04 => "UNSUB",
         0x05 => "PING",
         0x06 => "PONG",
+        0x07 => "MACK",
         0x81 => "WELCOME",
         0x82 => "OK",
         0x83 => "ACK",
@@ -833,7 +899,9 @@ fn parse(mut raw: Bytes) -> Result<Frame, DecodeError> {
             let req_id = f.u32("truncated request id")?;
             let sid = f.u32("truncated subscription id")?;
             let flags = f.u8("truncated flags")?;
-            if flags & !(SUB_QUEUE | SUB_STREAM) != 0 {
+            if flags & !(SUB_QUEUE | SUB_STREAM | SUB_CONSUMER) != 0
+                || (flags & SUB_CONSUMER != 0 && flags & SUB_STREAM == 0)
+            {
                 return Err(f.short("undefined flag"));
             }
             let filter = f.string("truncated filter")?;
@@ -848,7 +916,21 @@ fn parse(mut raw: Bytes) -> Result<Frame, DecodeError> {
                 let arg = f.u64("truncated start argument")?;
                 let start = StartPosition::from_wire(kind, arg)
                     .ok_or(f.short("undefined start position"))?;
-                Some(StreamStart { stream, start })
+                let consumer = if flags & SUB_CONSUMER != 0 {
+                    Some(ConsumerSpec {
+                        name: f.string("truncated consumer")?,
+                        ack_wait_ms: f.u32("truncated ack wait")?,
+                        max_deliver: f.u16("truncated max deliver")?,
+                        max_in_flight: f.u32("truncated max in flight")?,
+                    })
+                } else {
+                    None
+                };
+                Some(StreamStart {
+                    stream,
+                    start,
+                    consumer,
+                })
             } else {
                 None
             };
@@ -867,6 +949,18 @@ fn parse(mut raw: Bytes) -> Result<Frame, DecodeError> {
             let max = f.u32("truncated max")?;
             f.end()?;
             Frame::Unsub(Unsubscribe { req_id, sid, max })
+        }
+        0x07 => {
+            let sid = f.u32("truncated subscription id")?;
+            let seq = f.u64("truncated sequence")?;
+            let kind = match f.u8("truncated kind")? {
+                1 => AckKind::Ack,
+                2 => AckKind::Nak,
+                3 => AckKind::Term,
+                _ => return Err(f.short("undefined acknowledgement kind")),
+            };
+            f.end()?;
+            Frame::Mack(Mack { sid, seq, kind })
         }
         0x05 | 0x06 | 0x82 => {
             let t = f.u32("truncated token")?;
@@ -1032,7 +1126,31 @@ mod tests {
                 stream: Some(StreamStart {
                     stream: "ORDERS".into(),
                     start,
+                    consumer: None,
                 }),
+            }));
+        }
+        round_trip(Frame::Sub(Subscribe {
+            req_id: 5,
+            sid: 11,
+            filter: "order.>".into(),
+            queue: None,
+            stream: Some(StreamStart {
+                stream: "ORDERS".into(),
+                start: StartPosition::All,
+                consumer: Some(ConsumerSpec {
+                    name: "billing".into(),
+                    ack_wait_ms: 30_000,
+                    max_deliver: 5,
+                    max_in_flight: 1000,
+                }),
+            }),
+        }));
+        for kind in [AckKind::Ack, AckKind::Nak, AckKind::Term] {
+            round_trip(Frame::Mack(Mack {
+                sid: 11,
+                seq: 99,
+                kind,
             }));
         }
         round_trip(Frame::Stored(Stored {

@@ -22,12 +22,12 @@ pub mod stats;
 pub mod streams;
 pub mod topic;
 
-pub use body::{Body, BodyBuilder, BodyRef, Headers};
+pub use body::{Body, BodyBuilder, BodyRef, Headers, StoredParts, encode_stored, header_in_block};
 pub use error::{DecodeError, ErrorCode};
 pub use frame::{
-    Credentials, ErrorFrame, Frame, FrameType, Hello, Lost, MSG_HEADER_LEN, Msg, OverflowPolicy,
-    PROTOCOL_VERSION, PubRef, Publish, StartPosition, Stored, StreamStart, Subscribe, Unsubscribe,
-    Welcome, decode, encode_msg_header,
-    encode_pub, peek_pub, take_msg,
+    AckKind, ConsumerSpec, Credentials, ErrorFrame, Frame, FrameType, Hello, Lost, MSG_HEADER_LEN,
+    Mack, Msg, OverflowPolicy, PROTOCOL_VERSION, PubRef, Publish, StartPosition, Stored,
+    StreamStart, Subscribe, Unsubscribe, Welcome, decode, encode_msg_header, encode_pub, peek_pub,
+    take_msg,
 };
 pub use topic::{Filter, Topic, TopicError, TopicLimits};

@@ -29,7 +29,7 @@ pub enum Fsync {
 
 /// A stream's definition: what it captures and how long it keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct StreamConfig {
     /// The stream's name: 1 to 64 bytes of ASCII letters, digits, `-` and `_`.
     pub name: String,

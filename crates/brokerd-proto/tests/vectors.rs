@@ -12,10 +12,9 @@
 
 use brokerd_proto::body::BodyBuilder;
 use brokerd_proto::{
-    Body, Credentials, ErrorCode, ErrorFrame, Filter, Frame, FrameType, Headers, Hello, Lost,
-    MSG_HEADER_LEN, Msg, OverflowPolicy, Publish, StartPosition, Stored, StreamStart, Subscribe,
-    Unsubscribe, Welcome, decode,
-    encode_msg_header, encode_pub,
+    AckKind, Body, ConsumerSpec, Credentials, ErrorCode, ErrorFrame, Filter, Frame, FrameType,
+    Headers, Hello, Lost, MSG_HEADER_LEN, Mack, Msg, OverflowPolicy, Publish, StartPosition,
+    Stored, StreamStart, Subscribe, Unsubscribe, Welcome, decode, encode_msg_header, encode_pub,
 };
 use bytes::BytesMut;
 use std::collections::BTreeMap;
@@ -246,6 +245,7 @@ fn expected() -> Vec<(String, Frame)> {
                 stream: Some(StreamStart {
                     stream: "ORDERS".into(),
                     start: StartPosition::All,
+                    consumer: None,
                 }),
             }),
         ),
@@ -259,7 +259,43 @@ fn expected() -> Vec<(String, Frame)> {
                 stream: Some(StreamStart {
                     stream: "ORDERS".into(),
                     start: StartPosition::FromSeq(1000),
+                    consumer: None,
                 }),
+            }),
+        ),
+        (
+            "sub_consumer",
+            Frame::Sub(Subscribe {
+                req_id: 13,
+                sid: 6,
+                filter: "order.>".into(),
+                queue: None,
+                stream: Some(StreamStart {
+                    stream: "ORDERS".into(),
+                    start: StartPosition::All,
+                    consumer: Some(ConsumerSpec {
+                        name: "billing".into(),
+                        ack_wait_ms: 30_000,
+                        max_deliver: 5,
+                        max_in_flight: 1000,
+                    }),
+                }),
+            }),
+        ),
+        (
+            "mack_ack",
+            Frame::Mack(Mack {
+                sid: 6,
+                seq: 42,
+                kind: AckKind::Ack,
+            }),
+        ),
+        (
+            "mack_nak",
+            Frame::Mack(Mack {
+                sid: 6,
+                seq: 43,
+                kind: AckKind::Nak,
             }),
         ),
         (

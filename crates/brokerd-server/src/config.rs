@@ -75,6 +75,12 @@ pub struct Config {
     /// "Monitoring"); `"off"` turns them off.
     #[serde(with = "monitoring_address")]
     pub http: Option<SocketAddr>,
+    /// Where streams keep their files, one directory per stream (`docs/operations.md`,
+    /// "Streams"); relative to the working directory unless absolute. Nothing is created there
+    /// until a stream exists.
+    pub data_dir: std::path::PathBuf,
+    /// Streams declared here are opened at start-up; more can be added at runtime.
+    pub streams: Vec<brokerd_proto::streams::StreamConfig>,
 }
 
 /// How log lines are written.
@@ -285,6 +291,8 @@ impl Default for Config {
             auth: AuthConfig::default(),
             tls: TlsConfig::default(),
             http: Some(SocketAddr::from(([127, 0, 0, 1], 7655))),
+            data_dir: "brokerd-data".into(),
+            streams: Vec::new(),
         }
     }
 }
@@ -385,6 +393,10 @@ impl Config {
             })
         };
         check_log_level(&self.log_level)?;
+        crate::streams::check_declared(&self.streams).map_err(|message| ConfigError::Invalid {
+            key: "streams",
+            message,
+        })?;
         let l = &self.limits;
         if l.max_connections == 0 {
             return invalid("limits.max_connections", "must be at least 1");

@@ -16,14 +16,15 @@ use crate::auth::AuthError;
 use crate::config::Config;
 use crate::escape::Escaped;
 use crate::server::Shared;
+use crate::streams::{AckTo, Admit, Capture, StreamHandle};
 use crate::writer;
 use brokerd_core::{
     Client, CloseReason, DETACH_BELOW, Identity, OutboxStats, Publication, PublishError, Quota,
-    RouteCache,
+    RawBody, RouteCache,
 };
 use brokerd_proto::{
     DecodeError, ErrorCode, ErrorFrame, Frame, FrameType, Hello, PROTOCOL_VERSION, Publish,
-    Welcome, decode, peek_pub, topic::STATS_REQUEST,
+    Subscribe, Welcome, decode, peek_pub, streams::STREAM_REQUEST_PREFIX, topic::STATS_REQUEST,
 };
 use bytes::{Buf, BytesMut};
 use std::net::SocketAddr;
@@ -439,12 +440,20 @@ fn other_version(buf: &[u8]) -> bool {
 /// State the reader loop keeps between frames.
 struct Reader<'a> {
     client: &'a Client,
-    shared: &'a Shared,
+    shared: &'a Arc<Shared>,
     /// This connection's memo of recent routes.
     routes: RouteCache,
     /// Set when a reply left the outbox without room for more: act on no more frames until the
     /// writer has made room.
     paused: bool,
+    /// A stream whose write queue this connection's publish took over its soft limits: act on
+    /// no more frames until its writer has caught up (at most the backpressure wait).
+    stream_wait: Option<Arc<StreamHandle>>,
+    /// This connection's consumer subscriptions, by sid: where its `MACK`s go. At most one
+    /// entry per subscription it made (`max_subs`); an entry outlives its subscription until
+    /// the sid is used again, harmlessly: a consumer ignores acknowledgements of sequences it
+    /// does not have in flight.
+    consumers: std::collections::HashMap<u32, Arc<crate::streams::Consumer>>,
 }
 
 impl Reader<'_> {
@@ -459,7 +468,10 @@ impl Reader<'_> {
     /// Whether the reader should stop acting on buffered frames now: its replies wait to be
     /// written, or it has done its share of routing work (see [`WORK_BUDGET`]).
     fn should_break(&self) -> bool {
-        self.paused || self.routes.work() >= WORK_BUDGET || !self.routes.pressed().is_empty()
+        self.paused
+            || self.routes.work() >= WORK_BUDGET
+            || !self.routes.pressed().is_empty()
+            || self.stream_wait.is_some()
     }
 
     fn error(&mut self, req_id: u32, code: ErrorCode, mut message: String) {
@@ -480,6 +492,9 @@ impl Reader<'_> {
 
     /// Routes one publish and answers it as asked.
     fn publish(&mut self, req_id: u32, ack: bool, p: &Publication<'_>) {
+        if let Some(stream) = self.shared.streams.capturing(p.topic) {
+            return self.publish_stored(&stream, req_id, ack, p);
+        }
         let routed = self
             .shared
             .broker
@@ -496,8 +511,225 @@ impl Reader<'_> {
             Err(PublishError::Reserved) if p.topic == STATS_REQUEST.as_bytes() => {
                 self.answer_stats(req_id, ack, p.reply);
             }
+            Err(PublishError::Reserved)
+                if p.topic.starts_with(STREAM_REQUEST_PREFIX.as_bytes()) =>
+            {
+                self.answer_stream_request(req_id, ack, p);
+            }
             Err(e) => self.error(req_id, e.code(), e.to_string()),
         }
+    }
+
+    /// A publish to a topic a stream captures: routed live as usual, then queued for the
+    /// stream's writer, which answers `STORED` (or `ERR store-failed`) once it is stored. A
+    /// repeated message id within the stream's window is answered at once, routed nowhere.
+    fn publish_stored(
+        &mut self,
+        stream: &Arc<StreamHandle>,
+        req_id: u32,
+        ack: bool,
+        p: &Publication<'_>,
+    ) {
+        let raw: &[u8] = match p.raw {
+            RawBody::Borrowed(b) => b,
+            RawBody::Shared(b) => b,
+        };
+        let Some((parts, msg_id)) = crate::streams::parts(raw) else {
+            // The decoder checked the body's structure: not reached.
+            return self.error(req_id, ErrorCode::MalformedFrame, "malformed body".into());
+        };
+        if let Admit::Busy = stream.admit() {
+            return self.error(
+                req_id,
+                ErrorCode::StreamBusy,
+                format!(
+                    "stream {} is busy: its write queue is full; nothing was stored or routed",
+                    stream.config.name
+                ),
+            );
+        }
+        if let Some(id) = msg_id
+            && !stream.claim_id(id)
+        {
+            stream
+                .duplicates
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if ack {
+                let dup = Capture::duplicate(
+                    id,
+                    AckTo {
+                        outbox: self.client.outbox.clone(),
+                        req_id,
+                        delivered: 0,
+                    },
+                );
+                if stream.capture(dup).is_err() {
+                    self.closed_stream(stream, req_id);
+                }
+            }
+            return;
+        }
+        let routed = self
+            .shared
+            .broker
+            .publish_cached(self.client, p, &mut self.routes);
+        let delivered = match routed {
+            Ok(d) => d,
+            Err(e) => {
+                if let Some(id) = msg_id {
+                    stream.release_id(id);
+                }
+                return self.error(req_id, e.code(), e.to_string());
+            }
+        };
+        let capture = Capture::new(
+            &parts,
+            msg_id,
+            ack.then(|| AckTo {
+                outbox: self.client.outbox.clone(),
+                req_id,
+                delivered,
+            }),
+        );
+        match stream.capture(capture) {
+            Ok(true) => self.stream_wait = Some(stream.clone()),
+            Ok(false) => {}
+            Err(_) => {
+                if let Some(id) = msg_id {
+                    stream.release_id(id);
+                }
+                self.closed_stream(stream, req_id);
+            }
+        }
+    }
+
+    fn closed_stream(&mut self, stream: &StreamHandle, req_id: u32) {
+        self.error(
+            req_id,
+            ErrorCode::StoreFailed,
+            format!(
+                "stream {} is closed (deleted, or the broker is stopping); the message was not stored",
+                stream.config.name
+            ),
+        );
+    }
+
+    /// A `SUB` naming a stream: a replay subscription, fed by a task of its own.
+    fn subscribe_stream(&mut self, s: Subscribe) {
+        let Some(start) = s.stream else { return };
+        if s.queue.is_some() {
+            return self.error(
+                s.req_id,
+                ErrorCode::InvalidFilter,
+                "a replay subscription cannot join a queue group".into(),
+            );
+        }
+        let Some(stream) = self.shared.streams.get(&start.stream) else {
+            return self.error(
+                s.req_id,
+                ErrorCode::NoSuchStream,
+                format!("no stream named '{}'", Escaped(&start.stream)),
+            );
+        };
+        let Some(client) = self.shared.broker.client(self.client.id) else {
+            return;
+        };
+        let sub = match self
+            .shared
+            .broker
+            .subscribe_replay(self.client, s.sid, &s.filter)
+        {
+            Ok(sub) => sub,
+            Err(e) => return self.error(s.req_id, e.code(), e.to_string()),
+        };
+        self.consumers.remove(&s.sid);
+        if let Some(spec) = &start.consumer {
+            let first = crate::streams::consumer_start(&stream, start.start);
+            match crate::streams::open_consumer(
+                &self.shared.broker,
+                &stream,
+                spec,
+                &sub.filter,
+                Some(first),
+            ) {
+                Ok(consumer) => {
+                    self.reply(Frame::Ok(s.req_id));
+                    consumer.join(client, sub);
+                    self.consumers.insert(s.sid, consumer);
+                }
+                Err(e) => {
+                    self.shared.broker.end_subscription(self.client, &sub);
+                    self.error(s.req_id, ErrorCode::InvalidFilter, e.to_string());
+                }
+            }
+            return;
+        }
+        // Worked out before the OK: a message stored after it is delivered.
+        let fixed = crate::streams::start_now(&stream, start.start);
+        self.reply(Frame::Ok(s.req_id));
+        tokio::spawn(crate::streams::run_replay(
+            stream,
+            self.shared.broker.clone(),
+            client,
+            sub,
+            start.start,
+            fixed,
+        ));
+    }
+
+    /// A stream management request (`$SYS.req.stream.<op>`): done on the blocking pool, since
+    /// it may create or delete files; the answer goes to the asker's own subscriptions
+    /// matching the reply-to, then the `ACK` if asked (both after whatever this connection
+    /// sends meanwhile).
+    #[cold]
+    fn answer_stream_request(&mut self, req_id: u32, ack: bool, p: &Publication<'_>) {
+        let Some(reply) = p.reply else {
+            return self.error(
+                req_id,
+                ErrorCode::ReservedTopic,
+                "stream requests answer on the request's reply-to, and this one has none".into(),
+            );
+        };
+        if !self.client.is_admin() {
+            return self.error(
+                req_id,
+                ErrorCode::PermissionDenied,
+                "stream requests need the admin role".into(),
+            );
+        }
+        let raw: &[u8] = match p.raw {
+            RawBody::Borrowed(b) => b,
+            RawBody::Shared(b) => b,
+        };
+        let Some((parts, _)) = crate::streams::parts(raw) else {
+            return;
+        };
+        let op = String::from_utf8_lossy(&p.topic[STREAM_REQUEST_PREFIX.len()..]).into_owned();
+        let payload = parts.payload.to_vec();
+        let reply = reply.to_string();
+        let shared = self.shared.clone();
+        let Some(client) = self.shared.broker.client(self.client.id) else {
+            return;
+        };
+        tokio::spawn(async move {
+            let for_op = shared.clone();
+            let answer = tokio::task::spawn_blocking(move || {
+                crate::streams::request(&for_op.streams, &op, &payload)
+            })
+            .await
+            .unwrap_or_default();
+            let answered = shared.broker.answer(&client, &reply, || answer);
+            let frame = match answered {
+                Ok(delivered) if ack => Frame::Ack { req_id, delivered },
+                Ok(_) => return,
+                Err(e) => Frame::Err(ErrorFrame {
+                    req_id,
+                    code: e.code() as u16,
+                    message: e.to_string(),
+                }),
+            };
+            client.outbox.push_frame(frame.to_bytes());
+        });
     }
 
     /// Answers a request for the broker's statistics: the JSON goes to the asker's own
@@ -535,6 +767,7 @@ impl Reader<'_> {
             Frame::Pub(Publish { req_id, ack, body }) => {
                 self.publish(req_id, ack, &Publication::from(&body));
             }
+            Frame::Sub(s) if s.stream.is_some() => self.subscribe_stream(s),
             Frame::Sub(s) => {
                 match broker.subscribe_queue(self.client, s.sid, &s.filter, s.queue.as_deref()) {
                     Ok(()) => self.reply(Frame::Ok(s.req_id)),
@@ -545,6 +778,11 @@ impl Reader<'_> {
                 Ok(()) => self.reply(Frame::Ok(u.req_id)),
                 Err(e) => self.error(u.req_id, ErrorCode::UnknownSubscription, e.to_string()),
             },
+            Frame::Mack(m) => {
+                if let Some(c) = self.consumers.get(&m.sid) {
+                    c.ack(m.seq, m.kind);
+                }
+            }
             Frame::Ping(token) => self.reply(Frame::Pong(token)),
             Frame::Pong(_) => *pings_outstanding = 0,
             Frame::Hello(h) => {
@@ -580,7 +818,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
     client: &Client,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     conn: &CancellationToken,
 ) -> ReadEnd {
     let mut reader = Reader {
@@ -588,6 +826,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
         shared,
         routes: RouteCache::new(),
         paused: false,
+        stream_wait: None,
+        consumers: std::collections::HashMap::new(),
     };
     let budget = shared.broker.memory().clone();
     // What this connection's read buffer is charged to the memory budget, given back when the
@@ -636,7 +876,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 buf.advance(routed);
                 frame_deadline.started = None;
             }
-            if reader.paused || !reader.routes.pressed().is_empty() {
+            if reader.paused || !reader.routes.pressed().is_empty() || reader.stream_wait.is_some()
+            {
                 break;
             }
             if reader.routes.work() >= WORK_BUDGET {
@@ -724,6 +965,19 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 }
             }
             reader.routes.clear_pressed();
+            continue;
+        }
+        if let Some(stream) = reader.stream_wait.take() {
+            // A stream's write queue is over its soft limits: wait for its writer, as for a
+            // subscriber's queue. Past the bound the reader goes on; the queue's hard limit
+            // then refuses publishes with `ERR stream-busy`.
+            let wait = shared.config.load().outbound.write_deadline;
+            tokio::select! {
+                biased;
+                _ = shared.shutdown.cancelled() => return ReadEnd::Shutdown,
+                _ = conn.cancelled() => return ReadEnd::WriterGone,
+                _ = stream.wait_room(wait) => {}
+            }
             continue;
         }
         // Over the memory budget, a reader whose frame is longer than a read chunk (it needs a

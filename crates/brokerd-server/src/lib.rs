@@ -12,6 +12,7 @@
 //! - [`tls`]: TLS on the client listener, certificate reloads, mutual TLS.
 //! - `writer`: one connection's socket writer task.
 //! - `monitor`: the statistics a client asks for on `$SYS.req.stats`.
+//! - `streams`: durable streams: capture, storage threads, replay, management requests.
 
 mod admission;
 pub mod auth;
@@ -22,6 +23,7 @@ mod http;
 mod monitor;
 pub mod reload;
 pub mod server;
+mod streams;
 mod tail;
 pub mod tls;
 mod writer;

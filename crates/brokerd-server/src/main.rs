@@ -30,6 +30,10 @@ struct Args {
     /// 127.0.0.1:7655, or the config file's `http`].
     #[arg(long, env = "BROKERD_HTTP", value_name = "HOST:PORT|off")]
     http: Option<String>,
+    /// Directory where streams keep their files [default: ./brokerd-data, or the config file's
+    /// `data_dir`].
+    #[arg(long, env = "BROKERD_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
     /// TOML configuration file (see config/brokerd.toml); without one, built-in defaults apply.
     #[arg(long, short = 'c', env = "BROKERD_CONFIG")]
     config: Option<PathBuf>,
@@ -119,6 +123,9 @@ fn load(args: &Args) -> Result<Config, ConfigError> {
                     message: format!("--http / BROKERD_HTTP: {message}"),
                 }
             })?;
+    }
+    if let Some(dir) = &args.data_dir {
+        config.data_dir = dir.clone();
     }
     if let Some(level) = &args.log_level {
         config.log_level = level.clone();

@@ -55,6 +55,8 @@ pub(crate) struct Shared {
     pub(crate) started: std::time::Instant,
     /// Statistics, rates, closed connections and events (`monitor.rs`).
     pub(crate) monitor: crate::monitor::Monitor,
+    /// Durable streams (`streams/`).
+    pub(crate) streams: crate::streams::Streams,
 }
 
 /// Triggers a graceful shutdown of a running [`Server`]. Cloning is cheap.
@@ -110,6 +112,8 @@ impl Server {
                 None
             }
         });
+        let streams = crate::streams::Streams::open(&config.data_dir, &config.streams)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let broker = Arc::new(Broker::new(config.broker_limits()));
         let auth = crate::auth::Authenticator::new(&config.auth);
         let server_id = server_id();
@@ -135,6 +139,7 @@ impl Server {
                 auth_failures: RefusalLog::default(),
                 started: std::time::Instant::now(),
                 monitor: crate::monitor::Monitor::default(),
+                streams,
             }),
         })
     }
@@ -250,6 +255,10 @@ impl Server {
         info!(grace = ?grace, "shutting down: no longer accepting");
         readers.close();
         let _ = tokio::time::timeout_at(deadline, readers.wait()).await;
+        // No reader captures any more: the streams store what they hold and answer its
+        // publishers before the outboxes close.
+        let for_streams = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || for_streams.streams.close()).await;
         // Every reader has stopped, so nothing is queued from here on: what is pending now is
         // what the drain has to write.
         let clients = shared.broker.clients();

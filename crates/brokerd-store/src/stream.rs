@@ -458,6 +458,21 @@ impl Stream {
             .unwrap_or(self.next_seq)
     }
 
+    /// The timestamp of the oldest stored record (unix nanoseconds), if any.
+    pub fn first_timestamp(&self) -> Option<u64> {
+        self.segments().find_map(|m| m.first.map(|(_, t)| t))
+    }
+
+    /// The timestamp of the newest record ever appended (0 before the first append).
+    pub fn last_timestamp(&self) -> u64 {
+        self.last_ts
+    }
+
+    /// Whether an earlier write failure left the stream needing to be reopened.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
     /// The sequence of the newest record ever appended (0 before the first append). After a
     /// purge or retention it may no longer be stored.
     pub fn last_seq(&self) -> u64 {

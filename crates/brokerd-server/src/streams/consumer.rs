@@ -1,0 +1,508 @@
+//! Durable consumers: a named position in a stream that the broker keeps, shared by the
+//! subscriptions that join it, with explicit acknowledgements and redelivery.
+//!
+//! One task per consumer owns its state: the next sequence to hand out, the messages in flight
+//! (delivered, not yet acknowledged: at most `max_in_flight`), and those due again. Members'
+//! connection tasks only queue acknowledgements and joins in its inbox ([`Consumer::ack`],
+//! [`Consumer::join`]); the task hands each message to one member with room, in turn, and
+//! delivers it again when it is not acknowledged within `ack_wait`, when it is refused (`NAK`),
+//! or when the member holding it leaves, up to `max_deliver` deliveries in all. Its floor (every
+//! sequence at or below it is done) is written to `<stream>/consumers/<name>.json` at most every
+//! [`SAVE_EVERY`]; after a restart everything above the floor is delivered again: at least
+//! once, never lost.
+
+use super::handle::{RecentMsg, StreamHandle};
+use brokerd_core::{Broker, Client, Stored, Subscription};
+use brokerd_proto::{AckKind, ConsumerSpec, Filter};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+/// Defaults for what a `SUB` leaves at 0.
+pub(crate) const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
+/// Deliveries of one message at most, by default.
+pub(crate) const DEFAULT_MAX_DELIVER: u16 = 5;
+/// Messages in flight at most, by default.
+pub(crate) const DEFAULT_MAX_IN_FLIGHT: u32 = 1_000;
+/// The most a consumer may ask for.
+pub(crate) const MAX_IN_FLIGHT: u32 = 100_000;
+/// How often a consumer's floor is written at most.
+pub(crate) const SAVE_EVERY: Duration = Duration::from_millis(100);
+/// Messages read ahead from the stream at most.
+const READ_AHEAD: usize = 512;
+
+/// What a consumer keeps on disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Saved {
+    name: String,
+    filter: String,
+    ack_wait_ms: u64,
+    max_deliver: u16,
+    max_in_flight: u32,
+    /// Every sequence at or below it is done.
+    floor: u64,
+}
+
+/// One member: a consumer subscription of one connection.
+struct Member {
+    client: Arc<Client>,
+    sub: Arc<Subscription>,
+}
+
+#[derive(Default)]
+struct Inbox {
+    acks: Vec<(u64, AckKind)>,
+    joined: Vec<Member>,
+    /// Acknowledgements refused because the inbox was full (they come back by redelivery).
+    overflow: u64,
+}
+
+/// A durable consumer.
+pub(crate) struct Consumer {
+    pub(crate) name: String,
+    pub(crate) filter: Filter,
+    ack_wait: Duration,
+    max_deliver: u16,
+    max_in_flight: u32,
+    inbox: Mutex<Inbox>,
+    wake: tokio::sync::Notify,
+    /// Deliveries made, redeliveries among them, and messages given up after `max_deliver`.
+    pub(crate) delivered: AtomicU64,
+    pub(crate) redelivered: AtomicU64,
+    pub(crate) given_up: AtomicU64,
+    pub(crate) floor: AtomicU64,
+    pub(crate) in_flight: AtomicU64,
+    pub(crate) members: AtomicU64,
+}
+
+/// Why a subscription could not join a consumer.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum JoinError {
+    #[error("invalid consumer name '{0}': 1 to 64 ASCII letters, digits, '-' or '_'")]
+    Name(String),
+    #[error(
+        "consumer {name} has the filter '{have}'; a member must subscribe with the same filter, not '{asked}'"
+    )]
+    Filter {
+        name: String,
+        have: String,
+        asked: String,
+    },
+    #[error("consumer {0}: cannot read its saved state: {1}")]
+    State(String, String),
+}
+
+impl Consumer {
+    /// Queues an acknowledgement from a member; never blocks. An inbox already holding four
+    /// times `max_in_flight` refuses it (the message is then delivered again).
+    pub(crate) fn ack(&self, seq: u64, kind: AckKind) {
+        let mut inbox = self.inbox.lock();
+        if inbox.acks.len() >= 4 * self.max_in_flight as usize {
+            inbox.overflow += 1;
+            return;
+        }
+        inbox.acks.push((seq, kind));
+        drop(inbox);
+        self.wake.notify_one();
+    }
+
+    /// Adds a member.
+    pub(crate) fn join(&self, client: Arc<Client>, sub: Arc<Subscription>) {
+        self.inbox.lock().joined.push(Member { client, sub });
+        self.wake.notify_one();
+    }
+}
+
+/// The consumer `spec` of `stream`: the running one, or one loaded from its saved state, or a
+/// new one starting at `start` (a sequence; `None` for the stream's first). Starts its task when
+/// it is new to this process.
+///
+/// # Errors
+/// An invalid name, a filter other than the consumer's, or saved state that cannot be read.
+pub(crate) fn open(
+    broker: &Arc<Broker>,
+    stream: &Arc<StreamHandle>,
+    spec: &ConsumerSpec,
+    filter: &Filter,
+    start: Option<u64>,
+) -> Result<Arc<Consumer>, JoinError> {
+    if !brokerd_proto::streams::valid_stream_name(&spec.name) {
+        return Err(JoinError::Name(spec.name.escape_debug().to_string()));
+    }
+    let mut consumers = stream.consumers.lock();
+    if let Some(c) = consumers.get(&spec.name) {
+        if c.filter != *filter {
+            return Err(JoinError::Filter {
+                name: spec.name.clone(),
+                have: c.filter.to_string(),
+                asked: filter.to_string(),
+            });
+        }
+        return Ok(c.clone());
+    }
+    let path = state_path(stream, &spec.name);
+    let saved = match std::fs::read(&path) {
+        Ok(bytes) => {
+            let s: Saved = serde_json::from_slice(&bytes)
+                .map_err(|e| JoinError::State(spec.name.clone(), e.to_string()))?;
+            if s.filter != filter.as_str() {
+                return Err(JoinError::Filter {
+                    name: spec.name.clone(),
+                    have: s.filter,
+                    asked: filter.to_string(),
+                });
+            }
+            s
+        }
+        Err(_) => Saved {
+            name: spec.name.clone(),
+            filter: filter.to_string(),
+            ack_wait_ms: if spec.ack_wait_ms == 0 {
+                DEFAULT_ACK_WAIT.as_millis() as u64
+            } else {
+                u64::from(spec.ack_wait_ms)
+            },
+            max_deliver: if spec.max_deliver == 0 {
+                DEFAULT_MAX_DELIVER
+            } else {
+                spec.max_deliver
+            },
+            max_in_flight: match spec.max_in_flight {
+                0 => DEFAULT_MAX_IN_FLIGHT,
+                n => n.min(MAX_IN_FLIGHT),
+            },
+            floor: start.map_or(0, |s| s.saturating_sub(1)),
+        },
+    };
+    let consumer = Arc::new(Consumer {
+        name: saved.name.clone(),
+        filter: filter.clone(),
+        ack_wait: Duration::from_millis(saved.ack_wait_ms.max(1)),
+        max_deliver: saved.max_deliver.max(1),
+        max_in_flight: saved.max_in_flight.max(1),
+        inbox: Mutex::new(Inbox::default()),
+        wake: tokio::sync::Notify::new(),
+        delivered: AtomicU64::new(0),
+        redelivered: AtomicU64::new(0),
+        given_up: AtomicU64::new(0),
+        floor: AtomicU64::new(saved.floor),
+        in_flight: AtomicU64::new(0),
+        members: AtomicU64::new(0),
+    });
+    consumers.insert(spec.name.clone(), consumer.clone());
+    drop(consumers);
+    info!(stream = %stream.config.name, consumer = %saved.name, floor = saved.floor, "consumer open");
+    tokio::spawn(run(
+        broker.clone(),
+        stream.clone(),
+        consumer.clone(),
+        saved,
+        path,
+    ));
+    Ok(consumer)
+}
+
+fn state_path(stream: &StreamHandle, name: &str) -> PathBuf {
+    stream.dir.join("consumers").join(format!("{name}.json"))
+}
+
+/// A message delivered and not yet acknowledged.
+struct Flight {
+    deadline: Instant,
+    attempts: u16,
+    /// The member holding it (by its subscription's address).
+    holder: usize,
+}
+
+async fn run(
+    broker: Arc<Broker>,
+    stream: Arc<StreamHandle>,
+    consumer: Arc<Consumer>,
+    mut saved: Saved,
+    path: PathBuf,
+) {
+    let mut members: Vec<Member> = Vec::new();
+    let mut turn = 0usize;
+    let mut next = saved.floor + 1;
+    let mut flights: BTreeMap<u64, Flight> = BTreeMap::new();
+    // Due again, with the deliveries they had.
+    let mut again: VecDeque<(u64, u16)> = VecDeque::new();
+    let mut ahead: VecDeque<RecentMsg> = VecDeque::new();
+    let mut reader: Option<brokerd_store::Reader> = None;
+    let mut visible = stream.visible.subscribe();
+    let mut saved_at = Instant::now();
+    let mut dirty = false;
+    loop {
+        if stream.deleted.load(Ordering::Acquire) {
+            return;
+        }
+        // Joins and acknowledgements.
+        let (acks, joined) = {
+            let mut inbox = consumer.inbox.lock();
+            (
+                std::mem::take(&mut inbox.acks),
+                std::mem::take(&mut inbox.joined),
+            )
+        };
+        members.extend(joined);
+        for (seq, kind) in acks {
+            let Some(f) = flights.remove(&seq) else {
+                continue;
+            };
+            match kind {
+                AckKind::Ack | AckKind::Term => dirty = true,
+                AckKind::Nak => again.push_back((seq, f.attempts)),
+            }
+        }
+        // Members that left: what they held is due again at once.
+        let gone: Vec<usize> = members
+            .iter()
+            .filter(|m| m.sub.is_dead() || m.sub.outbox.is_closing())
+            .map(|m| Arc::as_ptr(&m.sub) as usize)
+            .collect();
+        if !gone.is_empty() {
+            members.retain(|m| !gone.contains(&(Arc::as_ptr(&m.sub) as usize)));
+            let lost: Vec<u64> = flights
+                .iter()
+                .filter(|(_, f)| gone.contains(&f.holder))
+                .map(|(s, _)| *s)
+                .collect();
+            for seq in lost {
+                if let Some(f) = flights.remove(&seq) {
+                    again.push_back((seq, f.attempts));
+                }
+            }
+        }
+        consumer
+            .members
+            .store(members.len() as u64, Ordering::Relaxed);
+        // Deadlines.
+        let now = Instant::now();
+        let expired: Vec<u64> = flights
+            .iter()
+            .filter(|(_, f)| f.deadline <= now)
+            .map(|(s, _)| *s)
+            .collect();
+        for seq in expired {
+            if let Some(f) = flights.remove(&seq) {
+                again.push_back((seq, f.attempts));
+            }
+        }
+        // Deliver, as long as something is due, a member has room and the window allows.
+        let mut blocked = false;
+        while !members.is_empty() && (flights.len() as u32) < consumer.max_in_flight {
+            let (seq, attempts, body) = if let Some(&(seq, attempts)) = again.front() {
+                if attempts >= consumer.max_deliver {
+                    again.pop_front();
+                    consumer.given_up.fetch_add(1, Ordering::Relaxed);
+                    warn!(stream = %stream.config.name, consumer = %consumer.name, seq, attempts, "message given up after its last delivery");
+                    dirty = true;
+                    continue;
+                }
+                match read_one(&stream, seq).await {
+                    Some(m) => (seq, attempts, m.body),
+                    None => {
+                        // Removed by retention or a purge meanwhile: nothing to deliver.
+                        again.pop_front();
+                        dirty = true;
+                        continue;
+                    }
+                }
+            } else {
+                if ahead.is_empty() {
+                    fill(&stream, &mut reader, &mut next, &mut ahead).await;
+                }
+                let Some(m) = ahead.front() else { break };
+                if !consumer.filter.matches(m.topic()) {
+                    ahead.pop_front();
+                    dirty = true;
+                    continue;
+                }
+                (m.seq, 0, m.body.clone())
+            };
+            let mut placed = None;
+            for i in 0..members.len() {
+                let m = &members[(turn + i) % members.len()];
+                match m.sub.outbox.push_stored(&m.sub, seq, &body) {
+                    Stored::Queued => {
+                        placed = Some((turn + i) % members.len());
+                        break;
+                    }
+                    Stored::QueuedLast => {
+                        // An `UNSUB` with a count: this was its last message.
+                        broker.end_subscription(&m.client, &m.sub);
+                        placed = Some((turn + i) % members.len());
+                        break;
+                    }
+                    Stored::Full | Stored::Ended => {}
+                }
+            }
+            let Some(i) = placed else {
+                blocked = true;
+                break;
+            };
+            turn = i + 1;
+            if attempts == 0 {
+                ahead.pop_front();
+            } else {
+                again.pop_front();
+                consumer.redelivered.fetch_add(1, Ordering::Relaxed);
+            }
+            consumer.delivered.fetch_add(1, Ordering::Relaxed);
+            flights.insert(
+                seq,
+                Flight {
+                    deadline: Instant::now() + consumer.ack_wait,
+                    attempts: attempts + 1,
+                    holder: Arc::as_ptr(&members[i].sub) as usize,
+                },
+            );
+        }
+        consumer
+            .in_flight
+            .store(flights.len() as u64, Ordering::Relaxed);
+        // The floor: everything below the oldest outstanding sequence is done.
+        let oldest = flights
+            .keys()
+            .next()
+            .copied()
+            .into_iter()
+            .chain(again.iter().map(|(s, _)| *s))
+            .chain(ahead.front().map(|m| m.seq))
+            .min()
+            .unwrap_or(next);
+        let floor = oldest.saturating_sub(1).max(saved.floor);
+        if floor != saved.floor {
+            saved.floor = floor;
+            consumer.floor.store(floor, Ordering::Relaxed);
+            dirty = true;
+        }
+        if dirty && saved_at.elapsed() >= SAVE_EVERY {
+            dirty = false;
+            saved_at = Instant::now();
+            let (s, p) = (saved.clone(), path.clone());
+            let written = tokio::task::spawn_blocking(move || save(&p, &s)).await;
+            if let Ok(Err(e)) = written {
+                warn!(stream = %stream.config.name, consumer = %consumer.name, error = %e, "cannot save the consumer's position");
+            }
+        }
+        // Wait for something to do.
+        let deadline = flights
+            .values()
+            .map(|f| f.deadline)
+            .min()
+            .map_or(Duration::from_millis(250), |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+        let wait = if blocked {
+            Duration::from_millis(5)
+        } else if dirty {
+            deadline.min(SAVE_EVERY)
+        } else {
+            deadline.min(Duration::from_millis(250))
+        };
+        let caught_up = again.is_empty() && ahead.is_empty();
+        tokio::select! {
+            _ = consumer.wake.notified() => {}
+            _ = visible.changed(), if caught_up && !blocked => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Reads ahead from the stream at `next`.
+async fn fill(
+    stream: &Arc<StreamHandle>,
+    reader: &mut Option<brokerd_store::Reader>,
+    next: &mut u64,
+    ahead: &mut VecDeque<RecentMsg>,
+) {
+    let last = stream.last_seq.load(Ordering::Acquire);
+    if *next > last {
+        *reader = None;
+        return;
+    }
+    let from_memory = stream.recent.lock().from(*next, READ_AHEAD, 1 << 20);
+    let batch = match from_memory {
+        Some(b) => {
+            *reader = None;
+            b
+        }
+        None => {
+            let (h, r, n) = (stream.clone(), reader.take(), *next);
+            match tokio::task::spawn_blocking(move || {
+                super::replay::read_disk(&h, r, n, READ_AHEAD)
+            })
+            .await
+            {
+                Ok((r, b)) => {
+                    *reader = r;
+                    b
+                }
+                Err(_) => Vec::new(),
+            }
+        }
+    };
+    match batch.last() {
+        Some(m) => *next = m.seq + 1,
+        None => {
+            let first = stream
+                .store
+                .lock()
+                .as_ref()
+                .map_or(*next, |s| s.first_seq());
+            *next = (*next).max(first);
+        }
+    }
+    ahead.extend(batch);
+}
+
+/// One stored message, for a redelivery.
+async fn read_one(stream: &Arc<StreamHandle>, seq: u64) -> Option<RecentMsg> {
+    if let Some(m) = stream
+        .recent
+        .lock()
+        .from(seq, 1, usize::MAX)
+        .and_then(|v| v.into_iter().next())
+    {
+        return (m.seq == seq).then_some(m);
+    }
+    let h = stream.clone();
+    let (_, batch) =
+        tokio::task::spawn_blocking(move || super::replay::read_disk(&h, None, seq, 1))
+            .await
+            .ok()?;
+    batch.into_iter().next().filter(|m| m.seq == seq)
+}
+
+fn save(path: &std::path::Path, saved: &Saved) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(saved).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Where a new consumer starts: a sequence, worked out now (it may read the index of one
+/// segment, for a start by time).
+pub(crate) fn first_sequence(stream: &StreamHandle, start: brokerd_proto::StartPosition) -> u64 {
+    use brokerd_proto::StartPosition;
+    let store = stream.store.lock();
+    let Some(s) = store.as_ref() else { return 1 };
+    match start {
+        StartPosition::All => s.first_seq(),
+        StartPosition::New => s.last_seq() + 1,
+        StartPosition::FromSeq(n) => n.max(1),
+        StartPosition::Last(n) => s.first_seq().max((s.last_seq() + 1).saturating_sub(n)),
+        StartPosition::FromTime(t) => s.seek_time(t).unwrap_or_else(|_| s.first_seq()),
+    }
+}

@@ -1,0 +1,204 @@
+//! Durable consumers end to end, over raw frames (`docs/protocol.md` section 8.3): members
+//! share the work, unacknowledged messages come back after the ack wait or at once when their
+//! holder leaves, `NAK` asks for a message again, `max_deliver` bounds the attempts, and the
+//! position survives a restart of the broker.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use brokerd_proto::streams::{Fsync, StreamConfig};
+use brokerd_proto::{
+    AckKind, Body, ConsumerSpec, Frame, Mack, Publish, StartPosition, StreamStart, Subscribe,
+};
+use brokerd_tests::{RawConn, TempDir, TestBroker};
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+async fn broker(dir: &Path) -> TestBroker {
+    let dir = dir.to_path_buf();
+    TestBroker::with_config(move |c| {
+        c.data_dir = dir;
+        c.streams = vec![StreamConfig {
+            name: "JOBS".into(),
+            filters: vec!["job.>".into()],
+            fsync: Fsync::Interval,
+            ..StreamConfig::default()
+        }];
+    })
+    .await
+}
+
+fn join(req_id: u32, sid: u32, consumer: &str, ack_wait_ms: u32, max_deliver: u16) -> Frame {
+    Frame::Sub(Subscribe {
+        req_id,
+        sid,
+        filter: "job.>".into(),
+        queue: None,
+        stream: Some(StreamStart {
+            stream: "JOBS".into(),
+            start: StartPosition::All,
+            consumer: Some(ConsumerSpec {
+                name: consumer.into(),
+                ack_wait_ms,
+                max_deliver,
+                max_in_flight: 0,
+            }),
+        }),
+    })
+}
+
+async fn publish(p: &mut RawConn, from: u32, n: u32) {
+    for i in from..from + n {
+        let body = Body::encode("job.resize", None, None, i.to_string().as_bytes());
+        p.send(&Frame::Pub(Publish {
+            req_id: i,
+            ack: true,
+            body: Body::parse(body).unwrap(),
+        }))
+        .await;
+    }
+    for _ in 0..n {
+        assert!(matches!(p.recv().await, Some(Frame::Stored(_))));
+    }
+}
+
+async fn ack(c: &mut RawConn, sid: u32, seq: u64, kind: AckKind) {
+    c.send(&Frame::Mack(Mack { sid, seq, kind })).await;
+}
+
+/// The next message's stream sequence, or `None` if nothing arrives within `wait`.
+async fn next_msg(c: &mut RawConn, wait: Duration) -> Option<u64> {
+    match tokio::time::timeout(wait, c.recv()).await {
+        Ok(Some(Frame::Msg(m))) => Some(m.seq),
+        Ok(other) => panic!("expected MSG, got {other:?}"),
+        Err(_) => None,
+    }
+}
+
+#[tokio::test]
+async fn members_share_the_work_and_each_message_is_done_once() {
+    let dir = TempDir::new("consumers-share");
+    let b = broker(&dir.0).await;
+    let mut w1 = b.raw("w1").await;
+    let mut w2 = b.raw("w2").await;
+    w1.send(&join(1, 1, "resize", 0, 0)).await;
+    assert_eq!(w1.recv().await, Some(Frame::Ok(1)));
+    w2.send(&join(1, 1, "resize", 0, 0)).await;
+    assert_eq!(w2.recv().await, Some(Frame::Ok(1)));
+    let mut p = b.raw("p").await;
+    publish(&mut p, 1, 200).await;
+    let mut seen = Vec::new();
+    let (mut n1, mut n2) = (0, 0);
+    while seen.len() < 200 {
+        tokio::select! {
+            Some(Frame::Msg(m)) = w1.recv() => { ack(&mut w1, 1, m.seq, AckKind::Ack).await; seen.push(m.seq); n1 += 1; }
+            Some(Frame::Msg(m)) = w2.recv() => { ack(&mut w2, 1, m.seq, AckKind::Ack).await; seen.push(m.seq); n2 += 1; }
+        }
+    }
+    let unique: BTreeSet<u64> = seen.iter().copied().collect();
+    assert_eq!(unique, (1..=200).collect(), "every job once");
+    assert_eq!(seen.len(), 200, "no job twice");
+    assert!(n1 > 0 && n2 > 0, "both members worked: {n1} and {n2}");
+    // Acknowledged: nothing comes back.
+    assert_eq!(next_msg(&mut w1, Duration::from_millis(300)).await, None);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn an_unacknowledged_message_comes_back_after_the_ack_wait_until_max_deliver() {
+    let dir = TempDir::new("consumers-redeliver");
+    let b = broker(&dir.0).await;
+    let mut w = b.raw("w").await;
+    w.send(&join(1, 1, "flaky", 150, 3)).await;
+    assert_eq!(w.recv().await, Some(Frame::Ok(1)));
+    let mut p = b.raw("p").await;
+    publish(&mut p, 1, 1).await;
+    // Three deliveries of sequence 1, then no more.
+    for attempt in 1..=3 {
+        assert_eq!(
+            next_msg(&mut w, Duration::from_secs(5)).await,
+            Some(1),
+            "attempt {attempt}"
+        );
+    }
+    assert_eq!(next_msg(&mut w, Duration::from_millis(600)).await, None);
+    // A NAK brings a message back at once; an ACK ends it.
+    publish(&mut p, 2, 1).await;
+    assert_eq!(next_msg(&mut w, Duration::from_secs(5)).await, Some(2));
+    ack(&mut w, 1, 2, AckKind::Nak).await;
+    assert_eq!(next_msg(&mut w, Duration::from_millis(100)).await, Some(2));
+    ack(&mut w, 1, 2, AckKind::Ack).await;
+    assert_eq!(next_msg(&mut w, Duration::from_millis(400)).await, None);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_worker_killed_holding_messages_has_them_redelivered_to_another() {
+    let dir = TempDir::new("consumers-kill");
+    let b = broker(&dir.0).await;
+    let mut doomed = b.raw("doomed").await;
+    // A long ack wait: only the member's departure can bring its messages back in time.
+    doomed.send(&join(1, 1, "work", 600_000, 0)).await;
+    assert_eq!(doomed.recv().await, Some(Frame::Ok(1)));
+    let mut p = b.raw("p").await;
+    publish(&mut p, 1, 10).await;
+    let mut held = BTreeSet::new();
+    while held.len() < 10 {
+        held.insert(next_msg(&mut doomed, Duration::from_secs(5)).await.unwrap());
+    }
+    doomed.reset();
+    let mut heir = b.raw("heir").await;
+    heir.send(&join(1, 7, "work", 600_000, 0)).await;
+    assert_eq!(heir.recv().await, Some(Frame::Ok(1)));
+    let mut got = BTreeSet::new();
+    while got.len() < 10 {
+        let seq = next_msg(&mut heir, Duration::from_secs(5))
+            .await
+            .expect("redelivered");
+        ack(&mut heir, 7, seq, AckKind::Ack).await;
+        got.insert(seq);
+    }
+    assert_eq!(got, held);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn the_position_survives_a_restart_of_the_broker() {
+    let dir = TempDir::new("consumers-restart");
+    let b = broker(&dir.0).await;
+    let mut p = b.raw("p").await;
+    publish(&mut p, 1, 100).await;
+    let mut w = b.raw("w").await;
+    w.send(&join(1, 1, "billing", 0, 0)).await;
+    assert_eq!(w.recv().await, Some(Frame::Ok(1)));
+    let mut acked = 0;
+    while acked < 100 {
+        let seq = next_msg(&mut w, Duration::from_secs(5)).await.unwrap();
+        if seq <= 60 {
+            ack(&mut w, 1, seq, AckKind::Ack).await;
+            acked += 1;
+        } else {
+            acked += 1;
+        }
+    }
+    // The position is saved at most every 100 ms.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    b.stop().await;
+    let b = broker(&dir.0).await;
+    let mut w = b.raw("w").await;
+    w.send(&join(1, 1, "billing", 0, 0)).await;
+    assert_eq!(w.recv().await, Some(Frame::Ok(1)));
+    let mut again = Vec::new();
+    while again.len() < 40 {
+        let seq = next_msg(&mut w, Duration::from_secs(5)).await.unwrap();
+        ack(&mut w, 1, seq, AckKind::Ack).await;
+        again.push(seq);
+    }
+    again.sort_unstable();
+    assert_eq!(
+        again,
+        (61..=100).collect::<Vec<_>>(),
+        "what was not acknowledged, and only that"
+    );
+    b.stop().await;
+}
