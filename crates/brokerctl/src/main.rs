@@ -638,13 +638,17 @@ async fn cmd_sub(global: &Global, args: SubArgs) -> Result<()> {
             plural(missed, "message", "messages")
         ));
     }
+    let ended = sub.ended_by_broker();
     drop(sub);
     let closed = client.close().await;
     match end {
         SubEnd::StreamEnded => {
             closed.with_context(|| format!("subscription to {filter} ended"))?;
             // The connection is still up, so the broker itself ended the subscription.
-            anyhow::bail!("the broker ended the subscription to {filter}")
+            match ended {
+                Some(why) => anyhow::bail!("the broker ended the subscription to {filter}: {why}"),
+                None => anyhow::bail!("the broker ended the subscription to {filter}"),
+            }
         }
         SubEnd::Done | SubEnd::Interrupted => closed.context("cannot close the connection"),
         // Whoever closed the pipe has what they wanted; the connection state no longer matters.

@@ -392,6 +392,14 @@ async fn read_frames(
     }
 }
 
+/// The sid in the notice that ends a replay subscription, `replay subscription <sid> ended: ...`
+/// (`docs/protocol.md` section 8.2: an `ERR 23` with `req_id = 0` naming its sid).
+fn ended_replay(message: &str) -> Option<u32> {
+    let rest = message.strip_prefix("replay subscription ")?;
+    let digits = rest.split(|c: char| !c.is_ascii_digit()).next()?;
+    digits.parse().ok()
+}
+
 /// Acts on a frame other than `MSG`; `Err` carries why the connection must end.
 fn control(inner: &Inner, frame: Frame) -> Result<(), Ended> {
     let reply = match frame {
@@ -421,10 +429,25 @@ fn control(inner: &Inner, frame: Frame) -> Result<(), Ended> {
         Frame::Stored(s) => (s.req_id, Reply::Stored(s)),
         Frame::Err(e) => {
             if let Some(sid) = inner.resubs.lock().remove(&e.req_id) {
-                // A subscription the new connection refused (its rules changed, say) ends.
+                // A subscription the new connection refused (its rules changed, its stream was
+                // deleted meanwhile, say) ends.
                 tracing::warn!(sid, code = e.code, message = %e.message, "subscription not made again after reconnecting");
-                inner.forget(sid);
+                inner.end_subscription(sid, Error::server(e.code, e.message));
                 return Ok(());
+            }
+            if e.req_id == 0
+                && e.code == ErrorCode::StoreFailed as u16
+                && let Some(sid) = ended_replay(&e.message)
+                && inner
+                    .subs
+                    .lock()
+                    .get(&sid)
+                    .is_some_and(|s| s.stream.is_some())
+            {
+                // Its stream was deleted or could not be read: the subscription ends (and the
+                // notice is kept as a refusal too, as before streams).
+                tracing::warn!(sid, message = %e.message, "the broker ended a replay subscription");
+                inner.end_subscription(sid, Error::server(e.code, e.message.clone()));
             }
             if e.req_id == 0 || !inner.pending.lock().contains_key(&e.req_id) {
                 let fatal = ErrorCode::from_u16(e.code).is_none_or(|c| c.closes_connection());
@@ -611,6 +634,51 @@ mod tests {
         assert_eq!(taken(0), [(5, Some(5)), (9, Some(9)), (12, Some(12))]);
         assert_eq!(taken(1), [(1, None), (2, None)]);
         assert_eq!(inner.subs.lock()[&1].tx.last_seq(), 12);
+    }
+
+    #[test]
+    fn the_notice_ending_a_replay_names_its_sid() {
+        assert_eq!(
+            ended_replay("replay subscription 17 ended: stream ORDERS was deleted"),
+            Some(17)
+        );
+        assert_eq!(ended_replay("replay subscription x ended"), None);
+        assert_eq!(ended_replay("disk full"), None);
+    }
+
+    #[tokio::test]
+    async fn a_replay_whose_stream_is_deleted_ends_and_says_why() {
+        let inner = Inner::for_test();
+        let (tx, mut rx) = channel::channel(64, 1 << 20);
+        let shared = Arc::new(crate::subscription::SubShared::default());
+        inner.subs.lock().insert(
+            7,
+            crate::state::SubEntry {
+                tx,
+                shared: shared.clone(),
+                filter: ">".into(),
+                queue: None,
+                stream: Some(crate::stream::StreamSub {
+                    name: "ORDERS".into(),
+                    resume: brokerd_proto::StartPosition::All,
+                }),
+            },
+        );
+        let notice = Frame::Err(brokerd_proto::ErrorFrame {
+            req_id: 0,
+            code: ErrorCode::StoreFailed as u16,
+            message: "replay subscription 7 ended: stream ORDERS was deleted".into(),
+        });
+        control(&inner, notice).unwrap();
+        assert!(rx.recv().await.is_none(), "the stream ended");
+        let why = shared.ended.lock().as_ref().map(ToString::to_string);
+        assert_eq!(
+            why.as_deref(),
+            Some(
+                "server error 23 (StoreFailed): replay subscription 7 ended: stream ORDERS was deleted"
+            )
+        );
+        assert_eq!(inner.refusals.lock().total, 1);
     }
 
     #[tokio::test]

@@ -364,6 +364,14 @@ impl Inner {
         self.subs.lock().remove(&sid);
     }
 
+    /// The broker ended subscription `sid`: its stream ends once drained, and
+    /// [`crate::Subscription::ended_by_broker`] says why.
+    pub(crate) fn end_subscription(&self, sid: u32, why: Error) {
+        if let Some(entry) = self.subs.lock().remove(&sid) {
+            *entry.shared.ended.lock() = Some(why);
+        }
+    }
+
     /// Queues an `UNSUB` without waiting (used from `Drop`). While disconnected there is
     /// nothing to end: the subscription is not made again.
     pub(crate) fn send_unsub_nowait(&self, sid: u32) {

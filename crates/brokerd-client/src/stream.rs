@@ -96,7 +96,9 @@ pub(crate) fn resume_point(start: StartPosition, last_stored: Option<u64>) -> St
 
 /// The stream management requests: add, list, inspect, purge and delete streams. Made by
 /// [`Client::streams`]; each call is one request on `$SYS.req.stream.<op>` and waits for the
-/// broker's answer for at most [`Streams::timeout`] (default [`STREAM_REQUEST_TIMEOUT`]).
+/// broker's answer for at most [`Streams::timeout`] (default [`STREAM_REQUEST_TIMEOUT`]). On a
+/// broker with users, only the admin role may send them: others get [`Error::Server`] with
+/// [`crate::ErrorCode::PermissionDenied`].
 ///
 /// ```no_run
 /// use brokerd_client::StreamConfig;
@@ -177,7 +179,8 @@ impl<'a> Streams<'a> {
     }
 
     /// Deletes a stream: its definition and every message it holds. Replay subscriptions on it
-    /// end.
+    /// end ([`crate::Subscription::ended_by_broker`] says so). A stream declared in the broker's
+    /// configuration file cannot be deleted ([`Error::Stream`]).
     ///
     /// # Errors
     /// As [`Streams::info`], and [`Error::InvalidAnswer`] when the broker answers without an

@@ -132,6 +132,8 @@ pub(crate) struct SubShared {
     pub(crate) missed: AtomicU64,
     /// Times it was made again on a new connection after a reconnect.
     pub(crate) resubscribed: AtomicU64,
+    /// Why the broker ended it, when it did.
+    pub(crate) ended: parking_lot::Mutex<Option<crate::Error>>,
 }
 
 /// A live subscription: a [`Stream`] of the messages matching its filter.
@@ -195,6 +197,15 @@ impl Subscription {
     /// so it misses nothing and repeats nothing.
     pub fn resubscribed(&self) -> u64 {
         self.shared.resubscribed.load(Ordering::Relaxed)
+    }
+
+    /// Why the broker ended the subscription, once it has: a replay subscription whose stream
+    /// was deleted or could not be read ([`crate::ErrorCode::StoreFailed`]), or a subscription
+    /// the broker refused to make again after a reconnect (its stream deleted meanwhile, the
+    /// user's permissions changed). The stream of messages ends after what was already
+    /// received; `None` while it runs, and when it ended otherwise.
+    pub fn ended_by_broker(&self) -> Option<String> {
+        self.shared.ended.lock().as_ref().map(ToString::to_string)
     }
 
     /// How many messages the server reported it dropped for this subscription so far (always 0
