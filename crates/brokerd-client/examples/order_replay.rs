@@ -70,18 +70,25 @@ fn order_events(n: u64) -> [(&'static str, Value); 3] {
     ]
 }
 
-/// Publishes orders `range` and returns the stream sequence of each event. Each event's message
-/// id is its order and topic, so that publishing it again is harmless.
-async fn publish_wave(shop: &Client, range: std::ops::Range<u64>) -> anyhow::Result<Vec<u64>> {
+/// The message id of an event: the run, its order and its topic, so that publishing it again is
+/// harmless and another run of the example stores its own events.
+fn msg_id(run: u64, topic: &str, event: &Value) -> String {
+    let order = event["order_id"].as_str().unwrap_or("?");
+    format!("run-{run}/{order}/{topic}")
+}
+
+/// Publishes orders `range` of run `run` and returns the stream sequence of each event.
+async fn publish_wave(
+    shop: &Client,
+    run: u64,
+    range: std::ops::Range<u64>,
+) -> anyhow::Result<Vec<u64>> {
     let mut seqs = Vec::new();
     for n in range {
         for (topic, event) in order_events(n) {
             let stored = shop
                 .publish(topic, serde_json::to_vec(&event)?)
-                .msg_id(format!(
-                    "{}/{topic}",
-                    event["order_id"].as_str().unwrap_or("?")
-                ))
+                .msg_id(msg_id(run, topic, &event))
                 .stored()
                 .await?;
             println!(
@@ -169,7 +176,9 @@ pub async fn run(addr: &str) -> anyhow::Result<Report> {
     let mut events = service
         .subscribe_stream(">", STREAM, StartPosition::FromSeq(first))
         .await?;
-    report.stored.extend(publish_wave(&shop, 0..before).await?);
+    report
+        .stored
+        .extend(publish_wave(&shop, first, 0..before).await?);
     analytics
         .process_until(&mut events, before * EVENTS_PER_ORDER)
         .await?;
@@ -185,15 +194,12 @@ pub async fn run(addr: &str) -> anyhow::Result<Report> {
     );
     report
         .stored
-        .extend(publish_wave(&shop, before..before + during).await?);
+        .extend(publish_wave(&shop, first, before..before + during).await?);
     // The shop retries the last event of the wave, as if its answer had been lost.
     let (topic, event) = order_events(before + during - 1)[2].clone();
     let retry = shop
         .publish(topic, serde_json::to_vec(&event)?)
-        .msg_id(format!(
-            "{}/{topic}",
-            event["order_id"].as_str().unwrap_or("?")
-        ))
+        .msg_id(msg_id(first, topic, &event))
         .stored()
         .await?;
     println!(
@@ -223,7 +229,7 @@ pub async fn run(addr: &str) -> anyhow::Result<Report> {
     report.replayed = stored_while_down;
     report
         .stored
-        .extend(publish_wave(&shop, before + during..before + during + after).await?);
+        .extend(publish_wave(&shop, first, before + during..before + during + after).await?);
     analytics
         .process_until(&mut events, report.stored.len() as u64)
         .await?;
