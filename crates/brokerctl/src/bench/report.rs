@@ -558,7 +558,10 @@ mod tests {
             t.contains("stream-pub (128 B payload, 2 publishers, window 1,000, stream BENCH)"),
             "{t}"
         );
-        assert!(t.contains("400,000 in 2.00 s, each confirmed by STORED"), "{t}");
+        assert!(
+            t.contains("400,000 in 2.00 s, each confirmed by STORED"),
+            "{t}"
+        );
         assert!(t.contains("ack (us)       p50 80.0  p99 300.0"), "{t}");
         assert!(t.contains("200.0 k msgs/s"), "{t}");
         assert_eq!(r.json()["window"], 1_000);
