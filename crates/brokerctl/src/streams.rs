@@ -39,26 +39,31 @@ enum StreamOp {
     Ls,
     /// Show a stream's definition and state.
     Info {
-        /// The stream.
-        name: String,
+        /// The stream. (Not `name`: that is the global --name, the client's name.)
+        #[arg(value_name = "NAME")]
+        stream: String,
     },
     /// Remove every message from a stream, keeping its definition.
     Purge {
         /// The stream.
-        name: String,
+        #[arg(value_name = "NAME")]
+        stream: String,
     },
     /// Delete a stream and everything it stores; replay subscriptions on it end.
     Rm {
         /// The stream.
-        name: String,
+        #[arg(value_name = "NAME")]
+        stream: String,
     },
 }
 
 /// Arguments of `brokerctl stream add`.
 #[derive(Debug, Args)]
 struct AddArgs {
-    /// The stream's name: 1 to 64 ASCII letters, digits, `-` and `_`.
-    name: String,
+    /// The stream's name: 1 to 64 ASCII letters, digits, `-` and `_`. (Not `name`: that is the
+    /// global --name, the client's name.)
+    #[arg(value_name = "NAME")]
+    stream: String,
     /// A filter whose messages the stream stores (`order.>`); repeatable.
     #[arg(long = "filter", value_name = "FILTER", required = true)]
     filters: Vec<String>,
@@ -114,7 +119,7 @@ impl AddArgs {
     fn config(&self) -> StreamConfig {
         let d = StreamConfig::default();
         StreamConfig {
-            name: self.name.clone(),
+            name: self.stream.clone(),
             filters: self.filters.clone(),
             max_msgs: self.max_msgs.unwrap_or(d.max_msgs),
             max_bytes: self.max_bytes.unwrap_or(d.max_bytes),
@@ -136,7 +141,7 @@ pub(crate) async fn cmd_stream(global: &Global, args: StreamArgs) -> Result<()> 
             let info = streams
                 .add(&add.config())
                 .await
-                .with_context(|| format!("cannot add stream {}", add.name))?;
+                .with_context(|| format!("cannot add stream {}", add.stream))?;
             if args.json {
                 json_line(serde_json::to_value(&info))?
             } else {
@@ -152,7 +157,7 @@ pub(crate) async fn cmd_stream(global: &Global, args: StreamArgs) -> Result<()> 
                 render_list(&list)
             }
         }
-        StreamOp::Info { name } => {
+        StreamOp::Info { stream: name } => {
             let info = streams
                 .info(name)
                 .await
@@ -163,7 +168,7 @@ pub(crate) async fn cmd_stream(global: &Global, args: StreamArgs) -> Result<()> 
                 render_info(&info)
             }
         }
-        StreamOp::Purge { name } => {
+        StreamOp::Purge { stream: name } => {
             let purged = streams
                 .purge(name)
                 .await
@@ -178,7 +183,7 @@ pub(crate) async fn cmd_stream(global: &Global, args: StreamArgs) -> Result<()> 
                 )
             }
         }
-        StreamOp::Rm { name } => {
+        StreamOp::Rm { stream: name } => {
             streams
                 .delete(name)
                 .await
@@ -537,6 +542,26 @@ mod tests {
             stream: StreamArgs,
         }
         Cli::try_parse_from(std::iter::once("stream").chain(args.iter().copied())).map(|c| c.stream)
+    }
+
+    #[test]
+    fn the_stream_name_is_not_the_client_name() {
+        #[derive(Debug, Parser)]
+        struct Cli {
+            #[command(flatten)]
+            global: crate::Global,
+            #[command(subcommand)]
+            command: crate::Command,
+        }
+        for args in [
+            &["brokerctl", "stream", "rm", "R"][..],
+            &["brokerctl", "stream", "info", "R"],
+            &["brokerctl", "stream", "purge", "R"],
+            &["brokerctl", "stream", "add", "R", "--filter", "r.>"],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap();
+            assert_eq!(cli.global.name, "brokerctl", "{args:?}");
+        }
     }
 
     #[test]
