@@ -378,7 +378,18 @@ async fn read_frames(
                     let _ = w.send(msg);
                 }
             }
-            Gathered::Control(frame) => control(inner, frame)?,
+            Gathered::Control(frame) => {
+                let err = matches!(frame, Frame::Err(_));
+                control(inner, frame)?;
+                // An ERR may have ended a subscription; the sender kept for its messages would
+                // keep its stream open. Its batch was handed over above, so nothing is lost.
+                if err
+                    && let Some(d) = last.as_ref()
+                    && !inner.subs.lock().contains_key(&d.sid)
+                {
+                    *last = None;
+                }
+            }
             Gathered::Drained => return Ok(()),
             Gathered::Closed => {
                 // What was read before the close was handed over above; nothing after it.
@@ -664,12 +675,26 @@ mod tests {
                 }),
             },
         );
-        let notice = Frame::Err(brokerd_proto::ErrorFrame {
+        // A message, then the notice, in one read: the reader holds the subscription's sender
+        // for the message, and must let go of it for the stream to end.
+        let mut buf = BytesMut::new();
+        let body = brokerd_proto::Body::parse(brokerd_proto::Body::encode("t.x", None, None, b""))
+            .unwrap();
+        Frame::Msg(Msg {
+            sid: 7,
+            seq: 3,
+            body,
+        })
+        .encode(&mut buf);
+        Frame::Err(brokerd_proto::ErrorFrame {
             req_id: 0,
             code: ErrorCode::StoreFailed as u16,
             message: "replay subscription 7 ended: stream ORDERS was deleted".into(),
-        });
-        control(&inner, notice).unwrap();
+        })
+        .encode(&mut buf);
+        let mut last = None;
+        assert!(read_frames(&inner, &mut buf, &mut last).await.is_ok());
+        assert_eq!(rx.recv().await.and_then(|m| m.stream_seq()), Some(3));
         assert!(rx.recv().await.is_none(), "the stream ended");
         let why = shared.ended.lock().as_ref().map(ToString::to_string);
         assert_eq!(
