@@ -311,3 +311,61 @@ async fn hold_keeps_connections_and_subscriptions_until_it_ends() {
     let _ = std::fs::remove_file(&ready);
     broker.stop().await;
 }
+
+/// A broker keeping its streams in `dir`, none declared: the stream scenarios add their own.
+async fn stream_broker(dir: &std::path::Path) -> Broker {
+    let dir = dir.to_path_buf();
+    Broker::start_with(move |c| c.data_dir = dir).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_pub_stores_with_a_window_and_removes_the_stream_it_added() {
+    let dir = brokerd_tests::TempDir::new("bench-stream-pub");
+    let broker = stream_broker(&dir.0).await;
+    let v = broker
+        .bench(&["stream-pub", "--pubs", "2", "--window", "50"])
+        .await;
+    check_common(&v, "stream-pub", 16, 0);
+    assert_eq!((u(&v, "pubs"), u(&v, "window")), (2, 50), "{v}");
+    assert_eq!(v["stream"], "BENCH", "{v}");
+    let (p50, p99) = (f(&v, "p50_us"), f(&v, "p99_us"));
+    assert!(p50 > 0.0 && p50 <= p99, "{v}");
+    let out = tokio::task::spawn_blocking({
+        let mut cmd = broker.ctl(&["stream", "ls", "--json"]);
+        move || cmd.output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "[]\n");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_replay_receives_every_message_it_stored() {
+    let dir = brokerd_tests::TempDir::new("bench-stream-replay");
+    let broker = stream_broker(&dir.0).await;
+    let v = broker
+        .bench(&[
+            "stream-replay",
+            "--count",
+            "3000",
+            "--size",
+            "100",
+            "--keep",
+        ])
+        .await;
+    check_common(&v, "stream-replay", 100, 1);
+    assert_eq!((u(&v, "sent"), u(&v, "received")), (3000, 3000), "{v}");
+    assert_eq!((u(&v, "lost"), u(&v, "missed")), (0, 0), "{v}");
+    // Kept: a second run replays it without publishing, its payload size measured.
+    let again = broker
+        .bench(&["stream-replay", "--no-publish", "--stream", "BENCH"])
+        .await;
+    assert_eq!(
+        (u(&again, "sent"), u(&again, "received")),
+        (0, 3000),
+        "{again}"
+    );
+    assert_eq!(u(&again, "size"), 100, "{again}");
+    broker.stop().await;
+}

@@ -1011,3 +1011,181 @@ async fn tls_and_a_user_through_brokerctl() {
     assert!(plain.stderr.contains("requires TLS"), "{}", plain.stderr);
     broker.stop().await;
 }
+
+/// A broker keeping its streams in `dir`, with ORDERS (`order.>`, `payment.>`) declared in its
+/// configuration.
+async fn stream_broker(dir: &std::path::Path) -> Broker {
+    let dir = dir.to_path_buf();
+    Broker::start_with(move |c| {
+        c.data_dir = dir;
+        c.streams = vec![brokerd_proto::streams::StreamConfig {
+            name: "ORDERS".into(),
+            filters: vec!["order.>".into(), "payment.>".into()],
+            ..Default::default()
+        }];
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_commands_add_list_show_purge_and_remove() {
+    let dir = brokerd_tests::TempDir::new("cli-streams");
+    let broker = stream_broker(&dir.0).await;
+    let add = run(
+        broker.ctl(&[
+            "stream",
+            "add",
+            "EVENTS",
+            "--filter",
+            "user.>",
+            "--fsync",
+            "always",
+            "--max-age",
+            "1h",
+        ]),
+        None,
+    )
+    .await;
+    assert!(add.status.success(), "add failed: {}", add.stderr);
+    assert_eq!(add.stderr, "added stream EVENTS\n");
+    assert!(
+        add.stdout
+            .starts_with("stream         EVENTS (defined in api)\nfilters        user.>\n"),
+        "{}",
+        add.stdout
+    );
+    assert!(add.stdout.contains("age 1h"), "{}", add.stdout);
+
+    let ls = run(broker.ctl(&["stream", "ls"]), None).await;
+    let rows: Vec<&str> = ls.stdout.lines().collect();
+    assert_eq!(rows.len(), 3, "{}", ls.stdout);
+    assert!(rows[0].starts_with("NAME"));
+    assert!(rows[1].starts_with("EVENTS") && rows[1].ends_with("always    user.>"));
+    assert!(rows[2].starts_with("ORDERS") && rows[2].ends_with("order.>, payment.>"));
+
+    for _ in 0..2 {
+        let p = run(broker.ctl(&["pub", "user.created", "u", "--stored"]), None).await;
+        assert!(p.status.success(), "pub failed: {}", p.stderr);
+    }
+    let info = run(broker.ctl(&["stream", "info", "EVENTS", "--json"]), None).await;
+    let v: serde_json::Value = serde_json::from_str(&info.stdout).unwrap();
+    assert_eq!(
+        (v["msgs"].as_u64(), v["last_seq"].as_u64()),
+        (Some(2), Some(2))
+    );
+    assert_eq!(v["config"]["fsync"], "always");
+
+    let purge = run(broker.ctl(&["stream", "purge", "EVENTS"]), None).await;
+    assert_eq!(purge.stdout, "purged 2 messages from EVENTS\n");
+    let rm = run(broker.ctl(&["stream", "rm", "EVENTS"]), None).await;
+    assert_eq!(rm.stdout, "deleted stream EVENTS\n");
+    // The broker's refusals exit 1 with its reason.
+    let declared = run(broker.ctl(&["stream", "rm", "ORDERS"]), None).await;
+    assert_eq!(declared.status.code(), Some(1));
+    assert!(
+        declared.stderr.contains("configuration"),
+        "{}",
+        declared.stderr
+    );
+    let gone = run(broker.ctl(&["stream", "info", "EVENTS"]), None).await;
+    assert_eq!(gone.status.code(), Some(1));
+    assert!(gone.stderr.contains("no stream"), "{}", gone.stderr);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sub_replays_a_stream_with_its_sequences_and_pub_reports_what_was_stored() {
+    let dir = brokerd_tests::TempDir::new("cli-replay");
+    let broker = stream_broker(&dir.0).await;
+    let first = run(
+        broker.ctl(&["pub", "order.created", "o1", "--ack", "--msg-id", "o1"]),
+        None,
+    )
+    .await;
+    assert_eq!(
+        first.stderr,
+        "stored in ORDERS as seq 1; delivered to 0 subscribers\npublished 1 message to order.created\n"
+    );
+    let retry = run(
+        broker.ctl(&["pub", "order.created", "o1", "--ack", "--msg-id", "o1"]),
+        None,
+    )
+    .await;
+    assert!(
+        retry.stderr.starts_with(
+            "duplicate: ORDERS already stored this message id as seq 1; nothing stored or delivered\n"
+        ),
+        "{}",
+        retry.stderr
+    );
+    let paid = run(
+        broker.ctl(&["pub", "payment.completed", "p2", "--stored"]),
+        None,
+    )
+    .await;
+    assert!(
+        paid.stderr.starts_with("stored in ORDERS as seq 2;"),
+        "{}",
+        paid.stderr
+    );
+    // --stored fails when no stream captures the topic; --ack does not.
+    let uncaptured = run(broker.ctl(&["pub", "user.created", "u", "--stored"]), None).await;
+    assert_eq!(uncaptured.status.code(), Some(1));
+    assert!(
+        uncaptured
+            .stderr
+            .contains("no stream stored the message to user.created"),
+        "{}",
+        uncaptured.stderr
+    );
+
+    let all = run(
+        broker.ctl(&["sub", "--stream", "ORDERS", "--count", "2"]),
+        None,
+    )
+    .await;
+    assert!(all.status.success(), "sub failed: {}", all.stderr);
+    assert_eq!(
+        all.stdout,
+        "#1 order.created [Brokerd-Msg-Id=o1] o1\n#2 payment.completed p2\n"
+    );
+    assert_eq!(
+        all.stderr,
+        format!(
+            "replaying > from stream ORDERS, from the start, on {}\n",
+            broker.addr
+        )
+    );
+    let json = run(
+        broker.ctl(&[
+            "sub",
+            "payment.*",
+            "--stream",
+            "ORDERS",
+            "--from",
+            "seq:2",
+            "--count",
+            "1",
+            "--json",
+        ]),
+        None,
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(
+        (v["seq"].as_u64(), v["stream"].as_str()),
+        (Some(2), Some("ORDERS"))
+    );
+    let missing = run(
+        broker.ctl(&["sub", "--stream", "NOPE", "--count", "1"]),
+        None,
+    )
+    .await;
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        missing.stderr.contains("NoSuchStream"),
+        "{}",
+        missing.stderr
+    );
+    broker.stop().await;
+}
