@@ -116,7 +116,8 @@ impl<'a, P: AsRef<[u8]>> Publish<'a, P> {
 
     /// Waits for a stream to store the message: the awaited value names the stream and the
     /// message's stream sequence. The broker answers once the message is as durable as the
-    /// stream's `fsync` setting promises.
+    /// stream's `fsync` setting promises, in its own time: [`crate::Client::flush`] does not
+    /// wait for it, and answers to later requests may come first.
     ///
     /// # Errors
     /// As [`Publish::acked`], and:
