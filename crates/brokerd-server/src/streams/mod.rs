@@ -489,9 +489,14 @@ fn options(c: &StreamConfig) -> Options {
 }
 
 /// Writes `stream.json` so that a crash leaves the old definition or the new one, never half.
+/// A definition already stored as is is not written again, so that a stream on a full disk
+/// still opens.
 fn write_definition(dir: &Path, config: &StreamConfig) -> std::io::Result<()> {
     let tmp = dir.join(format!("{DEFINITION}.tmp"));
     let text = serde_json::to_string_pretty(config).map_err(std::io::Error::other)?;
+    if std::fs::read(dir.join(DEFINITION)).is_ok_and(|old| old == text.as_bytes()) {
+        return Ok(());
+    }
     {
         use std::io::Write;
         let mut f = std::fs::File::create(&tmp)?;
