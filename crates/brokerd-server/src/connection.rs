@@ -631,6 +631,16 @@ impl Reader<'_> {
                 format!("no stream named '{}'", Escaped(&start.stream)),
             );
         };
+        if start.start == brokerd_proto::StartPosition::LastPerTopic && stream.per_topic.is_none() {
+            return self.error(
+                s.req_id,
+                ErrorCode::InvalidStart,
+                format!(
+                    "stream {} does not keep messages per topic (max_msgs_per_topic): it cannot start at the newest of each topic",
+                    stream.config.name
+                ),
+            );
+        }
         let Some(client) = self.shared.broker.client(self.client.id) else {
             return;
         };

@@ -448,6 +448,7 @@ async fn fill(
             }
         }
     };
+    let mut batch = batch;
     match batch.last() {
         Some(m) => *next = m.seq + 1,
         None => {
@@ -459,6 +460,7 @@ async fn fill(
             *next = (*next).max(first);
         }
     }
+    super::replay::keep_current(stream, &mut batch);
     ahead.extend(batch);
 }
 
@@ -504,5 +506,11 @@ pub(crate) fn first_sequence(stream: &StreamHandle, start: brokerd_proto::StartP
         StartPosition::FromSeq(n) => n.max(1),
         StartPosition::Last(n) => s.first_seq().max((s.last_seq() + 1).saturating_sub(n)),
         StartPosition::FromTime(t) => s.seek_time(t).unwrap_or_else(|_| s.first_seq()),
+        // A consumer starts at the oldest message still delivered.
+        StartPosition::LastPerTopic => stream
+            .per_topic
+            .as_ref()
+            .and_then(|p| p.lock().kept.first().copied())
+            .unwrap_or_else(|| s.first_seq()),
     }
 }

@@ -43,7 +43,10 @@ pub(crate) fn start_now(handle: &StreamHandle, start: StartPosition) -> Option<u
     match start {
         StartPosition::New => Some(last + 1),
         StartPosition::FromSeq(n) => Some(n.max(1)),
-        StartPosition::All | StartPosition::Last(_) | StartPosition::FromTime(_) => None,
+        StartPosition::All
+        | StartPosition::Last(_)
+        | StartPosition::FromTime(_)
+        | StartPosition::LastPerTopic => None,
     }
 }
 
@@ -59,9 +62,17 @@ pub(crate) async fn run(
     handle.readers.fetch_add(1, Ordering::Relaxed);
     let _count = ReaderCount(&handle);
     let outbox: &Outbox = &sub.outbox;
-    let mut next = match fixed_start {
-        Some(n) => n,
-        None => match resolve(&handle, start).await {
+    // For the newest message of each topic: those sequences, up to the newest one then.
+    let mut only: Option<(std::collections::HashSet<u64>, u64)> = None;
+    let mut next = match (fixed_start, start, &handle.per_topic) {
+        (Some(n), _, _) => n,
+        (None, StartPosition::LastPerTopic, Some(per_topic)) => {
+            let (newest, last) = per_topic.lock().newest_each();
+            let first = newest.first().copied().unwrap_or(last + 1);
+            only = Some((newest.into_iter().collect(), last));
+            first
+        }
+        (None, _, _) => match resolve(&handle, start).await {
             Some(n) => n,
             None => return end(&broker, &client, &sub, &handle, "could not be read"),
         },
@@ -126,8 +137,17 @@ pub(crate) async fn run(
                 }
             }
         };
-        match batch.last() {
-            Some(m) => next = m.seq + 1,
+        let mut batch = batch;
+        let read_up_to = batch.last().map(|m| m.seq);
+        if let Some((wanted, upto)) = &only {
+            batch.retain(|m| m.seq > *upto || wanted.contains(&m.seq));
+            if read_up_to.is_some_and(|s| s >= *upto) {
+                only = None;
+            }
+        }
+        keep_current(&handle, &mut batch);
+        match read_up_to {
+            Some(last) => next = last + 1,
             None => {
                 // Nothing readable at `next` although the stream is longer: it was removed by
                 // retention or a purge (read again from what is stored), or is still being
@@ -138,6 +158,15 @@ pub(crate) async fn run(
             }
         }
         pending.extend(batch);
+    }
+}
+
+/// On a stream with `max_msgs_per_topic`, drops from `batch` the messages newer ones of their
+/// topic have replaced.
+pub(crate) fn keep_current(handle: &StreamHandle, batch: &mut Vec<RecentMsg>) {
+    if let Some(p) = &handle.per_topic {
+        let p = p.lock();
+        batch.retain(|m| p.kept.contains(&m.seq));
     }
 }
 
@@ -153,6 +182,8 @@ async fn resolve(handle: &Arc<StreamHandle>, start: StartPosition) -> Option<u64
             StartPosition::FromTime(t) => s.seek_time(t).ok()?,
             StartPosition::New => s.last_seq() + 1,
             StartPosition::FromSeq(n) => n.max(1),
+            // Only with a topic index, which `run` reads instead.
+            StartPosition::LastPerTopic => s.first_seq(),
         })
     })
     .await
