@@ -108,6 +108,30 @@ pub struct StreamInfo {
     pub recovered_truncated_bytes: u64,
     /// Corrupt records recovery stepped over at start-up.
     pub recovered_corrupt_records: u64,
+    /// Its durable consumers opened since the broker started.
+    pub consumers: Vec<ConsumerInfo>,
+}
+
+/// A durable consumer's state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ConsumerInfo {
+    /// Its name.
+    pub name: String,
+    /// Its filter.
+    pub filter: String,
+    /// Every sequence at or below it is done.
+    pub floor: u64,
+    /// Messages delivered and not yet acknowledged.
+    pub in_flight: u64,
+    /// Subscriptions sharing it now.
+    pub members: u64,
+    /// Deliveries since the broker started, redeliveries included.
+    pub delivered: u64,
+    /// Redeliveries since the broker started.
+    pub redelivered: u64,
+    /// Messages given up after their last delivery, since the broker started.
+    pub given_up: u64,
 }
 
 /// A request naming one stream (`info`, `purge`, `delete`).

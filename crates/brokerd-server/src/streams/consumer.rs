@@ -111,6 +111,21 @@ impl Consumer {
         self.wake.notify_one();
     }
 
+    /// Its state now.
+    pub(crate) fn info(&self) -> brokerd_proto::streams::ConsumerInfo {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        brokerd_proto::streams::ConsumerInfo {
+            name: self.name.clone(),
+            filter: self.filter.to_string(),
+            floor: load(&self.floor),
+            in_flight: load(&self.in_flight),
+            members: load(&self.members),
+            delivered: load(&self.delivered),
+            redelivered: load(&self.redelivered),
+            given_up: load(&self.given_up),
+        }
+    }
+
     /// Adds a member.
     pub(crate) fn join(&self, client: Arc<Client>, sub: Arc<Subscription>) {
         self.inbox.lock().joined.push(Member { client, sub });

@@ -405,6 +405,9 @@ impl StreamHandle {
             recovered_corrupt_records: self.recovered_corrupt,
             ..StreamInfo::default()
         };
+        let mut consumers: Vec<_> = self.consumers.lock().values().map(|c| c.info()).collect();
+        consumers.sort_by(|a, b| a.name.cmp(&b.name));
+        info.consumers = consumers;
         if let Some(p) = &self.per_topic {
             let p = p.lock();
             info.topics = p.topics() as u64;
