@@ -24,6 +24,8 @@ use tracing::warn;
 const BATCH_MSGS: usize = 512;
 /// About the most bytes read in one batch (one larger message is a batch of its own).
 const BATCH_BYTES: usize = 1 << 20;
+/// What a store reader holds while it reads (its chunk buffer), charged to the memory budget.
+const READER_BYTES: usize = 256 * 1024;
 /// How often a waiting replay checks whether its subscription is still live.
 const RECHECK: Duration = Duration::from_millis(250);
 
@@ -80,6 +82,11 @@ pub(crate) async fn run(
     let mut visible = handle.visible.subscribe();
     let mut pending: VecDeque<RecentMsg> = VecDeque::new();
     let mut reader: Option<Reader> = None;
+    // What was read from disk and is not yet queued, and the reader's buffer, count against the
+    // broker's memory budget; messages taken from `recent` are shared with it.
+    let budget = broker.memory().clone();
+    let mut charged = brokerd_core::Charge::new(&budget);
+    let mut from_disk = 0usize;
     loop {
         if sub.is_dead() || outbox.is_closing() {
             return;
@@ -95,6 +102,7 @@ pub(crate) async fn run(
             }
             match outbox.push_stored(&sub, m.seq, &m.body) {
                 Stored::Queued => {
+                    from_disk = from_disk.saturating_sub(m.body.len());
                     pending.pop_front();
                 }
                 Stored::QueuedLast => {
@@ -105,6 +113,10 @@ pub(crate) async fn run(
                 Stored::Ended => return,
             }
         }
+        if pending.is_empty() {
+            from_disk = 0;
+        }
+        charged.set(from_disk + if reader.is_some() { READER_BYTES } else { 0 });
         if !pending.is_empty() {
             let room = std::future::poll_fn(|cx| outbox.poll_replay_room(cx));
             let _ = tokio::time::timeout(RECHECK, room).await;
@@ -124,6 +136,11 @@ pub(crate) async fn run(
                 b
             }
             None => {
+                if budget.over() {
+                    // The broker is over its memory budget: history waits, it is on disk.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
                 let h = handle.clone();
                 let r = reader.take();
                 let read =
@@ -131,6 +148,7 @@ pub(crate) async fn run(
                 match read {
                     Ok((r, batch)) => {
                         reader = r;
+                        from_disk += batch.iter().map(|m| m.body.len()).sum::<usize>();
                         batch
                     }
                     Err(_) => return end(&broker, &client, &sub, &handle, "could not be read"),
