@@ -31,6 +31,8 @@ pub(crate) const DEFAULT_MAX_DELIVER: u16 = 5;
 pub(crate) const DEFAULT_MAX_IN_FLIGHT: u32 = 1_000;
 /// The most a consumer may ask for.
 pub(crate) const MAX_IN_FLIGHT: u32 = 100_000;
+/// Durable consumers one stream holds at most (each is a task and a file).
+pub(crate) const MAX_CONSUMERS: usize = 256;
 /// How often a consumer's floor is written at most.
 pub(crate) const SAVE_EVERY: Duration = Duration::from_millis(100);
 /// Messages read ahead from the stream at most.
@@ -95,6 +97,8 @@ pub(crate) enum JoinError {
     },
     #[error("consumer {0}: cannot read its saved state: {1}")]
     State(String, String),
+    #[error("stream {0} already has {MAX_CONSUMERS} consumers")]
+    TooMany(String),
 }
 
 impl Consumer {
@@ -159,6 +163,9 @@ pub(crate) fn open(
             });
         }
         return Ok(c.clone());
+    }
+    if consumers.len() >= MAX_CONSUMERS {
+        return Err(JoinError::TooMany(stream.config.name.clone()));
     }
     let path = state_path(stream, &spec.name);
     let saved = match std::fs::read(&path) {
