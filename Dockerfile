@@ -24,7 +24,8 @@ ARG CARGO_PROFILE_RELEASE_STRIP=debuginfo
 RUN cargo build --release --locked -p brokerd-server -p brokerctl --bins
 
 FROM ${RUNTIME_IMAGE}
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin brokerd
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin brokerd \
+    && mkdir -p /var/lib/brokerd && chown brokerd:brokerd /var/lib/brokerd
 COPY --from=build /src/target/release/brokerd /src/target/release/brokerctl /usr/local/bin/
 COPY config/brokerd.toml /etc/brokerd/brokerd.toml
 USER brokerd
@@ -32,6 +33,9 @@ ENV BROKERD_CONFIG=/etc/brokerd/brokerd.toml
 # The configuration's default listens on loopback only; in a container the broker must listen on
 # every interface to be reachable through a published port. This overrides the file's `listen`.
 ENV BROKERD_LISTEN=0.0.0.0:7654
+# Streams keep their files here (docs/operations.md, "Streams"); mount a volume to keep them.
+ENV BROKERD_DATA_DIR=/var/lib/brokerd
+VOLUME /var/lib/brokerd
 EXPOSE 7654
 # `brokerd --health` reads the same configuration and environment as the daemon, completes a
 # handshake with it (with the token when one is set) and exits 0 on WELCOME within 3 s. Exec form:

@@ -62,6 +62,33 @@ async fn publish(p: &mut RawConn, from: u32, n: u32) {
     }
 }
 
+/// The stream's state, asked with `$SYS.req.stream.info`.
+async fn stream_info(c: &mut RawConn) -> brokerd_proto::streams::StreamInfo {
+    c.send_bytes(&brokerd_tests::wire::sub(90, 90, "_INBOX.info"))
+        .await;
+    assert_eq!(c.recv().await, Some(Frame::Ok(90)));
+    let body = Body::encode(
+        "$SYS.req.stream.info",
+        Some("_INBOX.info"),
+        None,
+        br#"{"name":"JOBS"}"#,
+    );
+    c.send(&Frame::Pub(Publish {
+        req_id: 91,
+        ack: false,
+        body: Body::parse(body).unwrap(),
+    }))
+    .await;
+    match c.recv().await {
+        Some(Frame::Msg(m)) => {
+            let a: brokerd_proto::streams::StreamAnswer =
+                serde_json::from_slice(&m.body.payload()).unwrap();
+            a.stream.unwrap()
+        }
+        other => panic!("expected the answer, got {other:?}"),
+    }
+}
+
 async fn ack(c: &mut RawConn, sid: u32, seq: u64, kind: AckKind) {
     c.send(&Frame::Mack(Mack { sid, seq, kind })).await;
 }
@@ -183,6 +210,18 @@ async fn the_position_survives_a_restart_of_the_broker() {
     }
     // The position is saved at most every 100 ms.
     tokio::time::sleep(Duration::from_millis(400)).await;
+    let info = stream_info(&mut p).await;
+    let c = &info.consumers[0];
+    assert_eq!(
+        (
+            c.name.as_str(),
+            c.floor,
+            c.in_flight,
+            c.members,
+            c.delivered
+        ),
+        ("billing", 60, 40, 1, 100)
+    );
     b.stop().await;
     let b = broker(&dir.0).await;
     let mut w = b.raw("w").await;

@@ -522,3 +522,34 @@ async fn idle_http_connections_take_a_bounded_number_of_slots_and_nothing_from_t
     );
     b.stop().await;
 }
+
+#[tokio::test]
+async fn streams_show_in_streamz_and_in_the_metrics() {
+    let data = brokerd_tests::TempDir::new("http-streams");
+    let dir = data.0.clone();
+    let (b, http) = monitored(move |c| {
+        c.data_dir = dir;
+        c.streams = vec![brokerd_proto::streams::StreamConfig {
+            name: "ORDERS".into(),
+            filters: vec!["order.>".into()],
+            ..Default::default()
+        }];
+    })
+    .await;
+    let client = b.client("p").await;
+    for i in 0..5 {
+        client
+            .publish("order.created", format!("{i}"))
+            .acked()
+            .await
+            .unwrap();
+    }
+    let answer: brokerd_proto::streams::StreamAnswer = json(http, "/streamz").await;
+    let s = &answer.streams[0];
+    assert_eq!((s.config.name.as_str(), s.msgs, s.last_seq), ("ORDERS", 5, 5));
+    let m = parse_metrics(&get(http, "/metrics", None).await.body);
+    assert_eq!(m.get(r#"brokerd_stream_messages{stream="ORDERS"}"#), Some(&5.0));
+    assert_eq!(m.get(r#"brokerd_stream_last_sequence{stream="ORDERS"}"#), Some(&5.0));
+    assert_eq!(m.get(r#"brokerd_stream_store_errors_total{stream="ORDERS"}"#), Some(&0.0));
+    b.stop().await;
+}

@@ -585,3 +585,161 @@ async fn a_replay_waits_for_a_slow_subscriber_and_loses_nothing() {
     }
     b.stop().await;
 }
+
+#[tokio::test]
+async fn a_last_value_stream_keeps_the_newest_of_each_topic_and_reclaims_the_rest() {
+    let dir = TempDir::new("streams-last-value");
+    let config = StreamConfig {
+        name: "DEVICES".into(),
+        filters: vec!["device.*.state".into()],
+        max_msgs_per_topic: 1,
+        segment_bytes: 4096,
+        fsync: Fsync::Never,
+        ..StreamConfig::default()
+    };
+    let b = broker(&dir.0, vec![config.clone(), orders(Fsync::Never)]).await;
+    let mut p = b.raw("p").await;
+    // 3 devices, 200 updates each, interleaved: the payload is "<device>:<round>".
+    let mut req = 0;
+    for round in 0..200 {
+        for device in 1..=3 {
+            req += 1;
+            let topic = format!("device.{device}.state");
+            p.send(&publish(
+                req,
+                true,
+                &topic,
+                format!("{device}:{round}").as_bytes(),
+                None,
+            ))
+            .await;
+        }
+    }
+    for _ in 0..req {
+        expect_stored(&mut p).await;
+    }
+    let mut c = b.raw("c").await;
+    // From the start: only what is still kept, the newest of each device.
+    c.send(&replay(1, 1, ">", "DEVICES", StartPosition::All))
+        .await;
+    assert_eq!(c.recv().await, Some(Frame::Ok(1)));
+    let got = msgs(&mut c, 3).await;
+    let payloads: Vec<Vec<u8>> = got.iter().map(|m| m.2.clone()).collect();
+    assert_eq!(
+        payloads,
+        vec![b"1:199".to_vec(), b"2:199".to_vec(), b"3:199".to_vec()]
+    );
+    assert_eq!(
+        got.iter().map(|m| m.1).collect::<Vec<_>>(),
+        vec![598, 599, 600]
+    );
+    // The newest of each topic, then live.
+    c.send(&replay(2, 2, ">", "DEVICES", StartPosition::LastPerTopic))
+        .await;
+    assert_eq!(c.recv().await, Some(Frame::Ok(2)));
+    let got = msgs(&mut c, 3).await;
+    assert_eq!(
+        got.iter().map(|m| (m.0, m.1)).collect::<Vec<_>>(),
+        vec![(2, 598), (2, 599), (2, 600)]
+    );
+    p.send(&publish(10_000, true, "device.2.state", b"2:live", None))
+        .await;
+    assert_eq!(expect_stored(&mut p).await.seq, 601);
+    let live = msgs(&mut c, 2).await;
+    assert!(live.iter().all(|m| m.1 == 601 && m.2 == b"2:live"));
+    // Replaced messages' segments are reclaimed (retention runs once a second).
+    let mut admin = b.raw("admin").await;
+    let mut info = request(&mut admin, 100, "info", r#"{"name":"DEVICES"}"#)
+        .await
+        .stream
+        .unwrap();
+    for n in 0..40 {
+        if info.segments <= 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        info = request(&mut admin, 101 + n, "info", r#"{"name":"DEVICES"}"#)
+            .await
+            .stream
+            .unwrap();
+    }
+    assert!(info.segments <= 3, "{info:?}");
+    assert_eq!((info.topics, info.kept), (3, 3));
+    // Not on a stream without the per-topic limit.
+    c.send(&replay(3, 3, ">", "ORDERS", StartPosition::LastPerTopic))
+        .await;
+    assert_eq!(c.expect_err().await.code, ErrorCode::InvalidStart as u16);
+    b.stop().await;
+    // The index is read back at start-up.
+    let b = broker(&dir.0, vec![config, orders(Fsync::Never)]).await;
+    let mut c = b.raw("c").await;
+    c.send(&replay(1, 1, ">", "DEVICES", StartPosition::LastPerTopic))
+        .await;
+    assert_eq!(c.recv().await, Some(Frame::Ok(1)));
+    let got = msgs(&mut c, 3).await;
+    assert_eq!(
+        got.iter().map(|m| m.1).collect::<Vec<_>>(),
+        vec![598, 600, 601]
+    );
+    b.stop().await;
+}
+
+/// Copies a stream directory as `docs/operations.md` ("Backup") says: the definition, then the
+/// segment and index files in name order, while the broker writes to it.
+fn copy_stream(from: &Path, to: &Path) -> usize {
+    std::fs::create_dir_all(to).unwrap();
+    std::fs::copy(from.join("stream.json"), to.join("stream.json")).unwrap();
+    let mut names: Vec<_> = std::fs::read_dir(from)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().ends_with(".log") || n.to_string_lossy().ends_with(".idx"))
+        .collect();
+    names.sort();
+    for n in &names {
+        std::fs::copy(from.join(n), to.join(n)).unwrap();
+    }
+    names.len()
+}
+
+#[tokio::test]
+async fn a_stream_copied_while_it_is_written_opens_as_a_consistent_prefix() {
+    let dir = TempDir::new("streams-backup");
+    let config = StreamConfig {
+        segment_bytes: 16 * 1024,
+        ..orders(Fsync::Never)
+    };
+    let b = broker(&dir.0, vec![config.clone()]).await;
+    let mut p = b.raw("p").await;
+    publish_n(&mut p, 1, 200).await;
+    let writer = tokio::spawn(async move {
+        for round in 0..40u32 {
+            publish_n(&mut p, 201 + round * 50, 50).await;
+        }
+        p
+    });
+    // Copy while the writer runs.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let copy = TempDir::new("streams-backup-copy");
+    let files = tokio::task::spawn_blocking({
+        let (from, to) = (dir.0.join("ORDERS"), copy.0.join("ORDERS"));
+        move || copy_stream(&from, &to)
+    })
+    .await
+    .unwrap();
+    let _p = writer.await.unwrap();
+    b.stop().await;
+    assert!(files >= 2);
+    let restored = broker(&copy.0, vec![config]).await;
+    let mut c = restored.raw("c").await;
+    let mut admin = restored.raw("admin").await;
+    let info = request(&mut admin, 1, "info", r#"{"name":"ORDERS"}"#).await.stream.unwrap();
+    assert!(info.last_seq >= 200, "the copy holds at least what was stored before it began");
+    c.send(&replay(1, 1, ">", "ORDERS", StartPosition::All)).await;
+    assert_eq!(c.recv().await, Some(Frame::Ok(1)));
+    let got = msgs(&mut c, info.last_seq as usize).await;
+    for (i, m) in got.iter().enumerate() {
+        assert_eq!(m.1, i as u64 + 1, "contiguous from 1");
+        assert_eq!(m.2, (i + 1).to_string().into_bytes(), "intact");
+    }
+    restored.stop().await;
+}

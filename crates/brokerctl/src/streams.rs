@@ -124,6 +124,7 @@ impl AddArgs {
             max_msgs: self.max_msgs.unwrap_or(d.max_msgs),
             max_bytes: self.max_bytes.unwrap_or(d.max_bytes),
             max_age_s: self.max_age.unwrap_or(d.max_age_s),
+            max_msgs_per_topic: d.max_msgs_per_topic,
             fsync: self.fsync.map_or(d.fsync, Fsync::from),
             fsync_interval_ms: self.fsync_interval.unwrap_or(d.fsync_interval_ms),
             duplicate_window_s: self.dup_window.unwrap_or(d.duplicate_window_s),
@@ -464,6 +465,7 @@ pub(crate) fn describe_start(start: StartPosition) -> String {
         StartPosition::FromSeq(n) => format!("seq {}", group(n)),
         StartPosition::FromTime(ns) => time(ns),
         StartPosition::Last(n) => format!("the last {}", group(n)),
+        StartPosition::LastPerTopic => "the newest message of each topic".to_string(),
     }
 }
 

@@ -24,7 +24,7 @@ pub use broker::{
     RawBody, RouteCache, SubscribeError, UnsubscribeError,
 };
 pub use close::CloseReason;
-pub use memory::{MemoryBudget, Pressure};
+pub use memory::{Charge, MemoryBudget, Pressure};
 pub use outbox::{Item, Outbox, OutboxLimits, OutboxStats, Push, Stored, Take};
 pub use permissions::{
     Denial, Identity, Permissions, Quota, ResponsePermits, ResponsePolicy, Rules,

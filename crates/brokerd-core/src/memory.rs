@@ -172,6 +172,35 @@ impl MemoryBudget {
     }
 }
 
+/// What one holder charges to a budget now: [`Charge::set`] adjusts it, and dropping the guard
+/// gives it all back.
+#[derive(Debug)]
+pub struct Charge<'a> {
+    budget: &'a MemoryBudget,
+    bytes: usize,
+}
+
+impl<'a> Charge<'a> {
+    /// A holder charging nothing yet.
+    pub fn new(budget: &'a MemoryBudget) -> Charge<'a> {
+        Charge { budget, bytes: 0 }
+    }
+
+    /// Charges `bytes` in all from now on.
+    pub fn set(&mut self, bytes: usize) {
+        if bytes != self.bytes {
+            self.budget.adjust(self.bytes, bytes);
+            self.bytes = bytes;
+        }
+    }
+}
+
+impl Drop for Charge<'_> {
+    fn drop(&mut self) {
+        self.budget.credit(self.bytes);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -114,11 +114,14 @@ pub enum ErrorCode {
     /// A stream's write queue is full: the `PUB` was neither stored nor routed. The frame is
     /// rejected; the publisher may retry.
     StreamBusy = 24,
+    /// A `SUB`'s start position cannot be used with that stream (the newest message of each
+    /// topic, on a stream that does not keep messages per topic). The frame is rejected.
+    InvalidStart = 25,
 }
 
 impl ErrorCode {
     /// Every code, in numeric order.
-    pub const ALL: [ErrorCode; 24] = [
+    pub const ALL: [ErrorCode; 25] = [
         ErrorCode::UnsupportedVersion,
         ErrorCode::MalformedFrame,
         ErrorCode::UnknownFrameType,
@@ -143,6 +146,7 @@ impl ErrorCode {
         ErrorCode::NoSuchStream,
         ErrorCode::StoreFailed,
         ErrorCode::StreamBusy,
+        ErrorCode::InvalidStart,
     ];
 
     /// The code for a number, if this version defines it.
@@ -165,6 +169,7 @@ impl ErrorCode {
                 | ErrorCode::NoSuchStream
                 | ErrorCode::StoreFailed
                 | ErrorCode::StreamBusy
+                | ErrorCode::InvalidStart
         )
     }
 
@@ -195,6 +200,7 @@ impl ErrorCode {
             ErrorCode::NoSuchStream => "no-such-stream",
             ErrorCode::StoreFailed => "store-failed",
             ErrorCode::StreamBusy => "stream-busy",
+            ErrorCode::InvalidStart => "invalid-start",
         }
     }
 }
@@ -216,6 +222,6 @@ mod tests {
             assert_eq!(ErrorCode::from_u16(*c as u16), Some(*c));
         }
         assert_eq!(ErrorCode::from_u16(0), None);
-        assert_eq!(ErrorCode::from_u16(25), None);
+        assert_eq!(ErrorCode::from_u16(26), None);
     }
 }

@@ -138,6 +138,9 @@ pub enum StartPosition {
     FromTime(u64),
     /// The last N messages of the stream, then everything new (5).
     Last(u64),
+    /// The newest message of each topic, in stream order, then everything new (6); only on a
+    /// stream that keeps messages per topic (`max_msgs_per_topic`).
+    LastPerTopic,
 }
 
 impl StartPosition {
@@ -149,6 +152,7 @@ impl StartPosition {
             StartPosition::FromSeq(n) => (3, n),
             StartPosition::FromTime(t) => (4, t),
             StartPosition::Last(n) => (5, n),
+            StartPosition::LastPerTopic => (6, 0),
         }
     }
 
@@ -160,6 +164,7 @@ impl StartPosition {
             3 => StartPosition::FromSeq(arg),
             4 => StartPosition::FromTime(arg),
             5 => StartPosition::Last(arg),
+            6 => StartPosition::LastPerTopic,
             _ => return None,
         })
     }
@@ -1117,6 +1122,7 @@ mod tests {
             StartPosition::FromSeq(7),
             StartPosition::FromTime(1_700_000_000_000_000_000),
             StartPosition::Last(10),
+            StartPosition::LastPerTopic,
         ] {
             round_trip(Frame::Sub(Subscribe {
                 req_id: 5,

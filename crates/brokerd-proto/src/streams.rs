@@ -41,6 +41,10 @@ pub struct StreamConfig {
     pub max_bytes: u64,
     /// Keep messages at most this many seconds (0: no limit).
     pub max_age_s: u64,
+    /// Keep only the newest this many messages of each topic (0: no limit): a "last value"
+    /// stream. Older ones are no longer delivered at once, and their disk space is reclaimed
+    /// when a whole segment holds only such messages.
+    pub max_msgs_per_topic: u64,
     /// When appends reach the disk.
     pub fsync: Fsync,
     /// The sync interval under [`Fsync::Interval`], in milliseconds.
@@ -59,6 +63,7 @@ impl Default for StreamConfig {
             max_msgs: 0,
             max_bytes: 0,
             max_age_s: 0,
+            max_msgs_per_topic: 0,
             fsync: Fsync::Interval,
             fsync_interval_ms: 100,
             duplicate_window_s: 120,
@@ -95,10 +100,38 @@ pub struct StreamInfo {
     pub duplicates: u64,
     /// Replay subscriptions reading it now.
     pub readers: u64,
+    /// With `max_msgs_per_topic`: the topics it holds messages of, and those messages.
+    pub topics: u64,
+    /// With `max_msgs_per_topic`: the messages still delivered (the newest of each topic).
+    pub kept: u64,
     /// What recovery found at start-up: bytes cut from a torn tail, corrupt records skipped.
     pub recovered_truncated_bytes: u64,
     /// Corrupt records recovery stepped over at start-up.
     pub recovered_corrupt_records: u64,
+    /// Its durable consumers opened since the broker started.
+    pub consumers: Vec<ConsumerInfo>,
+}
+
+/// A durable consumer's state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ConsumerInfo {
+    /// Its name.
+    pub name: String,
+    /// Its filter.
+    pub filter: String,
+    /// Every sequence at or below it is done.
+    pub floor: u64,
+    /// Messages delivered and not yet acknowledged.
+    pub in_flight: u64,
+    /// Subscriptions sharing it now.
+    pub members: u64,
+    /// Deliveries since the broker started, redeliveries included.
+    pub delivered: u64,
+    /// Redeliveries since the broker started.
+    pub redelivered: u64,
+    /// Messages given up after their last delivery, since the broker started.
+    pub given_up: u64,
 }
 
 /// A request naming one stream (`info`, `purge`, `delete`).

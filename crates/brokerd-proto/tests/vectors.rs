@@ -61,7 +61,7 @@ fn full_body() -> Body {
 /// The `ERR` vectors, one per code, each named `err_` and the code's name: code, request id and
 /// message. Those whose code closes the connection carry request id 0, except the second
 /// `HELLO`'s `ERR 9`, as the server sends them.
-const ERR_VECTORS: [(ErrorCode, u32, &str); 24] = [
+const ERR_VECTORS: [(ErrorCode, u32, &str); 25] = [
     (ErrorCode::UnsupportedVersion, 0, "version 2"),
     (ErrorCode::MalformedFrame, 0, "trailing bytes"),
     (ErrorCode::UnknownFrameType, 0, "type 0x7f"),
@@ -86,6 +86,7 @@ const ERR_VECTORS: [(ErrorCode, u32, &str); 24] = [
     (ErrorCode::NoSuchStream, 19, "no stream"),
     (ErrorCode::StoreFailed, 20, "disk full"),
     (ErrorCode::StreamBusy, 21, "busy"),
+    (ErrorCode::InvalidStart, 22, "no topic index"),
 ];
 
 /// The frame each vector must decode to, keyed by the vector's name.

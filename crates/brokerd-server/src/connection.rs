@@ -631,6 +631,16 @@ impl Reader<'_> {
                 format!("no stream named '{}'", Escaped(&start.stream)),
             );
         };
+        if start.start == brokerd_proto::StartPosition::LastPerTopic && stream.per_topic.is_none() {
+            return self.error(
+                s.req_id,
+                ErrorCode::InvalidStart,
+                format!(
+                    "stream {} does not keep messages per topic (max_msgs_per_topic): it cannot start at the newest of each topic",
+                    stream.config.name
+                ),
+            );
+        }
         let Some(client) = self.shared.broker.client(self.client.id) else {
             return;
         };
@@ -832,10 +842,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let budget = shared.broker.memory().clone();
     // What this connection's read buffer is charged to the memory budget, given back when the
     // loop ends.
-    let mut charged = Charge {
-        budget: &budget,
-        bytes: 0,
-    };
+    let mut charged = brokerd_core::Charge::new(&budget);
     let max_frame = shared.config.load().limits.max_frame;
     let interval = shared.config.load().timeouts.ping_interval;
     let max_pings = shared.config.load().timeouts.max_pings_outstanding;
@@ -1080,26 +1087,6 @@ fn read_held(buf: &BytesMut) -> usize {
     }
 }
 
-/// Bytes charged to the memory budget by one holder, given back when dropped.
-struct Charge<'a> {
-    budget: &'a brokerd_core::MemoryBudget,
-    bytes: usize,
-}
-
-impl Charge<'_> {
-    fn set(&mut self, bytes: usize) {
-        if bytes != self.bytes {
-            self.budget.adjust(self.bytes, bytes);
-            self.bytes = bytes;
-        }
-    }
-}
-
-impl Drop for Charge<'_> {
-    fn drop(&mut self) {
-        self.budget.credit(self.bytes);
-    }
-}
 
 /// The deadline of the frame whose start the read buffer holds: `timeouts.frame` plus its
 /// announced length at `limits.min_frame_rate`, from the read that brought its first byte. Bytes

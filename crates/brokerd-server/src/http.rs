@@ -52,6 +52,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         .route("/connz", get(connz))
         .route("/subz", get(subz))
         .route("/metrics", get(metrics))
+        .route("/streamz", get(streamz))
         .route("/tail", get(crate::tail::tail))
         .route_layer(middleware::from_fn_with_state(
             (shared.clone(), verified),
@@ -329,6 +330,19 @@ async fn varz(State(shared): State<Arc<Shared>>) -> Response {
     Json(shared.monitor.varz(&shared)).into_response()
 }
 
+/// `/streamz`: every stream's definition and state, as `$SYS.req.stream.list` answers it. Each
+/// stream's figures are read under its store's lock (a few loads), on the blocking pool.
+async fn streamz(State(shared): State<Arc<Shared>>) -> Response {
+    match tokio::task::spawn_blocking(move || shared.streams.infos()).await {
+        Ok(streams) => Json(brokerd_proto::streams::StreamAnswer {
+            streams,
+            ..Default::default()
+        })
+        .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
 async fn connz(State(shared): State<Arc<Shared>>, Query(q): Query<ConnzQuery>) -> Response {
     if let Some(sort) = &q.sort
         && !CONNZ_SORTS.contains(&sort.as_str())
@@ -508,6 +522,70 @@ pub(crate) fn metrics_text(shared: &Shared) -> String {
             .inc_by(*n);
     }
     r.register("closes", "Connections closed, by reason", closes);
+    // One series per stream (at most 64), labelled by its name.
+    let streams = shared.streams.infos();
+    if !streams.is_empty() {
+        type Labels = Vec<(String, String)>;
+        let gauges = |name: &str,
+                      help: &str,
+                      r: &mut Registry,
+                      f: &dyn Fn(&brokerd_proto::streams::StreamInfo) -> u64| {
+            let fam = Family::<Labels, prometheus_client::metrics::gauge::Gauge>::default();
+            for st in &streams {
+                fam.get_or_create(&vec![("stream".to_string(), st.config.name.clone())])
+                    .set(clamp(f(st)));
+            }
+            r.register(name, help, fam);
+        };
+        gauges(
+            "stream_messages",
+            "Messages a stream stores",
+            &mut r,
+            &|s| s.msgs,
+        );
+        gauges(
+            "stream_bytes",
+            "Bytes of a stream's segment files",
+            &mut r,
+            &|s| s.bytes,
+        );
+        gauges(
+            "stream_last_sequence",
+            "A stream's newest sequence",
+            &mut r,
+            &|s| s.last_seq,
+        );
+        gauges(
+            "stream_readers",
+            "Replay subscriptions reading a stream",
+            &mut r,
+            &|s| s.readers,
+        );
+        let counters =
+            |name: &str,
+             help: &str,
+             r: &mut Registry,
+             f: &dyn Fn(&brokerd_proto::streams::StreamInfo) -> u64| {
+                let fam = Family::<Labels, Counter>::default();
+                for st in &streams {
+                    fam.get_or_create(&vec![("stream".to_string(), st.config.name.clone())])
+                        .inc_by(f(st));
+                }
+                r.register(name, help, fam);
+            };
+        counters(
+            "stream_store_errors",
+            "Publishes a stream could not store",
+            &mut r,
+            &|s| s.store_errors,
+        );
+        counters(
+            "stream_duplicates",
+            "Repeated message ids a stream suppressed",
+            &mut r,
+            &|s| s.duplicates,
+        );
+    }
     let mut out = String::new();
     if encode(&mut out, &r).is_err() {
         out.clear();

@@ -121,10 +121,9 @@ fn replay_all(addr: SocketAddr) -> Vec<(u64, String)> {
     let mut out: Vec<(u64, String)> = Vec::new();
     while out.last().is_none_or(|m| m.0 < last) && last > 0 {
         match c.recv() {
-            Some(Frame::Msg(m)) => out.push((
-                m.seq,
-                String::from_utf8(m.body.payload().to_vec()).unwrap(),
-            )),
+            Some(Frame::Msg(m)) => {
+                out.push((m.seq, String::from_utf8(m.body.payload().to_vec()).unwrap()))
+            }
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -132,7 +131,8 @@ fn replay_all(addr: SocketAddr) -> Vec<(u64, String)> {
 }
 
 fn crash_and_recover(fsync: &str) {
-    let data = std::env::temp_dir().join(format!("brokerd-crash-data-{fsync}-{}", std::process::id()));
+    let data =
+        std::env::temp_dir().join(format!("brokerd-crash-data-{fsync}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
     let publishers = scale("BROKERD_CRASH_PUBLISHERS", 4);
     let run_ms = scale("BROKERD_CRASH_MS", 400) as u64;
@@ -215,4 +215,107 @@ fn kill_9_under_fsync_always_loses_no_acknowledged_message_and_stores_no_retry_t
 #[test]
 fn kill_9_under_fsync_interval_loses_nothing_a_process_crash_can_take() {
     crash_and_recover("interval");
+}
+
+/// Whether this process runs as root (mounting a small filesystem needs it).
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Unmounts the small filesystem however the test ends.
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn a_full_filesystem_refuses_publishes_clearly_and_keeps_what_is_stored() {
+    if !is_root() {
+        eprintln!("skipped: mounting a 1 MiB tmpfs needs root (CI runs as root)");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("brokerd-tmpfs-mount-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mount a 1 MiB tmpfs at {}", dir.display());
+    let mount = Mount(dir.clone());
+    let config = format!(
+        "http = \"off\"\ndata_dir = \"{}\"\n\n[[streams]]\nname = \"ORDERS\"\nfilters = [\"order.>\"]\nfsync = \"always\"\nsegment_bytes = 65536\n",
+        dir.join("data").display()
+    );
+    let b = Brokerd::start("fullfs", &config);
+    let mut c = Conn::handshake(b.addr, Ipv4Addr::LOCALHOST, "filler");
+    let payload = vec![b'x'; 1000];
+    let mut acked = Vec::new();
+    let mut refusal = None;
+    for req in 1..=5_000u32 {
+        let body = Body::encode("order.created", None, None, &payload);
+        c.send(
+            &Frame::Pub(Publish {
+                req_id: req,
+                ack: true,
+                body: Body::parse(body).unwrap(),
+            })
+            .to_bytes(),
+        );
+        match c.recv() {
+            Some(Frame::Stored(s)) => acked.push(s.seq),
+            Some(Frame::Err(e)) => {
+                refusal = Some(e);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let e = refusal.expect("a 1 MiB filesystem fills up within 5 MB of publishes");
+    assert_eq!(e.code, brokerd_proto::ErrorCode::StoreFailed as u16);
+    assert!(
+        e.message.contains("no space"),
+        "a clear message: {}",
+        e.message
+    );
+    assert!(!acked.is_empty());
+    // The connection and the broker go on; a second try is refused the same way.
+    let body = Body::encode("order.created", None, None, &payload);
+    c.send(
+        &Frame::Pub(Publish {
+            req_id: 9_999,
+            ack: true,
+            body: Body::parse(body).unwrap(),
+        })
+        .to_bytes(),
+    );
+    assert!(
+        matches!(c.recv(), Some(Frame::Err(e)) if e.code == brokerd_proto::ErrorCode::StoreFailed as u16)
+    );
+    let stored: Vec<u64> = replay_all(b.addr).iter().map(|m| m.0).collect();
+    assert_eq!(stored, acked, "everything acknowledged, nothing else");
+    drop(c);
+    drop(b);
+    // And after a restart on the still-full filesystem.
+    let b = Brokerd::start("fullfs", &config);
+    let stored: Vec<u64> = replay_all(b.addr).iter().map(|m| m.0).collect();
+    assert_eq!(stored, acked);
+    println!(
+        "streams-fullfs: {} messages of 1000 B stored on a 1 MiB tmpfs, then: {}",
+        acked.len(),
+        e.message
+    );
+    drop(b);
+    drop(mount);
 }

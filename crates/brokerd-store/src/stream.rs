@@ -571,6 +571,24 @@ impl Stream {
         Ok(deleted)
     }
 
+    /// Deletes the oldest sealed segments whose every record has a sequence below `seq`: the
+    /// caller no longer needs them (a stream that keeps only the newest messages of each topic).
+    /// Returns how many were deleted.
+    ///
+    /// # Errors
+    /// I/O errors deleting a segment file.
+    pub fn trim_before(&mut self, seq: u64) -> Result<usize> {
+        let mut deleted = 0;
+        while let Some(old) = self.sealed.front() {
+            if old.last.is_some_and(|(last, _)| last >= seq) {
+                break;
+            }
+            self.delete_oldest()?;
+            deleted += 1;
+        }
+        Ok(deleted)
+    }
+
     fn trim_to_limits(&mut self) -> Result<usize> {
         let mut deleted = 0;
         while let Some(old) = self.sealed.front() {

@@ -31,6 +31,8 @@ pub(crate) const DEFAULT_MAX_DELIVER: u16 = 5;
 pub(crate) const DEFAULT_MAX_IN_FLIGHT: u32 = 1_000;
 /// The most a consumer may ask for.
 pub(crate) const MAX_IN_FLIGHT: u32 = 100_000;
+/// Durable consumers one stream holds at most (each is a task and a file).
+pub(crate) const MAX_CONSUMERS: usize = 256;
 /// How often a consumer's floor is written at most.
 pub(crate) const SAVE_EVERY: Duration = Duration::from_millis(100);
 /// Messages read ahead from the stream at most.
@@ -95,6 +97,8 @@ pub(crate) enum JoinError {
     },
     #[error("consumer {0}: cannot read its saved state: {1}")]
     State(String, String),
+    #[error("stream {0} already has {MAX_CONSUMERS} consumers")]
+    TooMany(String),
 }
 
 impl Consumer {
@@ -109,6 +113,21 @@ impl Consumer {
         inbox.acks.push((seq, kind));
         drop(inbox);
         self.wake.notify_one();
+    }
+
+    /// Its state now.
+    pub(crate) fn info(&self) -> brokerd_proto::streams::ConsumerInfo {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        brokerd_proto::streams::ConsumerInfo {
+            name: self.name.clone(),
+            filter: self.filter.to_string(),
+            floor: load(&self.floor),
+            in_flight: load(&self.in_flight),
+            members: load(&self.members),
+            delivered: load(&self.delivered),
+            redelivered: load(&self.redelivered),
+            given_up: load(&self.given_up),
+        }
     }
 
     /// Adds a member.
@@ -144,6 +163,9 @@ pub(crate) fn open(
             });
         }
         return Ok(c.clone());
+    }
+    if consumers.len() >= MAX_CONSUMERS {
+        return Err(JoinError::TooMany(stream.config.name.clone()));
     }
     let path = state_path(stream, &spec.name);
     let saved = match std::fs::read(&path) {
@@ -448,6 +470,7 @@ async fn fill(
             }
         }
     };
+    let mut batch = batch;
     match batch.last() {
         Some(m) => *next = m.seq + 1,
         None => {
@@ -459,6 +482,7 @@ async fn fill(
             *next = (*next).max(first);
         }
     }
+    super::replay::keep_current(stream, &mut batch);
     ahead.extend(batch);
 }
 
@@ -504,5 +528,11 @@ pub(crate) fn first_sequence(stream: &StreamHandle, start: brokerd_proto::StartP
         StartPosition::FromSeq(n) => n.max(1),
         StartPosition::Last(n) => s.first_seq().max((s.last_seq() + 1).saturating_sub(n)),
         StartPosition::FromTime(t) => s.seek_time(t).unwrap_or_else(|_| s.first_seq()),
+        // A consumer starts at the oldest message still delivered.
+        StartPosition::LastPerTopic => stream
+            .per_topic
+            .as_ref()
+            .and_then(|p| p.lock().kept.first().copied())
+            .unwrap_or_else(|| s.first_seq()),
     }
 }

@@ -13,7 +13,7 @@ use brokerd_proto::{Filter, StoredParts};
 use brokerd_store::Stream;
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -177,6 +177,55 @@ impl Recent {
     }
 }
 
+/// The newest messages of each topic, for a stream with `max_msgs_per_topic`: which stored
+/// messages are still delivered. Bounded by the topics times the limit.
+#[derive(Default)]
+pub(crate) struct PerTopic {
+    topics: HashMap<Box<str>, VecDeque<u64>>,
+    pub(crate) kept: BTreeSet<u64>,
+    /// The newest sequence added.
+    pub(crate) last: u64,
+}
+
+impl PerTopic {
+    /// Records message `seq` on `topic`, forgetting that topic's oldest beyond `max`.
+    pub(crate) fn add(&mut self, topic: &str, seq: u64, max: u64) {
+        let q = match self.topics.get_mut(topic) {
+            Some(q) => q,
+            None => self.topics.entry(topic.into()).or_default(),
+        };
+        q.push_back(seq);
+        while q.len() as u64 > max {
+            if let Some(old) = q.pop_front() {
+                self.kept.remove(&old);
+            }
+        }
+        self.kept.insert(seq);
+        self.last = self.last.max(seq);
+    }
+
+    /// The newest message of each topic, in stream order, and the newest sequence added.
+    pub(crate) fn newest_each(&self) -> (Vec<u64>, u64) {
+        let mut v: Vec<u64> = self
+            .topics
+            .values()
+            .filter_map(|q| q.back().copied())
+            .collect();
+        v.sort_unstable();
+        (v, self.last)
+    }
+
+    pub(crate) fn topics(&self) -> usize {
+        self.topics.len()
+    }
+
+    /// Forgets everything (a purge); sequences go on from `last`.
+    pub(crate) fn clear(&mut self) {
+        self.topics.clear();
+        self.kept.clear();
+    }
+}
+
 /// The captures waiting for the writer thread.
 #[derive(Default)]
 pub(crate) struct Pending {
@@ -249,6 +298,8 @@ pub(crate) struct StreamHandle {
     pub(crate) recovered_truncated: u64,
     pub(crate) recovered_corrupt: u64,
     pub(crate) thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// With `max_msgs_per_topic`: which messages are still delivered.
+    pub(crate) per_topic: Option<Mutex<PerTopic>>,
     /// Its durable consumers open in this process, by name.
     pub(crate) consumers: Mutex<HashMap<String, Arc<super::consumer::Consumer>>>,
 }
@@ -354,6 +405,14 @@ impl StreamHandle {
             recovered_corrupt_records: self.recovered_corrupt,
             ..StreamInfo::default()
         };
+        let mut consumers: Vec<_> = self.consumers.lock().values().map(|c| c.info()).collect();
+        consumers.sort_by(|a, b| a.name.cmp(&b.name));
+        info.consumers = consumers;
+        if let Some(p) = &self.per_topic {
+            let p = p.lock();
+            info.topics = p.topics() as u64;
+            info.kept = p.kept.len() as u64;
+        }
         if let Some(s) = self.store.lock().as_ref() {
             info.first_seq = s.first_seq();
             info.last_seq = s.last_seq();
@@ -405,6 +464,21 @@ mod tests {
         // A gap (a purge) starts the window again.
         r.push(msg(500, 1));
         assert_eq!(r.msgs.len(), 1);
+    }
+
+    #[test]
+    fn per_topic_keeps_the_newest_of_each_topic() {
+        let mut p = PerTopic::default();
+        for (seq, topic) in [(1, "a"), (2, "b"), (3, "a"), (4, "a"), (5, "c"), (6, "b")] {
+            p.add(topic, seq, 2);
+        }
+        assert_eq!(
+            p.kept.iter().copied().collect::<Vec<_>>(),
+            vec![2, 3, 4, 5, 6]
+        );
+        assert_eq!(p.newest_each(), (vec![4, 5, 6], 6));
+        p.add("a", 7, 1);
+        assert!(!p.kept.contains(&3) && !p.kept.contains(&4));
     }
 
     #[test]

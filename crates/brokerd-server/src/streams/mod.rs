@@ -25,7 +25,7 @@ use arc_swap::ArcSwap;
 use brokerd_proto::streams::{Fsync, StreamConfig, StreamInfo, valid_stream_name};
 use brokerd_proto::{Filter, StoredParts, TopicLimits};
 use brokerd_store::{FsyncPolicy, Options, Stream};
-use handle::{Ids, Pending, Recent};
+use handle::{Ids, Pending, PerTopic, Recent};
 use parking_lot::Mutex;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -207,6 +207,8 @@ impl Streams {
             warn!(stream = %config.name, segment = %c.segment.display(), offset = c.offset, len = c.len, "corrupt record skipped");
         }
         let (ids, claimed) = recent_ids(&store, &config);
+        let per_topic =
+            (config.max_msgs_per_topic > 0).then(|| Mutex::new(index_topics(&store, &config)));
         let last = store.last_seq();
         info!(
             stream = %config.name,
@@ -236,6 +238,7 @@ impl Streams {
             recovered_corrupt: rec.corrupt_records.len() as u64,
             thread: Mutex::new(None),
             consumers: Mutex::new(std::collections::HashMap::new()),
+            per_topic,
             config,
         });
         let for_thread = handle.clone();
@@ -302,6 +305,9 @@ impl Streams {
                 source,
             })?;
             handle.recent.lock().clear();
+            if let Some(p) = &handle.per_topic {
+                p.lock().clear();
+            }
             n
         };
         info!(stream = %name, purged, "stream purged");
@@ -489,9 +495,14 @@ fn options(c: &StreamConfig) -> Options {
 }
 
 /// Writes `stream.json` so that a crash leaves the old definition or the new one, never half.
+/// A definition already stored as is is not written again, so that a stream on a full disk
+/// still opens.
 fn write_definition(dir: &Path, config: &StreamConfig) -> std::io::Result<()> {
     let tmp = dir.join(format!("{DEFINITION}.tmp"));
     let text = serde_json::to_string_pretty(config).map_err(std::io::Error::other)?;
+    if std::fs::read(dir.join(DEFINITION)).is_ok_and(|old| old == text.as_bytes()) {
+        return Ok(());
+    }
     {
         use std::io::Write;
         let mut f = std::fs::File::create(&tmp)?;
@@ -532,6 +543,22 @@ fn recent_ids(store: &Stream, config: &StreamConfig) -> (Ids, Ids) {
         }
     }
     (ids, claimed)
+}
+
+/// Reads the whole stream once to learn the newest messages of each topic (a stream with
+/// `max_msgs_per_topic`; such a stream holds little more than its topics times the limit).
+fn index_topics(store: &Stream, config: &StreamConfig) -> PerTopic {
+    let mut p = PerTopic::default();
+    if let Ok(reader) = store.read_from(store.first_seq()) {
+        for rec in reader.flatten() {
+            p.add(
+                rec.topic_str().unwrap_or_default(),
+                rec.seq,
+                config.max_msgs_per_topic,
+            );
+        }
+    }
+    p
 }
 
 /// The parts of a publish a stream stores, and its message id.

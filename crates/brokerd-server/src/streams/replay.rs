@@ -24,6 +24,8 @@ use tracing::warn;
 const BATCH_MSGS: usize = 512;
 /// About the most bytes read in one batch (one larger message is a batch of its own).
 const BATCH_BYTES: usize = 1 << 20;
+/// What a store reader holds while it reads (its chunk buffer), charged to the memory budget.
+const READER_BYTES: usize = 256 * 1024;
 /// How often a waiting replay checks whether its subscription is still live.
 const RECHECK: Duration = Duration::from_millis(250);
 
@@ -43,7 +45,10 @@ pub(crate) fn start_now(handle: &StreamHandle, start: StartPosition) -> Option<u
     match start {
         StartPosition::New => Some(last + 1),
         StartPosition::FromSeq(n) => Some(n.max(1)),
-        StartPosition::All | StartPosition::Last(_) | StartPosition::FromTime(_) => None,
+        StartPosition::All
+        | StartPosition::Last(_)
+        | StartPosition::FromTime(_)
+        | StartPosition::LastPerTopic => None,
     }
 }
 
@@ -59,9 +64,17 @@ pub(crate) async fn run(
     handle.readers.fetch_add(1, Ordering::Relaxed);
     let _count = ReaderCount(&handle);
     let outbox: &Outbox = &sub.outbox;
-    let mut next = match fixed_start {
-        Some(n) => n,
-        None => match resolve(&handle, start).await {
+    // For the newest message of each topic: those sequences, up to the newest one then.
+    let mut only: Option<(std::collections::HashSet<u64>, u64)> = None;
+    let mut next = match (fixed_start, start, &handle.per_topic) {
+        (Some(n), _, _) => n,
+        (None, StartPosition::LastPerTopic, Some(per_topic)) => {
+            let (newest, last) = per_topic.lock().newest_each();
+            let first = newest.first().copied().unwrap_or(last + 1);
+            only = Some((newest.into_iter().collect(), last));
+            first
+        }
+        (None, _, _) => match resolve(&handle, start).await {
             Some(n) => n,
             None => return end(&broker, &client, &sub, &handle, "could not be read"),
         },
@@ -69,6 +82,11 @@ pub(crate) async fn run(
     let mut visible = handle.visible.subscribe();
     let mut pending: VecDeque<RecentMsg> = VecDeque::new();
     let mut reader: Option<Reader> = None;
+    // What was read from disk and is not yet queued, and the reader's buffer, count against the
+    // broker's memory budget; messages taken from `recent` are shared with it.
+    let budget = broker.memory().clone();
+    let mut charged = brokerd_core::Charge::new(&budget);
+    let mut from_disk = 0usize;
     loop {
         if sub.is_dead() || outbox.is_closing() {
             return;
@@ -84,6 +102,7 @@ pub(crate) async fn run(
             }
             match outbox.push_stored(&sub, m.seq, &m.body) {
                 Stored::Queued => {
+                    from_disk = from_disk.saturating_sub(m.body.len());
                     pending.pop_front();
                 }
                 Stored::QueuedLast => {
@@ -94,6 +113,10 @@ pub(crate) async fn run(
                 Stored::Ended => return,
             }
         }
+        if pending.is_empty() {
+            from_disk = 0;
+        }
+        charged.set(from_disk + if reader.is_some() { READER_BYTES } else { 0 });
         if !pending.is_empty() {
             let room = std::future::poll_fn(|cx| outbox.poll_replay_room(cx));
             let _ = tokio::time::timeout(RECHECK, room).await;
@@ -113,6 +136,11 @@ pub(crate) async fn run(
                 b
             }
             None => {
+                if budget.over() {
+                    // The broker is over its memory budget: history waits, it is on disk.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
                 let h = handle.clone();
                 let r = reader.take();
                 let read =
@@ -120,14 +148,24 @@ pub(crate) async fn run(
                 match read {
                     Ok((r, batch)) => {
                         reader = r;
+                        from_disk += batch.iter().map(|m| m.body.len()).sum::<usize>();
                         batch
                     }
                     Err(_) => return end(&broker, &client, &sub, &handle, "could not be read"),
                 }
             }
         };
-        match batch.last() {
-            Some(m) => next = m.seq + 1,
+        let mut batch = batch;
+        let read_up_to = batch.last().map(|m| m.seq);
+        if let Some((wanted, upto)) = &only {
+            batch.retain(|m| m.seq > *upto || wanted.contains(&m.seq));
+            if read_up_to.is_some_and(|s| s >= *upto) {
+                only = None;
+            }
+        }
+        keep_current(&handle, &mut batch);
+        match read_up_to {
+            Some(last) => next = last + 1,
             None => {
                 // Nothing readable at `next` although the stream is longer: it was removed by
                 // retention or a purge (read again from what is stored), or is still being
@@ -138,6 +176,15 @@ pub(crate) async fn run(
             }
         }
         pending.extend(batch);
+    }
+}
+
+/// On a stream with `max_msgs_per_topic`, drops from `batch` the messages newer ones of their
+/// topic have replaced.
+pub(crate) fn keep_current(handle: &StreamHandle, batch: &mut Vec<RecentMsg>) {
+    if let Some(p) = &handle.per_topic {
+        let p = p.lock();
+        batch.retain(|m| p.kept.contains(&m.seq));
     }
 }
 
@@ -153,6 +200,8 @@ async fn resolve(handle: &Arc<StreamHandle>, start: StartPosition) -> Option<u64
             StartPosition::FromTime(t) => s.seek_time(t).ok()?,
             StartPosition::New => s.last_seq() + 1,
             StartPosition::FromSeq(n) => n.max(1),
+            // Only with a topic index, which `run` reads instead.
+            StartPosition::LastPerTopic => s.first_seq(),
         })
     })
     .await

@@ -104,6 +104,14 @@ fn housekeeping(handle: &StreamHandle, ids: &mut Ids, window_ms: u64, last: &mut
         return;
     }
     *last = Instant::now();
+    if let Some(p) = &handle.per_topic {
+        // Whole segments holding only messages newer ones of their topics replaced.
+        let oldest = p.lock().kept.first().copied();
+        let keep_from = oldest.unwrap_or(s.last_seq() + 1);
+        if let Err(e) = s.trim_before(keep_from) {
+            warn!(stream = %handle.config.name, error = %e, "reclaiming replaced messages failed");
+        }
+    }
     match s.enforce_retention(super::handle::now_ns()) {
         Ok(0) => {}
         Ok(n) => info!(stream = %handle.config.name, segments = n, "retention deleted segments"),
@@ -164,6 +172,13 @@ fn write_batch(
                         topic_len: c.topic_len,
                     });
                     seq += 1;
+                }
+            }
+            if let Some(per_topic) = &handle.per_topic {
+                let max = handle.config.max_msgs_per_topic;
+                let mut p = per_topic.lock();
+                for (seq, c) in (range.start..).zip(batch.iter().filter(|c| !c.duplicate)) {
+                    p.add(std::str::from_utf8(c.topic()).unwrap_or_default(), seq, max);
                 }
             }
             if range.end > range.start {

@@ -33,7 +33,11 @@ pub fn listening_addr(log: impl Read + Send + 'static, deadline: Duration) -> So
                 break;
             }
         }
-        lines.for_each(drop);
+        for line in lines.map_while(Result::ok) {
+            if std::env::var_os("BROKERD_TEST_LOG").is_some() {
+                eprintln!("brokerd: {line}");
+            }
+        }
     });
     match rx.recv_timeout(deadline) {
         Ok(Ok(addr)) => addr,
