@@ -76,6 +76,10 @@ struct AddArgs {
     /// Keep messages at most this long, whole seconds, e.g. `7d`, `12h` [default: no limit].
     #[arg(long, value_name = "DURATION", value_parser = parse_whole_seconds)]
     max_age: Option<u64>,
+    /// Keep only the newest N messages of each topic: a "last value" stream, which
+    /// `sub --from last-per-topic` reads [default: no limit].
+    #[arg(long, value_name = "N")]
+    max_msgs_per_topic: Option<u64>,
     /// When appends reach the disk: `always` (acknowledged only once on disk), `interval`
     /// (synced every --fsync-interval; a power failure may lose that window), `never` (the
     /// operating system decides) [default: interval].
@@ -124,7 +128,7 @@ impl AddArgs {
             max_msgs: self.max_msgs.unwrap_or(d.max_msgs),
             max_bytes: self.max_bytes.unwrap_or(d.max_bytes),
             max_age_s: self.max_age.unwrap_or(d.max_age_s),
-            max_msgs_per_topic: d.max_msgs_per_topic,
+            max_msgs_per_topic: self.max_msgs_per_topic.unwrap_or(d.max_msgs_per_topic),
             fsync: self.fsync.map_or(d.fsync, Fsync::from),
             fsync_interval_ms: self.fsync_interval.unwrap_or(d.fsync_interval_ms),
             duplicate_window_s: self.dup_window.unwrap_or(d.duplicate_window_s),
@@ -253,15 +257,32 @@ fn render_info(s: &StreamInfo) -> String {
         row("first", time(s.first_ts));
         row("last", time(s.last_ts));
     }
+    let per_topic = if c.max_msgs_per_topic == 0 {
+        String::new()
+    } else {
+        format!(", {} per topic", group(c.max_msgs_per_topic))
+    };
     row(
         "limits",
         format!(
-            "messages {}, bytes {}, age {}",
+            "messages {}, bytes {}, age {}{per_topic}",
             limit(c.max_msgs, group),
             limit(c.max_bytes, bytes),
             limit(c.max_age_s, seconds),
         ),
     );
+    if c.max_msgs_per_topic > 0 {
+        row(
+            "per topic",
+            format!(
+                "{} {} kept of {} {}",
+                group(s.kept),
+                plural(s.kept, "message", "messages"),
+                group(s.topics),
+                plural(s.topics, "topic", "topics")
+            ),
+        );
+    }
     let fsync = match c.fsync {
         Fsync::Always => "always (acknowledged once on disk)".to_string(),
         Fsync::Interval => format!(
@@ -281,6 +302,23 @@ fn render_info(s: &StreamInfo) -> String {
     );
     row("segment size", bytes(c.segment_bytes));
     row("readers", group(s.readers));
+    for (i, k) in s.consumers.iter().enumerate() {
+        row(
+            if i == 0 { "consumers" } else { "" },
+            format!(
+                "{} ({}): done to seq {}, {} in flight, {} {}, {} delivered, {} redelivered, {} given up",
+                k.name,
+                k.filter,
+                group(k.floor),
+                group(k.in_flight),
+                group(k.members),
+                plural(k.members, "member", "members"),
+                group(k.delivered),
+                group(k.redelivered),
+                group(k.given_up)
+            ),
+        );
+    }
     row(
         "since start",
         format!(
@@ -430,13 +468,18 @@ fn parse_whole_millis(s: &str) -> Result<u64, String> {
 }
 
 /// `sub --from`: `all`, `new`, `seq:N`, `time:T` (RFC 3339 in UTC, such as
-/// `2026-01-31T08:00:00Z`, or unix nanoseconds) or `last:N`.
+/// `2026-01-31T08:00:00Z`, or unix nanoseconds), `last:N` or `last-per-topic`.
 pub(crate) fn parse_start(s: &str) -> Result<StartPosition, String> {
-    let usage = || format!("expected all, new, seq:N, time:RFC3339|UNIX_NS or last:N, got {s:?}");
+    let usage = || {
+        format!(
+            "expected all, new, seq:N, time:RFC3339|UNIX_NS, last:N or last-per-topic, got {s:?}"
+        )
+    };
     let number = |v: &str| v.trim().parse::<u64>().map_err(|_| usage());
     match s.split_once(':') {
         None if s == "all" => Ok(StartPosition::All),
         None if s == "new" => Ok(StartPosition::New),
+        None if s == "last-per-topic" => Ok(StartPosition::LastPerTopic),
         Some(("seq", n)) => Ok(StartPosition::FromSeq(number(n)?)),
         Some(("last", n)) => Ok(StartPosition::Last(number(n)?)),
         Some(("time", t)) => {
@@ -511,6 +554,10 @@ mod tests {
         assert_eq!(parse_start("new"), Ok(StartPosition::New));
         assert_eq!(parse_start("seq:42"), Ok(StartPosition::FromSeq(42)));
         assert_eq!(parse_start("last:10"), Ok(StartPosition::Last(10)));
+        assert_eq!(
+            parse_start("last-per-topic"),
+            Ok(StartPosition::LastPerTopic)
+        );
         assert_eq!(
             parse_start("time:1700000000000000000"),
             Ok(StartPosition::FromTime(1_700_000_000_000_000_000))
@@ -589,6 +636,8 @@ mod tests {
             "5m",
             "--segment-bytes",
             "16MiB",
+            "--max-msgs-per-topic",
+            "1",
         ])
         .unwrap();
         let StreamOp::Add(add) = args.op else {
@@ -604,6 +653,7 @@ mod tests {
         assert_eq!(c.fsync_interval_ms, 50);
         assert_eq!(c.duplicate_window_s, 300);
         assert_eq!(c.segment_bytes, 16 << 20);
+        assert_eq!(c.max_msgs_per_topic, 1);
         // Without flags: the defaults.
         let StreamOp::Add(add) = parse(&["add", "S", "--filter", ">"]).unwrap().op else {
             panic!("not add");
@@ -659,6 +709,38 @@ mod tests {
         );
         assert!(text.contains("interval, every 100ms"), "{text}");
         assert!(!text.contains("recovery"), "{text}");
+        assert!(!text.contains("per topic"), "{text}");
+        let last_value = StreamInfo {
+            config: StreamConfig {
+                max_msgs_per_topic: 1,
+                ..info.config.clone()
+            },
+            topics: 3,
+            kept: 3,
+            consumers: vec![brokerd_proto::streams::ConsumerInfo {
+                name: "billing".into(),
+                filter: "order.>".into(),
+                floor: 40,
+                in_flight: 2,
+                members: 1,
+                delivered: 45,
+                redelivered: 3,
+                given_up: 0,
+            }],
+            ..info.clone()
+        };
+        let text = render_info(&last_value);
+        assert!(text.contains("age 1day, 1 per topic"), "{text}");
+        assert!(
+            text.contains("per topic      3 messages kept of 3 topics"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "consumers      billing (order.>): done to seq 40, 2 in flight, 1 member"
+            ),
+            "{text}"
+        );
         let empty = StreamInfo {
             first_seq: 5,
             last_seq: 4,

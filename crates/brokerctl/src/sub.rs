@@ -27,7 +27,8 @@ pub(crate) struct SubArgs {
     #[arg(long, value_name = "NAME", conflicts_with = "queue")]
     stream: Option<String>,
     /// Where the replay starts: `all`, `new`, `seq:N`, `time:T` (RFC 3339 in UTC such as
-    /// `2026-01-31T08:00:00Z`, or unix nanoseconds) or `last:N`.
+    /// `2026-01-31T08:00:00Z`, or unix nanoseconds), `last:N`, or `last-per-topic` (the newest
+    /// message of each topic, on a stream with --max-msgs-per-topic).
     #[arg(long, value_name = "POSITION", requires = "stream", default_value = "all", value_parser = streams::parse_start)]
     from: brokerd_client::StartPosition,
     /// Exit after this many messages.

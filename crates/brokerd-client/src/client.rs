@@ -176,8 +176,8 @@ impl Client {
     /// With [`ConnectOptions::reconnect`], the subscription is made again after a lost
     /// connection from the sequence after the last message it received, so the application
     /// resumes exactly where it stopped (messages already received and not yet read stay
-    /// readable). When nothing was received yet, `All`, `FromSeq` and `FromTime` are sent
-    /// again as they are. `New` and `Last(n)` would then skip what was stored during the
+    /// readable). When nothing was received yet, `All`, `FromSeq`, `FromTime` and
+    /// `LastPerTopic` are sent again as they are. `New` and `Last(n)` would then skip what was stored during the
     /// outage, so on a reconnecting client this call first asks the broker for the stream's
     /// last sequence (one [`Streams::info`] request) and a subscription that received nothing
     /// is made again from that position: at worst it then also gets the few messages stored
@@ -186,8 +186,9 @@ impl Client {
     ///
     /// # Errors
     /// An invalid filter, [`Error::InvalidStreamName`], [`Error::Server`] with
-    /// [`crate::ErrorCode::NoSuchStream`], the server's subscription limit, or a closed
-    /// connection.
+    /// [`crate::ErrorCode::NoSuchStream`], [`crate::ErrorCode::InvalidStart`] (`LastPerTopic`
+    /// on a stream that does not keep messages per topic), the server's subscription limit, or a
+    /// closed connection.
     ///
     /// # Examples
     ///

@@ -78,7 +78,9 @@ impl StreamSub {
 /// Where a subscription that received nothing starts again, given the stream's last sequence
 /// read just before it was made (`None`: unknown).
 ///
-/// `All`, `FromSeq` and `FromTime` name the same messages whenever they are sent again. `New`
+/// `All`, `FromSeq` and `FromTime` name the same messages whenever they are sent again, and
+/// `LastPerTopic` sent again still gives the newest message of each topic, those stored during
+/// an outage included (the first snapshot was never received, so it cannot be skipped). `New`
 /// and `Last(n)` do not: sent again after an outage, they would skip what was stored while the
 /// client was away. Pinned to the sequence read before subscribing, they cover at least what the
 /// first `SUB` would have delivered; at most they add the few messages stored between that
@@ -280,6 +282,7 @@ mod tests {
         assert_eq!(resume_point(All, Some(7)), All);
         assert_eq!(resume_point(FromSeq(3), Some(7)), FromSeq(3));
         assert_eq!(resume_point(FromTime(9), Some(7)), FromTime(9));
+        assert_eq!(resume_point(LastPerTopic, Some(7)), LastPerTopic);
     }
 
     #[test]
