@@ -474,3 +474,47 @@ async fn the_order_replay_example_processes_every_stored_event_exactly_once() {
     assert_eq!(again.stored[0], report.stored.last().unwrap() + 1);
     b.stop().await;
 }
+
+#[tokio::test]
+async fn a_last_value_stream_replays_the_newest_message_of_each_topic() {
+    let dir = TempDir::new("client-last-value");
+    let prices = StreamConfig {
+        name: "PRICES".into(),
+        filters: vec!["price.>".into()],
+        max_msgs_per_topic: 1,
+        ..StreamConfig::default()
+    };
+    let b = broker(&dir.0, vec![orders(), prices]).await;
+    let c = b.client("feed").await;
+    for (topic, price) in [
+        ("price.mug", "10"),
+        ("price.tee", "20"),
+        ("price.mug", "11"),
+    ] {
+        c.publish(topic, price).stored().await.unwrap();
+    }
+    let mut latest = c
+        .subscribe_stream(">", "PRICES", StartPosition::LastPerTopic)
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut latest).await,
+        ("price.tee".to_string(), 2, "20".to_string())
+    );
+    assert_eq!(
+        next(&mut latest).await,
+        ("price.mug".to_string(), 3, "11".to_string())
+    );
+    c.publish("price.tee", "21").stored().await.unwrap();
+    assert_eq!(next(&mut latest).await.1, 4);
+    // Only a stream that keeps messages per topic can start there.
+    match c
+        .subscribe_stream(">", "ORDERS", StartPosition::LastPerTopic)
+        .await
+    {
+        Err(e) => assert_eq!(e.code(), Some(ErrorCode::InvalidStart)),
+        Ok(_) => panic!("LastPerTopic on a stream without max_msgs_per_topic"),
+    }
+    c.close().await.unwrap();
+    b.stop().await;
+}
