@@ -546,10 +546,22 @@ async fn streams_show_in_streamz_and_in_the_metrics() {
     }
     let answer: brokerd_proto::streams::StreamAnswer = json(http, "/streamz").await;
     let s = &answer.streams[0];
-    assert_eq!((s.config.name.as_str(), s.msgs, s.last_seq), ("ORDERS", 5, 5));
+    assert_eq!(
+        (s.config.name.as_str(), s.msgs, s.last_seq),
+        ("ORDERS", 5, 5)
+    );
     let m = parse_metrics(&get(http, "/metrics", None).await.body);
-    assert_eq!(m.get(r#"brokerd_stream_messages{stream="ORDERS"}"#), Some(&5.0));
-    assert_eq!(m.get(r#"brokerd_stream_last_sequence{stream="ORDERS"}"#), Some(&5.0));
-    assert_eq!(m.get(r#"brokerd_stream_store_errors_total{stream="ORDERS"}"#), Some(&0.0));
+    assert_eq!(
+        m.get(r#"brokerd_stream_messages{stream="ORDERS"}"#),
+        Some(&5.0)
+    );
+    assert_eq!(
+        m.get(r#"brokerd_stream_last_sequence{stream="ORDERS"}"#),
+        Some(&5.0)
+    );
+    assert_eq!(
+        m.get(r#"brokerd_stream_store_errors_total{stream="ORDERS"}"#),
+        Some(&0.0)
+    );
     b.stop().await;
 }

@@ -732,9 +732,16 @@ async fn a_stream_copied_while_it_is_written_opens_as_a_consistent_prefix() {
     let restored = broker(&copy.0, vec![config]).await;
     let mut c = restored.raw("c").await;
     let mut admin = restored.raw("admin").await;
-    let info = request(&mut admin, 1, "info", r#"{"name":"ORDERS"}"#).await.stream.unwrap();
-    assert!(info.last_seq >= 200, "the copy holds at least what was stored before it began");
-    c.send(&replay(1, 1, ">", "ORDERS", StartPosition::All)).await;
+    let info = request(&mut admin, 1, "info", r#"{"name":"ORDERS"}"#)
+        .await
+        .stream
+        .unwrap();
+    assert!(
+        info.last_seq >= 200,
+        "the copy holds at least what was stored before it began"
+    );
+    c.send(&replay(1, 1, ">", "ORDERS", StartPosition::All))
+        .await;
     assert_eq!(c.recv().await, Some(Frame::Ok(1)));
     let got = msgs(&mut c, info.last_seq as usize).await;
     for (i, m) in got.iter().enumerate() {
