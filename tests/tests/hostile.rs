@@ -194,7 +194,7 @@ async fn hostile(addr: SocketAddr, kind: Kind, rng: &mut Rng, tally: &Tally) {
         }
         Kind::UnknownFrameType => {
             let mut c = handshaken(addr).await;
-            let kind_byte = [0x00, 0x07, 0x40, 0x7f, 0x80, 0x87, 0xff][rng.below(7)];
+            let kind_byte = [0x00, 0x08, 0x40, 0x7f, 0x80, 0x88, 0xff][rng.below(7)];
             c.send_bytes(&[0, 0, 0, 1, kind_byte]).await;
             expect_fatal(&mut c, ErrorCode::UnknownFrameType, tally, kind).await;
         }
