@@ -98,6 +98,11 @@ pub struct StreamInfo {
     pub store_errors: u64,
     /// Duplicates it suppressed since the broker started.
     pub duplicates: u64,
+    /// Messages stored since the broker started, and the writes (batches) that stored them:
+    /// under `fsync = always` each batch is one fdatasync, so their ratio is the group commit.
+    pub stored: u64,
+    /// See `stored`.
+    pub batches: u64,
     /// Replay subscriptions reading it now.
     pub readers: u64,
     /// With `max_msgs_per_topic`: the topics it holds messages of, and those messages.

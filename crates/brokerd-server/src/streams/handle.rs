@@ -292,6 +292,9 @@ pub(crate) struct StreamHandle {
     /// Message ids claimed by publishes (checked on the publish path).
     pub(crate) ids: Mutex<Ids>,
     pub(crate) store_errors: AtomicU64,
+    /// Messages stored and batches written since start-up.
+    pub(crate) stored: AtomicU64,
+    pub(crate) batches: AtomicU64,
     pub(crate) duplicates: AtomicU64,
     pub(crate) readers: AtomicU64,
     pub(crate) deleted: AtomicBool,
@@ -400,6 +403,8 @@ impl StreamHandle {
             source: self.source.to_string(),
             store_errors: self.store_errors.load(Ordering::Relaxed),
             duplicates: self.duplicates.load(Ordering::Relaxed),
+            stored: self.stored.load(Ordering::Relaxed),
+            batches: self.batches.load(Ordering::Relaxed),
             readers: self.readers.load(Ordering::Relaxed),
             recovered_truncated_bytes: self.recovered_truncated,
             recovered_corrupt_records: self.recovered_corrupt,

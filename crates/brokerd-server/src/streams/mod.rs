@@ -231,6 +231,8 @@ impl Streams {
             room: tokio::sync::Notify::new(),
             ids: Mutex::new(claimed),
             store_errors: AtomicU64::new(0),
+            stored: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             readers: AtomicU64::new(0),
             deleted: AtomicBool::new(false),

@@ -182,6 +182,10 @@ fn write_batch(
                 }
             }
             if range.end > range.start {
+                handle
+                    .stored
+                    .fetch_add(range.end - range.start, Ordering::Relaxed);
+                handle.batches.fetch_add(1, Ordering::Relaxed);
                 handle.last_seq.store(range.end - 1, Ordering::Release);
                 handle.visible.send_replace(range.end - 1);
             }
