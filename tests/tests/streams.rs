@@ -515,6 +515,7 @@ async fn streams_are_managed_at_runtime_and_their_definitions_survive_a_restart(
         (info.msgs, info.last_seq, info.source.as_str()),
         (1, 1, "api")
     );
+    assert_eq!((info.stored, info.batches), (1, 1));
     let purge = request(&mut c, 6, "purge", r#"{"name":"EVENTS"}"#).await;
     assert_eq!(purge.purged, 1);
     assert_eq!(purge.stream.unwrap().msgs, 0);
