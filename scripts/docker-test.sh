@@ -28,8 +28,9 @@
 #   3. a configuration mounted at /etc/brokerd/brokerd.toml is the one in force;
 #   4. `docker stop` ends it with exit code 0, within the grace period, after "shutdown complete";
 #   5. it runs as a user other than root;
-#   6. compose.yaml comes up healthy, serves brokerctl, and stops and goes down cleanly.
-# Containers and networks it made are removed on exit; the base images and the brokerd image
+#   6. compose.yaml comes up healthy, serves brokerctl, and stops and goes down cleanly;
+#   7. a stream added in one container is replayed by the next on the same data volume.
+# Containers, volumes and networks it made are removed on exit; the base images and the brokerd image
 # (brokerd-local/brokerd:test) are kept for the next run.
 #
 # Needs: root (debootstrap, only when a base image is missing), docker, docker compose or
@@ -51,6 +52,7 @@ PROJECT=brokerdtest$$
 
 TMP=$(mktemp -d)
 CONTAINERS=()
+VOLUMES=()
 COMPOSE_UP=
 ROOTFS_DIRS=()
 START=$(date +%s)
@@ -81,13 +83,16 @@ remove_rootfs() {
 }
 
 cleanup() {
-    local rc=$? c d
+    local rc=$? c d v
     set +e
     if [ -n "$COMPOSE_UP" ]; then
         compose down --volumes --remove-orphans --timeout "$STOP_GRACE" >/dev/null 2>&1
     fi
     for c in "${CONTAINERS[@]}"; do
         docker rm -f "$c" >/dev/null 2>&1
+    done
+    for v in "${VOLUMES[@]}"; do
+        docker volume rm -f "$v" >/dev/null 2>&1
     done
     for d in "${ROOTFS_DIRS[@]}"; do
         remove_rootfs "$d"
@@ -296,10 +301,11 @@ log "image $IMAGE built in $(($(date +%s) - t)) s"
 
 if [ -n "${BROKERCTL:-}" ]; then
     :
+elif [ -x "$TARGET_DIR/debug/brokerctl" ]; then
+    # The test suite has just built it from these sources; a release build may be older.
+    BROKERCTL=$TARGET_DIR/debug/brokerctl
 elif [ -x "$TARGET_DIR/release/brokerctl" ]; then
     BROKERCTL=$TARGET_DIR/release/brokerctl
-elif [ -x "$TARGET_DIR/debug/brokerctl" ]; then
-    BROKERCTL=$TARGET_DIR/debug/brokerctl
 else
     log "building brokerctl for the host"
     cargo build --locked --quiet -p brokerctl || fail "cargo build -p brokerctl failed"
@@ -409,6 +415,37 @@ COMPOSE_UP=
 left=$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT")
 [ -z "$left" ] || fail "compose down left containers: $left"
 log "   ok: healthy, served $addr, stopped with exit code 0, down"
+
+# 7. Streams live in the image's data volume: a new container on the same volume has them.
+log "7. streams survive the container"
+vol=$PREFIX-data
+VOLUMES+=("$vol")
+c=$PREFIX-streams-1
+CONTAINERS+=("$c")
+docker run -d --name "$c" -e BROKERD_AUTH_TOKEN -p 127.0.0.1:0:7654 -v "$vol:/var/lib/brokerd" \
+    "$IMAGE" >/dev/null || fail "docker run with a data volume failed"
+addr=$(published_addr "$c")
+wait_until "$c: accepting clients on $addr" 30 \
+    brokerctl --server "$addr" pub docker-test.ready x 2>/dev/null
+brokerctl --server "$addr" stream add DOCKER --filter 'docker-test.stream.>' --fsync always \
+    >/dev/null 2>"$TMP/err" || fail "$c: stream add failed: $(cat "$TMP/err")"
+brokerctl --server "$addr" pub docker-test.stream.one "kept across containers" --stored \
+    >/dev/null 2>"$TMP/err" || fail "$c: a stored publish failed: $(cat "$TMP/err")"
+docker stop --time "$STOP_GRACE" "$c" >/dev/null
+docker rm "$c" >/dev/null
+c=$PREFIX-streams-2
+CONTAINERS+=("$c")
+docker run -d --name "$c" -e BROKERD_AUTH_TOKEN -p 127.0.0.1:0:7654 -v "$vol:/var/lib/brokerd" \
+    "$IMAGE" >/dev/null || fail "docker run on the same data volume failed"
+addr=$(published_addr "$c")
+wait_until "$c: accepting clients on $addr" 30 \
+    brokerctl --server "$addr" pub docker-test.ready x 2>/dev/null
+brokerctl --server "$addr" sub --stream DOCKER --from all --count 1 >"$TMP/replay" 2>"$TMP/err" ||
+    fail "$c: replay failed: $(cat "$TMP/err")"
+grep -q "kept across containers" "$TMP/replay" ||
+    fail "$c: the replay printed $(cat "$TMP/replay"), not the stored message"
+docker stop --time "$STOP_GRACE" "$c" >/dev/null
+log "   ok: a stream added in one container replayed in the next from the volume $vol"
 
 size=$(docker image inspect --format '{{.Size}}' "$IMAGE")
 base_size=$(docker image inspect --format '{{.Size}}' "$RUNTIME_BASE")
