@@ -47,6 +47,9 @@ TOOL=$TOOL_DIR/release/stream-load
 BROKERD=$CARGO_TARGET_DIR/release/brokerd
 
 WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/bench-streams.XXXXXX")
+# A copy: another build into the same target directory during the run cannot swap the binary.
+cp "$BROKERD" "$WORK/brokerd-bin"
+BROKERD=$WORK/brokerd-bin
 BD=
 NS=
 cleanup() {
@@ -66,7 +69,7 @@ timeout 20 "$TOOL" ready --target brokerd --addr "127.0.0.1:$BD_PORT" >/dev/null
 timeout 20 "$TOOL" ready --target nats --addr "127.0.0.1:$NATS_PORT" >/dev/null
 
 fs=$(stat -f -c %T "$WORK")
-echo "data under $WORK ($fs); $("$BROKERD" --version); nats-server $(nats-server --version | sed 's/.*: *//'); nproc $(nproc)" >&2
+echo "data under $WORK ($fs); $("$BROKERD" --version) at $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- crates || echo '+changes'); nats-server $(nats-server --version | sed 's/.*: *//'); nproc $(nproc)" >&2
 [ "$fs" = tmpfs ] && echo "warning: $WORK is on tmpfs: fdatasync costs nothing there" >&2
 
 RESULTS=$WORK/runs.jsonl
