@@ -120,6 +120,9 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
     };
     let mut it = args.iter();
     o.mode = it.next().ok_or("a mode is required")?.clone();
+    if o.mode == "-h" || o.mode == "--help" || o.mode == "help" {
+        return Err(String::new());
+    }
     while let Some(a) = it.next() {
         let mut val = || it.next().cloned().ok_or(format!("{a} needs a value"));
         let num = |v: String| {
