@@ -1087,7 +1087,6 @@ fn read_held(buf: &BytesMut) -> usize {
     }
 }
 
-
 /// The deadline of the frame whose start the read buffer holds: `timeouts.frame` plus its
 /// announced length at `limits.min_frame_rate`, from the read that brought its first byte. Bytes
 /// arriving later do not move it, so a peer trickling a frame cannot hold its connection open.
