@@ -654,13 +654,18 @@ impl Reader<'_> {
         };
         self.consumers.remove(&s.sid);
         if let Some(spec) = &start.consumer {
-            let first = crate::streams::consumer_start(&stream, start.start);
+            // `New` is fixed now, before the OK; the positions that read the store are worked
+            // out by the consumer's task.
+            let from = match crate::streams::start_now(&stream, start.start) {
+                Some(seq) => brokerd_proto::StartPosition::FromSeq(seq),
+                None => start.start,
+            };
             match crate::streams::open_consumer(
                 &self.shared.broker,
                 &stream,
                 spec,
                 &sub.filter,
-                Some(first),
+                from,
             ) {
                 Ok(consumer) => {
                     self.reply(Frame::Ok(s.req_id));

@@ -369,7 +369,11 @@ async fn subz(State(shared): State<Arc<Shared>>, Query(q): Query<SubzQuery>) -> 
 /// `/metrics`: the Prometheus text format. Every label's values are bounded (close reasons);
 /// nothing is labelled by client or topic.
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    let text = metrics_text(&shared);
+    // Each stream's figures are read under its store's lock, which its writer holds while it
+    // appends: off the runtime's threads.
+    let Ok(text) = tokio::task::spawn_blocking(move || metrics_text(&shared)).await else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
     (
         [(
             header::CONTENT_TYPE,

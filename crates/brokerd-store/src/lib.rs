@@ -19,4 +19,4 @@ pub mod stream;
 pub use error::{Result, StoreError};
 pub use format::{Append, Record};
 pub use reader::Reader;
-pub use stream::{Corruption, FsyncPolicy, Options, Recovery, Stream};
+pub use stream::{Corruption, FsyncPolicy, Options, PendingSync, Recovery, Stream};

@@ -144,6 +144,30 @@ pub struct Stream {
     last_sync: Instant,
     poisoned: bool,
     buf: Vec<u8>,
+    /// Appends so far, to tell whether a sync made elsewhere ([`Stream::begin_sync`]) covered
+    /// the latest one.
+    appends: u64,
+}
+
+/// An fdatasync of the active segment made away from the stream, so that appends go on while
+/// it runs: from [`Stream::begin_sync`], run with [`PendingSync::run`] (blocking, holding
+/// nothing), then given back to [`Stream::finish_sync`].
+#[derive(Debug)]
+pub struct PendingSync {
+    file: File,
+    base: u64,
+    appends: u64,
+    path: PathBuf,
+}
+
+impl PendingSync {
+    /// Forces what was written to the segment to disk.
+    ///
+    /// # Errors
+    /// The fdatasync's error.
+    pub fn run(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
 }
 
 impl Stream {
@@ -210,6 +234,7 @@ impl Stream {
             last_sync: Instant::now(),
             poisoned: false,
             buf: Vec::new(),
+            appends: 0,
         };
         Ok((stream, rec))
     }
@@ -312,6 +337,7 @@ impl Stream {
         } else {
             self.dirty = true;
         }
+        self.appends += 1;
 
         let n = records.len() as u64;
         let meta = &mut self.active.meta;
@@ -358,6 +384,51 @@ impl Stream {
             ));
         }
         self.dirty = false;
+        Ok(())
+    }
+
+    /// Starts a sync of the active segment that runs without the stream (`None` when nothing
+    /// was appended since the last sync): appends may go on while [`PendingSync::run`] runs on
+    /// another thread; give the result to [`Stream::finish_sync`].
+    ///
+    /// # Errors
+    /// [`StoreError::Poisoned`], or the segment's file cannot be duplicated.
+    pub fn begin_sync(&mut self) -> Result<Option<PendingSync>> {
+        if self.poisoned {
+            return Err(StoreError::Poisoned);
+        }
+        if !self.dirty {
+            self.last_sync = Instant::now();
+            return Ok(None);
+        }
+        let path = self.log_path(self.active.meta.base);
+        let file = self
+            .active
+            .log
+            .try_clone()
+            .map_err(|e| StoreError::io("duplicate", &path, e))?;
+        Ok(Some(PendingSync {
+            file,
+            base: self.active.meta.base,
+            appends: self.appends,
+            path,
+        }))
+    }
+
+    /// Takes the result of a sync started by [`Stream::begin_sync`]: the stream is clean if
+    /// nothing was appended since it began.
+    ///
+    /// # Errors
+    /// The fdatasync's error; the stream is then poisoned, as by a failed [`Stream::sync`].
+    pub fn finish_sync(&mut self, sync: PendingSync, result: io::Result<()>) -> Result<()> {
+        if let Err(e) = result {
+            self.poisoned = true;
+            return Err(StoreError::io("fdatasync", sync.path, e));
+        }
+        if sync.base == self.active.meta.base && sync.appends == self.appends {
+            self.dirty = false;
+        }
+        self.last_sync = Instant::now();
         Ok(())
     }
 

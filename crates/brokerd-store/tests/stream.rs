@@ -520,6 +520,39 @@ fn sync_bookkeeping() {
 }
 
 #[test]
+fn a_sync_made_away_from_the_stream_leaves_it_clean_only_if_nothing_came_after() {
+    let dir = TempDir::new("pending-sync");
+    let opts = Options {
+        fsync: FsyncPolicy::Interval(Duration::ZERO),
+        ..small()
+    };
+    let (mut s, _) = Stream::open(dir.path(), opts).unwrap();
+    assert!(s.begin_sync().unwrap().is_none(), "nothing to sync");
+    s.append("t", b"", b"one", 0).unwrap();
+    let pending = s.begin_sync().unwrap().expect("dirty");
+    // An append while the sync runs elsewhere: that sync does not cover it.
+    s.append("t", b"", b"two", 0).unwrap();
+    let result = pending.run();
+    s.finish_sync(pending, result).unwrap();
+    assert!(s.is_dirty());
+    let pending = s.begin_sync().unwrap().expect("still dirty");
+    let result = pending.run();
+    s.finish_sync(pending, result).unwrap();
+    assert!(!s.is_dirty() && !s.needs_sync());
+    // A failed sync poisons the stream.
+    s.append("t", b"", b"three", 0).unwrap();
+    let pending = s.begin_sync().unwrap().unwrap();
+    assert!(
+        s.finish_sync(pending, Err(std::io::Error::other("EIO")))
+            .is_err()
+    );
+    assert!(matches!(
+        s.append("t", b"", b"x", 0),
+        Err(StoreError::Poisoned)
+    ));
+}
+
+#[test]
 fn invalid_options_are_refused() {
     let dir = TempDir::new("invalid");
     let bad = Options {

@@ -138,8 +138,8 @@ impl Consumer {
 }
 
 /// The consumer `spec` of `stream`: the running one, or one loaded from its saved state, or a
-/// new one starting at `start` (a sequence; `None` for the stream's first). Starts its task when
-/// it is new to this process.
+/// new one starting at `start` (worked out by its task, on the blocking pool, since a start by
+/// time reads the store). Starts its task when it is new to this process.
 ///
 /// # Errors
 /// An invalid name, a filter other than the consumer's, or saved state that cannot be read.
@@ -148,7 +148,7 @@ pub(crate) fn open(
     stream: &Arc<StreamHandle>,
     spec: &ConsumerSpec,
     filter: &Filter,
-    start: Option<u64>,
+    start: brokerd_proto::StartPosition,
 ) -> Result<Arc<Consumer>, JoinError> {
     if !brokerd_proto::streams::valid_stream_name(&spec.name) {
         return Err(JoinError::Name(spec.name.escape_debug().to_string()));
@@ -168,8 +168,11 @@ pub(crate) fn open(
         return Err(JoinError::TooMany(stream.config.name.clone()));
     }
     let path = state_path(stream, &spec.name);
+    // A consumer with no saved state starts at `start`.
+    let mut fresh = Some(start);
     let saved = match std::fs::read(&path) {
         Ok(bytes) => {
+            fresh = None;
             let s: Saved = serde_json::from_slice(&bytes)
                 .map_err(|e| JoinError::State(spec.name.clone(), e.to_string()))?;
             if s.filter != filter.as_str() {
@@ -198,7 +201,8 @@ pub(crate) fn open(
                 0 => DEFAULT_MAX_IN_FLIGHT,
                 n => n.min(MAX_IN_FLIGHT),
             },
-            floor: start.map_or(0, |s| s.saturating_sub(1)),
+            // Set by its task before it delivers anything.
+            floor: 0,
         },
     };
     let consumer = Arc::new(Consumer {
@@ -225,6 +229,7 @@ pub(crate) fn open(
         consumer.clone(),
         saved,
         path,
+        fresh,
     ));
     Ok(consumer)
 }
@@ -247,7 +252,16 @@ async fn run(
     consumer: Arc<Consumer>,
     mut saved: Saved,
     path: PathBuf,
+    fresh: Option<brokerd_proto::StartPosition>,
 ) {
+    if let Some(start) = fresh {
+        let h = stream.clone();
+        let first = tokio::task::spawn_blocking(move || first_sequence(&h, start))
+            .await
+            .unwrap_or(1);
+        saved.floor = first.saturating_sub(1);
+        consumer.floor.store(saved.floor, Ordering::Relaxed);
+    }
     let mut members: Vec<Member> = Vec::new();
     let mut turn = 0usize;
     let mut next = saved.floor + 1;
@@ -474,12 +488,7 @@ async fn fill(
     match batch.last() {
         Some(m) => *next = m.seq + 1,
         None => {
-            let first = stream
-                .store
-                .lock()
-                .as_ref()
-                .map_or(*next, |s| s.first_seq());
-            *next = (*next).max(first);
+            *next = (*next).max(stream.first_seq.load(Ordering::Acquire));
         }
     }
     super::replay::keep_current(stream, &mut batch);

@@ -285,6 +285,9 @@ pub(crate) struct StreamHandle {
     pub(crate) recent: Mutex<Recent>,
     /// The newest sequence stored and visible to replays.
     pub(crate) last_seq: AtomicU64,
+    /// The oldest sequence still stored (moved by retention and purges), for readers that must
+    /// not take the store's lock on a runtime thread.
+    pub(crate) first_seq: AtomicU64,
     /// Tells replays waiting at the end of the stream that `last_seq` moved.
     pub(crate) visible: tokio::sync::watch::Sender<u64>,
     /// Publishers waiting for the queue to fall under its soft limits.
@@ -301,6 +304,8 @@ pub(crate) struct StreamHandle {
     pub(crate) recovered_truncated: u64,
     pub(crate) recovered_corrupt: u64,
     pub(crate) thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Under `fsync = interval`, the thread that syncs the active segment beside the writer.
+    pub(crate) syncer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// With `max_msgs_per_topic`: which messages are still delivered.
     pub(crate) per_topic: Option<Mutex<PerTopic>>,
     /// Its durable consumers open in this process, by name.

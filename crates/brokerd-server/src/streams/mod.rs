@@ -17,7 +17,7 @@ mod handle;
 mod replay;
 mod writer;
 
-pub(crate) use consumer::{Consumer, first_sequence as consumer_start, open as open_consumer};
+pub(crate) use consumer::{Consumer, open as open_consumer};
 pub(crate) use handle::{AckTo, Admit, Capture, StreamHandle};
 pub(crate) use replay::{run as run_replay, start_now};
 
@@ -210,6 +210,7 @@ impl Streams {
         let per_topic =
             (config.max_msgs_per_topic > 0).then(|| Mutex::new(index_topics(&store, &config)));
         let last = store.last_seq();
+        let first = store.first_seq();
         info!(
             stream = %config.name,
             source,
@@ -227,6 +228,7 @@ impl Streams {
             store: Mutex::new(Some(store)),
             recent: Mutex::new(Recent::default()),
             last_seq: AtomicU64::new(last),
+            first_seq: AtomicU64::new(first),
             visible: tokio::sync::watch::Sender::new(last),
             room: tokio::sync::Notify::new(),
             ids: Mutex::new(claimed),
@@ -239,6 +241,7 @@ impl Streams {
             recovered_truncated: rec.truncated_bytes,
             recovered_corrupt: rec.corrupt_records.len() as u64,
             thread: Mutex::new(None),
+            syncer: Mutex::new(None),
             consumers: Mutex::new(std::collections::HashMap::new()),
             per_topic,
             config,
@@ -249,6 +252,14 @@ impl Streams {
             .spawn(move || writer::run(for_thread, ids))
             .map_err(io("start its writer thread"))?;
         *handle.thread.lock() = Some(thread);
+        if handle.config.fsync == Fsync::Interval {
+            let for_syncer = handle.clone();
+            let syncer = std::thread::Builder::new()
+                .name(format!("sync-{}", handle.config.name))
+                .spawn(move || writer::sync_every(for_syncer))
+                .map_err(io("start its sync thread"))?;
+            *handle.syncer.lock() = Some(syncer);
+        }
         let mut next = (**current).clone();
         next.push(handle.clone());
         self.list.store(Arc::new(next));
@@ -306,6 +317,7 @@ impl Streams {
                 name: name.to_string(),
                 source,
             })?;
+            handle.first_seq.store(s.first_seq(), Ordering::Release);
             handle.recent.lock().clear();
             if let Some(p) = &handle.per_topic {
                 p.lock().clear();
@@ -394,6 +406,10 @@ fn stop(handle: &StreamHandle) {
     handle.wake_writer.notify_all();
     handle.room.notify_waiters();
     if let Some(t) = handle.thread.lock().take() {
+        let _ = t.join();
+    }
+    if let Some(t) = handle.syncer.lock().take() {
+        t.thread().unpark();
         let _ = t.join();
     }
 }

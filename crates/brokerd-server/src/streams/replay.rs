@@ -170,8 +170,7 @@ pub(crate) async fn run(
                 // Nothing readable at `next` although the stream is longer: it was removed by
                 // retention or a purge (read again from what is stored), or is still being
                 // written. Wait a little rather than spin.
-                let first = handle.store.lock().as_ref().map_or(next, |s| s.first_seq());
-                next = next.max(first);
+                next = next.max(handle.first_seq.load(Ordering::Acquire));
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }

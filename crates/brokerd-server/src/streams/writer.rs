@@ -9,7 +9,6 @@
 //! outboxes, which never block.
 
 use super::handle::{Capture, Ids, RecentMsg, StreamHandle};
-use brokerd_proto::streams::Fsync;
 use brokerd_proto::{ErrorCode, ErrorFrame, Frame, Stored};
 use brokerd_store::{Append, StoreError, Stream};
 use std::sync::Arc;
@@ -35,7 +34,7 @@ pub(crate) fn run(handle: Arc<StreamHandle>, mut ids: Ids) {
         let mut cost = 0;
         // Worked out before the queue's lock is taken: the lock order is queue, then store, and
         // publishers take the queue's lock on their publish path.
-        let wait = next_wake(&handle, last_housekeeping);
+        let wait = next_wake(last_housekeeping);
         {
             let mut q = handle.queue.lock();
             while q.items.is_empty() && !q.closed {
@@ -79,31 +78,56 @@ pub(crate) fn run(handle: Arc<StreamHandle>, mut ids: Ids) {
     handle.room.notify_waiters();
 }
 
-/// How long the writer may sleep: until the next interval sync or housekeeping.
-fn next_wake(handle: &StreamHandle, last_housekeeping: Instant) -> Duration {
-    let mut wait = HOUSEKEEPING.saturating_sub(last_housekeeping.elapsed());
-    if handle.config.fsync == Fsync::Interval
-        && let Some(s) = handle.store.lock().as_ref()
-        && s.is_dirty()
-    {
-        let period = Duration::from_millis(handle.config.fsync_interval_ms);
-        wait = wait.min(period.saturating_sub(s.last_sync().elapsed()));
+/// How long the writer may sleep: until the next housekeeping.
+fn next_wake(last_housekeeping: Instant) -> Duration {
+    HOUSEKEEPING
+        .saturating_sub(last_housekeeping.elapsed())
+        .max(Duration::from_millis(1))
+}
+
+/// Under `fsync = interval`: every `fsync_interval_ms`, syncs the active segment if anything
+/// was appended since the last sync. The fdatasync runs on this thread, holding no lock, on a
+/// duplicate of the segment's file (`Stream::begin_sync`), so the writer appends and answers
+/// while it runs. Ends when the stream's queue closes.
+pub(crate) fn sync_every(handle: Arc<StreamHandle>) {
+    let period = Duration::from_millis(handle.config.fsync_interval_ms.max(1));
+    let mut last_error_log: Option<Instant> = None;
+    loop {
+        std::thread::park_timeout(period);
+        if handle.queue.lock().closed {
+            return;
+        }
+        let pending = match handle.store.lock().as_mut() {
+            Some(s) => s.begin_sync(),
+            None => return,
+        };
+        let failed = match pending {
+            Ok(None) => None,
+            Ok(Some(sync)) => {
+                let result = sync.run();
+                match handle.store.lock().as_mut() {
+                    Some(s) => s.finish_sync(sync, result).err(),
+                    None => return,
+                }
+            }
+            Err(e) => Some(e),
+        };
+        if let Some(e) = failed
+            && last_error_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            last_error_log = Some(Instant::now());
+            error!(stream = %handle.config.name, error = %e, "interval sync failed");
+        }
     }
-    wait.max(Duration::from_millis(1))
 }
 
 fn housekeeping(handle: &StreamHandle, ids: &mut Ids, window_ms: u64, last: &mut Instant) {
-    let mut store = handle.store.lock();
-    let Some(s) = store.as_mut() else { return };
-    if s.needs_sync()
-        && let Err(e) = s.sync()
-    {
-        error!(stream = %handle.config.name, error = %e, "interval sync failed");
-    }
     if last.elapsed() < HOUSEKEEPING {
         return;
     }
     *last = Instant::now();
+    let mut store = handle.store.lock();
+    let Some(s) = store.as_mut() else { return };
     if let Some(p) = &handle.per_topic {
         // Whole segments holding only messages newer ones of their topics replaced.
         let oldest = p.lock().kept.first().copied();
@@ -117,6 +141,7 @@ fn housekeeping(handle: &StreamHandle, ids: &mut Ids, window_ms: u64, last: &mut
         Ok(n) => info!(stream = %handle.config.name, segments = n, "retention deleted segments"),
         Err(e) => warn!(stream = %handle.config.name, error = %e, "retention failed"),
     }
+    handle.first_seq.store(s.first_seq(), Ordering::Release);
     drop(store);
     let now = brokerd_core::clock::now_ms();
     ids.expire(now, window_ms);
@@ -265,6 +290,7 @@ fn reopen(handle: &StreamHandle, store: &mut Option<Stream>) {
                 "reopened the stream after a write failure"
             );
             handle.last_seq.store(s.last_seq(), Ordering::Release);
+            handle.first_seq.store(s.first_seq(), Ordering::Release);
             handle.recent.lock().clear();
             *store = Some(s);
         }
