@@ -7,6 +7,8 @@
 //! - [`RawConn`]: a socket driven frame by frame, including abrupt resets.
 //! - [`wire`]: client frames written byte by byte from `docs/protocol.md`, so that tests of the
 //!   wire protocol do not depend on how `brokerd-proto` lays out its structs.
+//! - [`Relay`]: a TCP relay whose connections a test cuts, for clients that lose their
+//!   connection while the broker runs on.
 //! - [`wait_until`], [`Rng`], [`raise_fd_limit`]: deadlines, deterministic randomness, file
 //!   descriptors.
 //! - [`pki`]: certificates made for TLS tests.
@@ -186,6 +188,61 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A TCP relay in front of a broker whose connections a test can cut, so that a client loses
+/// its connection while the broker goes on running. While cut, it refuses new connections too
+/// (it accepts and closes them at once), until restored.
+pub struct Relay {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
+impl Relay {
+    /// A relay to `to` on an ephemeral port of `127.0.0.1`.
+    pub async fn start(to: SocketAddr) -> Relay {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (generation, _) = tokio::sync::watch::channel(0u64);
+        let relay = Relay {
+            addr,
+            open: open.clone(),
+            generation: generation.clone(),
+        };
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !open.load(Ordering::Acquire) {
+                    continue;
+                }
+                let mut cut = generation.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(to).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        relay
+    }
+
+    /// Closes every relayed connection and refuses new ones.
+    pub fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::Release);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Accepts connections again.
+    pub fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::Release);
     }
 }
 

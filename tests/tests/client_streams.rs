@@ -11,14 +11,9 @@ use brokerd_client::{
     Client, ConnectOptions, Error, ErrorCode, Event, Fsync, Reconnect, StartPosition, StreamConfig,
     Subscription,
 };
-use brokerd_tests::{DEADLINE, TempDir, TestBroker};
-use std::net::SocketAddr;
+use brokerd_tests::{DEADLINE, Relay, TempDir, TestBroker};
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
 #[allow(dead_code, missing_docs)]
 #[path = "../../crates/brokerd-client/examples/order_replay.rs"]
@@ -284,58 +279,6 @@ async fn replays_start_where_asked_and_their_gaps_are_not_losses() {
     reader.close().await.unwrap();
     shop.close().await.unwrap();
     b.stop().await;
-}
-
-/// A TCP relay in front of the broker whose connections the test can cut, so that a client loses
-/// its connection while the broker goes on storing. While cut, it refuses new connections too
-/// (it accepts and closes them at once), until restored.
-struct Relay {
-    addr: SocketAddr,
-    open: Arc<AtomicBool>,
-    generation: watch::Sender<u64>,
-}
-
-impl Relay {
-    async fn start(to: SocketAddr) -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let open = Arc::new(AtomicBool::new(true));
-        let (generation, _) = watch::channel(0u64);
-        let relay = Relay {
-            addr,
-            open: open.clone(),
-            generation: generation.clone(),
-        };
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if !open.load(Ordering::Acquire) {
-                    continue;
-                }
-                let mut cut = generation.subscribe();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(to).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut.changed() => {}
-                    }
-                });
-            }
-        });
-        relay
-    }
-
-    /// Closes every relayed connection and refuses new ones.
-    fn cut(&self) {
-        self.open.store(false, Ordering::Release);
-        self.generation.send_modify(|g| *g += 1);
-    }
-
-    /// Accepts connections again.
-    fn restore(&self) {
-        self.open.store(true, Ordering::Release);
-    }
 }
 
 /// A client through `relay` that reconnects quickly.

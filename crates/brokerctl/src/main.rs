@@ -2,8 +2,8 @@
 //! measure a broker under load (`bench`, in [`bench`]).
 //!
 //! Each subcommand is one variant of [`Command`] and one `cmd_*` function; the larger ones live
-//! in files of their own (`sub`, `bench`, `rpc`, `streams`, and the monitoring views `stats`,
-//! `conns`, `top`).
+//! in files of their own (`sub`, `consume`, `bench`, `rpc`, `streams`, and the monitoring views
+//! `stats`, `conns`, `top`).
 //! Everything here is a thin layer over `brokerd-client`: this file parses arguments, publishes
 //! (`pub`, reading stdin) and maps failures to exit codes (0 success, 1 runtime error reported
 //! as `brokerctl: <error>`, 2 usage error from clap). It does not retry, reconnect or buffer
@@ -28,6 +28,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
 mod conns;
+mod consume;
 mod human;
 mod rpc;
 mod stats;
@@ -187,6 +188,9 @@ enum Command {
     /// Manage streams, which store the messages published to their filters: add, ls, info,
     /// purge, rm.
     Stream(streams::StreamArgs),
+    /// Join a stream's durable consumer: print each message it hands out and acknowledge it;
+    /// processes joining the same consumer share its messages.
+    Consume(consume::ConsumeArgs),
 }
 
 /// Arguments of `brokerctl pub`.
@@ -302,6 +306,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Conns(args) => conns::cmd_conns(&cli.global, args).await,
         Command::Top(args) => top::cmd_top(&cli.global, args).await,
         Command::Stream(args) => streams::cmd_stream(&cli.global, args).await,
+        Command::Consume(args) => consume::cmd_consume(&cli.global, args).await,
     }
 }
 

@@ -52,8 +52,8 @@ pub(crate) struct SubArgs {
     queue: Option<String>,
 }
 
-/// Why `brokerctl sub` stopped reading.
-enum SubEnd {
+/// Why `brokerctl sub` (or `consume`) stopped reading.
+pub(crate) enum SubEnd {
     /// `--count` messages were printed.
     Done,
     /// Ctrl-C or SIGTERM.
@@ -275,7 +275,7 @@ async fn open_subscription(
 }
 
 /// Maps a stdout error to [`SubEnd::BrokenPipe`] when the reader went away, else to an error.
-fn pipe_or(e: io::Error) -> Result<SubEnd> {
+pub(crate) fn pipe_or(e: io::Error) -> Result<SubEnd> {
     if e.kind() == io::ErrorKind::BrokenPipe {
         Ok(SubEnd::BrokenPipe)
     } else {
@@ -283,9 +283,9 @@ fn pipe_or(e: io::Error) -> Result<SubEnd> {
     }
 }
 
-/// How `brokerctl sub` prints a message.
+/// How `brokerctl sub` (and `consume`) prints a message.
 #[derive(Debug, Clone, Copy)]
-enum Format<'a> {
+pub(crate) enum Format<'a> {
     /// `[TIME ][#SEQ ]TOPIC [(reply-to R) ][[k=v, ...] ]PAYLOAD`, with the stream sequence for
     /// a replay subscription's message.
     Text {
@@ -307,7 +307,11 @@ fn now_rfc3339() -> String {
 }
 
 /// Writes `msg` as one line.
-fn write_message(out: &mut impl Write, msg: &Message, format: Format<'_>) -> io::Result<()> {
+pub(crate) fn write_message(
+    out: &mut impl Write,
+    msg: &Message,
+    format: Format<'_>,
+) -> io::Result<()> {
     let line = match format {
         Format::Text { reply, time } => {
             let mut line = String::new();

@@ -1189,3 +1189,137 @@ async fn sub_replays_a_stream_with_its_sequences_and_pub_reports_what_was_stored
     );
     broker.stop().await;
 }
+
+/// The state of consumer `name` of ORDERS, as `stream info --json` shows it.
+async fn consumer_json(broker: &Broker, name: &str) -> serde_json::Value {
+    let info = run(broker.ctl(&["stream", "info", "ORDERS", "--json"]), None).await;
+    assert!(info.status.success(), "info failed: {}", info.stderr);
+    let v: serde_json::Value = serde_json::from_str(&info.stdout).unwrap();
+    v["consumers"]
+        .as_array()
+        .and_then(|all| all.iter().find(|k| k["name"] == name))
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consume_prints_acknowledges_and_the_next_run_goes_on_after() {
+    let dir = brokerd_tests::TempDir::new("cli-consume");
+    let broker = stream_broker(&dir.0).await;
+    let stored = run(
+        broker.ctl(&["pub", "order.created", "--stored"]),
+        Some(b"o1\no2\no3\no4\no5\n"),
+    )
+    .await;
+    assert!(stored.status.success(), "pub failed: {}", stored.stderr);
+
+    let first = run(
+        broker.ctl(&["consume", "ORDERS", "billing", "--count", "3"]),
+        None,
+    )
+    .await;
+    assert!(first.status.success(), "consume failed: {}", first.stderr);
+    assert_eq!(
+        first.stdout,
+        "#1 order.created o1\n#2 order.created o2\n#3 order.created o3\n"
+    );
+    assert_eq!(
+        first.stderr,
+        format!(
+            "consuming > from stream ORDERS as consumer billing, on {}\n",
+            broker.addr
+        )
+    );
+    // The next member takes over after what was acknowledged: what the first had received
+    // beyond its count went back to the consumer when it left.
+    let second = run(
+        broker.ctl(&["consume", "ORDERS", "billing", "--count", "2", "--json"]),
+        None,
+    )
+    .await;
+    assert!(second.status.success(), "consume failed: {}", second.stderr);
+    let lines: Vec<serde_json::Value> = second
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let seqs: Vec<(Option<u64>, Option<&str>)> = lines
+        .iter()
+        .map(|v| (v["seq"].as_u64(), v["payload"].as_str()))
+        .collect();
+    assert_eq!(seqs, [(Some(4), Some("o4")), (Some(5), Some("o5"))]);
+    assert_eq!(lines[0]["stream"], "ORDERS");
+
+    // Refused, it comes back; acknowledged, it does not.
+    let p = run(broker.ctl(&["pub", "order.paid", "o6", "--stored"]), None).await;
+    assert!(p.status.success(), "pub failed: {}", p.stderr);
+    let refusing = run(
+        broker.ctl(&[
+            "consume",
+            "ORDERS",
+            "billing",
+            "--count",
+            "2",
+            "--nak-every",
+            "1",
+        ]),
+        None,
+    )
+    .await;
+    assert!(
+        refusing.status.success(),
+        "consume failed: {}",
+        refusing.stderr
+    );
+    assert_eq!(refusing.stdout, "#6 order.paid o6\n#6 order.paid o6\n");
+    assert_eq!(
+        refusing
+            .stderr
+            .matches("brokerctl: refused #6 (--nak-every); the consumer delivers it again\n")
+            .count(),
+        2,
+        "{}",
+        refusing.stderr
+    );
+    let last = run(
+        broker.ctl(&["consume", "ORDERS", "billing", "--count", "1"]),
+        None,
+    )
+    .await;
+    assert_eq!(last.stdout, "#6 order.paid o6\n");
+
+    // `stream info` shows the consumer done to the last one, with nothing in flight.
+    common::wait_until_async("the consumer done to #6", || async {
+        let k = consumer_json(&broker, "billing").await;
+        k["floor"] == 6 && k["in_flight"] == 0
+    })
+    .await;
+    let k = consumer_json(&broker, "billing").await;
+    // Each message delivered once, and again as often as the runs made it come back (how many
+    // the first one had received beyond its count depends on timing).
+    let first_deliveries = k["delivered"].as_u64().unwrap() - k["redelivered"].as_u64().unwrap();
+    assert_eq!(first_deliveries, 6, "{k}");
+    let info = run(broker.ctl(&["stream", "info", "ORDERS"]), None).await;
+    assert!(
+        info.stdout
+            .contains("consumers      billing (>): done to seq 6, 0 in flight, 0 members, "),
+        "{}",
+        info.stdout
+    );
+
+    let missing = run(
+        broker.ctl(&["consume", "NOPE", "billing", "--count", "1"]),
+        None,
+    )
+    .await;
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        missing
+            .stderr
+            .contains("cannot join consumer billing of stream NOPE")
+            && missing.stderr.contains("NoSuchStream"),
+        "{}",
+        missing.stderr
+    );
+    broker.stop().await;
+}

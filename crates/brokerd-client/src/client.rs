@@ -4,6 +4,7 @@
 
 use crate::channel;
 use crate::connection::{dial, supervise};
+use crate::consumer::ConsumerOptions;
 use crate::error::Error;
 use crate::event::{CloseReason, Event};
 use crate::info::ServerInfo;
@@ -213,25 +214,100 @@ impl Client {
     ) -> Result<Subscription, Error> {
         Filter::new(filter).map_err(Error::InvalidFilter)?;
         check_name(stream)?;
-        let pinned = matches!(start, StartPosition::New | StartPosition::Last(_));
-        let resume = if pinned && self.inner.options.reconnect.is_some() {
-            let info = self
-                .streams()
-                .timeout(self.inner.options.connect_timeout)
-                .info(stream)
-                .await;
-            if let Err(e) = &info {
-                tracing::debug!(stream, error = %e, "cannot read the stream's position; a reconnect before the first message may skip messages");
-            }
-            resume_point(start, info.ok().map(|i| i.last_seq))
-        } else {
-            start
-        };
         let sub = StreamSub {
             name: stream.to_string(),
-            resume,
+            resume: self.pin(stream, start).await,
+            consumer: None,
         };
         self.subscribe_inner(filter, None, Some((sub, start))).await
+    }
+
+    /// Joins the durable consumer `consumer` of `stream`, creating it if it does not exist:
+    /// returns a [`Subscription`] whose messages must each be acknowledged, with
+    /// [`Message::ack`] (done), [`Message::nak`] (deliver it again) or [`Message::term`] (never
+    /// deliver it again).
+    ///
+    /// The broker keeps the consumer's position, on disk, across restarts of the broker and of
+    /// its members. Each message matching the consumer's filter goes to one member at a time,
+    /// whichever client it is on, so clients that join the same consumer share its work. A
+    /// message not acknowledged within the ack wait, or held by a member that leaves (its
+    /// subscription dropped or unsubscribed, its connection lost), is delivered again, up to
+    /// `max_deliver` times in all: at least once, so a member must tolerate a repeat (each
+    /// message's [`Message::stream_seq`] tells it). Settings: [`ConsumerOptions`]; the first
+    /// subscription that names the consumer creates it with its own, later ones join it.
+    ///
+    /// With [`ConnectOptions::reconnect`], the subscription joins the same consumer again after a
+    /// lost connection, and the consumer goes on from its position. What this member held
+    /// unacknowledged on the lost connection is delivered again by the broker (to it or another
+    /// member), so a message received before the reconnect can no longer be acknowledged: its
+    /// acknowledgement fails with [`Error::StaleDelivery`] and its new delivery is the one to
+    /// acknowledge. As for [`Client::subscribe_stream`], a start of `New` or `Last(n)` is first
+    /// pinned to the stream's sequence on a reconnecting client (one [`Streams::info`] request),
+    /// so that a consumer the broker lost meanwhile is made again from the same place.
+    ///
+    /// Messages arrive as the broker hands them out: at most `max_in_flight` unacknowledged
+    /// across the consumer, and for this member as many as its queue
+    /// ([`ConnectOptions::subscription_capacity`]) and the broker's queue for the connection
+    /// take. What it holds when it leaves goes to the other members at once.
+    ///
+    /// # Errors
+    /// [`Error::InvalidStreamName`], [`Error::InvalidConsumerName`], an invalid filter or
+    /// [`Error::InvalidOption`] (a setting out of range), before anything is sent;
+    /// [`Error::Server`] with [`crate::ErrorCode::NoSuchStream`], with
+    /// [`crate::ErrorCode::InvalidFilter`] (the consumer exists with another filter, or the stream
+    /// has its maximum of 256 consumers), with [`crate::ErrorCode::InvalidStart`]; the server's
+    /// subscription limit, or a closed connection.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use brokerd_client::ConsumerOptions;
+    /// use std::time::Duration;
+    /// # async fn demo(client: brokerd_client::Client) -> Result<(), brokerd_client::Error> {
+    /// let options = ConsumerOptions::new()
+    ///     .filter("order.created")
+    ///     .ack_wait(Duration::from_secs(60));
+    /// let mut orders = client.consume("ORDERS", "invoicing", options).await?;
+    /// while let Some(msg) = orders.next().await {
+    ///     println!("invoicing #{}: {:?}", msg.stream_seq().unwrap_or(0), msg.payload());
+    ///     msg.ack().await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn consume(
+        &self,
+        stream: &str,
+        consumer: &str,
+        options: ConsumerOptions,
+    ) -> Result<Subscription, Error> {
+        check_name(stream)?;
+        let spec = options.spec(consumer)?;
+        let sub = StreamSub {
+            name: stream.to_string(),
+            resume: self.pin(stream, options.start).await,
+            consumer: Some(spec),
+        };
+        self.subscribe_inner(&options.filter, None, Some((sub, options.start)))
+            .await
+    }
+
+    /// Where a stream subscription starting at `start` starts again when it received nothing:
+    /// `New` and `Last` pinned to the stream's last sequence, asked for now, on a reconnecting
+    /// client ([`resume_point`]); `start` otherwise.
+    async fn pin(&self, stream: &str, start: StartPosition) -> StartPosition {
+        let pinned = matches!(start, StartPosition::New | StartPosition::Last(_));
+        if !pinned || self.inner.options.reconnect.is_none() {
+            return start;
+        }
+        let info = self
+            .streams()
+            .timeout(self.inner.options.connect_timeout)
+            .info(stream)
+            .await;
+        if let Err(e) = &info {
+            tracing::debug!(stream, error = %e, "cannot read the stream's position; a reconnect before the first message may skip messages");
+        }
+        resume_point(start, info.ok().map(|i| i.last_seq))
     }
 
     /// The stream management requests: add, list, inspect, purge and delete streams.
@@ -262,10 +338,14 @@ impl Client {
         );
         let shared = Arc::new(SubShared::default());
         let name = stream.as_ref().map(|(s, _)| s.name.clone());
+        let consumer = stream
+            .as_ref()
+            .and_then(|(s, _)| s.consumer.as_ref())
+            .map(|c| c.name.clone());
         let start = stream.as_ref().map(|(s, start)| StreamStart {
             stream: s.name.clone(),
             start: *start,
-            consumer: None,
+            consumer: s.consumer.clone(),
         });
         self.inner.subs.lock().insert(
             sid,
@@ -275,6 +355,7 @@ impl Client {
                 filter: filter.to_string(),
                 queue: queue.map(str::to_string),
                 stream: stream.map(|(s, _)| s),
+                leaving: false,
             },
         );
         let req_id = self.inner.next_id();
@@ -299,6 +380,7 @@ impl Client {
             client: self.inner.clone(),
             active: true,
             stream: name,
+            consumer,
         })
     }
 

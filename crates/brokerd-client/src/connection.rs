@@ -251,12 +251,26 @@ async fn read_task(inner: Arc<Inner>, mut rd: ReadHalf, mut buf: BytesMut) -> En
 /// The subscription that received the previous message, and the messages for it not yet handed
 /// over: a run of deliveries for one subscription takes the subscription map's lock once and the
 /// subscription's queue lock once per [`DELIVERY_BATCH`] messages.
-struct Delivery {
+pub(crate) struct Delivery {
     sid: u32,
-    /// Whether it is a replay subscription: its messages carry stream sequences.
+    /// Whether it is a replay or consumer subscription: its messages carry stream sequences.
     stream: bool,
+    /// For a durable consumer's subscription: this connection's generation, which its messages
+    /// carry so that they are acknowledged on this connection only.
+    ack_epoch: Option<u64>,
     tx: channel::Sender,
     batch: Vec<Message>,
+}
+
+impl Delivery {
+    /// Marks `msg` as one of this subscription's.
+    fn stamp(&self, inner: &Arc<Inner>, msg: &mut Message) {
+        msg.stream = self.stream;
+        if self.ack_epoch.is_some() {
+            msg.ack_epoch = self.ack_epoch;
+            msg.client = Some(inner.clone());
+        }
+    }
 }
 
 /// At most this many messages are held back before being handed to their subscription.
@@ -324,13 +338,14 @@ fn gather(inner: &Arc<Inner>, buf: &mut BytesMut, last: &mut Option<Delivery>) -
             body,
             client,
             stream: false,
+            ack_epoch: None,
         };
         if sid == inner.inbox_sid.load(Ordering::Relaxed) {
             return Gathered::Inbox(msg);
         }
         match last.as_mut() {
             Some(d) if d.sid == sid => {
-                msg.stream = d.stream;
+                d.stamp(inner, &mut msg);
                 d.batch.push(msg);
                 if d.batch.len() >= DELIVERY_BATCH {
                     return Gathered::Full;
@@ -345,7 +360,7 @@ fn gather(inner: &Arc<Inner>, buf: &mut BytesMut, last: &mut Option<Delivery>) -
 /// Messages are handed to subscriptions in batches (see [`Delivery`]); every other frame, an
 /// inbox reply, and the end of what was read first hand over what is held, so a reply (such as
 /// the `OK` that ends an unsubscribe) is never seen before the messages that preceded it.
-async fn read_frames(
+pub(crate) async fn read_frames(
     inner: &Arc<Inner>,
     buf: &mut BytesMut,
     last: &mut Option<Delivery>,
@@ -357,16 +372,24 @@ async fn read_frames(
             Gathered::Full => {}
             Gathered::Other(mut msg) => {
                 let batch = last.take().map(|d| d.batch);
+                // This task's connection is the current one: the generation moves on only once
+                // this task has ended.
+                let epoch = inner.epoch.load(Ordering::Relaxed);
                 // A message for a subscription already gone (one ended while it was in flight)
                 // allocates nothing.
                 *last = inner.subs.lock().get(&msg.sid).map(|s| Delivery {
                     sid: msg.sid,
                     stream: s.stream.is_some(),
+                    ack_epoch: s
+                        .stream
+                        .as_ref()
+                        .and_then(|s| s.consumer.as_ref())
+                        .map(|_| epoch),
                     tx: s.tx.clone(),
                     batch: batch.unwrap_or_else(|| Vec::with_capacity(DELIVERY_BATCH)),
                 });
                 if let Some(d) = last.as_mut() {
-                    msg.stream = d.stream;
+                    d.stamp(inner, &mut msg);
                     d.batch.push(msg);
                 }
             }
@@ -619,7 +642,9 @@ mod tests {
                     stream: stream.then(|| crate::stream::StreamSub {
                         name: "ORDERS".into(),
                         resume: brokerd_proto::StartPosition::All,
+                        consumer: None,
                     }),
+                    leaving: false,
                 },
             );
             receivers.push(rx);
@@ -672,7 +697,9 @@ mod tests {
                 stream: Some(crate::stream::StreamSub {
                     name: "ORDERS".into(),
                     resume: brokerd_proto::StartPosition::All,
+                    consumer: None,
                 }),
+                leaving: false,
             },
         );
         // A message, then the notice, in one read: the reader holds the subscription's sender

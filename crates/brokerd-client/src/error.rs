@@ -33,7 +33,8 @@ pub enum Error {
     /// A header key or value is longer than 65,535 bytes.
     #[error("a header key or value is longer than 65535 bytes")]
     HeaderTooLong,
-    /// A [`crate::ConnectOptions`] value cannot work; nothing was dialed.
+    /// A [`crate::ConnectOptions`] value cannot work, and nothing was dialed; or a
+    /// [`crate::ConsumerOptions`] value, and nothing was sent.
     #[error("invalid option {option}: {reason}")]
     InvalidOption {
         /// The option's builder method.
@@ -115,6 +116,26 @@ pub enum Error {
         op: &'static str,
         /// The broker's message, as it sent it.
         message: String,
+    },
+    /// The durable consumer's name is not 1 to 64 bytes of ASCII letters, digits, `-` and `_`;
+    /// nothing was sent.
+    #[error("invalid consumer name {0:?}: 1 to 64 ASCII letters, digits, '-' or '_'")]
+    InvalidConsumerName(String),
+    /// [`crate::Message::ack`] (or `nak`, `term`) on a message that did not come from a durable
+    /// consumer: nothing is to be acknowledged.
+    #[error("the message did not come from a durable consumer: there is nothing to acknowledge")]
+    NotFromConsumer,
+    /// [`crate::Message::ack`] (or `nak`, `term`) on a message its subscription no longer holds:
+    /// the subscription was dropped, unsubscribed or ended by the broker, or the connection the
+    /// message arrived on was lost (the client may have reconnected since). Nothing was sent:
+    /// the broker delivers the message again by itself (once the member left, or after the ack
+    /// wait), and that delivery is the one to acknowledge.
+    #[error(
+        "message #{seq} can no longer be acknowledged: its subscription or connection is gone, and the broker delivers it again"
+    )]
+    StaleDelivery {
+        /// The message's stream sequence.
+        seq: u64,
     },
     /// The broker's answer to a stream management request is not what the protocol describes
     /// (not JSON, or without the stream asked about).

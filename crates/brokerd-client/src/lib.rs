@@ -138,12 +138,45 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Durable consumers: work queues that survive restarts
+//!
+//! A durable consumer is a position in a stream that the broker keeps, on disk, for the
+//! subscriptions that join it ([`Client::consume`], settings in [`ConsumerOptions`]). Each
+//! message goes to one member at a time, whichever client it is on, and each member answers
+//! every message it received: [`Message::ack`] (done), [`Message::nak`] (deliver it again) or
+//! [`Message::term`] (never deliver it again). A message not acknowledged within the ack wait,
+//! or held by a member that leaves (its client crashed, say), is delivered again, up to
+//! `max_deliver` times: at least once, so processing must tolerate a repeat. After a restart of
+//! the broker, the consumer goes on after what was acknowledged.
+//!
+//! ```no_run
+//! use brokerd_client::ConsumerOptions;
+//! use std::time::Duration;
+//! # async fn resize(_: &[u8]) -> Result<(), std::io::Error> { Ok(()) }
+//! # async fn demo(client: brokerd_client::Client) -> Result<(), brokerd_client::Error> {
+//! // Every worker process runs this: they share the consumer's messages.
+//! let options = ConsumerOptions::new()
+//!     .filter("image.uploaded")
+//!     .ack_wait(Duration::from_secs(120))
+//!     .max_deliver(3);
+//! let mut jobs = client.consume("IMAGES", "resizers", options).await?;
+//! while let Some(job) = jobs.next().await {
+//!     match resize(&job.payload()).await {
+//!         Ok(()) => job.ack().await?,
+//!         Err(_) => job.nak().await?,
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
 //! # Reconnecting
 //!
 //! By default a lost connection closes the client. With [`ConnectOptions::reconnect`], the
 //! client dials again with backoff and jitter (over [`ConnectOptions::servers`] in turn), makes
 //! every subscription again (a replay subscription from right after the last message it
-//! received), and sends the publishes it buffered meanwhile, up to
+//! received; a durable consumer's joins the same consumer, which delivers again what was
+//! unacknowledged on the lost connection, so a message received before the reconnect can no
+//! longer be acknowledged: [`Error::StaleDelivery`]), and sends the publishes it buffered meanwhile, up to
 //! [`Reconnect::buffer_bytes`]. Calls that need an answer fail at once while it is
 //! disconnected ([`Error::Disconnected`]). [`Client::events`] reports what happens.
 //!
@@ -176,6 +209,7 @@
 mod channel;
 mod client;
 mod connection;
+mod consumer;
 mod error;
 mod event;
 mod info;
@@ -191,6 +225,7 @@ pub use brokerd_proto::{
     Credentials, ErrorCode, Filter, Headers, OverflowPolicy, StartPosition, Topic,
 };
 pub use client::Client;
+pub use consumer::ConsumerOptions;
 pub use error::Error;
 pub use event::{CloseReason, Event};
 pub use info::ServerInfo;

@@ -82,9 +82,12 @@ pub(crate) struct SubEntry {
     /// What it was made with, to make it again after a reconnect.
     pub(crate) filter: String,
     pub(crate) queue: Option<String>,
-    /// For a replay subscription: its stream and where to start again (see
-    /// [`StreamSub::restart`]).
+    /// For a replay subscription or a durable consumer's: its stream and where to start again
+    /// (see [`StreamSub::restart`]).
     pub(crate) stream: Option<StreamSub>,
+    /// Set (under [`Inner::subs`]) once [`crate::Subscription::unsubscribe`] has begun: it is not
+    /// made again after a reconnect, and a consumer's messages are no longer acknowledged.
+    pub(crate) leaving: bool,
 }
 
 /// State shared by the [`crate::Client`] handles, its subscriptions and its two tasks.
@@ -103,6 +106,11 @@ pub(crate) struct Inner {
     pub(crate) inbox_sid: AtomicU32,
     /// Requests waiting for their first reply, by the token ending their reply-to topic.
     pub(crate) replies: Mutex<HashMap<u32, oneshot::Sender<Message>>>,
+    /// The connection's generation: 0 for the first, one more at each reconnect. Changed only
+    /// under `write` (in [`Inner::reconnected`]), so that whoever holds `write` reads the
+    /// generation of the connection its frames go to. A durable consumer's message carries the
+    /// generation it arrived on ([`crate::consumer`]).
+    pub(crate) epoch: std::sync::atomic::AtomicU64,
     /// Set by `shutdown`: the reader stops delivering, even through its cached sender.
     pub(crate) shut: std::sync::atomic::AtomicBool,
     /// The current connection's `WELCOME`.
@@ -169,6 +177,7 @@ impl Inner {
             inbox: tokio::sync::OnceCell::new(),
             inbox_sid: AtomicU32::new(0),
             replies: Mutex::new(HashMap::new()),
+            epoch: std::sync::atomic::AtomicU64::new(0),
             shut: std::sync::atomic::AtomicBool::new(false),
             max_payload: AtomicU32::new(info.max_payload),
             max_frame_in: std::sync::atomic::AtomicUsize::new(
@@ -483,14 +492,16 @@ impl Inner {
 
     /// A new connection is up: its `WELCOME` is in force, every live subscription (and the
     /// request inbox) is made again first, then the publishes buffered meanwhile follow. A
-    /// replay subscription starts again right after the last stream sequence it received.
+    /// replay subscription starts again right after the last stream sequence it received; a
+    /// durable consumer's joins the same consumer again, which goes on from the position the
+    /// broker kept. A subscription being unsubscribed is not made again.
     pub(crate) fn reconnected(&self, info: Welcome) {
         self.set_info(info);
         let mut first = BytesMut::new();
         {
             let subs = self.subs.lock();
             let mut resubs = self.resubs.lock();
-            for (sid, entry) in subs.iter() {
+            for (sid, entry) in subs.iter().filter(|(_, e)| !e.leaving) {
                 let req_id = self.next_id();
                 resubs.insert(req_id, *sid);
                 entry.shared.resubscribed.fetch_add(1, Ordering::Relaxed);
@@ -525,6 +536,7 @@ impl Inner {
             first.extend_from_slice(&w.buf);
             w.buf = first;
             w.connected = true;
+            self.epoch.fetch_add(1, Ordering::Relaxed);
         }
         self.data.notify_one();
     }
@@ -619,6 +631,7 @@ mod tests {
                 filter: "order.>".into(),
                 queue: None,
                 stream,
+                leaving: false,
             },
         );
         rx
@@ -642,6 +655,7 @@ mod tests {
         let stream = |resume| StreamSub {
             name: "ORDERS".into(),
             resume,
+            consumer: None,
         };
         // Sequences with gaps, as a filtered replay delivers them.
         let _a = sub_with(&inner, 1, Some(stream(StartPosition::All)), &[3, 7, 40]).await;

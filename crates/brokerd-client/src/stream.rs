@@ -1,6 +1,6 @@
 //! Streams from the client's side: what a stream answers to a publish it stored
-//! ([`StoredAck`]), where a replay subscription starts again after a reconnect
-//! ([`StreamSub`]), and the typed management requests on `$SYS.req.stream.<op>` ([`Streams`]).
+//! ([`StoredAck`]), where a replay subscription starts again after a reconnect and which
+//! consumer a durable consumer's subscription joins again ([`StreamSub`]), and the typed management requests on `$SYS.req.stream.<op>` ([`Streams`]).
 //!
 //! Management is request/reply over the connection's inbox ([`crate::Client::request`]): this
 //! file builds the JSON requests and reads the answers, and never touches the socket itself.
@@ -13,7 +13,7 @@ use crate::error::Error;
 use brokerd_proto::streams::{
     STREAM_REQUEST_PREFIX, StreamAnswer, StreamConfig, StreamInfo, StreamName, valid_stream_name,
 };
-use brokerd_proto::{StartPosition, Stored, StreamStart};
+use brokerd_proto::{ConsumerSpec, StartPosition, Stored, StreamStart};
 use std::time::Duration;
 
 /// How long a stream management request waits for the broker's answer unless
@@ -48,7 +48,8 @@ impl From<Stored> for StoredAck {
     }
 }
 
-/// What a replay subscription needs to be made again on a new connection.
+/// What a replay subscription, or a durable consumer's, needs to be made again on a new
+/// connection.
 #[derive(Debug, Clone)]
 pub(crate) struct StreamSub {
     /// The stream's name.
@@ -56,21 +57,28 @@ pub(crate) struct StreamSub {
     /// Where to start when nothing has been received yet: the start asked for, or, for `New`
     /// and `Last`, the same position pinned to a sequence ([`resume_point`]).
     pub(crate) resume: StartPosition,
+    /// The durable consumer joined, with the settings it is created with.
+    pub(crate) consumer: Option<ConsumerSpec>,
 }
 
 impl StreamSub {
     /// The stream part of the `SUB` that makes the subscription again, given the stream
-    /// sequence of the last message it received (0: none): right after that message, so that
-    /// the application sees neither a gap nor a duplicate.
+    /// sequence of the last message it received (0: none).
+    ///
+    /// A replay starts right after that message, so that the application sees neither a gap
+    /// nor a duplicate. A durable consumer's subscription joins the same consumer again,
+    /// whatever it received: the broker keeps the consumer's position and delivers again what
+    /// was in flight on the lost connection. Its start matters only if the consumer no longer
+    /// exists, and is then the pinned start of the first `SUB`.
     pub(crate) fn restart(&self, last_seq: u64) -> StreamStart {
-        let start = match last_seq {
-            0 => self.resume,
-            n => StartPosition::FromSeq(n.saturating_add(1)),
+        let start = match (last_seq, &self.consumer) {
+            (0, _) | (_, Some(_)) => self.resume,
+            (n, None) => StartPosition::FromSeq(n.saturating_add(1)),
         };
         StreamStart {
             stream: self.name.clone(),
             start,
-            consumer: None,
+            consumer: self.consumer.clone(),
         }
     }
 }
@@ -256,6 +264,7 @@ mod tests {
         let sub = StreamSub {
             name: "ORDERS".into(),
             resume: StartPosition::All,
+            consumer: None,
         };
         assert_eq!(sub.restart(0).start, StartPosition::All);
         assert_eq!(sub.restart(41).start, StartPosition::FromSeq(42));
@@ -265,6 +274,33 @@ mod tests {
             sub.restart(u64::MAX).start,
             StartPosition::FromSeq(u64::MAX)
         );
+        assert_eq!(sub.restart(41).consumer, None);
+    }
+
+    #[test]
+    fn a_consumer_joins_the_same_consumer_again_whatever_it_received() {
+        let spec = ConsumerSpec {
+            name: "billing".into(),
+            ack_wait_ms: 5_000,
+            max_deliver: 3,
+            max_in_flight: 10,
+        };
+        let sub = StreamSub {
+            name: "ORDERS".into(),
+            resume: StartPosition::FromSeq(101),
+            consumer: Some(spec.clone()),
+        };
+        for last in [0, 41, u64::MAX] {
+            assert_eq!(
+                sub.restart(last),
+                StreamStart {
+                    stream: "ORDERS".into(),
+                    start: StartPosition::FromSeq(101),
+                    consumer: Some(spec.clone()),
+                },
+                "after {last}"
+            );
+        }
     }
 
     #[test]

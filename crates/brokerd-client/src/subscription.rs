@@ -1,7 +1,8 @@
-//! A subscription's stream of messages, and the message type.
+//! A subscription's stream of messages, and the message type (with the acknowledgements of a
+//! durable consumer's messages, sent by [`crate::consumer`]).
 
 use crate::state::Inner;
-use brokerd_proto::{Body, Headers};
+use brokerd_proto::{AckKind, Body, Headers};
 use bytes::Bytes;
 use futures_core::Stream;
 use std::collections::VecDeque;
@@ -16,11 +17,15 @@ pub struct Message {
     pub(crate) sid: u32,
     pub(crate) seq: u64,
     pub(crate) body: Body,
-    /// The connection it arrived on, for [`Message::respond`]; only kept when the message has
-    /// a reply-to, so a plain delivery costs no reference count.
+    /// The connection it arrived on, for [`Message::respond`] and the acknowledgements; only
+    /// kept when the message has a reply-to or came from a durable consumer, so a plain
+    /// delivery costs no reference count.
     pub(crate) client: Option<Arc<Inner>>,
-    /// It was delivered to a replay subscription: `seq` is its stream sequence.
+    /// It was delivered to a replay or consumer subscription: `seq` is its stream sequence.
     pub(crate) stream: bool,
+    /// For a durable consumer's message: the generation of the connection it arrived on
+    /// ([`Inner::epoch`]), the only one its acknowledgement may go to.
+    pub(crate) ack_epoch: Option<u64>,
 }
 
 #[cfg(test)]
@@ -33,6 +38,7 @@ impl Message {
             body: Body::parse(Body::encode("t", None, None, b"")).expect("valid body"),
             client: Some(crate::state::Inner::for_test()),
             stream: false,
+            ack_epoch: None,
         }
     }
 }
@@ -84,8 +90,9 @@ impl Message {
     /// [`crate::Subscription::missed`]); after a reconnect the subscription is new on the
     /// server and counts from 1 again ([`crate::Subscription::resubscribed`]).
     ///
-    /// For a replay subscription ([`crate::Client::subscribe_stream`]): the message's stream
-    /// sequence, the same for every subscriber and across reconnects ([`Message::stream_seq`]).
+    /// For a replay subscription ([`crate::Client::subscribe_stream`]) and a durable consumer's
+    /// ([`crate::Client::consume`]): the message's stream sequence, the same for every subscriber
+    /// and across reconnects ([`Message::stream_seq`]).
     /// Gaps there are normal (messages of the stream the filter does not match, or that
     /// retention removed) and are not losses: the broker never drops a stored message for a
     /// replay subscription.
@@ -94,11 +101,63 @@ impl Message {
     }
 
     /// The message's stream sequence, for a message delivered to a replay subscription
-    /// ([`crate::Client::subscribe_stream`]); `None` for a live subscription's. An application
-    /// that records the last one it processed can resume from the next one
-    /// ([`crate::StartPosition::FromSeq`]), even in another process.
+    /// ([`crate::Client::subscribe_stream`]) or by a durable consumer
+    /// ([`crate::Client::consume`]); `None` for a live subscription's. An application that
+    /// records the last one it processed can resume from the next one
+    /// ([`crate::StartPosition::FromSeq`]), even in another process; a consumer's member can
+    /// tell a message delivered again by it.
     pub fn stream_seq(&self) -> Option<u64> {
         self.stream.then_some(self.seq)
+    }
+
+    /// Whether the message came from a durable consumer ([`crate::Client::consume`]), and so
+    /// is to be acknowledged ([`Message::ack`], [`Message::nak`], [`Message::term`]).
+    pub fn is_from_consumer(&self) -> bool {
+        self.ack_epoch.is_some()
+    }
+
+    /// Tells the durable consumer this message is done: it is not delivered again.
+    ///
+    /// The acknowledgement is queued for the socket on the connection the message arrived on,
+    /// and this returns without waiting for the broker (which sends no answer); it waits only
+    /// while the client's write buffer is full. Acknowledging a message twice is harmless.
+    ///
+    /// # Errors
+    /// [`crate::Error::NotFromConsumer`] for a message of another kind of subscription;
+    /// [`crate::Error::StaleDelivery`] when its subscription was dropped, unsubscribed or ended,
+    /// or the connection it arrived on was lost (even if the client has reconnected since): the
+    /// broker delivers it again then, and that delivery is the one to acknowledge;
+    /// [`crate::Error::Closed`] once the client is closed.
+    pub async fn ack(&self) -> Result<(), crate::Error> {
+        self.acknowledge(AckKind::Ack).await
+    }
+
+    /// Tells the durable consumer this message was not processed and should be delivered again
+    /// at once, to any member (counted against its `max_deliver`). As [`Message::ack`]
+    /// otherwise.
+    ///
+    /// # Errors
+    /// As [`Message::ack`].
+    pub async fn nak(&self) -> Result<(), crate::Error> {
+        self.acknowledge(AckKind::Nak).await
+    }
+
+    /// Tells the durable consumer never to deliver this message again, although it was not
+    /// processed (a message no member can handle). As [`Message::ack`] otherwise.
+    ///
+    /// # Errors
+    /// As [`Message::ack`].
+    pub async fn term(&self) -> Result<(), crate::Error> {
+        self.acknowledge(AckKind::Term).await
+    }
+
+    async fn acknowledge(&self, kind: AckKind) -> Result<(), crate::Error> {
+        match (&self.client, self.ack_epoch) {
+            (Some(client), Some(epoch)) => {
+                client.acknowledge(self.sid, self.seq, epoch, kind).await
+            }
+            _ => Err(crate::Error::NotFromConsumer),
+        }
     }
 
     /// Publishes `payload` to this message's reply-to topic, on the connection it arrived on.
@@ -144,7 +203,10 @@ pub(crate) struct SubShared {
 /// Messages wait in a bounded buffer until read; when it is full the client stops reading the
 /// socket, and the server's overflow policy applies (drops counted in [`Subscription::missed`]).
 /// A replay subscription ([`crate::Client::subscribe_stream`]) is never dropped from: the
-/// broker reads its stream only as fast as the subscription takes messages.
+/// broker reads its stream only as fast as the subscription takes messages. Neither is a
+/// durable consumer's ([`crate::Client::consume`]), whose messages are each to be acknowledged
+/// ([`Message::ack`]); dropping it or unsubscribing makes the consumer deliver what it held
+/// unacknowledged to the other members at once.
 #[derive(Debug)]
 pub struct Subscription {
     pub(crate) sid: u32,
@@ -155,8 +217,10 @@ pub struct Subscription {
     pub(crate) shared: Arc<SubShared>,
     pub(crate) client: Arc<Inner>,
     pub(crate) active: bool,
-    /// The stream of a replay subscription.
+    /// The stream of a replay or consumer subscription.
     pub(crate) stream: Option<String>,
+    /// The durable consumer it is a member of.
+    pub(crate) consumer: Option<String>,
 }
 
 impl Subscription {
@@ -183,10 +247,17 @@ impl Subscription {
         &self.filter
     }
 
-    /// The stream a replay subscription reads ([`crate::Client::subscribe_stream`]); `None`
-    /// for a live subscription.
+    /// The stream a replay subscription reads ([`crate::Client::subscribe_stream`]), or a
+    /// durable consumer's subscription takes from ([`crate::Client::consume`]); `None` for a
+    /// live subscription.
     pub fn stream(&self) -> Option<&str> {
         self.stream.as_deref()
+    }
+
+    /// The durable consumer this subscription is a member of ([`crate::Client::consume`]);
+    /// `None` for other subscriptions.
+    pub fn consumer(&self) -> Option<&str> {
+        self.consumer.as_deref()
     }
 
     /// How many times the subscription was made again on a new connection. For a live
@@ -194,7 +265,8 @@ impl Subscription {
     /// published while the client was disconnected is not delivered, so a message with
     /// `seq() == 1` after the first tells a subscriber that it may have missed some. A replay
     /// subscription is made again from the stream sequence after the last message it received,
-    /// so it misses nothing and repeats nothing.
+    /// so it misses nothing and repeats nothing. A durable consumer's joins the same consumer
+    /// again, which delivers again what was unacknowledged on the lost connection.
     pub fn resubscribed(&self) -> u64 {
         self.shared.resubscribed.load(Ordering::Relaxed)
     }
@@ -218,9 +290,20 @@ impl Subscription {
     /// queued for it before the confirmation stays readable through [`Subscription::next`], and
     /// then the stream ends; none is lost, so a queue-group worker can leave without dropping work.
     ///
+    /// A durable consumer's subscription leaves the consumer instead: from this call on, its
+    /// messages can no longer be acknowledged ([`crate::Error::StaleDelivery`]), the consumer
+    /// delivers every message this member held unacknowledged to the other members at once, and
+    /// the messages received and not yet read are discarded rather than yielded (they are
+    /// those). Acknowledge what was processed before calling it.
+    ///
     /// # Errors
     /// The connection closed, or the server did not know the subscription.
     pub async fn unsubscribe(&mut self) -> Result<(), crate::Error> {
+        // Marked first, under the lock an acknowledgement holds until its frame is appended:
+        // none follows the `UNSUB` on the wire.
+        if let Some(entry) = self.client.subs.lock().get_mut(&self.sid) {
+            entry.leaving = true;
+        }
         // `active` stays set until the server has answered: if this future is dropped half-way,
         // `Drop` still sends an UNSUB.
         let confirmed = self.client.unsubscribe(self.sid, 0);
@@ -239,12 +322,22 @@ impl Subscription {
         while let Some(m) = self.rx.try_recv() {
             self.buffered.push_back(m);
         }
+        if self.consumer.is_some() {
+            // The consumer delivers them again, to the members that stay.
+            self.buffered.clear();
+        }
         result
     }
 
     /// Asks the server to end the subscription after `n` more matched messages (counting any it
     /// drops). The stream itself ends only with [`Subscription::unsubscribe`], a drop, or the
     /// connection's end: this protocol version does not tell the client when the server finished it.
+    ///
+    /// On a durable consumer's subscription, the member leaves the consumer as soon as the
+    /// broker has handed it the `n`-th message, and the consumer then delivers what it holds
+    /// unacknowledged (those `n` among them) to the other members at once, while this client
+    /// cannot tell: prefer [`Subscription::unsubscribe`] once the messages it wants are
+    /// acknowledged.
     ///
     /// # Errors
     /// The connection closed, or the server did not know the subscription.

@@ -87,3 +87,17 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(POLL).await;
     }
 }
+
+/// Polls the future `cond` makes every [`POLL`] until it holds; panics naming `what` after
+/// [`DEADLINE`].
+#[allow(dead_code)]
+pub async fn wait_until_async<F: std::future::Future<Output = bool>>(
+    what: &str,
+    mut cond: impl FnMut() -> F,
+) {
+    let deadline = Instant::now() + DEADLINE;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(POLL).await;
+    }
+}
