@@ -241,3 +241,150 @@ async fn the_position_survives_a_restart_of_the_broker() {
     );
     b.stop().await;
 }
+
+#[tokio::test]
+async fn a_late_ack_from_a_former_holder_does_not_end_the_message() {
+    let dir = TempDir::new("consumers-late-ack");
+    let b = broker(&dir.0).await;
+    let mut w1 = b.raw("w1").await;
+    w1.send(&join(1, 1, "work", 300, 0)).await;
+    assert_eq!(w1.recv().await, Some(Frame::Ok(1)));
+    let mut w2 = b.raw("w2").await;
+    w2.send(&join(1, 1, "work", 300, 0)).await;
+    assert_eq!(w2.recv().await, Some(Frame::Ok(1)));
+    let mut p = b.raw("p").await;
+    publish(&mut p, 1, 1).await;
+    // Sequence 1 goes to one member (the former holder), expires after 300 ms unacknowledged,
+    // and goes to the other (the holder).
+    let former_is_w1 = tokio::select! {
+        s = next_msg(&mut w1, Duration::from_secs(5)) => { assert_eq!(s, Some(1)); true }
+        s = next_msg(&mut w2, Duration::from_secs(5)) => { assert_eq!(s, Some(1)); false }
+    };
+    let (former, holder) = if former_is_w1 {
+        (&mut w1, &mut w2)
+    } else {
+        (&mut w2, &mut w1)
+    };
+    assert_eq!(next_msg(holder, Duration::from_secs(5)).await, Some(1));
+    // The former holder's late ack is ignored; the holder's nak brings the message back.
+    ack(former, 1, 1, AckKind::Ack).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    ack(holder, 1, 1, AckKind::Nak).await;
+    let back = tokio::select! {
+        s = next_msg(former, Duration::from_secs(2)) => s,
+        s = next_msg(holder, Duration::from_secs(2)) => s,
+    };
+    assert_eq!(back, Some(1));
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_new_consumer_keeps_its_start_across_a_restart_before_any_ack() {
+    let dir = TempDir::new("consumers-fresh");
+    let b = broker(&dir.0).await;
+    let mut p = b.raw("p").await;
+    publish(&mut p, 1, 5).await;
+    let mut w = b.raw("w").await;
+    let mut sub = join(1, 1, "fresh", 0, 0);
+    if let Frame::Sub(s) = &mut sub {
+        s.stream.as_mut().unwrap().start = StartPosition::New;
+    }
+    w.send(&sub).await;
+    assert_eq!(w.recv().await, Some(Frame::Ok(1)));
+    publish(&mut p, 6, 3).await;
+    for want in 6..=8 {
+        assert_eq!(next_msg(&mut w, Duration::from_secs(5)).await, Some(want));
+    }
+    b.stop().await;
+    let b = broker(&dir.0).await;
+    let mut w = b.raw("w").await;
+    w.send(&sub).await;
+    assert_eq!(w.recv().await, Some(Frame::Ok(1)));
+    // Nothing was acknowledged: 6 to 8 come again, and not 1 to 5.
+    for want in 6..=8 {
+        let seq = next_msg(&mut w, Duration::from_secs(5)).await;
+        assert_eq!(seq, Some(want));
+        ack(&mut w, 1, want, AckKind::Ack).await;
+    }
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn deleting_the_stream_ends_its_consumers_members() {
+    let dir = TempDir::new("consumers-delete");
+    let dir2 = dir.0.clone();
+    let b = TestBroker::with_config(move |c| c.data_dir = dir2).await;
+    let mut admin = b.raw("admin").await;
+    admin
+        .send_bytes(&brokerd_tests::wire::sub(1, 1, "_INBOX.a"))
+        .await;
+    assert_eq!(admin.recv().await, Some(Frame::Ok(1)));
+    let req = |req_id: u32, op: &str, json: &str| {
+        Frame::Pub(Publish {
+            req_id,
+            ack: false,
+            body: Body::parse(Body::encode(
+                &format!("$SYS.req.stream.{op}"),
+                Some("_INBOX.a"),
+                None,
+                json.as_bytes(),
+            ))
+            .unwrap(),
+        })
+    };
+    admin
+        .send(&req(2, "add", r#"{"name":"JOBS","filters":["job.>"]}"#))
+        .await;
+    assert!(matches!(admin.recv().await, Some(Frame::Msg(_))));
+    let mut w = b.raw("w").await;
+    w.send(&join(1, 4, "work", 0, 0)).await;
+    assert_eq!(w.recv().await, Some(Frame::Ok(1)));
+    admin.send(&req(3, "delete", r#"{"name":"JOBS"}"#)).await;
+    assert!(matches!(admin.recv().await, Some(Frame::Msg(_))));
+    let e = w.expect_err().await;
+    assert_eq!(
+        (e.req_id, e.code),
+        (0, brokerd_proto::ErrorCode::StoreFailed as u16)
+    );
+    assert!(
+        e.message.starts_with("replay subscription 4 ended:"),
+        "{}",
+        e.message
+    );
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_answer_never_lands_in_a_consumer_subscription() {
+    let dir = TempDir::new("consumers-answer");
+    let b = broker(&dir.0).await;
+    let mut w = b.raw("w").await;
+    let mut everything = join(1, 1, "all", 0, 0);
+    if let Frame::Sub(s) = &mut everything {
+        s.filter = ">".into();
+    }
+    w.send(&everything).await;
+    assert_eq!(w.recv().await, Some(Frame::Ok(1)));
+    // The stream info request answers on an inbox only the consumer's `>` matches.
+    let body = Body::encode(
+        "$SYS.req.stream.info",
+        Some("_INBOX.x"),
+        None,
+        br#"{"name":"JOBS"}"#,
+    );
+    w.send(&Frame::Pub(Publish {
+        req_id: 2,
+        ack: true,
+        body: Body::parse(body).unwrap(),
+    }))
+    .await;
+    assert_eq!(
+        w.recv().await,
+        Some(Frame::Ack {
+            req_id: 2,
+            delivered: 0
+        })
+    );
+    assert_eq!(next_msg(&mut w, Duration::from_millis(300)).await, None);
+    b.stop().await;
+}

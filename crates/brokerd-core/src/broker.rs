@@ -1119,7 +1119,8 @@ impl Broker {
             .subs
             .lock()
             .iter()
-            .filter(|s| s.0.filter.matches(topic))
+            // A replay or consumer subscription takes only its stream's messages.
+            .filter(|s| !s.0.is_replay() && s.0.filter.matches(topic))
             .map(|s| SubRef(s.0.clone()))
             .collect();
         if targets.is_empty() {

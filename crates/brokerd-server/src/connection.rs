@@ -438,6 +438,12 @@ fn other_version(buf: &[u8]) -> bool {
 }
 
 /// State the reader loop keeps between frames.
+/// A consumer subscription of this connection: the consumer and the member subscription.
+type ConsumerSub = (
+    Arc<crate::streams::Consumer>,
+    Arc<brokerd_core::Subscription>,
+);
+
 struct Reader<'a> {
     client: &'a Client,
     shared: &'a Arc<Shared>,
@@ -453,7 +459,7 @@ struct Reader<'a> {
     /// entry per subscription it made (`max_subs`); an entry outlives its subscription until
     /// the sid is used again, harmlessly: a consumer ignores acknowledgements of sequences it
     /// does not have in flight.
-    consumers: std::collections::HashMap<u32, Arc<crate::streams::Consumer>>,
+    consumers: std::collections::HashMap<u32, ConsumerSub>,
 }
 
 impl Reader<'_> {
@@ -669,8 +675,8 @@ impl Reader<'_> {
             ) {
                 Ok(consumer) => {
                     self.reply(Frame::Ok(s.req_id));
-                    consumer.join(client, sub);
-                    self.consumers.insert(s.sid, consumer);
+                    consumer.join(client, sub.clone());
+                    self.consumers.insert(s.sid, (consumer, sub));
                 }
                 Err(e) => {
                     self.shared.broker.end_subscription(self.client, &sub);
@@ -794,8 +800,8 @@ impl Reader<'_> {
                 Err(e) => self.error(u.req_id, ErrorCode::UnknownSubscription, e.to_string()),
             },
             Frame::Mack(m) => {
-                if let Some(c) = self.consumers.get(&m.sid) {
-                    c.ack(m.seq, m.kind);
+                if let Some((c, sub)) = self.consumers.get(&m.sid) {
+                    c.ack(sub, m.seq, m.kind);
                 }
             }
             Frame::Ping(token) => self.reply(Frame::Pong(token)),

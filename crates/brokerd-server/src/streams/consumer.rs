@@ -58,7 +58,8 @@ struct Member {
 
 #[derive(Default)]
 struct Inbox {
-    acks: Vec<(u64, AckKind)>,
+    /// Sequence, what to do, and the member that sent it (by its subscription's address).
+    acks: Vec<(u64, AckKind, usize)>,
     joined: Vec<Member>,
     /// Acknowledgements refused because the inbox was full (they come back by redelivery).
     overflow: u64,
@@ -102,15 +103,17 @@ pub(crate) enum JoinError {
 }
 
 impl Consumer {
-    /// Queues an acknowledgement from a member; never blocks. An inbox already holding four
-    /// times `max_in_flight` refuses it (the message is then delivered again).
-    pub(crate) fn ack(&self, seq: u64, kind: AckKind) {
+    /// Queues an acknowledgement from the member `sub`; never blocks. It counts only if that
+    /// member holds the message now (a late acknowledgement of a message delivered again since
+    /// is ignored). An inbox already holding four times `max_in_flight` refuses it (the message
+    /// is then delivered again).
+    pub(crate) fn ack(&self, sub: &Arc<Subscription>, seq: u64, kind: AckKind) {
         let mut inbox = self.inbox.lock();
         if inbox.acks.len() >= 4 * self.max_in_flight as usize {
             inbox.overflow += 1;
             return;
         }
-        inbox.acks.push((seq, kind));
+        inbox.acks.push((seq, kind, Arc::as_ptr(sub) as usize));
         drop(inbox);
         self.wake.notify_one();
     }
@@ -261,6 +264,12 @@ async fn run(
             .unwrap_or(1);
         saved.floor = first.saturating_sub(1);
         consumer.floor.store(saved.floor, Ordering::Relaxed);
+        // Saved at once, so that its start holds even if the broker stops before anything is
+        // acknowledged.
+        let (s, p) = (saved.clone(), path.clone());
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || save(&p, &s)).await {
+            warn!(stream = %stream.config.name, consumer = %consumer.name, error = %e, "cannot save the consumer's position");
+        }
     }
     let mut members: Vec<Member> = Vec::new();
     let mut turn = 0usize;
@@ -275,6 +284,10 @@ async fn run(
     let mut dirty = false;
     loop {
         if stream.deleted.load(Ordering::Acquire) {
+            let joined = std::mem::take(&mut consumer.inbox.lock().joined);
+            for m in members.iter().chain(&joined) {
+                super::replay::end(&broker, &m.client, &m.sub, &stream, "was deleted");
+            }
             return;
         }
         // Joins and acknowledgements.
@@ -286,7 +299,10 @@ async fn run(
             )
         };
         members.extend(joined);
-        for (seq, kind) in acks {
+        for (seq, kind, from) in acks {
+            if flights.get(&seq).is_none_or(|f| f.holder != from) {
+                continue;
+            }
             let Some(f) = flights.remove(&seq) else {
                 continue;
             };

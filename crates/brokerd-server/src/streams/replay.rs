@@ -255,7 +255,7 @@ pub(crate) fn read_disk(
 }
 
 /// Ends the subscription because its stream went away, telling its owner.
-fn end(
+pub(crate) fn end(
     broker: &Broker,
     client: &Client,
     sub: &Arc<Subscription>,
