@@ -751,3 +751,80 @@ async fn a_stream_copied_while_it_is_written_opens_as_a_consistent_prefix() {
     }
     restored.stop().await;
 }
+
+#[tokio::test]
+async fn retention_by_count_bytes_and_age_drops_the_oldest_segments() {
+    let dir = TempDir::new("streams-retention");
+    let small = |name: &str, filter: &str| StreamConfig {
+        name: name.into(),
+        filters: vec![filter.into()],
+        segment_bytes: 4096,
+        fsync: Fsync::Never,
+        ..StreamConfig::default()
+    };
+    let streams = vec![
+        StreamConfig {
+            max_msgs: 100,
+            ..small("BYCOUNT", "count.>")
+        },
+        StreamConfig {
+            max_bytes: 16 * 1024,
+            ..small("BYBYTES", "bytes.>")
+        },
+        StreamConfig {
+            max_age_s: 1,
+            ..small("BYAGE", "age.>")
+        },
+    ];
+    let b = broker(&dir.0, streams).await;
+    let mut p = b.raw("p").await;
+    let payload = [b'x'; 100];
+    let mut req = 0;
+    for topic in ["count.a", "bytes.a", "age.a"] {
+        for _ in 0..1_000 {
+            req += 1;
+            p.send(&publish(req, false, topic, &payload, None)).await;
+        }
+    }
+    p.send_bytes(&brokerd_tests::wire::ping(1)).await;
+    assert_eq!(p.recv().await, Some(Frame::Pong(1)));
+    let mut admin = b.raw("admin").await;
+    let mut n = 10;
+    let mut info = async |name: &str| {
+        n += 1;
+        request(&mut admin, n, "info", &format!(r#"{{"name":"{name}"}}"#))
+            .await
+            .stream
+            .unwrap()
+    };
+    // Count and bytes apply after every append: whole segments go, so a stream keeps up to
+    // one segment more than its limit (a segment holds at least one whole write batch).
+    let count = info("BYCOUNT").await;
+    assert!(count.msgs >= 100 && count.msgs < 300, "{count:?}");
+    assert_eq!(count.last_seq, 1_000);
+    assert!(count.first_seq > 700, "{count:?}");
+    let bytes = info("BYBYTES").await;
+    assert!(
+        bytes.bytes >= 16 * 1024 && bytes.bytes < 48 * 1024,
+        "{bytes:?}"
+    );
+    // Age: checked once a second; the active segment stays.
+    let age = info("BYAGE").await;
+    assert_eq!(age.first_seq, 1);
+    let mut aged = age;
+    for _ in 0..40 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        aged = info("BYAGE").await;
+        if aged.first_seq > 1 {
+            break;
+        }
+    }
+    assert!(aged.first_seq > 700 && aged.segments == 1, "{aged:?}");
+    // A replay starts at what is left.
+    let mut c = b.raw("c").await;
+    c.send(&replay(1, 1, ">", "BYCOUNT", StartPosition::All))
+        .await;
+    assert_eq!(c.recv().await, Some(Frame::Ok(1)));
+    assert_eq!(msgs(&mut c, 1).await[0].1, count.first_seq);
+    b.stop().await;
+}
