@@ -471,21 +471,7 @@ impl Outbox {
                 }
             }
         }
-        if st.msgs == 0 {
-            st.pending_since_ms = crate::clock::now_ms();
-        }
-        st.msgs += 1;
-        st.bytes += cost;
-        st.reserve(&self.budget);
-        st.queued += 1;
-        st.queue.push_back(Item::Msg {
-            sid: sub.sid,
-            seq,
-            body: body.clone(),
-        });
-        let w = st.writer.take();
-        drop(st);
-        wake(w);
+        self.enqueue(st, sub.sid, seq, body, cost);
         Some(match (last, pressed) {
             (false, false) => Push::Queued,
             (true, false) => Push::QueuedLast,
@@ -494,12 +480,39 @@ impl Outbox {
         })
     }
 
+    /// Queues a delivery that fits (or was let through) under the lock `st`, then releases the
+    /// lock and wakes the writer.
+    fn enqueue(
+        &self,
+        mut st: parking_lot::MutexGuard<'_, State>,
+        sid: u32,
+        seq: u64,
+        body: &Bytes,
+        cost: usize,
+    ) {
+        if st.msgs == 0 {
+            st.pending_since_ms = crate::clock::now_ms();
+        }
+        st.msgs += 1;
+        st.bytes += cost;
+        st.reserve(&self.budget);
+        st.queued += 1;
+        st.queue.push_back(Item::Msg {
+            sid,
+            seq,
+            body: body.clone(),
+        });
+        let w = st.writer.take();
+        drop(st);
+        wake(w);
+    }
+
     /// Offers one stored message to a replay subscription: queued only if it fits (an empty
     /// queue takes one of any size), and otherwise left with the caller, nothing counted or
     /// dropped, so a replay never loses a stored message; the caller waits for
     /// [`Outbox::poll_replay_room`] and offers it again. `seq` is the message's stream sequence.
     pub fn push_stored(&self, sub: &Subscription, seq: u64, body: &Bytes) -> Stored {
-        let mut st = self.state.lock();
+        let st = self.state.lock();
         if st.closing.is_some() || sub.dead.load(Ordering::Relaxed) {
             return Stored::Ended;
         }
@@ -524,21 +537,7 @@ impl Outbox {
                 n == 1
             }
         };
-        if st.msgs == 0 {
-            st.pending_since_ms = crate::clock::now_ms();
-        }
-        st.msgs += 1;
-        st.bytes += cost;
-        st.reserve(&self.budget);
-        st.queued += 1;
-        st.queue.push_back(Item::Msg {
-            sid: sub.sid,
-            seq,
-            body: body.clone(),
-        });
-        let w = st.writer.take();
-        drop(st);
-        wake(w);
+        self.enqueue(st, sub.sid, seq, body, cost);
         if last {
             Stored::QueuedLast
         } else {
