@@ -79,6 +79,7 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
     ticket: Ticket,
     reading: TaskTrackerToken,
+    teardown: TaskTrackerToken,
     secure: bool,
 ) {
     let _ = stream.set_nodelay(true);
@@ -87,8 +88,18 @@ pub(crate) async fn serve(
     let tls = match (&shared.tls, secure) {
         (Some(tls), true) => tls,
         _ => {
-            let (rd, wr) = stream.into_split();
-            return serve_halves(rd, wr, peer, shared, ticket, reading, deadline, Vec::new()).await;
+            let halves = stream.into_split();
+            return serve_halves(
+                halves,
+                peer,
+                shared,
+                ticket,
+                reading,
+                teardown,
+                deadline,
+                Vec::new(),
+            )
+            .await;
         }
     };
     let eviction = ticket.eviction();
@@ -109,8 +120,11 @@ pub(crate) async fn serve(
                 .and_then(|c| c.first())
                 .map(crate::tls::certificate_names)
                 .unwrap_or_default();
-            let (rd, wr) = tokio::io::split(stream);
-            serve_halves(rd, wr, peer, shared, ticket, reading, deadline, names).await;
+            let halves = tokio::io::split(stream);
+            serve_halves(
+                halves, peer, shared, ticket, reading, teardown, deadline, names,
+            )
+            .await;
         }
         Err(reason) => {
             if matches!(
@@ -165,17 +179,17 @@ const CLOSE_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// certificate, if any.
 #[allow(clippy::too_many_arguments)]
 async fn serve_halves<R, W>(
-    mut rd: R,
-    mut wr: W,
+    (mut rd, mut wr): (R, W),
     peer: SocketAddr,
     shared: Arc<Shared>,
     mut ticket: Ticket,
     reading: TaskTrackerToken,
+    teardown: TaskTrackerToken,
     deadline: Instant,
     certificate_names: Vec<String>,
 ) where
-    R: AsyncRead + Unpin + Send,
-    W: AsyncWrite + Unpin + Send + 'static,
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + WriteHalf + Unpin + Send + 'static,
 {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let eviction = ticket.eviction();
@@ -227,7 +241,7 @@ async fn serve_halves<R, W>(
         }
         return;
     }
-    let _quota = QuotaGuard(quota);
+    let quota = QuotaGuard(quota);
     let client = shared.broker.connect_as(
         hello.name.clone(),
         peer.to_string(),
@@ -253,31 +267,70 @@ async fn serve_halves<R, W>(
     debug!(client = %log_name, %peer, id = client.id, "client connected");
     shared.monitor.connected(&shared, &client);
 
-    let conn = CancellationToken::new();
+    // Cancelled by the writer when it ends, and with the server's shutdown: a child of the
+    // shutdown token, so that the reader's waits on it touch this connection's lock only, not
+    // one that every connection registers with on every read.
+    let conn = shared.shutdown.child_token();
     let writer = tokio::spawn(writer::run(
         wr,
         client.clone(),
         shared.config.load().outbound.write_deadline,
-        shared.hard_stop.clone(),
+        shared.hard_stop.child_token(),
         conn.clone(),
     ));
     let end = read_loop(&mut rd, &mut buf, &client, &shared, &conn).await;
     drop(reading);
-    match end {
-        ReadEnd::Close(reason) => client.outbox.close(reason, true),
-        ReadEnd::Shutdown | ReadEnd::WriterGone => {}
+    if let ReadEnd::Close(reason) = end {
+        client.outbox.close(reason, true);
     }
-    let _ = writer.await;
-    let reason = client
-        .outbox
-        .close_reason()
-        .unwrap_or(CloseReason::ServerShutdown);
-    // The writer is done: what is still pending was never written.
-    let left = client.outbox.stats();
-    shared.broker.disconnect(&client, &reason);
-    log_close(&client, &log_name, &reason, &left);
-    shared.monitor.closed(&shared, &client, &reason, &left);
-    drop(ticket);
+    let wr = writer.await.ok();
+    drop(buf);
+    // The rest is the reaper's, off the runtime's workers: when thousands of connections end at
+    // once, the clients still connected wait behind only the few steps above.
+    let reaped = shared.clone();
+    shared.reaper.reap(Box::new(move || {
+        let shared = reaped;
+        let reason = client
+            .outbox
+            .close_reason()
+            .unwrap_or(CloseReason::ServerShutdown);
+        // The writer is done: what is still pending was never written.
+        let left = client.outbox.stats();
+        shared.broker.disconnect(&client, &reason);
+        log_close(&client, &log_name, &reason, &left);
+        shared.monitor.closed(&shared, &client, &reason, &left);
+        // The socket closes as its halves go. After the client's own end of stream there is no
+        // one to send a separate shutdown to: the close alone ends it.
+        if let Some(wr) = wr {
+            wr.release(reason != CloseReason::ClientClosed);
+        }
+        drop(rd);
+        drop(ticket);
+        drop(quota);
+        drop(teardown);
+    }));
+}
+
+/// How a connection's write half goes at its teardown.
+pub(crate) trait WriteHalf {
+    /// Lets the write half go; with `shut_down`, the socket's sending side is shut down first
+    /// (a FIN after what was written) rather than only when the read half closes the socket.
+    fn release(self, shut_down: bool);
+}
+
+impl WriteHalf for tokio::net::tcp::OwnedWriteHalf {
+    fn release(self, shut_down: bool) {
+        // Dropping the half shuts the sending side down; `forget` leaves that to the close.
+        if !shut_down {
+            self.forget();
+        }
+    }
+}
+
+impl<T> WriteHalf for tokio::io::WriteHalf<T> {
+    fn release(self, _shut_down: bool) {
+        // A TLS stream's halves close the socket when both are gone; no separate shutdown.
+    }
 }
 
 /// Gives a connection's place in its user's quota back when the connection task ends.
@@ -946,8 +999,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             let room = std::future::poll_fn(|cx| client.outbox.poll_room(cx));
             tokio::select! {
                 biased;
-                _ = shared.shutdown.cancelled() => return ReadEnd::Shutdown,
-                _ = conn.cancelled() => return ReadEnd::WriterGone,
+                _ = conn.cancelled() => return ended(shared),
                 r = tokio::time::timeout(shared.config.load().outbound.write_deadline, room) => {
                     if r.is_err() {
                         let st = client.outbox.stats();
@@ -973,8 +1025,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 let drained = std::future::poll_fn(|cx| outbox.poll_drained(cx));
                 tokio::select! {
                     biased;
-                    _ = shared.shutdown.cancelled() => return ReadEnd::Shutdown,
-                    _ = conn.cancelled() => return ReadEnd::WriterGone,
+                    _ = conn.cancelled() => return ended(shared),
                     r = tokio::time::timeout_at(deadline, drained) => {
                         if r.is_err() {
                             outbox.mark_stalled();
@@ -992,8 +1043,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             let wait = shared.config.load().outbound.write_deadline;
             tokio::select! {
                 biased;
-                _ = shared.shutdown.cancelled() => return ReadEnd::Shutdown,
-                _ = conn.cancelled() => return ReadEnd::WriterGone,
+                _ = conn.cancelled() => return ended(shared),
                 _ = stream.wait_room(wait) => {}
             }
             continue;
@@ -1009,8 +1059,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         {
             tokio::select! {
                 biased;
-                _ = shared.shutdown.cancelled() => return ReadEnd::Shutdown,
-                _ = conn.cancelled() => return ReadEnd::WriterGone,
+                _ = conn.cancelled() => return ended(shared),
                 _ = &mut frame_timer, if frame_deadline.armed.is_some() => {
                     match frame_deadline.fired(buf, Instant::now(), &shared.config.load()) {
                         Fired::Expired => return ReadEnd::Close(CloseReason::FrameTimeout),
@@ -1027,8 +1076,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         let free = buf.capacity() - buf.len();
         tokio::select! {
             biased;
-            _ = shared.shutdown.cancelled() => return ReadEnd::Shutdown,
-            _ = conn.cancelled() => return ReadEnd::WriterGone,
+            _ = conn.cancelled() => return ended(shared),
             r = rd.read_buf(buf) => match r {
                 Ok(0) => return ReadEnd::Close(CloseReason::ClientClosed),
                 Ok(n) => {
@@ -1069,6 +1117,16 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 }
             }
         }
+    }
+}
+
+/// Why the reader's connection token was cancelled: the server's shutdown (its parent), or the
+/// writer's end.
+fn ended(shared: &Shared) -> ReadEnd {
+    if shared.shutdown.is_cancelled() {
+        ReadEnd::Shutdown
+    } else {
+        ReadEnd::WriterGone
     }
 }
 

@@ -21,6 +21,7 @@ mod connection;
 mod escape;
 mod http;
 mod monitor;
+mod reaper;
 pub mod reload;
 pub mod server;
 mod streams;

@@ -57,6 +57,8 @@ pub(crate) struct Shared {
     pub(crate) monitor: crate::monitor::Monitor,
     /// Durable streams (`streams/`).
     pub(crate) streams: crate::streams::Streams,
+    /// Ended connections' teardowns, off the runtime's workers (`reaper.rs`).
+    pub(crate) reaper: crate::reaper::Reaper,
 }
 
 /// Triggers a graceful shutdown of a running [`Server`]. Cloning is cheap.
@@ -117,6 +119,7 @@ impl Server {
         let broker = Arc::new(Broker::new(config.broker_limits()));
         let auth = crate::auth::Authenticator::new(&config.auth);
         let server_id = server_id();
+        let reaper = crate::reaper::Reaper::start()?;
         let gate = Arc::new(Gate::new(
             config.limits.max_handshakes,
             config.limits.max_connections,
@@ -140,6 +143,7 @@ impl Server {
                 started: std::time::Instant::now(),
                 monitor: crate::monitor::Monitor::default(),
                 streams,
+                reaper,
             }),
         })
     }
@@ -393,12 +397,15 @@ fn accept(
                 warn!(%peer, reason = %CloseReason::TooManyHandshakes, limit = shared.config.load().limits.max_handshakes, connections = shared.gate.established(), suppressed, "oldest handshake evicted to admit a new connection");
             }
             let reading = readers.token();
+            // Held by the connection's teardown on the reaper, so the drain waits for it too.
+            let teardown = tasks.token();
             tasks.spawn(connection::serve(
                 stream,
                 peer,
                 shared,
                 admitted.ticket,
                 reading,
+                teardown,
                 secure,
             ));
         }

@@ -125,15 +125,16 @@ fn encode(batch: &mut VecDeque<Item>, scratch: &mut BytesMut, out: &mut Chain) -
     e
 }
 
-/// Writes the connection's outbox to `wr` until the connection closes; returns nothing, the
-/// close reason is the outbox's.
+/// Writes the connection's outbox to `wr` until the connection closes, and returns `wr` (the
+/// close reason is the outbox's). `hard_stop` is this connection's own child of the server's
+/// token, so that each write's wait on it touches no lock other connections share.
 pub(crate) async fn run<W: AsyncWrite + Unpin>(
     mut wr: W,
     client: Arc<Client>,
     write_deadline: Duration,
     hard_stop: CancellationToken,
     conn: CancellationToken,
-) {
+) -> W {
     let outbox = &client.outbox;
     let mut batch = VecDeque::new();
     let mut scratch = BytesMut::with_capacity(64 * 1024);
@@ -202,11 +203,10 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
         })
         .await;
     }
-    // Dropping the write half shuts the socket's sending side down (a FIN after what was
-    // written): no timer and no separate shutdown per close, which adds up when thousands of
-    // connections end at once.
-    drop(wr);
+    // The write half goes back to the connection task, which hands it to the reaper with the
+    // read half: the socket closes there, off the runtime's workers (`reaper.rs`).
     conn.cancel();
+    wr
 }
 
 #[cfg(test)]
