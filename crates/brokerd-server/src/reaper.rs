@@ -11,10 +11,15 @@
 //!
 //! Bound: the queue holds at most one job per connection that has ended and is not yet torn
 //! down, and each job holds its connection's admission ticket, so queued teardowns still count
-//! against `limits.max_connections`: the queue can never exceed the connection limit. A job's
-//! cost is its own connection's subscriptions and one socket close, not anything other clients
-//! hold. The shutdown's drain waits for queued teardowns (each job holds a task tracker token).
+//! against `limits.max_connections`. The channel's capacity is that limit plus
+//! `limits.max_handshakes` as configured at start-up; should a reload raise the limit and the
+//! queue fill, the teardown runs on the connection's own task, as it did before the reaper. A
+//! job's cost is its own connection's subscriptions and one socket close, not anything other
+//! clients hold. The shutdown's drain waits for queued teardowns (each job holds a task tracker
+//! token).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use tracing::error;
 
@@ -25,6 +30,9 @@ pub(crate) type Job = Box<dyn FnOnce() + Send>;
 /// the thread finishes what is queued and ends.
 pub(crate) struct Reaper {
     tx: mpsc::Sender<Job>,
+    /// Jobs queued and not yet finished, at most `capacity`.
+    queued: Arc<AtomicUsize>,
+    capacity: usize,
 }
 
 impl Reaper {
@@ -33,8 +41,11 @@ impl Reaper {
     ///
     /// # Errors
     /// The thread cannot be spawned.
-    pub(crate) fn start() -> std::io::Result<Reaper> {
+    pub(crate) fn start(capacity: usize) -> std::io::Result<Reaper> {
+        // Counted rather than a channel of that capacity, which would be allocated up front.
         let (tx, rx) = mpsc::channel::<Job>();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let done = queued.clone();
         let dispatch = tracing::dispatcher::get_default(Clone::clone);
         std::thread::Builder::new()
             .name("brokerd-reaper".into())
@@ -45,15 +56,26 @@ impl Reaper {
                     if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
                         error!("a connection's teardown panicked");
                     }
+                    done.fetch_sub(1, Ordering::Relaxed);
                 }
             })?;
-        Ok(Reaper { tx })
+        Ok(Reaper {
+            tx,
+            queued,
+            capacity: capacity.max(1),
+        })
     }
 
-    /// Queues `job`; if the thread is gone (it never is while a handle exists, unless it could
-    /// not be started), runs it here.
+    /// Queues `job`, never waiting; if the queue is full (see the module's bound) or the thread
+    /// is gone, runs it here.
     pub(crate) fn reap(&self, job: Job) {
+        if self.queued.fetch_add(1, Ordering::Relaxed) >= self.capacity {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            job();
+            return;
+        }
         if let Err(mpsc::SendError(job)) = self.tx.send(job) {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
             job();
         }
     }
@@ -62,13 +84,11 @@ impl Reaper {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[test]
     #[allow(clippy::unwrap_used)]
     fn jobs_run_in_order_and_a_panic_does_not_stop_the_rest() {
-        let reaper = Reaper::start().unwrap();
+        let reaper = Reaper::start(1_000).unwrap();
         let done = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = mpsc::channel();
         for i in 0..100 {
@@ -83,5 +103,33 @@ mod tests {
         reaper.reap(Box::new(move || tx.send(()).unwrap()));
         rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
         assert_eq!(done.load(Ordering::SeqCst), 100);
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn a_full_queue_runs_the_job_in_place() {
+        let reaper = Reaper::start(1).unwrap();
+        // The first job holds the thread, and the one place in the queue, until released.
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let (started_tx, started_rx) = mpsc::channel::<()>();
+        reaper.reap(Box::new(move || {
+            started_tx.send(()).unwrap();
+            release_rx.recv().unwrap();
+        }));
+        started_rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap();
+        reaper.reap(Box::new(|| {}));
+        let here = std::thread::current().id();
+        let (ran_tx, ran_rx) = mpsc::channel();
+        reaper.reap(Box::new(move || {
+            ran_tx.send(std::thread::current().id()).unwrap();
+        }));
+        assert_eq!(
+            ran_rx.try_recv().unwrap(),
+            here,
+            "ran on the caller's thread"
+        );
+        release_tx.send(()).unwrap();
     }
 }

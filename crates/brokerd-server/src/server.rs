@@ -119,7 +119,13 @@ impl Server {
         let broker = Arc::new(Broker::new(config.broker_limits()));
         let auth = crate::auth::Authenticator::new(&config.auth);
         let server_id = server_id();
-        let reaper = crate::reaper::Reaper::start()?;
+        // One queued teardown per connection at most (each still holds its admission ticket).
+        let reaper = crate::reaper::Reaper::start(
+            config
+                .limits
+                .max_connections
+                .saturating_add(config.limits.max_handshakes),
+        )?;
         let gate = Arc::new(Gate::new(
             config.limits.max_handshakes,
             config.limits.max_connections,
