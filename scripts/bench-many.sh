@@ -6,7 +6,7 @@
 # run on stdout, with "run" added; docs/performance.md records the figures.
 #
 #   cargo build --release -p brokerd-server -p brokerctl
-#   scripts/bench-many.sh > many.jsonl      # or RUNS=1 BIG_RUNS=3 MANY_DURATION=10s ...
+#   scripts/bench-many.sh > many.jsonl      # or RUNS=1 BIG_RUNS=3 RAW_RUNS=0 MANY_DURATION=10s ...
 #
 # Builds nothing: it runs brokerd and brokerctl from BIN (default target/release, or
 # $CARGO_TARGET_DIR/release). The broker listens on loopback with limits.max_connections and
@@ -92,3 +92,44 @@ while [ "$run" -le "$BIG_RUNS" ]; do
         --duration "$MANY_DURATION" | tag "$run"
     run=$((run + 1))
 done
+stop_broker
+
+# The same 10,000-publisher scenario over lean connections that speak each broker's protocol
+# directly (`--raw`), against brokerd and, when nats-server is on PATH, against nats-server,
+# alternating, so that the brokers' CPU per message is compared with the same tool in one run
+# (docs/performance.md, "Where the CPU goes at 10,000 connections"). RAW_RUNS=0 skips it.
+RAW_RUNS=${RAW_RUNS:-2}
+# 20,000 connections leave 20,000 ports in TIME_WAIT for 60 s, and the default ephemeral range
+# holds about 28,000: wait (at most 90 s) until few are left before each big run.
+settle() {
+    i=0
+    while [ "$(ss -tan state time-wait 2>/dev/null | wc -l)" -gt 2000 ] && [ "$i" -lt 90 ]; do
+        sleep 1; i=$((i + 1))
+    done
+}
+NATS_ADDR=127.0.0.1:14290
+NPID=""
+trap '[ -z "$PID" ] || kill "$PID" 2>/dev/null; [ -z "$NPID" ] || kill "$NPID" 2>/dev/null; rm -f "$CONF"' EXIT INT TERM
+if [ "$RAW_RUNS" -gt 0 ]; then
+    settle
+    start_broker
+    if command -v nats-server >/dev/null 2>&1; then
+        nats-server -a 127.0.0.1 -p "${NATS_ADDR##*:}" -m 0 >/dev/null 2>&1 & NPID=$!
+    else
+        echo "bench-many.sh: nats-server not on PATH: the raw runs cover brokerd only" >&2
+    fi
+    run=1
+    while [ "$run" -le "$RAW_RUNS" ]; do
+        settle
+        bench many --raw brokerd --pubs "$BIG_PUBS" --subs "$BIG_SUBS" --rate 10 \
+            --threads "$THREADS" --size 16 --duration "$MANY_DURATION" | tag "$run"
+        if [ -n "$NPID" ]; then
+            settle
+            "$BIN/brokerctl" --server "$NATS_ADDR" bench many --raw nats --pubs "$BIG_PUBS" \
+                --subs "$BIG_SUBS" --rate 10 --threads "$THREADS" --size 16 \
+                --duration "$MANY_DURATION" --broker-pid "$NPID" --json | tag "$run"
+        fi
+        run=$((run + 1))
+    done
+    stop_broker
+fi

@@ -18,9 +18,13 @@
 //! due, and latency is measured from then; subscribers record it into a few shared HDR
 //! histograms (`SHARDS`), not one each, which for 10,000 subscribers would be 2 GB.
 //!
-//! The connections are `brokerd-client`'s, as an application's would be. The broker's CPU and
+//! The connections are `brokerd-client`'s, as an application's would be; with `--raw` (paced
+//! runs only) they are lean sockets speaking brokerd's or NATS's protocol directly (`raw.rs`), to
+//! compare brokers with the same tool. The broker's CPU and
 //! resident memory come from `/proc` when `--broker-pid` names it; the tool's own cost per
 //! connection (buffers, tasks) is in the tool's figures only.
+
+mod raw;
 
 use super::report::{self, CpuClock, Report};
 use super::{
@@ -61,6 +65,11 @@ pub(crate) struct ManyArgs {
     /// Longest time opening every connection may take.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
+    /// Lean connections speaking a broker's protocol directly instead of `brokerd-client`'s:
+    /// `brokerd`, or `nats` against nats-server, so the two can be compared with the same tool.
+    /// Needs `--rate`.
+    #[arg(long, value_enum)]
+    raw: Option<raw::Wire>,
 }
 
 /// Messages an unpaced publisher sends between looks at the clock: fewer than one publisher
@@ -86,6 +95,9 @@ const SPARE_FDS: u64 = 64;
 /// The file descriptor limit cannot hold the connections, a connection cannot be opened in
 /// time, a publish fails, or the broker does not confirm or deliver within the drain bounds.
 pub(super) async fn run(global: &Global, common: &Common, args: &ManyArgs) -> Result<Report> {
+    if let Some(wire) = args.raw {
+        return raw::run(&global.server, common, args, wire).await;
+    }
     if args.rate.is_some() && common.size < 8 {
         bail!("a paced run needs --size 8 or more (the due time is in the payload)");
     }
