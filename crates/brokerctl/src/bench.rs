@@ -431,46 +431,67 @@ async fn publish_paced(
     schedule: Schedule,
     epoch: std::time::Instant,
     counters: &Arc<Counters>,
-    mut hist: Histogram<u64>,
+    hist: Histogram<u64>,
 ) -> Result<(u64, Histogram<u64>)> {
     if targets.is_empty() {
         bail!("nothing to publish to");
     }
-    let mut payload = payload.to_vec();
+    let payload = payload.to_vec();
     let counters = counters.clone();
     let runtime = tokio::runtime::Handle::current();
-    tokio::task::spawn_blocking(move || -> Result<(u64, Histogram<u64>)> {
-        let start = std::time::Instant::now();
-        let start_ns = start.duration_since(epoch).as_nanos() as u64;
-        let total = schedule.messages();
-        let mut sent = 0u64;
-        while sent < total {
-            let due = schedule.due(sent);
-            let now = start.elapsed();
-            if due > now {
-                std::thread::sleep(due - now);
-            }
-            payload[..8].copy_from_slice(&schedule.stamp(start_ns, sent).to_be_bytes());
-            let late = start.elapsed().saturating_sub(due);
-            hist.saturating_record((late.as_nanos() as u64).max(1));
-            let (client, topic) = &targets[(sent % targets.len() as u64) as usize];
+    tokio::task::spawn_blocking(move || {
+        pace(schedule, epoch, payload, &counters, hist, |k, payload| {
+            let (client, topic) = &targets[(k % targets.len() as u64) as usize];
             // A plain publish into a buffer with room completes without waiting.
             runtime
                 .block_on(tokio::time::timeout(
                     DRAIN_MAX,
-                    std::future::IntoFuture::into_future(client.publish(topic, &payload[..])),
+                    std::future::IntoFuture::into_future(client.publish(topic, payload)),
                 ))
                 .context("a publish waited too long for room in the write buffer")?
                 .context("cannot publish")?;
-            sent += 1;
-            if sent.is_multiple_of(256) || sent == total {
-                counters.sent.store(sent, Ordering::Relaxed);
-            }
-        }
-        Ok((sent, hist))
+            Ok(())
+        })
     })
     .await
     .context("the publishing thread failed")?
+}
+
+/// The pacing loop of [`publish_paced`], on the calling thread: for each message `k` of
+/// `schedule`, sleeps until it is due, stamps `payload`'s first 8 bytes with its due time
+/// (nanoseconds since `epoch`), records in `lag` how late it is handed over, and hands it to
+/// `send(k, payload)`. Returns how many were sent, and `lag`.
+///
+/// # Errors
+/// What `send` returns.
+fn pace(
+    schedule: Schedule,
+    epoch: std::time::Instant,
+    mut payload: Vec<u8>,
+    counters: &Counters,
+    mut lag: Histogram<u64>,
+    mut send: impl FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<(u64, Histogram<u64>)> {
+    let start = std::time::Instant::now();
+    let start_ns = start.duration_since(epoch).as_nanos() as u64;
+    let total = schedule.messages();
+    let mut sent = 0u64;
+    while sent < total {
+        let due = schedule.due(sent);
+        let now = start.elapsed();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        payload[..8].copy_from_slice(&schedule.stamp(start_ns, sent).to_be_bytes());
+        let late = start.elapsed().saturating_sub(due);
+        lag.saturating_record((late.as_nanos() as u64).max(1));
+        send(sent, &payload)?;
+        sent += 1;
+        if sent.is_multiple_of(256) || sent == total {
+            counters.sent.store(sent, Ordering::Relaxed);
+        }
+    }
+    Ok((sent, lag))
 }
 
 /// Counts deliveries until the stream ends; with `latency`, records each message's latency into

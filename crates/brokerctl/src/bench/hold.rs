@@ -158,7 +158,7 @@ async fn answer_pings(mut rd: OwnedReadHalf, mut wr: tokio::net::tcp::OwnedWrite
 }
 
 /// Appends a `HELLO` (protocol version 1, no flags, server-default overflow policy).
-fn put_hello(out: &mut BytesMut, name: &str) {
+pub(super) fn put_hello(out: &mut BytesMut, name: &str) {
     out.put_u32((11 + name.len()) as u32);
     out.put_u8(0x01);
     out.put_u32(0);
@@ -169,7 +169,7 @@ fn put_hello(out: &mut BytesMut, name: &str) {
 }
 
 /// Appends a `SUB` with no flags.
-fn put_sub(out: &mut BytesMut, req_id: u32, sid: u32, filter: &str) {
+pub(super) fn put_sub(out: &mut BytesMut, req_id: u32, sid: u32, filter: &str) {
     out.put_u32((12 + filter.len()) as u32);
     out.put_u8(0x03);
     out.put_u32(req_id);

@@ -9,6 +9,7 @@
 //! hands it through a bounded channel, then confirms them with a `PING` and waits for the
 //! `PONG`. The pacing thread stamps each payload with its due time as `publish_paced` does.
 
+use super::super::hold::{put_hello, put_sub};
 use super::super::report::{self, CpuClock, Report};
 use super::super::{Common, Counters, DRAIN_MAX, Schedule, drain, record_latency};
 use super::{ManyArgs, SHARDS, open_all, raise_fd_limit};
@@ -128,7 +129,7 @@ pub(super) async fn run(
     let sent_counter = counters.clone();
     let (sent, send_lag) = tokio::task::spawn_blocking(move || {
         pace(
-            senders,
+            &senders,
             &topics,
             size,
             schedule,
@@ -203,48 +204,38 @@ pub(super) async fn run(
     })
 }
 
-/// Hands message `k` of the schedule to publisher `k % pubs`, each when it is due, with its
-/// due time in the payload's first 8 bytes; returns how many were sent and how late each was
-/// handed over.
+/// Hands message `k` of the schedule to publisher `k % pubs` when it is due (see
+/// [`super::super::pace`]); returns how many were sent and how late each was handed over.
 #[allow(clippy::too_many_arguments)]
 fn pace(
-    senders: Vec<mpsc::Sender<Bytes>>,
+    senders: &[mpsc::Sender<Bytes>],
     topics: &[String],
     size: usize,
     schedule: Schedule,
     epoch: std::time::Instant,
     counters: &Counters,
-    mut lag: Histogram<u64>,
+    lag: Histogram<u64>,
     wire: Wire,
 ) -> Result<(u64, Histogram<u64>)> {
-    let start = std::time::Instant::now();
-    let start_ns = start.duration_since(epoch).as_nanos() as u64;
-    let total = schedule.messages();
-    let mut payload = vec![0u8; size];
     let mut out = BytesMut::with_capacity(64 * 1024);
-    let mut sent = 0u64;
-    while sent < total {
-        let due = schedule.due(sent);
-        let now = start.elapsed();
-        if due > now {
-            std::thread::sleep(due - now);
-        }
-        payload[..8].copy_from_slice(&schedule.stamp(start_ns, sent).to_be_bytes());
-        lag.saturating_record((start.elapsed().saturating_sub(due).as_nanos() as u64).max(1));
-        let i = (sent % senders.len() as u64) as usize;
-        put_pub(&mut out, wire, &topics[i], &payload);
-        senders[i]
-            .blocking_send(out.split().freeze())
-            .context("a publisher's connection ended")?;
-        if out.capacity() < 1024 {
-            out.reserve(64 * 1024);
-        }
-        sent += 1;
-        if sent.is_multiple_of(256) || sent == total {
-            counters.sent.store(sent, Ordering::Relaxed);
-        }
-    }
-    Ok((sent, lag))
+    super::super::pace(
+        schedule,
+        epoch,
+        vec![0u8; size],
+        counters,
+        lag,
+        |k, payload| {
+            let i = (k % senders.len() as u64) as usize;
+            put_pub(&mut out, wire, &topics[i], payload);
+            senders[i]
+                .blocking_send(out.split().freeze())
+                .context("a publisher's connection ended")?;
+            if out.capacity() < 1024 {
+                out.reserve(64 * 1024);
+            }
+            Ok(())
+        },
+    )
 }
 
 /// Connects and completes the handshake; with `filter`, subscribes to it (sid 1) and waits for
@@ -465,29 +456,6 @@ fn put_pub(out: &mut BytesMut, wire: Wire, topic: &str, payload: &[u8]) {
             out.put_slice(b"\r\n");
         }
     }
-}
-
-/// Appends a `HELLO` (protocol version 1, no flags, the server's default overflow policy).
-fn put_hello(out: &mut BytesMut, name: &str) {
-    out.put_u32((11 + name.len()) as u32);
-    out.put_u8(0x01);
-    out.put_u32(0);
-    out.put_u16(1);
-    out.put_u8(0);
-    out.put_u8(0);
-    out.put_u16(name.len() as u16);
-    out.put_slice(name.as_bytes());
-}
-
-/// Appends a `SUB` with no flags.
-fn put_sub(out: &mut BytesMut, req_id: u32, sid: u32, filter: &str) {
-    out.put_u32((12 + filter.len()) as u32);
-    out.put_u8(0x03);
-    out.put_u32(req_id);
-    out.put_u32(sid);
-    out.put_u8(0);
-    out.put_u16(filter.len() as u16);
-    out.put_slice(filter.as_bytes());
 }
 
 #[cfg(test)]
