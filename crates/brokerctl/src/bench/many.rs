@@ -72,6 +72,17 @@ pub(crate) struct ManyArgs {
     raw: Option<raw::Wire>,
 }
 
+impl ManyArgs {
+    /// The topic of publisher `i` (and of the subscribers `j` with `j % pubs == i`).
+    fn topic(&self, i: u32) -> String {
+        if self.shared_topic {
+            "bench.many".to_string()
+        } else {
+            format!("bench.many.{i}")
+        }
+    }
+}
+
 /// Messages an unpaced publisher sends between looks at the clock: fewer than one publisher
 /// alone sends, so that thousands of them take turns often.
 const BATCH: u64 = 64;
@@ -110,13 +121,7 @@ pub(super) async fn run(global: &Global, common: &Common, args: &ManyArgs) -> Re
         None => None,
     };
     raise_fd_limit(u64::from(pubs) + u64::from(subs) + SPARE_FDS)?;
-    let topic = |i: u32| {
-        if args.shared_topic {
-            "bench.many".to_string()
-        } else {
-            format!("bench.many.{i}")
-        }
-    };
+    let topic = |i: u32| args.topic(i);
     let setup_start = Instant::now();
     let setup_deadline = setup_start + args.connect_timeout;
     let parallel = args.connect_parallel as usize;

@@ -12,7 +12,7 @@
 use super::super::hold::{put_hello, put_sub};
 use super::super::report::{self, CpuClock, Report};
 use super::super::{Common, Counters, DRAIN_MAX, Schedule, drain, record_latency};
-use super::{ManyArgs, SHARDS, open_all, raise_fd_limit};
+use super::{ManyArgs, SHARDS, SPARE_FDS, open_all, raise_fd_limit};
 use anyhow::{Context, Result, bail};
 use brokerd_proto::{BodyBuilder, Frame, decode, encode_pub};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -69,14 +69,8 @@ pub(super) async fn run(
     let offered = rate
         .checked_mul(u64::from(pubs))
         .context("--rate times --pubs is too large")?;
-    raise_fd_limit(u64::from(pubs) + u64::from(subs) + 64)?;
-    let topic = |i: u32| {
-        if args.shared_topic {
-            "bench.many".to_string()
-        } else {
-            format!("bench.many.{i}")
-        }
-    };
+    raise_fd_limit(u64::from(pubs) + u64::from(subs) + SPARE_FDS)?;
+    let topic = |i: u32| args.topic(i);
     let setup_start = Instant::now();
     let deadline = setup_start + args.connect_timeout;
     let parallel = args.connect_parallel as usize;
