@@ -271,13 +271,14 @@ async fn serve_halves<R, W>(
     // shutdown token, so that the reader's waits on it touch this connection's lock only, not
     // one that every connection registers with on every read.
     let conn = shared.shutdown.child_token();
-    let writer = tokio::spawn(writer::run(
+    // Boxed for the reason `server::accept` boxes this task's own future.
+    let writer = tokio::spawn(Box::pin(writer::run(
         wr,
         client.clone(),
         shared.config.load().outbound.write_deadline,
         shared.hard_stop.child_token(),
         conn.clone(),
-    ));
+    )));
     let end = read_loop(&mut rd, &mut buf, &client, &shared, &conn).await;
     drop(reading);
     if let ReadEnd::Close(reason) = end {
