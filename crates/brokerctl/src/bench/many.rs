@@ -251,13 +251,7 @@ pub(super) async fn run(global: &Global, common: &Common, args: &ManyArgs) -> Re
             .context("a subscription did not end after its connection closed")?
             .context("a subscriber task failed")?;
     }
-    let mut latency = empty;
-    for shard in &shards {
-        let h = shard.lock().unwrap_or_else(PoisonError::into_inner);
-        latency
-            .add(&*h)
-            .context("cannot merge the latency histograms")?;
-    }
+    let latency = merge_shards(empty, &shards)?;
     Ok(Report {
         scenario: "many",
         size: common.size,
@@ -280,6 +274,19 @@ pub(super) async fn run(global: &Global, common: &Common, args: &ManyArgs) -> Re
         broker_rss_kib,
         stream: None,
     })
+}
+
+/// The latency shards merged into `into`, which must have their bounds.
+fn merge_shards(
+    mut into: Histogram<u64>,
+    shards: &[Arc<Mutex<Histogram<u64>>>],
+) -> anyhow::Result<Histogram<u64>> {
+    for shard in shards {
+        let h = shard.lock().unwrap_or_else(PoisonError::into_inner);
+        into.add(&*h)
+            .context("cannot merge the latency histograms")?;
+    }
+    Ok(into)
 }
 
 /// Raises the soft file descriptor limit to at least `need`: to the hard limit, and past it

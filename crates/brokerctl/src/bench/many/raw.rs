@@ -164,13 +164,7 @@ pub(super) async fn run(
             missed += m;
         }
     }
-    let mut latency = empty;
-    for shard in &shards {
-        let h = shard.lock().unwrap_or_else(PoisonError::into_inner);
-        latency
-            .add(&*h)
-            .context("cannot merge the latency histograms")?;
-    }
+    let latency = super::merge_shards(empty, &shards)?;
     Ok(Report {
         scenario: match wire {
             Wire::Brokerd => "many-raw-brokerd",
