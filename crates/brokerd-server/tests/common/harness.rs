@@ -15,7 +15,14 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_brokerd");
+/// The broker binary these tests start: the one Cargo built with them, or `BROKERD_BIN` (for
+/// comparing two builds with the same test, `scripts/fleet-ab.sh`).
+fn bin() -> PathBuf {
+    std::env::var_os("BROKERD_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_brokerd")),
+        PathBuf::from,
+    )
+}
 
 /// How long any wait may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(60);
@@ -69,7 +76,7 @@ impl Brokerd {
             ),
         )
         .unwrap();
-        let child = Command::new(BIN)
+        let child = Command::new(bin())
             .arg("--config")
             .arg(&path)
             .stdout(Stdio::null())
