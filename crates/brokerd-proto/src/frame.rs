@@ -921,6 +921,10 @@ fn parse(mut raw: Bytes) -> Result<Frame, DecodeError> {
                 let arg = f.u64("truncated start argument")?;
                 let start = StartPosition::from_wire(kind, arg)
                     .ok_or(f.short("undefined start position"))?;
+                // One encoding per frame: a start that takes no argument carries 0.
+                if start.to_wire() != (kind, arg) {
+                    return Err(f.short("start argument not 0 for a start that takes none"));
+                }
                 let consumer = if flags & SUB_CONSUMER != 0 {
                     Some(ConsumerSpec {
                         name: f.string("truncated consumer")?,
@@ -1221,5 +1225,48 @@ mod tests {
             decode(&mut b, 100),
             Err(DecodeError::Malformed { .. })
         ));
+    }
+
+    /// Found by the fuzzer: a start that takes no argument (1, 2, 6) with a non-zero one was
+    /// accepted and re-encoded with 0, so one frame had two encodings. It is malformed now,
+    /// and the same start with 0 still decodes.
+    #[test]
+    fn a_start_that_takes_no_argument_carries_zero() {
+        for kind in [1u8, 2, 6] {
+            for (arg, ok) in [(0u64, true), (1, false), (u64::MAX, false)] {
+                let mut frame = BytesMut::new();
+                Frame::Sub(Subscribe {
+                    req_id: 1,
+                    sid: 4,
+                    filter: "order.>".into(),
+                    queue: None,
+                    stream: Some(StreamStart {
+                        stream: "ORDERS".into(),
+                        start: StartPosition::FromSeq(0),
+                        consumer: None,
+                    }),
+                })
+                .encode(&mut frame);
+                // The start's kind and argument are the frame's last nine bytes.
+                let at = frame.len() - 9;
+                frame[at] = kind;
+                frame[at + 1..].copy_from_slice(&arg.to_be_bytes());
+                let decoded = decode(&mut frame, 1 << 20);
+                if ok {
+                    assert!(matches!(decoded, Ok(Some(Frame::Sub(_)))), "{kind} {arg}");
+                } else {
+                    assert!(
+                        matches!(
+                            decoded,
+                            Err(DecodeError::Malformed {
+                                frame: "SUB",
+                                what: "start argument not 0 for a start that takes none"
+                            })
+                        ),
+                        "{kind} {arg}: {decoded:?}"
+                    );
+                }
+            }
+        }
     }
 }
