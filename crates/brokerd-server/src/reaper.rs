@@ -82,10 +82,11 @@ impl Reaper {
     }
 }
 
-/// How much lower than the runtime's workers the reaper runs (a nice value, 0 to 19).
+/// How far above the process's nice value the reaper's is: how much lower its priority is
+/// than the runtime's workers'.
 const NICENESS: i32 = 10;
 
-/// Lowers the calling thread's scheduling priority by [`NICENESS`]. On Linux a nice value
+/// Raises the calling thread's nice value by [`NICENESS`] (the kernel caps it at 19). On Linux a nice value
 /// belongs to one thread, so the runtime's workers keep theirs. When a fleet closes at once the
 /// workers (noticing which connections ended, and routing for everyone else) and the reaper
 /// (tearing them down) all want the cores; at nice 10 the reaper gets about a tenth of a
@@ -145,26 +146,19 @@ mod tests {
     fn the_reaper_runs_below_the_workers_priority() {
         let reaper = Reaper::start(10).unwrap();
         let (tx, rx) = mpsc::channel();
-        reaper.reap(Box::new(move || {
-            // `/proc/thread-self/stat`: the nice value is the 19th field, the 17th after the
-            // command name (which is in parentheses and may hold spaces).
-            let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-            let after = stat.rsplit(')').next().unwrap().to_owned();
-            tx.send(after.split_whitespace().nth(16).unwrap().to_owned())
-                .unwrap();
-        }));
+        reaper.reap(Box::new(move || tx.send(this_threads_nice()).unwrap()));
         let nice = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
-        let ours = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-        let ours: i32 = ours
-            .rsplit(')')
-            .next()
-            .unwrap()
-            .split_whitespace()
-            .nth(16)
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert_eq!(nice.parse::<i32>().unwrap(), (ours + NICENESS).min(19));
+        assert_eq!(nice, (this_threads_nice() + NICENESS).min(19));
+    }
+
+    /// The calling thread's nice value: the 19th field of `/proc/thread-self/stat`, the 17th
+    /// after the command name (which is in parentheses and may hold spaces).
+    #[cfg(target_os = "linux")]
+    #[allow(clippy::unwrap_used)]
+    fn this_threads_nice() -> i32 {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        let after = stat.rsplit(')').next().unwrap();
+        after.split_whitespace().nth(16).unwrap().parse().unwrap()
     }
 
     #[test]
