@@ -12,6 +12,11 @@
 # On a 2-vCPU machine one binary's gap ranged 37-147 ms over twelve runs: compare medians over
 # several pairs, never single runs. Loopback only; every run is one bounded test. Needs
 # BROKERD_FLEET + 512 file descriptors per process (docs/operations.md).
+#
+# PIN=1 gives the broker CPU 0 and the test (fleet, closing threads, canary) CPU 1, so that the
+# figures are the broker's own and not its share of the cores the closing side also wants
+# (`taskset`; on loopback the closer's `close` runs the broker socket's receive path for each FIN,
+# on the closer's core).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 (( $# == 2 )) || { echo "usage: $0 BEFORE_BINARY AFTER_BINARY" >&2; exit 2; }
@@ -24,12 +29,25 @@ ulimit -n "$(ulimit -Hn)"
 cargo build --release --locked -p brokerd-server --tests
 out=$(mktemp)
 results=$(mktemp)
-trap 'rm -f "$out" "$results"' EXIT
+wrappers=$(mktemp -d)
+trap 'rm -rf "$out" "$results" "$wrappers"' EXIT
+pin=()
+if [[ ${PIN:-0} == 1 ]]; then
+    # The harness starts BROKERD_BIN itself: a wrapper that execs the binary on CPU 0 keeps the
+    # process id, so the test's CPU and RSS figures are still the broker's.
+    for which in before after; do
+        printf '#!/bin/sh\nexec taskset -c 0 %q "$@"\n' "${!which}" > "$wrappers/$which"
+        chmod +x "$wrappers/$which"
+    done
+    before=$wrappers/before
+    after=$wrappers/after
+    pin=(taskset -c 1)
+fi
 for ((i = 1; i <= RUNS; i++)); do
     for which in before after; do
         bin=$before
         [[ $which == after ]] && bin=$after
-        BROKERD_BIN=$bin cargo test --release --locked -q -p brokerd-server --test crowds -- \
+        BROKERD_BIN=$bin "${pin[@]}" cargo test --release --locked -q -p brokerd-server --test crowds -- \
             --exact a_fleet_dropping_and_reconnecting_at_once_keeps_routing --nocapture \
             > "$out" 2>&1 || { tail -30 "$out"; exit 1; }
         line=$(grep -o 'crowds-binary: fleet.*' "$out")
