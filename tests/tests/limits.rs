@@ -73,6 +73,41 @@ async fn payload_and_frame_limits() {
 }
 
 #[tokio::test]
+async fn before_the_handshake_no_frame_longer_than_the_longest_hello_is_taken() {
+    // The default `max_frame` (1 MiB + 64 KiB) is far above the longest HELLO.
+    let b = TestBroker::start().await;
+    // The longest HELLO a client may send is read in full (and here refused as malformed).
+    let mut c = RawConn::connect(b.addr).await;
+    let mut longest = (brokerd_proto::MAX_HELLO_LEN as u32).to_be_bytes().to_vec();
+    longest.push(0x01);
+    longest.resize(4 + brokerd_proto::MAX_HELLO_LEN, 0);
+    // Version 1; an empty name, then bytes no HELLO has.
+    longest[10] = 1;
+    c.send_bytes(&longest).await;
+    assert_eq!(c.expect_err().await.code, code(ErrorCode::MalformedFrame));
+    c.expect_closed().await;
+    // One byte more is refused as soon as its length prefix arrives, with nothing else sent.
+    let mut c = RawConn::connect(b.addr).await;
+    c.send_bytes(&(brokerd_proto::MAX_HELLO_LEN as u32 + 1).to_be_bytes())
+        .await;
+    let e = c.expect_err().await;
+    assert_eq!((e.req_id, e.code), (0, code(ErrorCode::FrameTooLarge)));
+    c.expect_closed().await;
+    // After the handshake the configured `max_frame` applies again.
+    let mut c = RawConn::handshake(b.addr, "after", 0).await;
+    c.send_bytes(&wire::publish(1, true, "big", &vec![0; 300_000]))
+        .await;
+    assert_eq!(
+        c.recv().await,
+        Some(Frame::Ack {
+            req_id: 1,
+            delivered: 0
+        })
+    );
+    b.stop().await;
+}
+
+#[tokio::test]
 async fn topic_length_and_token_limits() {
     let b = TestBroker::with_config(|c| {
         c.limits.max_topic_len = 16;

@@ -18,6 +18,10 @@ pub const MSG_HEADER_LEN: usize = 4 + 1 + 4 + 8;
 
 /// Bytes of the length prefix.
 pub const LENGTH_PREFIX: usize = 4;
+/// The largest `length` a valid `HELLO` can have: its fixed fields (11), then a name, a user and
+/// a password of 65,535 bytes each with their kind byte and length fields. A server may refuse a
+/// longer frame before the handshake as too large, whatever its maximum frame size after it.
+pub const MAX_HELLO_LEN: usize = 11 + u16::MAX as usize + 1 + 2 * (2 + u16::MAX as usize);
 
 /// The type byte of each frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1207,6 +1211,29 @@ mod tests {
         let h = encode_msg_header(7, 42, raw.len());
         assert_eq!(&full[..MSG_HEADER_LEN], &h[..]);
         assert_eq!(&full[MSG_HEADER_LEN..], &raw[..]);
+    }
+
+    #[test]
+    fn the_longest_hello_is_max_hello_len_long() {
+        let longest = "x".repeat(u16::MAX as usize);
+        let mut buf = BytesMut::new();
+        Frame::Hello(Hello {
+            req_id: 1,
+            version: 1,
+            no_echo: false,
+            overflow: None,
+            name: longest.clone(),
+            credentials: Some(Credentials::Password {
+                user: longest.clone(),
+                password: longest,
+            }),
+        })
+        .encode(&mut buf);
+        assert_eq!(buf.len(), LENGTH_PREFIX + MAX_HELLO_LEN);
+        assert!(matches!(
+            decode(&mut buf, MAX_HELLO_LEN),
+            Ok(Some(Frame::Hello(_)))
+        ));
     }
 
     #[test]

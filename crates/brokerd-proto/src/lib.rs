@@ -25,9 +25,9 @@ pub mod topic;
 pub use body::{Body, BodyBuilder, BodyRef, Headers, StoredParts, encode_stored, header_in_block};
 pub use error::{DecodeError, ErrorCode};
 pub use frame::{
-    AckKind, ConsumerSpec, Credentials, ErrorFrame, Frame, FrameType, Hello, Lost, MSG_HEADER_LEN,
-    Mack, Msg, OverflowPolicy, PROTOCOL_VERSION, PubRef, Publish, StartPosition, Stored,
-    StreamStart, Subscribe, Unsubscribe, Welcome, decode, encode_msg_header, encode_pub, peek_pub,
-    take_msg,
+    AckKind, ConsumerSpec, Credentials, ErrorFrame, Frame, FrameType, Hello, Lost, MAX_HELLO_LEN,
+    MSG_HEADER_LEN, Mack, Msg, OverflowPolicy, PROTOCOL_VERSION, PubRef, Publish, StartPosition,
+    Stored, StreamStart, Subscribe, Unsubscribe, Welcome, decode, encode_msg_header, encode_pub,
+    peek_pub, take_msg,
 };
 pub use topic::{Filter, Topic, TopicError, TopicLimits};

@@ -23,8 +23,9 @@ use brokerd_core::{
     RawBody, RouteCache,
 };
 use brokerd_proto::{
-    DecodeError, ErrorCode, ErrorFrame, Frame, FrameType, Hello, PROTOCOL_VERSION, Publish,
-    Subscribe, Welcome, decode, peek_pub, streams::STREAM_REQUEST_PREFIX, topic::STATS_REQUEST,
+    DecodeError, ErrorCode, ErrorFrame, Frame, FrameType, Hello, MAX_HELLO_LEN, PROTOCOL_VERSION,
+    Publish, Subscribe, Welcome, decode, peek_pub, streams::STREAM_REQUEST_PREFIX,
+    topic::STATS_REQUEST,
 };
 use bytes::{Buf, BytesMut};
 use std::net::SocketAddr;
@@ -447,11 +448,18 @@ fn protocol_message(code: ErrorCode) -> String {
     }
 }
 
+/// Reads the connection's first frame, which must be a `HELLO`. No longer frame than the longest
+/// `HELLO` is accepted ([`MAX_HELLO_LEN`]), and what the buffer holds is charged to the memory
+/// budget: over the budget, a `HELLO` that needs more than the first read chunk waits for room,
+/// within the handshake's timeout (the caller's).
 async fn read_hello<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
     shared: &Shared,
 ) -> Result<Hello, CloseReason> {
+    let max_frame = shared.config.load().limits.max_frame.min(MAX_HELLO_LEN);
+    let budget = shared.broker.memory().clone();
+    let mut charged = brokerd_core::Charge::new(&budget);
     loop {
         // A TLS ClientHello (a handshake record, version 3.x) on a plain port.
         if buf.len() >= 2 && buf[0] == crate::tls::TLS_HANDSHAKE && buf[1] == 3 {
@@ -464,7 +472,7 @@ async fn read_hello<R: AsyncRead + Unpin>(
         if other_version(buf) {
             return Err(CloseReason::Protocol(ErrorCode::UnsupportedVersion));
         }
-        match decode(buf, shared.config.load().limits.max_frame) {
+        match decode(buf, max_frame) {
             Ok(Some(Frame::Hello(h))) => {
                 if h.version != PROTOCOL_VERSION {
                     return Err(CloseReason::Protocol(ErrorCode::UnsupportedVersion));
@@ -474,6 +482,13 @@ async fn read_hello<R: AsyncRead + Unpin>(
             Ok(Some(_)) => return Err(CloseReason::Protocol(ErrorCode::HandshakeRequired)),
             Ok(None) => {}
             Err(e) => return Err(CloseReason::Protocol(e.code())),
+        }
+        charged.set(buf.len());
+        if buf.capacity() - buf.len() < READ_MIN_FREE {
+            while budget.over() {
+                tokio::time::sleep(MEMORY_POLL).await;
+            }
+            buf.reserve(READ_CHUNK);
         }
         match rd.read_buf(buf).await {
             Ok(0) => return Err(CloseReason::ClientClosed),
