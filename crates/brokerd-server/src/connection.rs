@@ -1064,15 +1064,13 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
             continue;
         }
-        // Over the memory budget, a reader whose frame is longer than a read chunk (it needs a
-        // larger buffer, or one of its own) waits until the budget has room again; its frame
-        // deadline still runs. Every other reader goes on within the buffer it has, so that
-        // frames that fit, which complete as soon as they are read, never wait.
+        // Over the memory budget, a reader whose frame is longer than a read chunk and who has
+        // no room for it yet (it needs a larger buffer, or one of its own) waits until the
+        // budget has room again; its frame deadline still runs. Every other reader goes on
+        // within the buffer it has: frames that fit complete as soon as they are read, and a
+        // reader filling a buffer already made for its frame allocates nothing more.
         charged.set(read_held(buf));
-        while budget.over()
-            && (buf.len() + READ_MIN_FREE > chunk
-                || large_frame(buf).is_some_and(|need| need > READ_CHUNK))
-        {
+        while budget.over() && needs_larger_buffer(buf, chunk) {
             tokio::select! {
                 biased;
                 _ = conn.cancelled() => return ended(shared),
@@ -1153,6 +1151,15 @@ fn large_frame(buf: &BytesMut) -> Option<usize> {
     }
     let need = 4 + u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
     (need >= LARGE_FRAME && buf.len() * 2 >= need && buf.len() < need).then_some(need)
+}
+
+/// Whether the next read may need a buffer larger than the read chunk: a frame longer than the
+/// chunk, unless it is a large frame that already has its own buffer, which needs nothing more.
+fn needs_larger_buffer(buf: &BytesMut, chunk: usize) -> bool {
+    if large_frame(buf).is_some() {
+        return large_frame_allocation(buf, chunk).is_some_and(|need| need > READ_CHUNK);
+    }
+    buf.len() + READ_MIN_FREE > chunk
 }
 
 /// The size of the buffer of its own that [`make_room`] is about to give a large frame, if any:
@@ -1288,6 +1295,39 @@ mod tests {
             d.fired(&frame, t0 + Duration::from_secs(12), &c),
             Fired::Expired
         );
+    }
+
+    /// A read buffer holding the first `have` bytes of a frame announcing `len`, in an
+    /// allocation of `capacity`.
+    fn partial_frame(len: usize, have: usize, capacity: usize) -> BytesMut {
+        let mut buf = BytesMut::with_capacity(capacity);
+        buf.extend_from_slice(&(len as u32).to_be_bytes());
+        buf.resize(have, 0);
+        buf
+    }
+
+    #[test]
+    fn over_the_budget_only_a_reader_that_must_allocate_waits() {
+        let len = 1 << 20;
+        // Nothing buffered, or a small frame: the chunk has room.
+        assert!(!needs_larger_buffer(
+            &BytesMut::with_capacity(READ_CHUNK),
+            READ_CHUNK
+        ));
+        assert!(!needs_larger_buffer(
+            &partial_frame(100, 50, READ_CHUNK),
+            READ_CHUNK
+        ));
+        // The first part of a large frame has filled the chunk: the next read needs more.
+        let full = partial_frame(len, READ_CHUNK - 100, READ_CHUNK);
+        assert!(needs_larger_buffer(&full, READ_CHUNK));
+        // Half of it is in, in a buffer smaller than the frame: its own buffer is still to come.
+        let half = partial_frame(len, len / 2 + 8, len / 2 + 8);
+        assert!(needs_larger_buffer(&half, READ_CHUNK));
+        // Its own buffer is made: filling it allocates nothing, so the reader reads on (and
+        // sees its peer's end of stream).
+        let own = partial_frame(len, len / 2 + 8, len + 4);
+        assert!(!needs_larger_buffer(&own, READ_CHUNK));
     }
 
     #[test]
