@@ -574,7 +574,10 @@ impl Outbox {
             && !st.stalled
             && !self.budget.sheds(bytes + cost)
             && msgs < self.limits.max_msgs + headroom(self.limits.max_msgs)
-            && bytes + cost <= self.limits.max_bytes + headroom(self.limits.max_bytes)
+            // The first delivery past the byte limit is always taken, however large: with a
+            // limit of a few messages an eighth of it may be less than one.
+            && (bytes <= self.limits.max_bytes
+                || bytes + cost <= self.limits.max_bytes + headroom(self.limits.max_bytes))
     }
 
     /// Whether the deliveries held are under the limits, so that a publisher need not wait.
@@ -945,6 +948,30 @@ mod tests {
             assert_eq!(w.count(), 1);
             assert!(drained(&ob, &w).is_ready());
         }
+    }
+
+    #[test]
+    fn a_byte_limit_of_a_few_messages_still_takes_one_message_over() {
+        // Room for four 900-byte messages and a little more, and an eighth of it (500 bytes) is
+        // less than one message.
+        let limit = 4 * cost(900) + 100;
+        let ob = Arc::new(Outbox::new(
+            1,
+            OverflowPolicy::DropNew,
+            OutboxLimits {
+                max_msgs: UNLIMITED,
+                max_bytes: limit,
+                press: true,
+            },
+        ));
+        let s = sub(1, &ob);
+        for i in 0..4 {
+            assert_eq!(ob.push_msg(&s, &body(i, 900)), Push::Queued);
+        }
+        assert_eq!(ob.push_msg(&s, &body(4, 900)), Push::Pressed);
+        // Past the limit, only the eighth applies: the next one gets the policy.
+        assert_eq!(ob.push_msg(&s, &body(5, 900)), Push::Dropped);
+        assert!(ob.stats().pending_bytes <= limit + cost(900));
     }
 
     #[test]
