@@ -225,6 +225,19 @@ async fn replay_errors_are_reported_and_the_connection_stays() {
         c.expect_err().await.code,
         ErrorCode::DuplicateSubscription as u16
     );
+    // A replay is checked like any SUB before its stream is looked up, so a request that fails
+    // those checks learns nothing about which streams exist.
+    c.send(&replay(7, 7, "a..b", "NOPE", StartPosition::All))
+        .await;
+    assert_eq!(c.expect_err().await.code, ErrorCode::InvalidFilter as u16);
+    c.send(&replay(8, 4, ">", "NOPE", StartPosition::All)).await;
+    assert_eq!(
+        c.expect_err().await.code,
+        ErrorCode::DuplicateSubscription as u16
+    );
+    // The sid of a replay refused for its stream is free again.
+    c.send_bytes(&brokerd_tests::wire::sub(9, 1, "x")).await;
+    assert_eq!(c.recv().await, Some(Frame::Ok(9)));
     // UNSUB ends it: nothing more arrives for sid 4.
     c.send_bytes(&brokerd_tests::wire::unsub(6, 4, 0)).await;
     assert_eq!(c.recv().await, Some(Frame::Ok(6)));

@@ -699,7 +699,21 @@ impl Reader<'_> {
                 "a replay subscription cannot join a queue group".into(),
             );
         }
+        let Some(client) = self.shared.broker.client(self.client.id) else {
+            return;
+        };
+        // Checked like any SUB first (the filter, permissions, the sid, `max_subs`), so that
+        // which streams exist is told only to a client that may subscribe to the filter.
+        let sub = match self
+            .shared
+            .broker
+            .subscribe_replay(self.client, s.sid, &s.filter)
+        {
+            Ok(sub) => sub,
+            Err(e) => return self.error(s.req_id, e.code(), e.to_string()),
+        };
         let Some(stream) = self.shared.streams.get(&start.stream) else {
+            self.shared.broker.end_subscription(self.client, &sub);
             return self.error(
                 s.req_id,
                 ErrorCode::NoSuchStream,
@@ -707,6 +721,7 @@ impl Reader<'_> {
             );
         };
         if start.start == brokerd_proto::StartPosition::LastPerTopic && stream.per_topic.is_none() {
+            self.shared.broker.end_subscription(self.client, &sub);
             return self.error(
                 s.req_id,
                 ErrorCode::InvalidStart,
@@ -716,17 +731,6 @@ impl Reader<'_> {
                 ),
             );
         }
-        let Some(client) = self.shared.broker.client(self.client.id) else {
-            return;
-        };
-        let sub = match self
-            .shared
-            .broker
-            .subscribe_replay(self.client, s.sid, &s.filter)
-        {
-            Ok(sub) => sub,
-            Err(e) => return self.error(s.req_id, e.code(), e.to_string()),
-        };
         self.consumers.remove(&s.sid);
         if let Some(spec) = &start.consumer {
             // `New` is fixed now, before the OK; the positions that read the store are worked
