@@ -300,6 +300,14 @@ fn expected() -> Vec<(String, Frame)> {
             }),
         ),
         (
+            "mack_term",
+            Frame::Mack(Mack {
+                sid: 6,
+                seq: 44,
+                kind: AckKind::Term,
+            }),
+        ),
+        (
             "unsub_now",
             Frame::Unsub(Unsubscribe {
                 req_id: 8,
