@@ -74,7 +74,8 @@ pub(crate) async fn cmd_conns(global: &Global, args: ConnsArgs) -> Result<()> {
     let mut answer = Answer::parse(&reply?)?;
     if !answer.leave_out(&own) {
         note(format_args!(
-            "note: the answer does not list this tool's connection; the table may show it"
+            "note: the answer was made before this tool connected (the broker shares one for \
+             100 ms): the table may show an earlier tool's connection"
         ));
     }
     let mut rows = answer.clients().to_vec();

@@ -48,7 +48,8 @@ pub(crate) async fn cmd_stats(global: &Global, args: StatsArgs) -> Result<()> {
         let mut answer = Answer::parse(&reply)?;
         if !answer.leave_out(&own) {
             note(format_args!(
-                "note: the answer does not list this tool's connection; the totals may count it"
+                "note: the answer was made before this tool connected (the broker shares one \
+                 for 100 ms): its totals may count an earlier tool's connection"
             ));
         }
         render(&answer)
@@ -236,7 +237,7 @@ fn summary(a: &StatsAnswer) -> String {
     );
     let _ = writeln!(
         out,
-        "connections {} now, {} since start; subscriptions {}",
+        "connections {} now, {} since start; subscriptions {} (this tool's connection left out)",
         group(s.connections),
         group(s.total_connections),
         group(s.subscriptions)
@@ -318,7 +319,7 @@ fn user_summary(u: &UserStatsAnswer) -> String {
     );
     let _ = writeln!(
         out,
-        "user {}: connections {} (its own only; the broker's totals are for admins)",
+        "user {}: connections {} (its own only, this tool's left out; the broker's totals are for admins)",
         printable(&u.user),
         group(u.connections)
     );
@@ -565,7 +566,7 @@ mod tests {
         assert!(answer.leave_out("me"));
         let out = render(&answer);
         assert!(
-            out.contains("user orders: connections 1 (its own only;"),
+            out.contains("user orders: connections 1 (its own only,"),
             "{out}"
         );
         assert!(out.lines().any(|l| l.ends_with(" worker")), "{out}");

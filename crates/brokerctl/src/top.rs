@@ -281,7 +281,7 @@ fn frame(answer: &Answer, sort: TopSort, fit: Option<(usize, usize)>) -> Vec<Str
             lines.push(format!("busiest topics: {}", busiest(a)));
         }
         Answer::User(u) => lines.push(format!(
-            "brokerd {}  user {}: connections {} (its own only; the broker's totals are for admins)",
+            "brokerd {}  user {}: connections {} (its own only, this tool's left out; the broker's totals are for admins)",
             printable(&u.version),
             printable(&u.user),
             group(u.connections)

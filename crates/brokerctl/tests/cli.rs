@@ -733,7 +733,9 @@ async fn stats_shows_the_traffic_and_the_connections() {
     );
     // Only the subscriber's subscription: the asker's inbox is not counted.
     assert!(
-        table.stdout.contains("; subscriptions 1\n"),
+        table
+            .stdout
+            .contains("; subscriptions 1 (this tool's connection left out)\n"),
         "{}",
         table.stdout
     );
