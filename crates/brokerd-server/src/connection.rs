@@ -1311,7 +1311,7 @@ mod tests {
     }
 
     #[test]
-    fn over_the_budget_only_a_reader_that_must_allocate_waits() {
+    fn over_the_budget_a_large_frame_with_its_own_buffer_reads_on() {
         let len = 1 << 20;
         // Nothing buffered, or a small frame: the chunk has room.
         assert!(!needs_larger_buffer(
