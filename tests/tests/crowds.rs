@@ -288,6 +288,10 @@ async fn closing_a_connection_with_many_subscriptions_costs_only_its_own() {
     let b = TestBroker::with_config(|c| {
         c.routing.match_cache = topics + 1_024;
         c.limits.max_subs_per_connection = n + 10;
+        // The connection never reads what its `>` subscriptions receive while the cache is
+        // filled; on a slow debug build that can pass the default 10 s write deadline, which
+        // would close it before its departure is measured.
+        c.outbound.write_deadline = Duration::from_secs(600);
     })
     .await;
     let canary = Canary::start(&b).await;
@@ -316,6 +320,11 @@ async fn closing_a_connection_with_many_subscriptions_costs_only_its_own() {
     fill_cache(&publisher, "load", topics).await;
     let before = b.broker.stats();
     assert!(before.sublist.cache_entries >= topics);
+    assert!(
+        before.subscriptions >= n,
+        "{} subscriptions before the close: the connection holding {n} ended early",
+        before.subscriptions
+    );
     let started = Instant::now();
     drop(big);
     wait_until("its subscriptions are gone", || {
