@@ -201,3 +201,49 @@ async fn a_replaced_certificate_is_served_without_dropping_connections() {
     assert_eq!(open.publish("still.here", b"x").acked().await.unwrap(), 0);
     b.stop().await;
 }
+
+#[test]
+fn a_key_that_is_not_the_certificates_is_refused_at_start_and_on_reload() {
+    use brokerd_server::config::TlsConfig;
+    use brokerd_server::tls::TlsState;
+    let dir = temp_dir("mismatch");
+    let ca = TestCa::new(&dir, "ca");
+    let server = ca.issue("server", &["localhost"]);
+    let other = ca.issue("other", &["localhost"]);
+    let config = |cert: &std::path::Path, key: &std::path::Path| TlsConfig {
+        cert: Some(cert.to_path_buf()),
+        key: Some(key.to_path_buf()),
+        ..TlsConfig::default()
+    };
+    // At start-up (and `--check-config`, which loads the same way): refused, naming the key.
+    let e = TlsState::load(&config(&server.cert, &other.key))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.contains("does not belong") && e.contains("other.key"),
+        "{e:?}"
+    );
+    // On reload: the other certificate's key put in place of this one's is not taken.
+    let state = TlsState::load(&config(&server.cert, &server.key))
+        .unwrap()
+        .unwrap();
+    let before = std::fs::metadata(&server.key).unwrap().modified().unwrap();
+    let deadline = std::time::Instant::now() + brokerd_tests::DEADLINE;
+    loop {
+        std::fs::copy(&other.key, &server.key).unwrap();
+        if std::fs::metadata(&server.key).unwrap().modified().unwrap() != before {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the file's mtime never moved"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let e = state.reload_if_changed().err().map(|e| e.to_string());
+    assert!(
+        e.as_deref().is_some_and(|e| e.contains("does not belong")),
+        "{e:?}"
+    );
+}

@@ -163,14 +163,21 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The certificate files are part of the configuration: one that cannot be used is a
+    // configuration error (exit 2, which the systemd unit does not restart), found by
+    // `--check-config` too, not a failure to listen later.
+    if let Err(e) = brokerd_server::tls::TlsState::load(&config.tls) {
+        report!("brokerd: invalid config value for `tls.cert`/`tls.key`: {e}");
+        return ExitCode::from(2);
+    }
     if args.check_config {
         let source = args
             .config
             .as_ref()
-            .map_or("the built-in defaults".to_string(), |p| {
+            .map_or("no file: the built-in defaults".to_string(), |p| {
                 p.display().to_string()
             });
-        println!("brokerd: configuration OK ({source})");
+        println!("brokerd: configuration OK ({source}, with flags and environment)");
         return ExitCode::SUCCESS;
     }
     if args.print_config {

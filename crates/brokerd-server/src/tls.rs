@@ -60,7 +60,25 @@ fn load_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
     let der = PrivateKeyDer::from_pem_file(key).map_err(|e| file_error(key, e))?;
     let signing =
         rustls::crypto::ring::sign::any_supported_type(&der).map_err(|e| file_error(key, e))?;
-    Ok(Arc::new(CertifiedKey::new(chain, signing)))
+    let certified = CertifiedKey::new(chain, signing);
+    // A key from another certificate would load, and then fail every handshake: refused here,
+    // so that start-up stops and a reload keeps the certificate in force (a rotation that
+    // renames the two files in place can be seen between the renames; the next look, 2 s
+    // later, picks up the matching pair).
+    match certified.keys_match() {
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+            return Err(file_error(
+                key,
+                format!(
+                    "this key does not belong to the certificate in {}",
+                    cert.display()
+                ),
+            ));
+        }
+        Err(e) => return Err(file_error(cert, e)),
+    }
+    Ok(Arc::new(certified))
 }
 
 /// When `path` last changed, if it can be read.
