@@ -392,6 +392,7 @@ impl Config {
                 message: message.to_string(),
             })
         };
+        let invalid_owned = |key, message: String| Err(ConfigError::Invalid { key, message });
         check_log_level(&self.log_level)?;
         crate::streams::check_declared(&self.streams).map_err(|message| ConfigError::Invalid {
             key: "streams",
@@ -522,6 +523,24 @@ impl Config {
                 "tls.client_ca and tls.listen need tls.cert and tls.key",
             );
         }
+        // Two listeners on one address would fail at start-up, after the checks said OK. Port 0
+        // is the kernel's choice, different for each.
+        let same = |a: SocketAddr, b: SocketAddr| a == b && a.port() != 0;
+        if let Some(t) = tls.listen.filter(|t| same(*t, self.listen)) {
+            return invalid_owned(
+                "tls.listen",
+                format!("{t} is also `listen`: the TLS listener needs an address of its own"),
+            );
+        }
+        if let Some(h) = self
+            .http
+            .filter(|h| same(*h, self.listen) || tls.listen.is_some_and(|t| same(*h, t)))
+        {
+            return invalid_owned(
+                "http",
+                format!("{h} is also a client listener's address: give monitoring its own port"),
+            );
+        }
         if self.auth.users.iter().any(|u| u.certificate.is_some()) && tls.client_ca.is_none() {
             return invalid(
                 "auth.users.certificate",
@@ -538,15 +557,26 @@ impl Config {
                 && !by_certificate
                 && !self.auth.allow_anonymous
         };
+        let secured_key = if tls.listen.is_some() {
+            "tls.listen"
+        } else {
+            "listen"
+        };
         let exposed = plain
             .filter(|a| open(*a, false))
-            .or(secured.filter(|a| open(*a, tls.client_ca.is_some())));
-        let exposed = exposed.or(self.http.filter(|a| {
-            !a.ip().is_loopback() && !self.auth.required() && !self.auth.allow_anonymous
-        }));
-        if let Some(addr) = exposed {
+            .map(|a| ("listen", a))
+            .or(secured
+                .filter(|a| open(*a, tls.client_ca.is_some()))
+                .map(|a| (secured_key, a)));
+        let exposed = exposed.or(self
+            .http
+            .filter(|a| {
+                !a.ip().is_loopback() && !self.auth.required() && !self.auth.allow_anonymous
+            })
+            .map(|a| ("http", a)));
+        if let Some((key, addr)) = exposed {
             return Err(ConfigError::Invalid {
-                key: "listen",
+                key,
                 message: format!(
                     "{addr} is reachable from other hosts and no authentication is configured, so \
                      anyone who reaches it could read and publish every message; set a token \
@@ -813,13 +843,24 @@ mod duration {
         s.serialize_str(&humantime::format_duration(*d).to_string())
     }
 
+    /// The longest duration any key takes: longer ones are refused, not stored, since the broker
+    /// adds durations to instants (a deadline from now), which would overflow near `u64::MAX`
+    /// seconds. A year is past any sensible timeout, deadline or permit.
+    pub const MAX: Duration = Duration::from_secs(365 * 24 * 3600);
+
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(d)?;
-        humantime::parse_duration(&text).map_err(|e| {
+        let parsed = humantime::parse_duration(&text).map_err(|e| {
             serde::de::Error::custom(format!(
                 "invalid duration {text:?} ({e}); use e.g. \"500ms\" or \"10s\""
             ))
-        })
+        })?;
+        if parsed > MAX {
+            return Err(serde::de::Error::custom(format!(
+                "duration {text:?} is too long: at most 365 days"
+            )));
+        }
+        Ok(parsed)
     }
 }
 
@@ -857,6 +898,49 @@ mod tests {
     fn printed_config_parses_back() {
         let c = Config::default();
         assert_eq!(Config::from_toml(&c.to_toml(), "printed").unwrap(), c);
+    }
+
+    #[test]
+    fn what_would_fail_at_start_up_is_refused_by_the_checks() {
+        let e = Config::from_toml(
+            "listen = \"127.0.0.1:7000\"\n[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n\
+             listen = \"127.0.0.1:7000\"\n",
+            "t",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("`tls.listen`"), "{e}");
+        let e = Config::from_toml("http = \"127.0.0.1:7654\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("`http`"), "{e}");
+        // Port 0 is a different port for each listener.
+        Config::from_toml("listen = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n", "t").unwrap();
+        let streams: String = (0..65)
+            .map(|i| format!("[[streams]]\nname = \"S{i}\"\nfilters = [\"s{i}.>\"]\n"))
+            .collect();
+        let e = Config::from_toml(&streams, "t").unwrap_err();
+        assert!(e.to_string().contains("at most 64"), "{e}");
+    }
+
+    #[test]
+    fn an_open_monitoring_address_is_named_as_the_key_to_fix() {
+        let e = Config::from_toml("http = \"0.0.0.0:7655\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("`http`"), "{e}");
+        let e = Config::from_toml("listen = \"0.0.0.0:7654\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("`listen`"), "{e}");
+    }
+
+    #[test]
+    fn durations_longer_than_a_year_are_refused() {
+        // Added to an instant, u64::MAX seconds overflows: refused at load, never a panic later.
+        for key in ["handshake", "frame", "ping_interval", "shutdown_grace"] {
+            let text = format!("[timeouts]\n{key} = \"18446744073709551615s\"\n");
+            let e = Config::from_toml(&text, "t").unwrap_err();
+            assert!(
+                e.to_string().contains(key) && e.to_string().contains("365 days"),
+                "{e}"
+            );
+        }
+        let c = Config::from_toml("[timeouts]\nshutdown_grace = \"365days\"\n", "t").unwrap();
+        assert_eq!(c.timeouts.shutdown_grace, duration::MAX);
     }
 
     #[test]

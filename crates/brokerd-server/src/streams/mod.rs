@@ -420,6 +420,12 @@ fn stop(handle: &StreamHandle) {
 /// # Errors
 /// The first problem, naming the stream.
 pub(crate) fn check_declared(declared: &[StreamConfig]) -> Result<(), String> {
+    if declared.len() > MAX_STREAMS {
+        return Err(format!(
+            "{} streams are declared; a broker holds at most {MAX_STREAMS}",
+            declared.len()
+        ));
+    }
     let mut seen: Vec<(String, Vec<Filter>)> = Vec::new();
     for c in declared {
         let mut c = c.clone();
