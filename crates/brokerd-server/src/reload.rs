@@ -16,8 +16,8 @@
 //!   authentication became required;
 //! - `log_level`, which `main.rs` applies to the log filter itself.
 //!
-//! The rest (`listen`, `http`, `log_format`, `[tls]` paths, `[routing]`, `limits.max_memory` and the
-//! topic limits) keeps its old value until a restart, and the reload says so. The TLS
+//! The rest (`listen`, `http`, `log_format`, `[tls]` paths, `[routing]`, `limits.max_memory`, the
+//! topic limits, `data_dir` and `[[streams]]`) keeps its old value until a restart, and the reload says so. The TLS
 //! certificate's contents are reloaded on their own when the files change.
 //!
 //! Cost: one pass over the connections when `[auth]` changed, taking each client's handle from
@@ -41,7 +41,18 @@ const NEED_RESTART: &[&str] = &[
     "limits.max_topic_tokens",
     "routing",
     "tls",
+    // Streams are opened from their directory at start-up; a reload neither moves them nor
+    // opens or closes declared ones (streams made at run time go through the protocol).
+    "data_dir",
+    "streams",
 ];
+
+/// Whether a change to `key` waits for a restart.
+fn needs_restart(key: &str) -> bool {
+    NEED_RESTART
+        .iter()
+        .any(|r| key == *r || key.starts_with(&format!("{r}.")))
+}
 
 /// What a reload changed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -81,11 +92,7 @@ impl ReloadHandle {
         let old = shared.config.load_full();
         let changed = changed_keys(&old, &new);
         let (need_restart, applied): (Vec<String>, Vec<String>) =
-            changed.into_iter().partition(|k| {
-                NEED_RESTART
-                    .iter()
-                    .any(|r| k == r || k.starts_with(&format!("{r}.")))
-            });
+            changed.into_iter().partition(|k| needs_restart(k));
         new.listen = old.listen;
         new.http = old.http;
         new.log_format = old.log_format;
@@ -94,6 +101,8 @@ impl ReloadHandle {
         new.limits.max_topic_tokens = old.limits.max_topic_tokens;
         new.routing = old.routing.clone();
         new.tls = old.tls.clone();
+        new.data_dir = old.data_dir.clone();
+        new.streams = old.streams.clone();
 
         shared.broker.set_limits(new.broker_limits());
         shared.gate.set_limits(
@@ -242,5 +251,25 @@ mod tests {
             ]
         );
         assert!(changed_keys(&old, &old.clone()).is_empty());
+    }
+
+    #[test]
+    fn where_streams_live_waits_for_a_restart() {
+        let old = Config::default();
+        let new = Config {
+            data_dir: "/elsewhere".into(),
+            streams: vec![brokerd_proto::streams::StreamConfig {
+                name: "ORDERS".into(),
+                filters: vec!["orders.>".into()],
+                ..Default::default()
+            }],
+            log_level: "debug".into(),
+            ..Config::default()
+        };
+        let (restart, applied): (Vec<String>, Vec<String>) = changed_keys(&old, &new)
+            .into_iter()
+            .partition(|k| needs_restart(k));
+        assert_eq!(restart, vec!["data_dir".to_string(), "streams".to_string()]);
+        assert_eq!(applied, vec!["log_level".to_string()]);
     }
 }
