@@ -43,6 +43,8 @@ pub struct TestBroker {
     pub http_addr: Option<SocketAddr>,
     /// Its routing state, for statistics.
     pub broker: Arc<brokerd_core::Broker>,
+    /// Puts a new configuration in force, as SIGHUP does in `brokerd`.
+    pub reload: brokerd_server::reload::ReloadHandle,
     handle: ShutdownHandle,
     join: JoinHandle<std::io::Result<()>>,
 }
@@ -68,12 +70,14 @@ impl TestBroker {
         let http_addr = server.http_addr().expect("HTTP addr");
         let broker = server.broker();
         let handle = server.shutdown_handle();
+        let reload = server.reload_handle();
         let join = tokio::spawn(server.run());
         TestBroker {
             addr,
             tls_addr,
             http_addr,
             broker,
+            reload,
             handle,
             join,
         }

@@ -423,6 +423,36 @@ async fn with_authentication_only_an_admin_reads_the_endpoints() {
     b.stop().await;
 }
 
+#[tokio::test]
+async fn a_reload_ends_remembered_monitoring_logins() {
+    let hash = |pw: &str| brokerd_server::auth::hash_password(pw).unwrap();
+    let (b, http) = monitored(|c| {
+        c.auth.users = vec![UserConfig {
+            name: "root".into(),
+            password_hash: hash("old"),
+            admin: true,
+            ..UserConfig::default()
+        }];
+    })
+    .await;
+    let basic = |pw: &str| format!("Basic {}", base64(&format!("root:{pw}")));
+    // Verified once, then remembered.
+    assert_eq!(get(http, "/varz", Some(&basic("old"))).await.status, 200);
+    assert_eq!(get(http, "/varz", Some(&basic("old"))).await.status, 200);
+    // The password rotated: the old one stops working at once, not when the memory expires.
+    let mut rotated = (*b.reload.config()).clone();
+    rotated.auth.users[0].password_hash = hash("new");
+    b.reload.reload(rotated.clone()).await;
+    assert_eq!(get(http, "/varz", Some(&basic("old"))).await.status, 401);
+    assert_eq!(get(http, "/varz", Some(&basic("new"))).await.status, 200);
+    // The admin role taken away: refused at once too.
+    let mut demoted = rotated;
+    demoted.auth.users[0].admin = false;
+    b.reload.reload(demoted).await;
+    assert_eq!(get(http, "/varz", Some(&basic("new"))).await.status, 403);
+    b.stop().await;
+}
+
 fn base64(text: &str) -> String {
     const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();

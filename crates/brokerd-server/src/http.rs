@@ -185,7 +185,31 @@ impl tokio::io::AsyncWrite for Held {
 
 /// Credentials verified recently: a hash of user and password, to when and whether admin.
 #[derive(Default)]
-struct Verified(Mutex<HashMap<[u8; 64], (Instant, bool)>>);
+struct Verified(Mutex<VerifiedUnder>);
+
+/// What was verified, and under which users: a reload that changes a password or takes the
+/// admin role away must not leave the old answer standing for [`VERIFIED_FOR`].
+#[derive(Default)]
+struct VerifiedUnder {
+    /// The authenticator the entries were verified by; held, so its address is not reused.
+    by: Option<Arc<crate::auth::Authenticator>>,
+    entries: HashMap<[u8; 64], (Instant, bool)>,
+}
+
+impl Verified {
+    /// The entries verified under `auth`, emptied first if the users have been reloaded since.
+    fn under(
+        &self,
+        auth: &Arc<crate::auth::Authenticator>,
+    ) -> parking_lot::MappedMutexGuard<'_, HashMap<[u8; 64], (Instant, bool)>> {
+        let mut v = self.0.lock();
+        if !v.by.as_ref().is_some_and(|by| Arc::ptr_eq(by, auth)) {
+            v.entries.clear();
+            v.by = Some(auth.clone());
+        }
+        parking_lot::MutexGuard::map(v, |v| &mut v.entries)
+    }
+}
 
 /// Lets an admin through; answers 401 (with a Basic challenge) without valid credentials and
 /// 403 for a user who is not an admin. Without authentication configured, everyone passes.
@@ -209,7 +233,7 @@ async fn require_admin(
         _ => [0; 64],
     };
     let remembered = matches!(credentials, Credentials::Password { .. })
-        .then(|| verified.0.lock().get(&key).copied())
+        .then(|| verified.under(&auth).get(&key).copied())
         .flatten()
         .filter(|(at, _)| at.elapsed() < VERIFIED_FOR);
     let admin = match remembered {
@@ -224,7 +248,7 @@ async fn require_admin(
                     auth.succeeded(peer.ip());
                     let admin = identity.permissions.as_ref().is_none_or(|p| p.admin);
                     if matches!(credentials, Credentials::Password { .. }) {
-                        let mut v = verified.0.lock();
+                        let mut v = verified.under(&auth);
                         if v.len() >= MAX_VERIFIED {
                             v.retain(|_, (at, _)| at.elapsed() < VERIFIED_FOR);
                         }
