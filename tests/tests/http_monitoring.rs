@@ -28,7 +28,7 @@ async fn get(addr: SocketAddr, path: &str, authorization: Option<&str>) -> Respo
     let mut s = TcpStream::connect(addr).await.unwrap();
     let auth = authorization.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
     let request =
-        format!("GET {path} HTTP/1.1\r\nHost: brokerd\r\n{auth}Connection: close\r\n\r\n");
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n");
     s.write_all(request.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     tokio::time::timeout(DEADLINE, s.read_to_end(&mut raw))
@@ -518,18 +518,34 @@ async fn a_second_broker_on_the_same_monitoring_port_runs_without_it() {
     first.stop().await;
 }
 
+/// A connection to `to` from `from` (any 127/8 address).
+async fn connect_from(to: SocketAddr, from: [u8; 4]) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((from, 0))).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+/// Reads until the peer closes, failing the test if it does not within `DEADLINE`.
+async fn closed_by_peer(s: &mut TcpStream, what: &str) {
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "{what}: never closed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_http_connections_take_a_bounded_number_of_slots_and_nothing_from_the_broker() {
     let (b, http) = monitored(|_| {}).await;
-    // As many connections as the endpoints serve at once, each sending nothing.
+    let per = brokerd_server::MONITORING_PER_ADDRESS;
+    // As many connections as the endpoints serve at once, each sending nothing, from as few
+    // addresses as the limit per address allows.
     let mut idle = Vec::new();
-    for _ in 0..brokerd_server::MONITORING_CONNECTIONS {
-        idle.push(TcpStream::connect(http).await.unwrap());
+    for i in 0..brokerd_server::MONITORING_CONNECTIONS {
+        idle.push(connect_from(http, [127, 0, 1, (i / per) as u8 + 1]).await);
     }
     // One more: accepted by the kernel, but not served while every slot is held.
-    let mut waiting = TcpStream::connect(http).await.unwrap();
+    let mut waiting = connect_from(http, [127, 0, 2, 1]).await;
     waiting
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: brokerd\r\nConnection: close\r\n\r\n")
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
     let mut first = [0u8; 1];
@@ -550,6 +566,77 @@ async fn idle_http_connections_take_a_bounded_number_of_slots_and_nothing_from_t
         "{}",
         String::from_utf8_lossy(&answer)
     );
+    // The silent connections do not keep their slots: each is closed after the request
+    // deadline or the idle time (`HEAD`, `IDLE`), and the endpoints answer again.
+    for (i, s) in idle.iter_mut().enumerate().take(4) {
+        closed_by_peer(s, &format!("idle connection {i}")).await;
+    }
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holds_a_bounded_number_of_connections_and_slow_requests_are_cut() {
+    let (b, http) = monitored(|_| {}).await;
+    let per = brokerd_server::MONITORING_PER_ADDRESS;
+    // Each holds the start of a request and never finishes it.
+    let mut slow = Vec::new();
+    for _ in 0..per {
+        let mut s = connect_from(http, [127, 0, 3, 1]).await;
+        s.write_all(b"GET /varz HTTP/1.1\r\nHost: local")
+            .await
+            .unwrap();
+        slow.push(s);
+    }
+    // One more from the same address is closed at once, unanswered.
+    let mut over = connect_from(http, [127, 0, 3, 1]).await;
+    let _ = over
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, over.read_to_end(&mut answer))
+        .await
+        .expect("closed at once");
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    // Another address is served meanwhile.
+    let r = get(http, "/healthz", None).await;
+    assert_eq!(r.status, 200);
+    // The unfinished requests are cut when their deadline passes, unanswered.
+    for (i, s) in slow.iter_mut().enumerate() {
+        closed_by_peer(s, &format!("slow request {i}")).await;
+    }
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn without_authentication_only_requests_for_a_loopback_host_are_answered() {
+    let (b, http) = monitored(|_| {}).await;
+    let request =
+        |host: &str| format!("GET /varz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    for (host, status) in [
+        ("attacker.example", "403"),
+        ("attacker.example:7655", "403"),
+        ("localhost", "200"),
+        (&http.to_string(), "200"),
+    ] {
+        let mut s = TcpStream::connect(http).await.unwrap();
+        s.write_all(request(host).as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        tokio::time::timeout(DEADLINE, s.read_to_end(&mut raw))
+            .await
+            .expect("an answer")
+            .unwrap();
+        let text = String::from_utf8_lossy(&raw);
+        assert!(
+            text.starts_with(&format!("HTTP/1.1 {status}")),
+            "{host}: {text}"
+        );
+        let head = text.to_ascii_lowercase();
+        assert!(
+            head.contains("x-content-type-options: nosniff")
+                && head.contains("x-frame-options: deny"),
+            "{head}"
+        );
+    }
     b.stop().await;
 }
 

@@ -58,14 +58,23 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             (shared.clone(), verified),
             require_admin,
         ));
+    // Without authentication, a loopback listener's only protection is that other hosts cannot
+    // reach it; a web page whose name an attacker points at 127.0.0.1 can, through the
+    // visitor's browser, unless the Host it names is refused.
+    let local_only = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
     let app = Router::new()
         .route("/healthz", get(healthz))
         .merge(protected)
+        .layer(middleware::from_fn_with_state(
+            (shared.clone(), local_only),
+            guard,
+        ))
         .with_state(shared);
     let service = app.into_make_service_with_connect_info::<Peer>();
     let listener = Limited {
         inner: listener,
         slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+        per_address: Arc::default(),
     };
     if let Err(e) = axum::serve(listener, service).await {
         warn!(error = %e, "monitoring endpoints stopped");
@@ -73,15 +82,32 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 /// HTTP connections open at once at most (tails included). Past that, new ones wait in the
-/// listen backlog until one closes: a client holding connections open, or sending its headers
-/// slowly, can make the monitoring endpoints unavailable but cannot take the broker's file
-/// descriptors or tasks.
+/// listen backlog until one closes. A connection that sends nothing, sends its request slowly,
+/// sits idle between requests, or stops reading what it is sent is closed after [`HEAD`],
+/// [`IDLE`] or [`STALL`], and one address holds at most [`PER_ADDRESS`] of them, so a client
+/// cannot keep the endpoints from others for longer than those times (nor take the broker's
+/// file descriptors or tasks).
 pub(crate) const MAX_CONNECTIONS: usize = 64;
+
+/// HTTP connections one address may hold at once; more are closed as they are accepted.
+pub(crate) const PER_ADDRESS: usize = 16;
+
+/// How long a request may take to arrive whole, from its first byte (the first request: from
+/// the connection).
+pub(crate) const HEAD: Duration = Duration::from_secs(10);
+
+/// How long a connection may go without a byte either way (an event stream's keep-alive
+/// comments, every 15 s, count).
+pub(crate) const IDLE: Duration = Duration::from_secs(30);
+
+/// How long a write may wait for a client that does not read what it is sent.
+pub(crate) const STALL: Duration = Duration::from_secs(10);
 
 /// The listener, accepting only while fewer than [`MAX_CONNECTIONS`] are open.
 struct Limited {
     inner: TcpListener,
     slots: Arc<tokio::sync::Semaphore>,
+    per_address: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
 }
 
 /// The client's address, for handlers (`ConnectInfo<Peer>`).
@@ -108,11 +134,30 @@ impl axum::serve::Listener for Limited {
         loop {
             match self.inner.accept().await {
                 Ok((stream, addr)) => {
+                    {
+                        let mut counts = self.per_address.lock();
+                        let n = counts.entry(addr.ip()).or_insert(0);
+                        if *n >= PER_ADDRESS {
+                            // Closed at once; the slot waits for the next connection.
+                            continue;
+                        }
+                        *n += 1;
+                    }
                     let _ = stream.set_nodelay(true);
+                    let now = Instant::now();
                     return (
                         Held {
                             stream,
                             _slot: permit,
+                            _address: AddressCount {
+                                counts: self.per_address.clone(),
+                                ip: addr.ip(),
+                            },
+                            timer: Box::pin(tokio::time::sleep_until(now.into())),
+                            progress: now,
+                            // The first request is due within `HEAD` of the connection.
+                            request_since: Some(now),
+                            blocked_since: None,
                         },
                         Peer(addr),
                     );
@@ -131,10 +176,91 @@ impl axum::serve::Listener for Limited {
     }
 }
 
-/// An accepted connection holding its slot until it is dropped.
+/// One connection counted against its address until it is dropped.
+struct AddressCount {
+    counts: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for AddressCount {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock();
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// An accepted connection holding its slot until it is dropped, and ending itself (an I/O
+/// error, on which the HTTP server drops it) when it overstays [`HEAD`], [`IDLE`] or
+/// [`STALL`]. The HTTP server polls reads and writes from one task, so one timer serves both.
 struct Held {
     stream: tokio::net::TcpStream,
     _slot: tokio::sync::OwnedSemaphorePermit,
+    _address: AddressCount,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// When a byte last moved either way.
+    progress: Instant,
+    /// When the first byte of a request not yet answered arrived.
+    request_since: Option<Instant>,
+    /// Since when a write has found the socket full.
+    blocked_since: Option<Instant>,
+}
+
+impl Held {
+    /// Pending until `deadline`, registered with the timer; an error once it has passed.
+    fn expire<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        deadline: Instant,
+        what: &str,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::future::Future;
+        if Instant::now() < deadline {
+            self.timer.as_mut().reset(deadline.into());
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return std::task::Poll::Pending;
+            }
+        }
+        std::task::Poll::Ready(Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("monitoring connection closed: {what}"),
+        )))
+    }
+
+    fn read_deadline(&self) -> (Instant, &'static str) {
+        let idle = (self.progress + IDLE, "idle");
+        match self.request_since {
+            Some(since) if since + HEAD < idle.0 => (since + HEAD, "request not complete in time"),
+            _ => idle,
+        }
+    }
+
+    /// After a write: what it moved, and the write deadline when it found the socket full.
+    fn wrote(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        result: std::task::Poll<std::io::Result<usize>>,
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match result {
+            std::task::Poll::Pending => {
+                let since = *self.blocked_since.get_or_insert_with(Instant::now);
+                self.expire(cx, since + STALL, "the client does not read")
+            }
+            std::task::Poll::Ready(Ok(n)) => {
+                self.blocked_since = None;
+                if n > 0 {
+                    self.progress = Instant::now();
+                    self.request_since = None;
+                }
+                std::task::Poll::Ready(Ok(n))
+            }
+            other => other,
+        }
+    }
 }
 
 impl tokio::io::AsyncRead for Held {
@@ -143,7 +269,22 @@ impl tokio::io::AsyncRead for Held {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut self.stream).poll_read(cx, buf) {
+            std::task::Poll::Pending => {
+                let (deadline, what) = self.read_deadline();
+                self.expire(cx, deadline, what)
+            }
+            std::task::Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    let now = Instant::now();
+                    self.progress = now;
+                    self.request_since.get_or_insert(now);
+                }
+                std::task::Poll::Ready(Ok(()))
+            }
+            other => other,
+        }
     }
 }
 
@@ -153,7 +294,8 @@ impl tokio::io::AsyncWrite for Held {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+        let result = std::pin::Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.wrote(cx, result)
     }
 
     fn poll_write_vectored(
@@ -161,7 +303,8 @@ impl tokio::io::AsyncWrite for Held {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let result = std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.wrote(cx, result)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -273,6 +416,67 @@ async fn require_admin(
             .into_response();
     }
     next.run(request).await
+}
+
+/// Refuses a request that names a host other than this machine's loopback when the listener
+/// is on loopback with no authentication, and marks every response as not to be framed or
+/// sniffed by a browser.
+async fn guard(
+    State((shared, local_only)): State<(Arc<Shared>, bool)>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let foreign = local_only
+        && !shared.auth.load().required()
+        && request
+            .headers()
+            .get(header::HOST)
+            .is_some_and(|host| !host.to_str().is_ok_and(is_loopback_host));
+    let mut response = if foreign {
+        (
+            StatusCode::FORBIDDEN,
+            "this broker's monitoring answers only requests for localhost or a loopback address\n",
+        )
+            .into_response()
+    } else {
+        next.run(request).await
+    };
+    let headers = response.headers_mut();
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("frame-ancestors 'none'"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    response
+}
+
+/// Whether a `Host` value (a name or address, with an optional port) is `localhost` or a
+/// loopback address.
+fn is_loopback_host(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        // `[::1]` or `[::1]:7655`.
+        match rest.split_once(']') {
+            Some((inside, after)) if after.is_empty() || after.starts_with(':') => inside,
+            _ => return false,
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        }
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn challenge(message: &str) -> Response {
@@ -624,6 +828,32 @@ pub(crate) fn metrics_text(shared: &Shared) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_loopback_hosts_are_local() {
+        for host in [
+            "localhost",
+            "LOCALHOST:7655",
+            "127.0.0.1",
+            "127.0.0.1:7655",
+            "127.3.4.5:80",
+            "[::1]",
+            "[::1]:7655",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "attacker.example",
+            "attacker.example:7655",
+            "localhost.attacker.example",
+            "10.0.0.1:7655",
+            "[::1].example",
+            "[2001:db8::1]:7655",
+            "",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
+    }
 
     #[test]
     fn base64_round_trips_what_browsers_send() {

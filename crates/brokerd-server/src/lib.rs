@@ -40,3 +40,5 @@ pub use server::{Server, ShutdownHandle};
 
 /// HTTP connections the monitoring endpoints serve at once; more wait in the listen backlog.
 pub const MONITORING_CONNECTIONS: usize = http::MAX_CONNECTIONS;
+/// Monitoring connections one address may hold at once.
+pub const MONITORING_PER_ADDRESS: usize = http::PER_ADDRESS;
