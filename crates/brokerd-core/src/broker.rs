@@ -595,12 +595,44 @@ impl Broker {
         no_echo: bool,
         identity: Identity,
     ) -> Arc<Client> {
+        self.add_client(name, peer, policy, no_echo, identity, None)
+    }
+
+    /// Registers a connection of the broker's own (the web console's tail) whose queue has
+    /// `queue` as its limits instead of the configured ones: a reader that shows a few messages
+    /// a second needs far less than a client's queue, and must not hold as much when it stalls.
+    pub fn connect_with_queue(
+        &self,
+        name: String,
+        peer: String,
+        policy: OverflowPolicy,
+        queue: OutboxLimits,
+    ) -> Arc<Client> {
+        self.add_client(
+            name,
+            peer,
+            Some(policy),
+            false,
+            Identity::default(),
+            Some(queue),
+        )
+    }
+
+    fn add_client(
+        &self,
+        name: String,
+        peer: String,
+        policy: Option<OverflowPolicy>,
+        no_echo: bool,
+        identity: Identity,
+        queue: Option<OutboxLimits>,
+    ) -> Arc<Client> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let limits = self.limits.load();
         let mut outbox = Outbox::with_budget(
             id,
             policy.unwrap_or(limits.default_policy),
-            limits.outbox,
+            queue.unwrap_or(limits.outbox),
             self.budget.clone(),
         );
         if let Some(policy) = identity.permissions.as_ref().and_then(|p| p.responses) {

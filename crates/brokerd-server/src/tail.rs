@@ -5,17 +5,18 @@
 //! browser's address, visible in `/connz` like any other): a subscription on `F` whose queue
 //! the event stream reads. At most [`RATE`] messages a second are sent, with a burst of as
 //! many; the rest are counted and reported with the next event (`skipped`), so a busy topic
-//! cannot flood the browser, and the queue never fills because it is read as fast as it
-//! arrives. Payloads are sent as text when UTF-8, else as hex, cut to [`MAX_SHOWN`] bytes. At
-//! most [`MAX_TAILS`] tails run at once. Only an admin reaches this endpoint when
-//! authentication is configured (`http.rs`).
+//! cannot flood the browser. The queue is read as fast as it arrives; when the browser stops
+//! reading, the queue holds at most [`QUEUE`] and the connection is closed once its writes have
+//! stalled for [`crate::http::STALL`]. Payloads are sent as text when UTF-8, else as hex, cut to
+//! [`MAX_SHOWN`] bytes. At most [`MAX_TAILS`] tails run at once. Only an admin reaches this
+//! endpoint when authentication is configured (`http.rs`).
 
 use crate::server::Shared;
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use brokerd_core::{Client, CloseReason, Identity, Item, Take};
+use brokerd_core::{Client, CloseReason, Item, OutboxLimits, Take};
 use brokerd_proto::{Body, OverflowPolicy};
 use futures_core::Stream;
 use serde::Serialize;
@@ -36,6 +37,16 @@ pub(crate) const MAX_SHOWN: usize = 1024;
 
 /// Tails running at once, broker-wide.
 pub(crate) const MAX_TAILS: usize = 8;
+
+/// A tail's queue: what arrives between two reads of a browser that keeps up is far less than
+/// this, and a browser that stops reading holds at most this much (its messages are dropped
+/// and counted as skipped) until the monitoring listener's write stall closes it
+/// (`http.rs`, [`crate::http::STALL`]).
+const QUEUE: OutboxLimits = OutboxLimits {
+    max_msgs: 1024,
+    max_bytes: 1 << 20,
+    press: false,
+};
 
 /// The name a tail's connection shows.
 pub(crate) const TAIL_NAME: &str = "web-console-tail";
@@ -83,12 +94,11 @@ pub(crate) async fn tail(
         )
             .into_response();
     }
-    let client = shared.broker.connect_as(
+    let client = shared.broker.connect_with_queue(
         TAIL_NAME.into(),
         peer.to_string(),
-        Some(OverflowPolicy::DropNew),
-        false,
-        Identity::default(),
+        OverflowPolicy::DropNew,
+        QUEUE,
     );
     let stream = TailStream {
         shared: shared.clone(),
