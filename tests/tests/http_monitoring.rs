@@ -682,3 +682,58 @@ async fn streams_show_in_streamz_and_in_the_metrics() {
     );
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tail_whose_reader_stops_holds_a_bounded_queue_and_is_closed() {
+    let (b, http) = monitored(|_| {}).await;
+    // A browser that asks for a tail, reads the start of the answer, and then reads nothing: a
+    // small receive buffer so that the broker's writes stall soon.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut tail = socket.connect(http).await.unwrap();
+    tail.write_all(b"GET /tail?filter=t.%3E HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    tokio::time::timeout(DEADLINE, tail.read_exact(&mut head))
+        .await
+        .expect("the tail's answer")
+        .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let tail_row = || async {
+        let page: Connz = json(http, "/connz?limit=1000").await;
+        page.connections
+            .into_iter()
+            .find(|c| c.name == "web-console-tail")
+    };
+    assert!(tail_row().await.is_some(), "the tail's connection shows");
+    // A steady 2,000 messages a second, far more than the tail shows (20) and, once its
+    // writes stall, more than its queue holds. The broker's send buffer fills at the tail's
+    // pace in a few seconds, then its writes stall for `STALL` (10 s) and the tail is closed.
+    let publisher = b.client("p").await;
+    let body = vec![b'x'; 1000];
+    let mut largest = 0;
+    let deadline = tokio::time::Instant::now() + 2 * DEADLINE;
+    let mut i = 0u32;
+    loop {
+        for _ in 0..100 {
+            let topic = format!("t.{}", i % 10);
+            publisher.publish(&topic, &body).await.unwrap();
+            i += 1;
+        }
+        publisher.flush().await.unwrap();
+        match tail_row().await {
+            None => break,
+            Some(row) => largest = largest.max(row.pending_bytes),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stalled tail was never closed (largest queue {largest} bytes)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // At most the tail's queue (1 MiB) and the one message over it.
+    assert!(largest <= (1 << 20) + 1100, "the tail held {largest} bytes");
+    closed_by_peer(&mut tail, "the stalled tail").await;
+    b.stop().await;
+}

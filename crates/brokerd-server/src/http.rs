@@ -100,6 +100,9 @@ pub(crate) const HEAD: Duration = Duration::from_secs(10);
 /// comments, every 15 s, count).
 pub(crate) const IDLE: Duration = Duration::from_secs(30);
 
+/// The send buffer asked of the kernel for each monitoring connection (Linux doubles it).
+const SEND_BUFFER: usize = 64 * 1024;
+
 /// How long a write may wait for a client that does not read what it is sent.
 pub(crate) const STALL: Duration = Duration::from_secs(10);
 
@@ -144,6 +147,11 @@ impl axum::serve::Listener for Limited {
                         *n += 1;
                     }
                     let _ = stream.set_nodelay(true);
+                    // The kernel's send buffer grows to megabytes for a peer that does not
+                    // read; fixed here, a stalled client pins little and its writes stall
+                    // (and `STALL` ends it) soon after. Answers larger than this are written in
+                    // several steps.
+                    let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
                     let now = Instant::now();
                     return (
                         Held {
