@@ -601,6 +601,108 @@ async fn a_replay_waits_for_a_slow_subscriber_and_loses_nothing() {
 }
 
 #[tokio::test]
+async fn replays_that_never_read_hold_only_the_stored_bound_and_live_subscribers_lose_nothing() {
+    use brokerd_core::outbox::{STORED_MAX_BYTES, STORED_MAX_MSGS};
+    const REPLAYERS: usize = 4;
+    const BUDGET: usize = 32 << 20;
+    let dir = TempDir::new("streams-stalled-replays");
+    let b = TestBroker::with_config({
+        let dir = dir.0.clone();
+        move |c| {
+            c.data_dir = dir;
+            c.streams = vec![orders(Fsync::Never)];
+            // Each replay held its whole stream (12 MiB here) under the client's 64 MiB limit,
+            // which put four of them over this budget and shed the live subscriber.
+            c.limits.max_memory = BUDGET;
+            // The replayers never read: they must not be closed before the test is done.
+            c.outbound.write_deadline = std::time::Duration::from_secs(120);
+        }
+    })
+    .await;
+    let payload = vec![7u8; 4096];
+    let mut p = b.raw("p").await;
+    for i in 0..3_000u32 {
+        p.send(&publish(i + 1, false, "order.created", &payload, None))
+            .await;
+    }
+    p.send_bytes(&brokerd_tests::wire::ping(1)).await;
+    assert_eq!(p.recv().await, Some(Frame::Pong(1)));
+    let mut live = b.raw("live").await;
+    live.send_bytes(&brokerd_tests::wire::sub(1, 1, "order.>"))
+        .await;
+    assert_eq!(live.recv().await, Some(Frame::Ok(1)));
+    let mut replayers = Vec::new();
+    for i in 0..REPLAYERS {
+        let name = format!("replayer-{i}");
+        let mut r = RawConn::connect_with_receive_buffer(b.addr, 64 * 1024)
+            .await
+            .hello(&name, 0)
+            .await;
+        r.send(&replay(2, 1, ">", "ORDERS", StartPosition::All))
+            .await;
+        assert_eq!(r.recv().await, Some(Frame::Ok(2)));
+        replayers.push(r);
+    }
+    let stalled = |b: &TestBroker| {
+        b.broker
+            .clients()
+            .into_iter()
+            .filter(|c| c.name.starts_with("replayer-"))
+            .map(|c| c.outbox.stats())
+            .collect::<Vec<_>>()
+    };
+    let within_bound = |b: &TestBroker| {
+        for st in stalled(b) {
+            assert!(
+                st.pending_bytes <= STORED_MAX_BYTES && st.pending_msgs <= STORED_MAX_MSGS,
+                "a replay that does not read holds {} messages, {} bytes",
+                st.pending_msgs,
+                st.pending_bytes
+            );
+        }
+    };
+    // Each replay fills its subscriber's queue up to the bound and waits there.
+    brokerd_tests::wait_until("every replayer's queue filled", || {
+        let st = stalled(&b);
+        st.len() == REPLAYERS && st.iter().all(|s| s.pending_bytes >= STORED_MAX_BYTES / 2)
+    })
+    .await;
+    within_bound(&b);
+    // Live traffic goes on meanwhile: the subscriber reading it loses nothing.
+    let more = 2_000u32;
+    for i in 0..more {
+        p.send(&publish(10_000 + i, false, "order.created", &payload, None))
+            .await;
+    }
+    let mut got = 0u32;
+    while got < more {
+        match live.recv().await {
+            Some(Frame::Msg(m)) => {
+                got += 1;
+                assert_eq!(m.seq, u64::from(got), "no gap");
+                if got.is_multiple_of(500) {
+                    within_bound(&b);
+                }
+            }
+            other => panic!("unexpected {other:?} after {got} messages (a LOST is a drop)"),
+        }
+    }
+    within_bound(&b);
+    let used = b.broker.memory().used();
+    assert!(used < BUDGET, "{used} bytes charged of {BUDGET}");
+    let live_stats = b
+        .broker
+        .clients()
+        .into_iter()
+        .find(|c| c.name == "live")
+        .map(|c| c.outbox.stats())
+        .unwrap();
+    assert_eq!(live_stats.dropped, 0);
+    drop(replayers);
+    b.stop().await;
+}
+
+#[tokio::test]
 async fn a_last_value_stream_keeps_the_newest_of_each_topic_and_reclaims_the_rest() {
     let dir = TempDir::new("streams-last-value");
     let config = StreamConfig {

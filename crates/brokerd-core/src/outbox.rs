@@ -9,6 +9,10 @@
 //! room behind them, and the connection's reader stops reading while its own unwritten replies
 //! hold half the limits ([`Outbox::poll_room`]).
 //!
+//! Stored deliveries (replays and durable consumers, [`Outbox::push_stored`]) meet tighter bounds
+//! of their own ([`STORED_MAX_MSGS`], [`STORED_MAX_BYTES`]): what they have not yet queued waits on
+//! disk, so a subscriber that stops reading holds two replay batches here, not its whole limits.
+//!
 //! Everything queued is reserved from the broker's [`MemoryBudget`] in steps of at least
 //! [`RESERVE_STEP`] (so that a busy queue touches the shared counter once per step, not per
 //! message), and given back as the writer releases it. While the budget is over, a delivery to a
@@ -162,6 +166,17 @@ const MAX_DRAIN_WAITERS: usize = 1024;
 /// The smallest step in which an outbox reserves bytes from the broker's budget.
 pub const RESERVE_STEP: usize = 4 * 1024;
 
+/// Most messages a queue may hold for a stored delivery to be queued behind them
+/// ([`Outbox::push_stored`]), or the client's `max_msgs` when lower: two replay batches of 512.
+/// A replay or a durable consumer is refilled at half of it ([`Outbox::poll_replay_room`]), so the
+/// writer always has a batch to write while the next is queued, and a subscriber that stops
+/// reading holds no more than this while the rest waits on disk.
+pub const STORED_MAX_MSGS: usize = 1024;
+
+/// Most bytes a queue may hold for a stored delivery to be queued behind them, or the client's
+/// `max_bytes` when lower: two replay batches of 1 MiB (see [`STORED_MAX_MSGS`]).
+pub const STORED_MAX_BYTES: usize = 2 << 20;
+
 /// Counters of one outbox, for monitoring.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OutboxStats {
@@ -210,8 +225,8 @@ struct State {
     stalled: bool,
     /// Publishers waiting for the queue to drain ([`Outbox::poll_drained`]).
     drain_waiters: Vec<Waker>,
-    /// Replay tasks waiting for room ([`Outbox::poll_replay_room`]): at most one per replay
-    /// subscription of this connection.
+    /// Replay and consumer tasks waiting for room ([`Outbox::poll_replay_room`]): at most one
+    /// per replay subscription of this connection and one per durable consumer it is a member of.
     replay_waiters: Vec<Waker>,
     /// Coarse time of the writer's last take: deliveries still pending after that batch is
     /// released all arrived after it.
@@ -507,21 +522,20 @@ impl Outbox {
         wake(w);
     }
 
-    /// Offers one stored message to a replay subscription: queued only if it fits (an empty
+    /// Offers one stored message to a replay or consumer subscription: queued only if it fits
+    /// the stored bounds (the client's limits, or [`STORED_MAX_MSGS`] and [`STORED_MAX_BYTES`]
+    /// when lower, counting everything the queue holds, live deliveries and replies too; an empty
     /// queue takes one of any size), and otherwise left with the caller, nothing counted or
-    /// dropped, so a replay never loses a stored message; the caller waits for
-    /// [`Outbox::poll_replay_room`] and offers it again. `seq` is the message's stream sequence.
+    /// dropped, so a stored message is never lost and never held here beyond those bounds; the
+    /// caller waits for [`Outbox::poll_replay_room`] and offers it again. `seq` is the message's
+    /// stream sequence.
     pub fn push_stored(&self, sub: &Subscription, seq: u64, body: &Bytes) -> Stored {
         let st = self.state.lock();
         if st.closing.is_some() || sub.dead.load(Ordering::Relaxed) {
             return Stored::Ended;
         }
         let cost = MSG_HEADER_LEN + body.len();
-        let (msgs, bytes) = st.held();
-        let fits = !self.budget.sheds(bytes + cost)
-            && (st.msgs == 0
-                || (msgs < self.limits.max_msgs && bytes + cost <= self.limits.max_bytes));
-        if !fits {
+        if !self.stored_fits(&st, cost) {
             return Stored::Full;
         }
         // Written only under this lock, as in `push`.
@@ -545,11 +559,17 @@ impl Outbox {
         }
     }
 
-    /// Ready when a replay may offer more messages: the queue holds at most half its limits
-    /// (so a replay refills it in batches, not one message per write), or it is closing.
-    pub fn poll_replay_room(&self, cx: &mut Context<'_>) -> Poll<()> {
+    /// Ready when a replay or consumer may offer its next stored message, whose body is
+    /// `body_len` bytes: the queue holds at most half the stored bounds (so that it is refilled
+    /// a batch at a time, not one message per write) and that message fits; or the outbox is
+    /// closing. The waker is woken when a write brings the queue down to half the bounds (a
+    /// message too large to fit yet polls again then) or when the outbox closes; not when the
+    /// memory budget stops shedding, so a caller also waits with a timeout.
+    pub fn poll_replay_room(&self, cx: &mut Context<'_>, body_len: usize) -> Poll<()> {
         let mut st = self.state.lock();
-        if st.closing.is_some() || self.at_most_half(&st) {
+        if st.closing.is_some()
+            || (self.at_most_half(&st) && self.stored_fits(&st, MSG_HEADER_LEN + body_len))
+        {
             return Poll::Ready(());
         }
         if !st.replay_waiters.iter().any(|w| w.will_wake(cx.waker())) {
@@ -558,11 +578,28 @@ impl Outbox {
         Poll::Pending
     }
 
-    fn at_most_half(&self, st: &State) -> bool {
+    /// The bounds stored deliveries meet, in messages and bytes: the client's limits, or
+    /// [`STORED_MAX_MSGS`] and [`STORED_MAX_BYTES`] when lower.
+    fn stored_limits(&self) -> (usize, usize) {
+        (
+            self.limits.max_msgs.min(STORED_MAX_MSGS),
+            self.limits.max_bytes.min(STORED_MAX_BYTES),
+        )
+    }
+
+    /// Whether a stored delivery of `cost` bytes may be queued now.
+    fn stored_fits(&self, st: &State, cost: usize) -> bool {
+        let (max_msgs, max_bytes) = self.stored_limits();
         let (msgs, bytes) = st.held();
-        msgs <= self.limits.max_msgs / 2
-            && bytes <= self.limits.max_bytes / 2
-            && !self.budget.sheds(bytes)
+        !self.budget.sheds(bytes + cost)
+            && (st.msgs == 0 || (msgs < max_msgs && bytes + cost <= max_bytes))
+    }
+
+    /// Whether the queue holds at most half the stored bounds, and nothing the budget sheds.
+    fn at_most_half(&self, st: &State) -> bool {
+        let (max_msgs, max_bytes) = self.stored_limits();
+        let (msgs, bytes) = st.held();
+        msgs <= max_msgs / 2 && bytes <= max_bytes / 2 && !self.budget.sheds(bytes)
     }
 
     /// Whether a delivery of `cost` bytes that does not fit is queued anyway, for the publisher
@@ -1635,5 +1672,95 @@ mod tests {
         assert_eq!(next_per_thread, [PER_THREAD; THREADS as usize]);
         assert_eq!(s.matched(), total as u64);
         assert_eq!(ob.stats().queued, total as u64);
+    }
+
+    fn replay_room(ob: &Outbox, waker: &Arc<CountingWaker>, body_len: usize) -> Poll<()> {
+        let waker = Waker::from(waker.clone());
+        ob.poll_replay_room(&mut Context::from_waker(&waker), body_len)
+    }
+
+    #[test]
+    fn stored_deliveries_stop_at_their_own_bounds_and_are_refilled_at_half() {
+        // The client's limits are far larger than the stored bounds.
+        let ob = outbox(OverflowPolicy::DropNew, 100_000, 64 << 20);
+        let s = sub(1, &ob);
+        let len = 4000;
+        let x = body(1, len);
+        let mut seq = 0;
+        while ob.push_stored(&s, seq + 1, &x) == Stored::Queued {
+            seq += 1;
+        }
+        // Bytes bind first with 4 KB messages; nothing was counted for the one refused.
+        let n = STORED_MAX_BYTES / cost(len);
+        assert_eq!(seq as usize, n);
+        assert_eq!(ob.stats().pending_bytes, n * cost(len));
+        assert_eq!(s.seq.load(Ordering::Relaxed), seq);
+        // Live deliveries keep the client's limits.
+        assert_eq!(ob.push_msg(&s, &x), Push::Queued);
+        let w = Arc::new(CountingWaker::default());
+        assert!(replay_room(&ob, &w, len).is_pending());
+        // The writer takes everything and writes it in pieces: the replay is woken once the
+        // queue is down to half the stored bytes, not before.
+        let items = take_items(&ob);
+        assert_eq!(items.len(), n + 1);
+        let over_half = STORED_MAX_BYTES / 2 / cost(len) + 1;
+        let first = n + 1 - over_half;
+        ob.release(first, first * cost(len), 0, 0);
+        assert_eq!(w.count(), 0);
+        assert!(replay_room(&ob, &w, len).is_pending());
+        ob.release(1, cost(len), 0, 0);
+        assert_eq!(w.count(), 1);
+        assert!(replay_room(&ob, &w, len).is_ready());
+        assert_eq!(ob.push_stored(&s, seq + 1, &x), Stored::Queued);
+
+        // Small messages: the count binds.
+        let ob = outbox(OverflowPolicy::DropNew, 100_000, 64 << 20);
+        let s = sub(1, &ob);
+        let mut seq = 0;
+        while ob.push_stored(&s, seq + 1, &body(1, 10)) == Stored::Queued {
+            seq += 1;
+        }
+        assert_eq!(seq as usize, STORED_MAX_MSGS);
+    }
+
+    #[test]
+    fn stored_deliveries_meet_the_clients_limits_when_lower() {
+        let ob = outbox(OverflowPolicy::DropNew, 4, UNLIMITED);
+        let s = sub(1, &ob);
+        for seq in 1..=4 {
+            assert_eq!(ob.push_stored(&s, seq, &body(1, 10)), Stored::Queued);
+        }
+        assert_eq!(ob.push_stored(&s, 5, &body(1, 10)), Stored::Full);
+        assert_eq!(ob.stats().pending_msgs, 4);
+        // Replies count too.
+        let ob = outbox(OverflowPolicy::DropNew, 4, 1024);
+        let s = sub(1, &ob);
+        assert_eq!(ob.push_stored(&s, 1, &body(1, 10)), Stored::Queued);
+        assert!(ob.push_frame(Bytes::from(vec![0u8; 1000])));
+        assert_eq!(ob.push_stored(&s, 2, &body(1, 10)), Stored::Full);
+    }
+
+    #[test]
+    fn a_stored_message_larger_than_half_the_bound_waits_until_it_fits() {
+        let ob = outbox(OverflowPolicy::DropNew, 100_000, 64 << 20);
+        let s = sub(1, &ob);
+        let big = body(1, STORED_MAX_BYTES * 3 / 4);
+        // An empty queue takes one of any size.
+        assert_eq!(ob.push_stored(&s, 1, &big), Stored::Queued);
+        assert_eq!(ob.push_stored(&s, 2, &big), Stored::Full);
+        let items = take_items(&ob);
+        let w = Arc::new(CountingWaker::default());
+        assert!(replay_room(&ob, &w, big.len()).is_pending());
+        release(&ob, &items);
+        assert_eq!(w.count(), 1);
+        assert!(replay_room(&ob, &w, big.len()).is_ready());
+        assert_eq!(ob.push_stored(&s, 2, &big), Stored::Queued);
+        // A small message behind it is not ready either: the queue holds more than half.
+        assert!(replay_room(&ob, &w, 10).is_pending());
+        // Closing lets the waiter go.
+        ob.close(CloseReason::ClientClosed, true);
+        assert_eq!(w.count(), 2);
+        assert!(replay_room(&ob, &w, 10).is_ready());
+        assert_eq!(ob.push_stored(&s, 3, &big), Stored::Ended);
     }
 }

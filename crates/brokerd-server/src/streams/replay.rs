@@ -5,8 +5,9 @@
 //! get wrong: a message is delivered once, at its place in the sequence. It reads the newest
 //! messages from the stream's memory ([`super::handle::Recent`]) and older ones from disk, on the
 //! blocking pool, a bounded batch at a time ([`BATCH_MSGS`], [`BATCH_BYTES`]), and offers each
-//! to the subscriber's outbox only when it has room ([`Outbox::push_stored`]): a replay waits for
-//! its subscriber and never drops. It ends when the subscription ends (`UNSUB`, the
+//! to the subscriber's outbox only when it has room within the bounds of stored deliveries
+//! ([`Outbox::push_stored`], two batches at most): a replay waits for its subscriber, with the
+//! rest of the stream on disk, and never drops. It ends when the subscription ends (`UNSUB`, the
 //! connection's end, an auto-unsubscribe), noticed within [`RECHECK`], or when the stream is
 //! deleted.
 
@@ -117,8 +118,9 @@ pub(crate) async fn run(
             from_disk = 0;
         }
         charged.set(from_disk + if reader.is_some() { READER_BYTES } else { 0 });
-        if !pending.is_empty() {
-            let room = std::future::poll_fn(|cx| outbox.poll_replay_room(cx));
+        if let Some(m) = pending.front() {
+            let len = m.body.len();
+            let room = std::future::poll_fn(|cx| outbox.poll_replay_room(cx, len));
             let _ = tokio::time::timeout(RECHECK, room).await;
             continue;
         }
