@@ -388,3 +388,94 @@ async fn a_request_answer_never_lands_in_a_consumer_subscription() {
     assert_eq!(next_msg(&mut w, Duration::from_millis(300)).await, None);
     b.stop().await;
 }
+
+/// The consumer `name` as the stream's info shows it, asked on a connection of its own.
+async fn consumer_info(b: &TestBroker, name: &str) -> brokerd_proto::streams::ConsumerInfo {
+    let mut q = b.raw("info").await;
+    let info = stream_info(&mut q).await;
+    info.consumers
+        .into_iter()
+        .find(|c| c.name == name)
+        .expect("the consumer")
+}
+
+#[tokio::test]
+async fn a_consumer_whose_member_does_not_read_waits_for_room_instead_of_polling() {
+    use brokerd_core::outbox::STORED_MAX_BYTES;
+    let dir = TempDir::new("consumers-blocked");
+    let b = broker(&dir.0).await;
+    // A small receive buffer: the member's socket stops taking bytes early.
+    let mut w = RawConn::connect_with_receive_buffer(b.addr, 64 * 1024)
+        .await
+        .hello("stuck", 0)
+        .await;
+    let mut sub = join(1, 1, "big", 600_000, 0);
+    if let Frame::Sub(Subscribe {
+        stream: Some(StreamStart {
+            consumer: Some(c), ..
+        }),
+        ..
+    }) = &mut sub
+    {
+        // The largest window: every pass that scanned what is in flight scanned all of it.
+        c.max_in_flight = 100_000;
+    }
+    w.send(&sub).await;
+    assert_eq!(w.recv().await, Some(Frame::Ok(1)));
+    let mut p = b.raw("p").await;
+    let n = 2_000u32;
+    let payload = vec![1u8; 4096];
+    for i in 0..n {
+        let body = Body::encode("job.resize", None, None, &payload);
+        p.send(&Frame::Pub(Publish {
+            req_id: i + 1,
+            ack: false,
+            body: Body::parse(body).unwrap(),
+        }))
+        .await;
+    }
+    p.send_bytes(&brokerd_tests::wire::ping(1)).await;
+    assert_eq!(p.recv().await, Some(Frame::Pong(1)));
+    let pending = || {
+        b.broker
+            .clients()
+            .into_iter()
+            .find(|c| c.name == "stuck")
+            .map(|c| c.outbox.stats().pending_bytes)
+            .unwrap_or(0)
+    };
+    // Full: the next 4 KiB message does not fit the bound of stored deliveries.
+    brokerd_tests::wait_until("the member's queue at the bound", || {
+        pending() > STORED_MAX_BYTES - 2 * 4200
+    })
+    .await;
+    let before = consumer_info(&b, "big").await;
+    assert!(before.delivered < u64::from(n), "{before:?}");
+    // A period in which nothing happens: the member reads nothing, acknowledges nothing, no
+    // deadline passes. The task wakes at most every 250 ms then; a 5 ms poll made ~200 passes.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = consumer_info(&b, "big").await;
+    assert_eq!(after.delivered, before.delivered, "still blocked");
+    assert!(
+        after.passes - before.passes <= 20,
+        "{} passes while blocked",
+        after.passes - before.passes
+    );
+    assert!(pending() <= STORED_MAX_BYTES, "{}", pending());
+    drop(w);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_consumer_cannot_be_created_with_an_ack_wait_below_the_minimum() {
+    let dir = TempDir::new("consumers-min-ack-wait");
+    let b = broker(&dir.0).await;
+    let mut w = b.raw("w").await;
+    w.send(&join(1, 1, "hasty", 99, 0)).await;
+    let e = w.expect_err().await;
+    assert_eq!(e.req_id, 1);
+    assert!(e.message.contains("ack_wait_ms 99"), "{}", e.message);
+    w.send(&join(2, 2, "hasty", 100, 0)).await;
+    assert_eq!(w.recv().await, Some(Frame::Ok(2)));
+    b.stop().await;
+}

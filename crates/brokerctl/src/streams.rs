@@ -726,6 +726,7 @@ mod tests {
                 delivered: 45,
                 redelivered: 3,
                 given_up: 0,
+                passes: 50,
             }],
             ..info.clone()
         };

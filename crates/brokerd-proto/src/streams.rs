@@ -137,6 +137,9 @@ pub struct ConsumerInfo {
     pub redelivered: u64,
     /// Messages given up after their last delivery, since the broker started.
     pub given_up: u64,
+    /// Times its task looked for work since the broker started: once per batch of
+    /// acknowledgements, deliveries, deadline or room in a member's queue, not per message.
+    pub passes: u64,
 }
 
 /// A request naming one stream (`info`, `purge`, `delete`).
@@ -166,6 +169,10 @@ pub struct StreamAnswer {
     /// Whether the stream was deleted (`delete`).
     pub deleted: bool,
 }
+
+/// The shortest `ack_wait_ms` a durable consumer may be created with: below it, one member that
+/// never acknowledges would have the broker redeliver its whole window many times a second.
+pub const MIN_ACK_WAIT_MS: u32 = 100;
 
 /// Whether `name` is a valid stream name: 1 to 64 bytes of ASCII letters, digits, `-`, `_`.
 pub fn valid_stream_name(name: &str) -> bool {

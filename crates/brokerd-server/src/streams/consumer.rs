@@ -6,13 +6,18 @@
 //! connection tasks only queue acknowledgements and joins in its inbox ([`Consumer::ack`],
 //! [`Consumer::join`]); the task hands each message to one member with room, in turn, and
 //! delivers it again when it is not acknowledged within `ack_wait`, when it is refused (`NAK`),
-//! or when the member holding it leaves, up to `max_deliver` deliveries in all. Its floor (every
+//! or when the member holding it leaves, up to `max_deliver` deliveries in all. When no member
+//! has room, the task sleeps until one has (the same wake-up a replay waits on,
+//! [`brokerd_core::Outbox::poll_replay_room`]), an acknowledgement or join arrives, or the next
+//! deadline passes; deadlines are kept in delivery order, so finding the next one and the
+//! expired ones costs no scan of what is in flight. Its floor (every
 //! sequence at or below it is done) is written to `<stream>/consumers/<name>.json` at most every
 //! [`SAVE_EVERY`]; after a restart everything above the floor is delivered again: at least
 //! once, never lost.
 
 use super::handle::{RecentMsg, StreamHandle};
 use brokerd_core::{Broker, Client, Stored, Subscription};
+use brokerd_proto::streams::MIN_ACK_WAIT_MS;
 use brokerd_proto::{AckKind, ConsumerSpec, Filter};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -20,6 +25,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
@@ -37,6 +43,9 @@ pub(crate) const MAX_CONSUMERS: usize = 256;
 pub(crate) const SAVE_EVERY: Duration = Duration::from_millis(100);
 /// Messages read ahead from the stream at most.
 const READ_AHEAD: usize = 512;
+/// The longest the task sleeps with nothing to wake it: it then checks its members and the
+/// stream again (a member whose queue the memory budget shed is not woken when it stops).
+const IDLE: Duration = Duration::from_millis(250);
 
 /// What a consumer keeps on disk.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -81,6 +90,8 @@ pub(crate) struct Consumer {
     pub(crate) floor: AtomicU64,
     pub(crate) in_flight: AtomicU64,
     pub(crate) members: AtomicU64,
+    /// Times the task looked for work (see `ConsumerInfo::passes`).
+    pub(crate) passes: AtomicU64,
 }
 
 /// Why a subscription could not join a consumer.
@@ -100,6 +111,8 @@ pub(crate) enum JoinError {
     State(String, String),
     #[error("stream {0} already has {MAX_CONSUMERS} consumers")]
     TooMany(String),
+    #[error("ack_wait_ms {0} is below the minimum of {MIN_ACK_WAIT_MS} ms")]
+    AckWait(u32),
 }
 
 impl Consumer {
@@ -130,6 +143,7 @@ impl Consumer {
             delivered: load(&self.delivered),
             redelivered: load(&self.redelivered),
             given_up: load(&self.given_up),
+            passes: load(&self.passes),
         }
     }
 
@@ -190,10 +204,10 @@ pub(crate) fn open(
         Err(_) => Saved {
             name: spec.name.clone(),
             filter: filter.to_string(),
-            ack_wait_ms: if spec.ack_wait_ms == 0 {
-                DEFAULT_ACK_WAIT.as_millis() as u64
-            } else {
-                u64::from(spec.ack_wait_ms)
+            ack_wait_ms: match spec.ack_wait_ms {
+                0 => DEFAULT_ACK_WAIT.as_millis() as u64,
+                ms if ms < MIN_ACK_WAIT_MS => return Err(JoinError::AckWait(ms)),
+                ms => u64::from(ms),
             },
             max_deliver: if spec.max_deliver == 0 {
                 DEFAULT_MAX_DELIVER
@@ -211,7 +225,8 @@ pub(crate) fn open(
     let consumer = Arc::new(Consumer {
         name: saved.name.clone(),
         filter: filter.clone(),
-        ack_wait: Duration::from_millis(saved.ack_wait_ms.max(1)),
+        // A state saved before the minimum existed gets the minimum.
+        ack_wait: Duration::from_millis(saved.ack_wait_ms.max(u64::from(MIN_ACK_WAIT_MS))),
         max_deliver: saved.max_deliver.max(1),
         max_in_flight: saved.max_in_flight.max(1),
         inbox: Mutex::new(Inbox::default()),
@@ -222,6 +237,7 @@ pub(crate) fn open(
         floor: AtomicU64::new(saved.floor),
         in_flight: AtomicU64::new(0),
         members: AtomicU64::new(0),
+        passes: AtomicU64::new(0),
     });
     consumers.insert(spec.name.clone(), consumer.clone());
     drop(consumers);
@@ -243,10 +259,66 @@ fn state_path(stream: &StreamHandle, name: &str) -> PathBuf {
 
 /// A message delivered and not yet acknowledged.
 struct Flight {
-    deadline: Instant,
     attempts: u16,
     /// The member holding it (by its subscription's address).
     holder: usize,
+}
+
+/// The deadlines of the deliveries in flight, in delivery order. Every deadline is the
+/// delivery's time plus the consumer's one `ack_wait`, so this order is also deadline order: the
+/// next deadline is the first entry still in flight. An entry whose delivery was acknowledged or
+/// made again since is stale and removed lazily, when it reaches the front or when stale entries
+/// outnumber live ones; so each delivery costs O(1) here, amortised, and the queue holds at most
+/// about twice what is in flight.
+#[derive(Default)]
+struct Deadlines(VecDeque<(Instant, u64, u16)>);
+
+impl Deadlines {
+    /// Records the delivery of `seq` as its `attempts`-th delivery, due again at `deadline`
+    /// (no earlier than any recorded before).
+    fn push(&mut self, deadline: Instant, seq: u64, attempts: u16) {
+        self.0.push_back((deadline, seq, attempts));
+    }
+
+    /// Drops stale entries from the front and returns the next deadline still in flight.
+    fn next(&mut self, flights: &BTreeMap<u64, Flight>) -> Option<Instant> {
+        while let Some(&(deadline, seq, attempts)) = self.0.front() {
+            if is_live(flights, seq, attempts) {
+                return Some(deadline);
+            }
+            self.0.pop_front();
+        }
+        None
+    }
+
+    /// Removes from `flights` the deliveries due by `now`, oldest first, and returns them with
+    /// their deliveries so far.
+    fn expired(&mut self, now: Instant, flights: &mut BTreeMap<u64, Flight>) -> Vec<(u64, u16)> {
+        let mut out = Vec::new();
+        while self.next(flights).is_some_and(|d| d <= now) {
+            if let Some((_, seq, _)) = self.0.pop_front()
+                && let Some(f) = flights.remove(&seq)
+            {
+                out.push((seq, f.attempts));
+            }
+        }
+        out
+    }
+
+    /// Drops every stale entry once they outnumber the live ones (and a floor), so that a
+    /// consumer whose acknowledgements come quickly does not keep one entry per delivery for a
+    /// whole `ack_wait`.
+    fn compact(&mut self, flights: &BTreeMap<u64, Flight>) {
+        if self.0.len() > 2 * flights.len() + 1024 {
+            self.0
+                .retain(|&(_, seq, attempts)| is_live(flights, seq, attempts));
+        }
+    }
+}
+
+/// Whether the `attempts`-th delivery of `seq` is the one in flight now.
+fn is_live(flights: &BTreeMap<u64, Flight>, seq: u64, attempts: u16) -> bool {
+    flights.get(&seq).is_some_and(|f| f.attempts == attempts)
 }
 
 async fn run(
@@ -275,6 +347,7 @@ async fn run(
     let mut turn = 0usize;
     let mut next = saved.floor + 1;
     let mut flights: BTreeMap<u64, Flight> = BTreeMap::new();
+    let mut deadlines = Deadlines::default();
     // Due again, with the deliveries they had.
     let mut again: VecDeque<(u64, u16)> = VecDeque::new();
     let mut ahead: VecDeque<RecentMsg> = VecDeque::new();
@@ -283,6 +356,7 @@ async fn run(
     let mut saved_at = Instant::now();
     let mut dirty = false;
     loop {
+        consumer.passes.fetch_add(1, Ordering::Relaxed);
         if stream.deleted.load(Ordering::Acquire) {
             let joined = std::mem::take(&mut consumer.inbox.lock().joined);
             for m in members.iter().chain(&joined) {
@@ -334,19 +408,10 @@ async fn run(
             .members
             .store(members.len() as u64, Ordering::Relaxed);
         // Deadlines.
-        let now = Instant::now();
-        let expired: Vec<u64> = flights
-            .iter()
-            .filter(|(_, f)| f.deadline <= now)
-            .map(|(s, _)| *s)
-            .collect();
-        for seq in expired {
-            if let Some(f) = flights.remove(&seq) {
-                again.push_back((seq, f.attempts));
-            }
-        }
-        // Deliver, as long as something is due, a member has room and the window allows.
-        let mut blocked = false;
+        again.extend(deadlines.expired(Instant::now(), &mut flights));
+        // Deliver, as long as something is due, a member has room and the window allows. When
+        // no member has room: the body size of the message waiting.
+        let mut blocked: Option<usize> = None;
         while !members.is_empty() && (flights.len() as u32) < consumer.max_in_flight {
             let (seq, attempts, body) = if let Some(&(seq, attempts)) = again.front() {
                 if attempts >= consumer.max_deliver {
@@ -395,7 +460,7 @@ async fn run(
                 }
             }
             let Some(i) = placed else {
-                blocked = true;
+                blocked = Some(body.len());
                 break;
             };
             turn = i + 1;
@@ -409,12 +474,13 @@ async fn run(
             flights.insert(
                 seq,
                 Flight {
-                    deadline: Instant::now() + consumer.ack_wait,
                     attempts: attempts + 1,
                     holder: Arc::as_ptr(&members[i].sub) as usize,
                 },
             );
+            deadlines.push(Instant::now() + consumer.ack_wait, seq, attempts + 1);
         }
+        deadlines.compact(&flights);
         consumer
             .in_flight
             .store(flights.len() as u64, Ordering::Relaxed);
@@ -444,24 +510,27 @@ async fn run(
             }
         }
         // Wait for something to do.
-        let deadline = flights
-            .values()
-            .map(|f| f.deadline)
-            .min()
-            .map_or(Duration::from_millis(250), |d| {
-                d.saturating_duration_since(Instant::now())
-            });
-        let wait = if blocked {
-            Duration::from_millis(5)
-        } else if dirty {
-            deadline.min(SAVE_EVERY)
-        } else {
-            deadline.min(Duration::from_millis(250))
-        };
+        let deadline = deadlines
+            .next(&flights)
+            .map_or(IDLE, |d| d.saturating_duration_since(Instant::now()));
+        let wait = deadline.min(if dirty { SAVE_EVERY } else { IDLE });
         let caught_up = again.is_empty() && ahead.is_empty();
+        // Blocked: room for the waiting message in any member's queue. A member's outbox wakes
+        // this task when a write brings its queue down to half the bounds of stored deliveries.
+        let room = std::future::poll_fn(|cx| match blocked {
+            Some(len)
+                if members
+                    .iter()
+                    .any(|m| m.sub.outbox.poll_replay_room(cx, len).is_ready()) =>
+            {
+                Poll::Ready(())
+            }
+            _ => Poll::Pending,
+        });
         tokio::select! {
             _ = consumer.wake.notified() => {}
-            _ = visible.changed(), if caught_up && !blocked => {}
+            _ = visible.changed(), if caught_up && blocked.is_none() => {}
+            _ = room, if blocked.is_some() => {}
             _ = tokio::time::sleep(wait) => {}
         }
     }
@@ -559,5 +628,58 @@ pub(crate) fn first_sequence(stream: &StreamHandle, start: brokerd_proto::StartP
             .as_ref()
             .and_then(|p| p.lock().kept.first().copied())
             .unwrap_or_else(|| s.first_seq()),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn flight(attempts: u16) -> Flight {
+        Flight {
+            attempts,
+            holder: 0,
+        }
+    }
+
+    #[test]
+    fn deadlines_skip_what_was_acknowledged_or_delivered_again() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut flights = BTreeMap::new();
+        let mut d = Deadlines::default();
+        for seq in 1..=4u64 {
+            flights.insert(seq, flight(1));
+            d.push(at(seq * 10), seq, 1);
+        }
+        // 1 acknowledged; 2 refused and delivered again later.
+        flights.remove(&1);
+        flights.insert(2, flight(2));
+        d.push(at(50), 2, 2);
+        assert_eq!(d.next(&flights), Some(at(30)));
+        assert_eq!(d.expired(at(45), &mut flights), vec![(3, 1), (4, 1)]);
+        assert_eq!(d.next(&flights), Some(at(50)));
+        assert_eq!(d.expired(at(50), &mut flights), vec![(2, 2)]);
+        assert!(flights.is_empty());
+        assert_eq!(d.next(&flights), None);
+    }
+
+    #[test]
+    fn deadlines_of_acknowledged_deliveries_do_not_pile_up() {
+        let t0 = Instant::now();
+        let mut flights = BTreeMap::new();
+        let mut d = Deadlines::default();
+        // One delivery stays in flight at the front; 100,000 more are acknowledged at once.
+        flights.insert(0, flight(1));
+        d.push(t0, 0, 1);
+        for seq in 1..=100_000u64 {
+            flights.insert(seq, flight(1));
+            d.push(t0, seq, 1);
+            flights.remove(&seq);
+            d.compact(&flights);
+        }
+        assert!(d.0.len() <= 2 * flights.len() + 1025, "{}", d.0.len());
+        assert_eq!(d.next(&flights), Some(t0));
     }
 }
