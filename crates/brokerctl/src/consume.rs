@@ -44,7 +44,8 @@ pub(crate) struct ConsumeArgs {
     #[arg(long, value_name = "POSITION", default_value = "all", value_parser = streams::parse_start)]
     from: StartPosition,
     /// How long a delivered message may stay unacknowledged before it is delivered again, whole
-    /// milliseconds, e.g. `30s`, `500ms` [default: the broker's, 30s]. For a new consumer only.
+    /// milliseconds, at least 100ms, e.g. `30s`, `500ms` [default: the broker's, 30s]. For a new
+    /// consumer only.
     #[arg(long, value_name = "DURATION", value_parser = parse_ack_wait)]
     ack_wait: Option<Duration>,
     /// How many times one message is delivered at most [default: the broker's, 5]. For a new
@@ -99,14 +100,14 @@ impl ConsumeArgs {
     }
 }
 
-/// `--ack-wait`: a duration of whole milliseconds, at least 1 ms.
+/// `--ack-wait`: a duration of whole milliseconds, at least 100 ms (the broker's minimum).
 fn parse_ack_wait(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
     if d.subsec_nanos() % 1_000_000 != 0 {
         return Err(format!("{s:?} is not a whole number of milliseconds"));
     }
-    if d.is_zero() {
-        return Err("the ack wait must be at least 1ms".into());
+    if d < Duration::from_millis(u64::from(brokerd_proto::streams::MIN_ACK_WAIT_MS)) {
+        return Err("the ack wait must be at least 100ms".into());
     }
     Ok(d)
 }
@@ -349,6 +350,7 @@ mod tests {
         for bad in [
             &["S", "c", "--ack-wait", "0s"][..],
             &["S", "c", "--ack-wait", "10us"],
+            &["S", "c", "--ack-wait", "99ms"],
             &["S", "c", "--max-deliver", "0"],
             &["S", "c", "--max-in-flight", "100001"],
             &["S", "c", "--count", "0"],

@@ -79,7 +79,7 @@ impl ConsumerOptions {
     }
 
     /// How long a delivered message may stay unacknowledged before the broker delivers it again
-    /// (whole milliseconds, 1 ms to about 49 days; the broker's default is 30 s).
+    /// (whole milliseconds, 100 ms to about 49 days; the broker's default is 30 s).
     pub fn ack_wait(mut self, wait: Duration) -> ConsumerOptions {
         self.ack_wait = Some(wait);
         self
@@ -116,7 +116,9 @@ impl ConsumerOptions {
                 return Err(invalid("ack_wait", "not a whole number of milliseconds"));
             }
             Some(d) => match u32::try_from(d.as_millis()) {
-                Ok(0) => return Err(invalid("ack_wait", "must be at least 1 ms")),
+                Ok(ms) if ms < brokerd_proto::streams::MIN_ACK_WAIT_MS => {
+                    return Err(invalid("ack_wait", "must be at least 100 ms"));
+                }
                 Ok(ms) => ms,
                 Err(_) => return Err(invalid("ack_wait", "longer than 4294967295 ms")),
             },
@@ -384,6 +386,10 @@ mod tests {
         ));
         assert_eq!(
             refused(ConsumerOptions::new().ack_wait(Duration::ZERO)),
+            "ack_wait"
+        );
+        assert_eq!(
+            refused(ConsumerOptions::new().ack_wait(Duration::from_millis(99))),
             "ack_wait"
         );
         assert_eq!(
