@@ -377,6 +377,15 @@ fn hash_password() -> ExitCode {
         report!("brokerd: the password is empty");
         return ExitCode::from(2);
     }
+    // HELLO carries the password as a string of at most 65,535 bytes: a longer one could be
+    // hashed but never sent.
+    if password.len() > usize::from(u16::MAX) {
+        report!(
+            "brokerd: the password is {} bytes; a client can send at most 65535",
+            password.len()
+        );
+        return ExitCode::from(2);
+    }
     match brokerd_server::auth::hash_password(&password) {
         Ok(hash) => {
             println!("{hash}");
