@@ -510,3 +510,73 @@ async fn the_token_is_never_printed() {
     };
     assert!(!format!("{hello:?}").contains(TOKEN));
 }
+
+#[tokio::test]
+async fn a_durable_consumer_is_joined_only_by_its_owner_or_an_admin() {
+    use brokerd_client::{ConsumerOptions, StreamConfig};
+    let dir = brokerd_tests::TempDir::new("security-consumers");
+    let path = dir.0.clone();
+    let worker = |name: &str| UserConfig {
+        subscribe: rules(Some(&["job.>", &format!("_INBOX.{name}.>")]), &[]),
+        publish: rules(Some(&["job.>"]), &[]),
+        ..user(name)
+    };
+    let b = TestBroker::with_config(move |c| {
+        c.auth.token = Some(TOKEN.into());
+        c.auth.users = vec![
+            worker("billing"),
+            worker("snoop"),
+            UserConfig {
+                admin: true,
+                ..user("admin")
+            },
+        ];
+        c.data_dir = path;
+        c.streams = vec![StreamConfig {
+            name: "JOBS".into(),
+            filters: vec!["job.>".into()],
+            ..StreamConfig::default()
+        }];
+    })
+    .await;
+    let jobs = || ConsumerOptions::new().filter("job.>");
+    let billing = as_user(&b, "billing").await;
+    let snoop = as_user(&b, "snoop").await;
+    let admin = as_user(&b, "admin").await;
+    let _mine = billing.consume("JOBS", "invoices", jobs()).await.unwrap();
+    // Another user allowed the same topics may not join it, nor take its messages.
+    let refused = snoop.consume("JOBS", "invoices", jobs()).await;
+    assert_eq!(
+        refused.as_ref().err().and_then(server_code),
+        Some(ErrorCode::PermissionDenied),
+        "{refused:?}"
+    );
+    // Its owner may, again, and so may an admin.
+    let _again = billing.consume("JOBS", "invoices", jobs()).await.unwrap();
+    let _admin = admin.consume("JOBS", "invoices", jobs()).await.unwrap();
+    // A consumer made with the token has no owner: any client the topics allow may join it.
+    let shared = connect(&b, ConnectOptions::new("shared").token(TOKEN))
+        .await
+        .unwrap();
+    let _open = shared.consume("JOBS", "open", jobs()).await.unwrap();
+    let _joined = snoop.consume("JOBS", "open", jobs()).await.unwrap();
+    // One user owns at most 64 consumers of a stream, so it cannot take all 256 places.
+    let mut owned = Vec::new();
+    for i in 0..64 {
+        owned.push(
+            snoop
+                .consume("JOBS", &format!("junk{i}"), jobs())
+                .await
+                .unwrap(),
+        );
+    }
+    let over = snoop.consume("JOBS", "junk64", jobs()).await;
+    assert_eq!(
+        over.as_ref().err().and_then(server_code),
+        Some(ErrorCode::PermissionDenied),
+        "{over:?}"
+    );
+    // The others still have their places.
+    let _theirs = billing.consume("JOBS", "payroll", jobs()).await.unwrap();
+    b.stop().await;
+}

@@ -745,6 +745,7 @@ impl Reader<'_> {
                 spec,
                 &sub.filter,
                 from,
+                &self.client.identity,
             ) {
                 Ok(consumer) => {
                     self.reply(Frame::Ok(s.req_id));
@@ -753,7 +754,12 @@ impl Reader<'_> {
                 }
                 Err(e) => {
                     self.shared.broker.end_subscription(self.client, &sub);
-                    self.error(s.req_id, ErrorCode::InvalidFilter, e.to_string());
+                    let code = if e.is_permission() {
+                        ErrorCode::PermissionDenied
+                    } else {
+                        ErrorCode::InvalidFilter
+                    };
+                    self.error(s.req_id, code, e.to_string());
                 }
             }
             return;

@@ -16,7 +16,7 @@
 //! once, never lost.
 
 use super::handle::{RecentMsg, StreamHandle};
-use brokerd_core::{Broker, Client, Stored, Subscription};
+use brokerd_core::{Broker, Client, Identity, Stored, Subscription};
 use brokerd_proto::streams::MIN_ACK_WAIT_MS;
 use brokerd_proto::{AckKind, ConsumerSpec, Filter};
 use parking_lot::Mutex;
@@ -39,6 +39,9 @@ pub(crate) const DEFAULT_MAX_IN_FLIGHT: u32 = 1_000;
 pub(crate) const MAX_IN_FLIGHT: u32 = 100_000;
 /// Durable consumers one stream holds at most (each is a task and a file).
 pub(crate) const MAX_CONSUMERS: usize = 256;
+/// Of those, at most this many owned by one user (an admin is not counted against it), so that
+/// no user can take every place.
+pub(crate) const MAX_CONSUMERS_PER_USER: usize = 64;
 /// How often a consumer's floor is written at most.
 pub(crate) const SAVE_EVERY: Duration = Duration::from_millis(100);
 /// Messages read ahead from the stream at most.
@@ -57,6 +60,11 @@ struct Saved {
     max_in_flight: u32,
     /// Every sequence at or below it is done.
     floor: u64,
+    /// The user who made it, when a configured user did: only that user (or an admin) may join
+    /// it. Absent for a consumer made with the token or without authentication, and in states
+    /// saved before owners existed: any client the stream's topics allow may join those.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    owner: Option<String>,
 }
 
 /// One member: a consumer subscription of one connection.
@@ -78,6 +86,8 @@ struct Inbox {
 pub(crate) struct Consumer {
     pub(crate) name: String,
     pub(crate) filter: Filter,
+    /// See `Saved::owner`.
+    owner: Option<String>,
     ack_wait: Duration,
     max_deliver: u16,
     max_in_flight: u32,
@@ -113,6 +123,30 @@ pub(crate) enum JoinError {
     TooMany(String),
     #[error("ack_wait_ms {0} is below the minimum of {MIN_ACK_WAIT_MS} ms")]
     AckWait(u32),
+    #[error("consumer {name} belongs to another user: only its owner or an admin may join it")]
+    NotOwner { name: String },
+    #[error(
+        "user {user} already owns {MAX_CONSUMERS_PER_USER} consumers of stream {stream}, the most one user may"
+    )]
+    TooManyForUser { user: String, stream: String },
+}
+
+impl JoinError {
+    /// Whether the refusal is about who asked (`permission-denied`) rather than what was asked.
+    pub(crate) fn is_permission(&self) -> bool {
+        matches!(
+            self,
+            JoinError::NotOwner { .. } | JoinError::TooManyForUser { .. }
+        )
+    }
+}
+
+/// Who may join a consumer owned by `owner`: its owner, an admin, or anyone when it has none.
+fn may_join(owner: Option<&str>, who: &Identity) -> bool {
+    match owner {
+        None => true,
+        Some(owner) => who.is_admin() || who.user.as_deref() == Some(owner),
+    }
 }
 
 impl Consumer {
@@ -166,12 +200,18 @@ pub(crate) fn open(
     spec: &ConsumerSpec,
     filter: &Filter,
     start: brokerd_proto::StartPosition,
+    who: &Identity,
 ) -> Result<Arc<Consumer>, JoinError> {
     if !brokerd_proto::streams::valid_stream_name(&spec.name) {
         return Err(JoinError::Name(spec.name.escape_debug().to_string()));
     }
     let mut consumers = stream.consumers.lock();
     if let Some(c) = consumers.get(&spec.name) {
+        if !may_join(c.owner.as_deref(), who) {
+            return Err(JoinError::NotOwner {
+                name: spec.name.clone(),
+            });
+        }
         if c.filter != *filter {
             return Err(JoinError::Filter {
                 name: spec.name.clone(),
@@ -192,6 +232,11 @@ pub(crate) fn open(
             fresh = None;
             let s: Saved = serde_json::from_slice(&bytes)
                 .map_err(|e| JoinError::State(spec.name.clone(), e.to_string()))?;
+            if !may_join(s.owner.as_deref(), who) {
+                return Err(JoinError::NotOwner {
+                    name: spec.name.clone(),
+                });
+            }
             if s.filter != filter.as_str() {
                 return Err(JoinError::Filter {
                     name: spec.name.clone(),
@@ -202,6 +247,25 @@ pub(crate) fn open(
             s
         }
         Err(_) => Saved {
+            owner: match &who.user {
+                Some(user) if !who.is_admin() => {
+                    // At most 256 to count, under the stream's consumer lock.
+                    let owned = consumers
+                        .values()
+                        .filter(|c| c.owner.as_deref() == Some(&**user))
+                        .count();
+                    if owned >= MAX_CONSUMERS_PER_USER {
+                        return Err(JoinError::TooManyForUser {
+                            user: user.to_string(),
+                            stream: stream.config.name.clone(),
+                        });
+                    }
+                    Some(user.to_string())
+                }
+                // An admin's consumer is owned too, so that other users cannot join it.
+                Some(user) => Some(user.to_string()),
+                None => None,
+            },
             name: spec.name.clone(),
             filter: filter.to_string(),
             ack_wait_ms: match spec.ack_wait_ms {
@@ -225,6 +289,7 @@ pub(crate) fn open(
     let consumer = Arc::new(Consumer {
         name: saved.name.clone(),
         filter: filter.clone(),
+        owner: saved.owner.clone(),
         // A state saved before the minimum existed gets the minimum.
         ack_wait: Duration::from_millis(saved.ack_wait_ms.max(u64::from(MIN_ACK_WAIT_MS))),
         max_deliver: saved.max_deliver.max(1),
