@@ -38,6 +38,8 @@ use tracing::{info, warn};
 pub(crate) const MAX_STREAMS: usize = 64;
 /// The most filters one stream has.
 pub(crate) const MAX_FILTERS: usize = 16;
+/// The largest segment a stream may ask for.
+pub(crate) const MAX_SEGMENT_BYTES: u64 = 1 << 30;
 /// The definition file in a stream's directory.
 const DEFINITION: &str = "stream.json";
 /// The most records recovery reads back to find the message ids within the duplicate window.
@@ -463,8 +465,12 @@ fn check(config: &mut StreamConfig) -> Result<Vec<Filter>, StreamError> {
     if config.fsync_interval_ms == 0 && config.fsync == Fsync::Interval {
         return bad("fsync_interval_ms must be at least 1".into());
     }
-    if config.segment_bytes < 4096 {
-        return bad("segment_bytes must be at least 4096".into());
+    // Retention drops whole segments: past a gigabyte `max_bytes` and `max_age_s` could no
+    // longer free anything until a segment of that size had filled.
+    if !(4096..=MAX_SEGMENT_BYTES).contains(&config.segment_bytes) {
+        return bad(format!(
+            "segment_bytes must be between 4096 and {MAX_SEGMENT_BYTES} (1 GiB)"
+        ));
     }
     let mut out = Vec::new();
     for f in &config.filters {
@@ -645,6 +651,10 @@ mod tests {
             },
             StreamConfig {
                 segment_bytes: 10,
+                ..c.clone()
+            },
+            StreamConfig {
+                segment_bytes: MAX_SEGMENT_BYTES + 1,
                 ..c.clone()
             },
         ] {
