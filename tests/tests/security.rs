@@ -578,5 +578,37 @@ async fn a_durable_consumer_is_joined_only_by_its_owner_or_an_admin() {
     );
     // The others still have their places.
     let _theirs = billing.consume("JOBS", "payroll", jobs()).await.unwrap();
+    // A reload that takes the admin role away applies to the connection already open.
+    let mut demoted = (*b.reload.config()).clone();
+    for u in &mut demoted.auth.users {
+        u.admin = false;
+    }
+    b.reload.reload(demoted.clone()).await;
+    let refused = admin.consume("JOBS", "payroll", jobs()).await;
+    assert_eq!(
+        refused.as_ref().err().and_then(server_code),
+        Some(ErrorCode::PermissionDenied),
+        "{refused:?}"
+    );
+    drop((billing, snoop, admin, shared, owned));
+    b.stop().await;
+    // After a restart the owners come from the saved states, and the consumers saved before
+    // count against their owners' limit.
+    let b = TestBroker::with_config(move |c| *c = demoted).await;
+    let billing = as_user(&b, "billing").await;
+    let snoop = as_user(&b, "snoop").await;
+    let refused = snoop.consume("JOBS", "invoices", jobs()).await;
+    assert_eq!(
+        refused.as_ref().err().and_then(server_code),
+        Some(ErrorCode::PermissionDenied),
+        "{refused:?}"
+    );
+    let _mine = billing.consume("JOBS", "invoices", jobs()).await.unwrap();
+    let over = snoop.consume("JOBS", "junk65", jobs()).await;
+    assert_eq!(
+        over.as_ref().err().and_then(server_code),
+        Some(ErrorCode::PermissionDenied),
+        "{over:?}"
+    );
     b.stop().await;
 }

@@ -745,7 +745,11 @@ impl Reader<'_> {
                 spec,
                 &sub.filter,
                 from,
-                &self.client.identity,
+                crate::streams::Joiner {
+                    user: self.client.identity.user.as_deref(),
+                    // As now: a reload may have taken the role away since the login.
+                    admin: self.client.is_admin(),
+                },
             ) {
                 Ok(consumer) => {
                     self.reply(Frame::Ok(s.req_id));

@@ -16,7 +16,7 @@
 //! once, never lost.
 
 use super::handle::{RecentMsg, StreamHandle};
-use brokerd_core::{Broker, Client, Identity, Stored, Subscription};
+use brokerd_core::{Broker, Client, Stored, Subscription};
 use brokerd_proto::streams::MIN_ACK_WAIT_MS;
 use brokerd_proto::{AckKind, ConsumerSpec, Filter};
 use parking_lot::Mutex;
@@ -141,12 +141,35 @@ impl JoinError {
     }
 }
 
+/// Who asks to join: the configured user it logged in as, if any, and whether it is an admin
+/// now (after any reload, not as at its login).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Joiner<'a> {
+    pub(crate) user: Option<&'a str>,
+    pub(crate) admin: bool,
+}
+
 /// Who may join a consumer owned by `owner`: its owner, an admin, or anyone when it has none.
-fn may_join(owner: Option<&str>, who: &Identity) -> bool {
+fn may_join(owner: Option<&str>, who: Joiner<'_>) -> bool {
     match owner {
         None => true,
-        Some(owner) => who.is_admin() || who.user.as_deref() == Some(owner),
+        Some(owner) => who.admin || who.user == Some(owner),
     }
+}
+
+/// The owners of the consumers saved in `stream`'s directory (`None` for an unowned one), and
+/// their names. Read when a consumer is created, so that the limits count consumers saved
+/// before a restart and not yet opened; at most a few hundred small files, on a rare request.
+fn saved_owners(stream: &StreamHandle) -> Vec<(String, Option<String>)> {
+    let Ok(dir) = std::fs::read_dir(stream.dir.join("consumers")) else {
+        return Vec::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .filter_map(|bytes| serde_json::from_slice::<Saved>(&bytes).ok())
+        .map(|s| (s.name, s.owner))
+        .collect()
 }
 
 impl Consumer {
@@ -200,7 +223,7 @@ pub(crate) fn open(
     spec: &ConsumerSpec,
     filter: &Filter,
     start: brokerd_proto::StartPosition,
-    who: &Identity,
+    who: Joiner<'_>,
 ) -> Result<Arc<Consumer>, JoinError> {
     if !brokerd_proto::streams::valid_stream_name(&spec.name) {
         return Err(JoinError::Name(spec.name.escape_debug().to_string()));
@@ -221,13 +244,15 @@ pub(crate) fn open(
         }
         return Ok(c.clone());
     }
-    if consumers.len() >= MAX_CONSUMERS {
-        return Err(JoinError::TooMany(stream.config.name.clone()));
-    }
     let path = state_path(stream, &spec.name);
     // A consumer with no saved state starts at `start`.
     let mut fresh = Some(start);
     let saved = match std::fs::read(&path) {
+        // Only a missing file makes a new consumer: any other failure to read it must not
+        // replace the owner's state (and owner) with a fresh one.
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(JoinError::State(spec.name.clone(), e.to_string()));
+        }
         Ok(bytes) => {
             fresh = None;
             let s: Saved = serde_json::from_slice(&bytes)
@@ -247,24 +272,31 @@ pub(crate) fn open(
             s
         }
         Err(_) => Saved {
-            owner: match &who.user {
-                Some(user) if !who.is_admin() => {
-                    // At most 256 to count, under the stream's consumer lock.
-                    let owned = consumers
-                        .values()
-                        .filter(|c| c.owner.as_deref() == Some(&**user))
-                        .count();
-                    if owned >= MAX_CONSUMERS_PER_USER {
-                        return Err(JoinError::TooManyForUser {
-                            user: user.to_string(),
-                            stream: stream.config.name.clone(),
-                        });
-                    }
-                    Some(user.to_string())
+            owner: {
+                // Every consumer counts, those open and those saved before a restart.
+                let mut all: std::collections::HashMap<String, Option<String>> =
+                    saved_owners(stream).into_iter().collect();
+                for c in consumers.values() {
+                    all.insert(c.name.clone(), c.owner.clone());
                 }
-                // An admin's consumer is owned too, so that other users cannot join it.
-                Some(user) => Some(user.to_string()),
-                None => None,
+                if all.len() >= MAX_CONSUMERS {
+                    return Err(JoinError::TooMany(stream.config.name.clone()));
+                }
+                match who.user {
+                    Some(user) if !who.admin => {
+                        let owned = all.values().filter(|o| o.as_deref() == Some(user)).count();
+                        if owned >= MAX_CONSUMERS_PER_USER {
+                            return Err(JoinError::TooManyForUser {
+                                user: user.to_string(),
+                                stream: stream.config.name.clone(),
+                            });
+                        }
+                        Some(user.to_string())
+                    }
+                    // An admin's consumer is owned too, so that other users cannot join it.
+                    Some(user) => Some(user.to_string()),
+                    None => None,
+                }
             },
             name: spec.name.clone(),
             filter: filter.to_string(),

@@ -17,7 +17,7 @@ mod handle;
 mod replay;
 mod writer;
 
-pub(crate) use consumer::{Consumer, open as open_consumer};
+pub(crate) use consumer::{Consumer, Joiner, open as open_consumer};
 pub(crate) use handle::{AckTo, Admit, Capture, StreamHandle};
 pub(crate) use replay::{run as run_replay, start_now};
 
