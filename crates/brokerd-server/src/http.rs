@@ -29,6 +29,7 @@ use prometheus_client::registry::Registry;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tracing::warn;
@@ -113,13 +114,16 @@ struct Limited {
     per_address: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
 }
 
-/// The client's address, for handlers (`ConnectInfo<Peer>`).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Peer(pub(crate) SocketAddr);
+/// The client's address, for handlers (`ConnectInfo<Peer>`), and the connection's "a request
+/// is being answered" flag, which [`guard`] sets once a request's head has arrived (so that
+/// [`HEAD`] does not cut a request whose handler is still working) and the first byte of the
+/// answer clears.
+#[derive(Debug, Clone)]
+pub(crate) struct Peer(pub(crate) SocketAddr, pub(crate) Arc<AtomicBool>);
 
 impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Limited>> for Peer {
     fn connect_info(stream: axum::serve::IncomingStream<'_, Limited>) -> Peer {
-        *stream.remote_addr()
+        stream.remote_addr().clone()
     }
 }
 
@@ -153,8 +157,10 @@ impl axum::serve::Listener for Limited {
                     // several steps.
                     let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
                     let now = Instant::now();
+                    let answering = Arc::new(AtomicBool::new(false));
                     return (
                         Held {
+                            answering: answering.clone(),
                             stream,
                             _slot: permit,
                             _address: AddressCount {
@@ -167,7 +173,7 @@ impl axum::serve::Listener for Limited {
                             request_since: Some(now),
                             blocked_since: None,
                         },
-                        Peer(addr),
+                        Peer(addr, answering),
                     );
                 }
                 Err(e) => {
@@ -180,7 +186,9 @@ impl axum::serve::Listener for Limited {
     }
 
     fn local_addr(&self) -> std::io::Result<Peer> {
-        self.inner.local_addr().map(Peer)
+        self.inner
+            .local_addr()
+            .map(|a| Peer(a, Arc::new(AtomicBool::new(false))))
     }
 }
 
@@ -216,6 +224,9 @@ struct Held {
     request_since: Option<Instant>,
     /// Since when a write has found the socket full.
     blocked_since: Option<Instant>,
+    /// Shared with the connection's [`Peer`]: a request's head has arrived and its answer has
+    /// not started.
+    answering: Arc<AtomicBool>,
 }
 
 impl Held {
@@ -241,6 +252,9 @@ impl Held {
 
     fn read_deadline(&self) -> (Instant, &'static str) {
         let idle = (self.progress + IDLE, "idle");
+        if self.answering.load(Ordering::Relaxed) {
+            return idle;
+        }
         match self.request_since {
             Some(since) if since + HEAD < idle.0 => (since + HEAD, "request not complete in time"),
             _ => idle,
@@ -263,6 +277,7 @@ impl Held {
                 if n > 0 {
                     self.progress = Instant::now();
                     self.request_since = None;
+                    self.answering.store(false, Ordering::Relaxed);
                 }
                 std::task::Poll::Ready(Ok(n))
             }
@@ -366,7 +381,7 @@ impl Verified {
 /// 403 for a user who is not an admin. Without authentication configured, everyone passes.
 async fn require_admin(
     State((shared, verified)): State<(Arc<Shared>, Arc<Verified>)>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
+    ConnectInfo(Peer(peer, _)): ConnectInfo<Peer>,
     request: Request,
     next: Next,
 ) -> Response {
@@ -434,6 +449,10 @@ async fn guard(
     request: Request,
     next: Next,
 ) -> Response {
+    // The head has arrived whole: the request deadline no longer applies while it is answered.
+    if let Some(ConnectInfo(Peer(_, answering))) = request.extensions().get::<ConnectInfo<Peer>>() {
+        answering.store(true, Ordering::Relaxed);
+    }
     let foreign = local_only
         && !shared.auth.load().required()
         && request
@@ -613,10 +632,16 @@ async fn listing<T: serde::Serialize + Send + 'static>(
     shared: Arc<Shared>,
     build: impl FnOnce(&Shared) -> T + Send + 'static,
 ) -> Response {
-    let Ok(_turn) = LISTING.acquire().await else {
+    let Ok(turn) = LISTING.acquire().await else {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     };
-    match tokio::task::spawn_blocking(move || build(&shared)).await {
+    // Held by the listing itself: a client that goes away drops this future, not the work.
+    match tokio::task::spawn_blocking(move || {
+        let _turn = turn;
+        build(&shared)
+    })
+    .await
+    {
         Ok(answer) => Json(answer).into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }

@@ -75,7 +75,7 @@ struct Shown<'a> {
 
 pub(crate) async fn tail(
     State(shared): State<Arc<Shared>>,
-    ConnectInfo(crate::http::Peer(peer)): ConnectInfo<crate::http::Peer>,
+    ConnectInfo(crate::http::Peer(peer, _)): ConnectInfo<crate::http::Peer>,
     Query(q): Query<TailQuery>,
 ) -> Response {
     let Some(filter) = q.filter.filter(|f| !f.is_empty()) else {
