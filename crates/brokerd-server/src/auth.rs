@@ -50,7 +50,7 @@ const MAX_TRACKED: usize = 4096;
 const MAX_MEMORY_KIB: u32 = 1 << 20;
 
 /// Longest user name or secret read from a `HELLO`; longer ones fail without being hashed.
-const MAX_SECRET: usize = 4096;
+pub const MAX_SECRET: usize = 4096;
 
 /// Why a `HELLO` was not accepted; the client is told only [`AuthError::client_message`].
 #[derive(Debug, Clone, PartialEq, Eq)]

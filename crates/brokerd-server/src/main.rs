@@ -377,12 +377,13 @@ fn hash_password() -> ExitCode {
         report!("brokerd: the password is empty");
         return ExitCode::from(2);
     }
-    // HELLO carries the password as a string of at most 65,535 bytes: a longer one could be
-    // hashed but never sent.
-    if password.len() > usize::from(u16::MAX) {
+    // A login with a longer password is refused before it is hashed: such a hash could never
+    // be matched.
+    if password.len() > brokerd_server::auth::MAX_SECRET {
         report!(
-            "brokerd: the password is {} bytes; a client can send at most 65535",
-            password.len()
+            "brokerd: the password is {} bytes; a login takes at most {}",
+            password.len(),
+            brokerd_server::auth::MAX_SECRET
         );
         return ExitCode::from(2);
     }

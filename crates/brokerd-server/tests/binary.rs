@@ -115,19 +115,19 @@ fn hash_password_reads_stdin_and_prints_a_hash_the_server_accepts() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    // So is one longer than HELLO can carry.
+    // So is one longer than a login takes.
     let mut child = Command::new(BIN)
         .arg("hash-password")
         .stdin(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut long = vec![b'p'; 65_536];
+    let mut long = vec![b'p'; brokerd_server::auth::MAX_SECRET + 1];
     long.push(b'\n');
     child.stdin.take().unwrap().write_all(&long).unwrap();
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("65535"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("4096"));
 }
 
 #[test]
