@@ -523,9 +523,14 @@ impl Config {
                 "tls.client_ca and tls.listen need tls.cert and tls.key",
             );
         }
-        // Two listeners on one address would fail at start-up, after the checks said OK. Port 0
-        // is the kernel's choice, different for each.
-        let same = |a: SocketAddr, b: SocketAddr| a == b && a.port() != 0;
+        // Two listeners on one address would fail at start-up, after the checks said OK: the
+        // same port on the same address, or on any address when either is a wildcard
+        // (`0.0.0.0`, `::`). Port 0 is the kernel's choice, different for each.
+        let same = |a: SocketAddr, b: SocketAddr| {
+            a.port() == b.port()
+                && a.port() != 0
+                && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+        };
         if let Some(t) = tls.listen.filter(|t| same(*t, self.listen)) {
             return invalid_owned(
                 "tls.listen",
@@ -910,6 +915,12 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("`tls.listen`"), "{e}");
         let e = Config::from_toml("http = \"127.0.0.1:7654\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("`http`"), "{e}");
+        let e = Config::from_toml(
+            "listen = \"0.0.0.0:7654\"\nhttp = \"127.0.0.1:7654\"\n[auth]\ntoken = \"t\"\n",
+            "t",
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("`http`"), "{e}");
         // Port 0 is a different port for each listener.
         Config::from_toml("listen = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n", "t").unwrap();
